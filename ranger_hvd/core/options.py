@@ -1,0 +1,90 @@
+"""Options of the Ranger compressor, validated once for every backend.
+
+The same model validates ``RangerCompressor(...)`` keyword arguments in PyTorch and TensorFlow and the
+``compression:`` section of a launcher config, so a user switching backends or moving a setting from
+code to YAML gets the same names, defaults and error messages.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ValueDType = Literal["float32", "float16", "bfloat16"]
+
+# Bytes per element of each value dtype that can travel; indices always travel as int32.
+VALUE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+INDEX_ITEMSIZE = 4
+
+
+class RangerOptions(BaseModel):
+    """What to send, and how to keep what is not sent.
+
+    density
+        Fraction d of each compressed tensor's elements sent per step: k = max(1, ceil(d * n)).
+    momentum
+        DGC momentum correction m. With m = 0 the compressor does plain error feedback
+        (acc = residual + g). With m > 0 it keeps u = m*u + g and v = v + u, sends the top-k of v and
+        zeroes u and v where it sent (momentum factor masking); the optimizer must then run without
+        momentum of its own, as the momentum already lives here.
+    min_elements
+        Tensors with fewer elements are sent dense: their indices would cost more than they save.
+    compress_1d
+        1-D tensors (biases, norms) go dense unless this is true, as in DGC.
+    warmup_steps, warmup_start_density
+        DGC's density warm-up, off by default: the density falls geometrically from
+        ``warmup_start_density`` to ``density`` over the first ``warmup_steps`` steps.
+    clip_norm
+        Local gradient clipping before accumulation: each worker scales a compressed tensor's gradient so
+        its L2 norm is at most clip_norm / sqrt(N) (N workers), so that the sum over workers stays within
+        clip_norm (DGC section 3.2).
+    value_dtype
+        Dtype of the values on the wire; indices are int32. Residuals always stay in the gradient's dtype.
+    check_finite
+        Raise, naming the parameter, on a NaN or Inf gradient instead of poisoning the residual forever.
+    sample_fraction
+        Fraction of a large tensor sampled to estimate the top-k threshold before the exact selection.
+    seed
+        Seed of the shared random-k coordinates used where Horovod sums compressed tensors elementwise.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    density: float = Field(0.01, gt=0.0, le=1.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    min_elements: int = Field(1024, ge=1)
+    compress_1d: bool = False
+    warmup_steps: int = Field(0, ge=0)
+    warmup_start_density: float = Field(0.25, gt=0.0, le=1.0)
+    clip_norm: Optional[float] = Field(None, gt=0.0)
+    value_dtype: ValueDType = "float32"
+    check_finite: bool = True
+    sample_fraction: float = Field(0.01, gt=0.0, le=1.0)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_starts_denser(self) -> "RangerOptions":
+        if self.warmup_steps and self.warmup_start_density < self.density:
+            raise ValueError(
+                f"warmup_start_density ({self.warmup_start_density}) must be at least density "
+                f"({self.density}): warm-up starts dense and ends at the target density"
+            )
+        return self
+
+
+class OptionsError(ValueError):
+    """A Ranger option that makes no sense; the message names the option and what is allowed."""
+
+
+def make_options(**kwargs) -> RangerOptions:
+    """Builds RangerOptions, turning pydantic's report into one readable ValueError."""
+    try:
+        return RangerOptions(**kwargs)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "options"
+            got = f" (got {err['input']!r})" if "input" in err and where != "options" else ""
+            problems.append(f"{where}: {err['msg']}{got}")
+        raise OptionsError("invalid Ranger option: " + "; ".join(problems)) from None
