@@ -1,0 +1,149 @@
+"""The backend-neutral rules and the NumPy specification that both backends are tested against."""
+import math
+
+import numpy as np
+import pytest
+
+from ranger_hvd.core import (
+    CompressionStats, OptionsError, clip_threshold, density_at, is_compressed, make_options,
+    num_selected, random_k_seed, sparse_bytes,
+)
+from ranger_hvd.core.reference import ReferenceCompressor, combine, select
+
+
+@pytest.mark.parametrize("numel,density,k", [
+    (100, 0.07, 7),          # float rounding would give 7.000000000000001 -> 8
+    (1000, 0.001, 1),
+    (1001, 0.001, 2),        # ceil
+    (10, 0.0001, 1),         # never zero
+    (5, 1.0, 5),
+    (25_000_000, 0.001, 25_000),
+    (3, 0.9, 3),
+])
+def test_num_selected(numel, density, k):
+    assert num_selected(numel, density) == k
+
+
+def test_num_selected_rejects_empty():
+    with pytest.raises(ValueError, match="empty"):
+        num_selected(0, 0.1)
+
+
+def test_dense_rules():
+    opts = make_options(min_elements=100)
+    assert not is_compressed((99,), opts)
+    assert not is_compressed((10, 9), opts)            # too small
+    assert not is_compressed((1000,), opts)            # 1-D goes dense by default
+    assert is_compressed((10, 10), opts)
+    assert is_compressed((1000,), make_options(min_elements=100, compress_1d=True))
+
+
+@pytest.mark.parametrize("bad,culprit", [
+    ({"density": 0}, "density"), ({"density": 1.5}, "density"), ({"density": -0.1}, "density"),
+    ({"momentum": -0.1}, "momentum"), ({"momentum": 1.0}, "momentum"),
+    ({"min_elements": 0}, "min_elements"), ({"value_dtype": "int8"}, "value_dtype"),
+    ({"clip_norm": 0}, "clip_norm"), ({"sample_fraction": 0}, "sample_fraction"),
+    ({"warmup_steps": -1}, "warmup_steps"), ({"densty": 0.1}, "densty"),
+    ({"warmup_steps": 10, "warmup_start_density": 0.001, "density": 0.01}, "warmup_start_density"),
+])
+def test_bad_options_name_the_culprit(bad, culprit):
+    with pytest.raises(OptionsError, match=culprit):
+        make_options(**bad)
+
+
+def test_warmup_schedule_is_geometric_and_ends_at_target():
+    opts = make_options(density=0.001, warmup_steps=4, warmup_start_density=0.25)
+    ds = [density_at(t, opts) for t in range(6)]
+    assert ds[0] == 0.25 and ds[4] == 0.001 and ds[5] == 0.001
+    ratios = [ds[i + 1] / ds[i] for i in range(3)]
+    assert all(math.isclose(r, (0.001 / 0.25) ** 0.25) for r in ratios)
+    assert density_at(0, make_options(density=0.01)) == 0.01  # off by default
+
+
+def test_clip_threshold_scales_with_inverse_sqrt_workers():
+    assert clip_threshold(make_options(), 4) is None
+    assert clip_threshold(make_options(clip_norm=2.0), 4) == 1.0
+
+
+def test_random_k_seed_is_stable_and_distinct():
+    assert random_k_seed(0, "fc.weight", 3) == random_k_seed(0, "fc.weight", 3)
+    seeds = {random_k_seed(s, n, t) for s in (0, 1) for n in ("a", "b") for t in (0, 1)}
+    assert len(seeds) == 8
+    # a fixed value: the seed must not depend on the process (Python's hash() would)
+    assert random_k_seed(0, "w", 0) == random_k_seed(0, "w", 0) < 2 ** 63
+
+
+def test_byte_accounting():
+    assert sparse_bytes(10, "float32") == 80
+    assert sparse_bytes(10, "float16") == 60
+    assert sparse_bytes(10, "bfloat16", with_indices=False) == 20
+    stats = CompressionStats()
+    stats.record_sparse(numel=1000, k=10, value_dtype="float32")
+    stats.record_dense(numel=20, itemsize=4)
+    assert stats.end_step() == 80 + 80
+    d = stats.as_dict()
+    assert d["bytes_sent"] == 160 and d["bytes_dense"] == 4080 and d["steps"] == 1
+    clone = CompressionStats()
+    clone.load(d)
+    assert clone.as_dict() == d
+
+
+def test_select_breaks_ties_toward_lower_index():
+    acc = np.array([1.0, -3.0, 3.0, 2.0, 3.0, -3.0])
+    assert select(acc, 2).tolist() == [1, 2]
+    assert select(acc, 3).tolist() == [1, 2, 4]
+    assert select(acc, 6).tolist() == list(range(6))
+    assert select(np.zeros(5), 2).tolist() == [0, 1]
+
+
+def test_reference_conserves_every_gradient_without_momentum():
+    rng = np.random.default_rng(0)
+    comp = ReferenceCompressor(500, make_options(density=0.01, min_elements=1))
+    grads = [rng.standard_normal(500).astype(np.float32) for _ in range(30)]
+    sent = np.zeros(500, np.float64)
+    for g in grads:
+        idx, values = comp.step(g)
+        assert len(idx) == 5 and np.all(np.diff(idx) > 0)
+        sent[idx] += values
+    # everything sent plus what is still held back equals everything computed
+    np.testing.assert_allclose(sent + comp.residual, np.sum(grads, axis=0), rtol=0, atol=1e-4)
+    # draining: zero gradients until the residual is empty
+    for _ in range(200):
+        idx, values = comp.step(np.zeros(500, np.float32))
+        sent[idx] += values
+    assert not comp.residual.any()
+    np.testing.assert_allclose(sent, np.sum(grads, axis=0), rtol=0, atol=1e-4)
+
+
+def test_reference_momentum_correction_and_factor_masking():
+    opts = make_options(density=0.5, momentum=0.9, min_elements=1)
+    comp = ReferenceCompressor(4, opts)
+    idx, values = comp.step(np.array([4.0, 1.0, -3.0, 0.5], np.float32))
+    assert idx.tolist() == [0, 2] and values.tolist() == [4.0, -3.0]
+    assert comp.velocity.tolist() == [0.0, 1.0, 0.0, 0.5]      # masked where sent
+    assert comp.residual.tolist() == [0.0, 1.0, 0.0, 0.5]
+    idx, values = comp.step(np.array([0.0, 1.0, 0.0, 0.0], np.float32))
+    # u = 0.9*u + g = [0, 1.9, 0, 0.45]; v = v + u = [0, 2.9, 0, 0.95]
+    assert idx.tolist() == [1, 3]
+    np.testing.assert_allclose(values, [2.9, 0.95], rtol=1e-6)
+
+
+def test_density_one_without_momentum_sends_the_gradient():
+    rng = np.random.default_rng(1)
+    comp = ReferenceCompressor(64, make_options(density=1.0, min_elements=1))
+    g = rng.standard_normal(64).astype(np.float32)
+    idx, values = comp.step(g)
+    assert idx.tolist() == list(range(64)) and np.array_equal(values, g)
+    assert not comp.residual.any()
+
+
+def test_combine_scatter_adds_and_averages():
+    out = combine([(np.array([0, 2]), np.array([1.0, 2.0])), (np.array([2, 3]), np.array([4.0, 8.0]))], 5)
+    assert out.tolist() == [0.5, 0.0, 3.0, 4.0, 0.0]
+
+
+def test_local_clipping_bounds_the_norm():
+    opts = make_options(density=1.0, min_elements=1, clip_norm=1.0)
+    comp = ReferenceCompressor(3, opts, world_size=4)
+    _, values = comp.step(np.array([3.0, 4.0, 0.0], np.float32))   # norm 5 > 1/sqrt(4)
+    assert math.isclose(float(np.linalg.norm(values)), 0.5, rel_tol=1e-6)
