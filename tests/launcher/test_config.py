@@ -1,0 +1,285 @@
+"""Schema, errors, overrides and sources: in-process through ``cli.main`` (fast), a few as subprocesses."""
+
+import subprocess
+import textwrap
+
+import pytest
+import yaml
+
+from ranger_hvd.launcher import cli
+from ranger_hvd.launcher.config import ConfigError, load_config, show_lines
+
+from .conftest import REPO, run_cli, tree
+
+BASE = {
+    "job": {"name": "t", "backend": "torch", "model": "cnn"},
+    "data": {"dataset": "digits"},
+    "train": {"epochs": 1, "batch_size": 8, "lr": 0.1, "seed": 0},
+    "compression": {"type": "ranger", "density": 0.05, "momentum": 0.9},
+    "cluster": {"np": 2, "hosts": ["localhost:2"], "controller": "gloo"},
+    "horovod": {"fusion_threshold_mb": 64},
+    "output": {"dir": "runs"},
+}
+
+
+def with_(**sections):
+    """BASE with sections replaced or merged: with_(train={"epochs": 0}) merges; None deletes a key."""
+    cfg = yaml.safe_load(yaml.safe_dump(BASE))
+    for sec, upd in sections.items():
+        if isinstance(upd, dict) and isinstance(cfg.get(sec), dict):
+            for k, v in upd.items():
+                if v is None:
+                    cfg[sec].pop(k, None)
+                else:
+                    cfg[sec][k] = v
+        else:
+            cfg[sec] = upd
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+HOSTFILE_OK = "# two nodes\n\nnode1 slots=2   # first\nnode2 slots=2\n"
+
+# (id, config text or None for BASE, extra files {name: text}, overrides, dotted path, text in message)
+INVALID = [
+    ("unknown-key-suggest", with_(train={"epoch": 3}), {}, [], "train.epoch", "did you mean 'epochs'"),
+    ("unknown-section", with_(compresion={"type": "none"}), {}, [], "compresion", "did you mean 'compression'"),
+    ("backend", with_(job={"backend": "pytorch"}), {}, [], "job.backend", "torch, tensorflow"),
+    ("model", with_(job={"model": "transformer"}), {}, [], "job.model", "cnn, rnn, gan"),
+    ("job-name", with_(job={"name": "bad name/x"}), {}, [], "job.name", "pattern"),
+    ("dataset", with_(data={"dataset": "cifar"}), {}, [], "data.dataset", "digits, mnist, synthetic"),
+    ("mnist-needs-dir", with_(data={"dataset": "mnist"}), {}, [], "data.dir", "required"),
+    ("dir-only-mnist", with_(data={"dir": "/tmp"}), {}, [], "data.dir", "only used with"),
+    ("synthetic-samples-only-synthetic", with_(data={"synthetic_samples": 10}), {}, [], "data.synthetic_samples",
+     "only used with"),
+    ("epochs-zero", with_(train={"epochs": 0}), {}, [], "train.epochs", "greater than or equal to 1"),
+    ("batch-size-string", with_(train={"batch_size": "64"}), {}, [], "train.batch_size", "integer"),
+    ("lr-negative", with_(train={"lr": -1}), {}, [], "train.lr", "greater than 0"),
+    ("max-steps-zero", with_(train={"max_steps": 0}), {}, [], "train.max_steps", "greater than or equal to 1"),
+    ("compression-type", with_(compression={"type": "topk"}), {}, [], "compression.type", "none, fp16, ranger"),
+    ("density-high", with_(compression={"density": 2}), {}, [], "compression.density", "less than or equal to 1"),
+    ("density-zero", with_(compression={"density": 0}), {}, [], "compression.density", "greater than 0"),
+    ("momentum-one", with_(compression={"momentum": 1.0}), {}, [], "compression.momentum", "less than 1"),
+    ("ranger-field-with-fp16", with_(compression={"type": "fp16", "momentum": None}), {}, [],
+     "compression.density", "only allowed when compression.type is 'ranger'"),
+    ("warmup-start", with_(compression={"warmup_steps": 10, "warmup_start_density": 0.01}), {}, [],
+     "compression.warmup_start_density", "at least density"),
+    ("value-dtype", with_(compression={"value_dtype": "int8"}), {}, [], "compression.value_dtype", "float16"),
+    ("compression-misspelled", with_(compression={"dnsity": 0.1}), {}, [], "compression.dnsity",
+     "did you mean 'density'"),
+    ("np-exceeds-slots", with_(cluster={"np": 4}), {}, [], "cluster.np", "may not exceed"),
+    ("np-zero", with_(cluster={"np": 0}), {}, [], "cluster.np", "greater than or equal to 1"),
+    ("hosts-and-hostfile", with_(cluster={"hostfile": "hosts.txt"}), {"hosts.txt": HOSTFILE_OK}, [],
+     "cluster.hostfile", "never both"),
+    ("host-without-slots", with_(cluster={"hosts": ["localhost"]}), {}, [], "cluster.hosts[0]", "host:slots"),
+    ("host-zero-slots", with_(cluster={"hosts": ["a:0"], "np": None}), {}, [], "cluster.hosts[0]", "positive"),
+    ("duplicate-host", with_(cluster={"hosts": ["a:1", "a:2"]}), {}, [], "cluster.hosts[1]", "duplicate host"),
+    ("hostfile-missing", with_(cluster={"hosts": None, "hostfile": "nope.txt"}), {}, [], "cluster.hostfile",
+     "hostfile not found"),
+    ("hostfile-bad-line", with_(cluster={"hosts": None, "hostfile": "hosts.txt"}),
+     {"hosts.txt": "# c\nnode1 slots=2\nnode2 sluts=2\n"}, [], "cluster.hostfile", "hosts.txt:3"),
+    ("hostfile-duplicate", with_(cluster={"hosts": None, "hostfile": "hosts.txt"}),
+     {"hosts.txt": "node1 slots=2\n\nnode1 slots=1\n"}, [], "cluster.hostfile", "hosts.txt:3: duplicate host"),
+    ("hostfile-bad-slots", with_(cluster={"hosts": None, "hostfile": "hosts.txt"}),
+     {"hosts.txt": "node1 slots=x\n"}, [], "cluster.hostfile", "hosts.txt:1: slots must be a positive integer"),
+    ("hostfile-no-slots", with_(cluster={"hosts": None, "hostfile": "hosts.txt"}),
+     {"hosts.txt": "node1\n"}, [], "cluster.hostfile", "hosts.txt:1: missing 'slots=N'"),
+    ("controller", with_(cluster={"controller": "nccl"}), {}, [], "cluster.controller", "gloo, mpi"),
+    ("ssh-port", with_(cluster={"ssh_port": 70000}), {}, [], "cluster.ssh_port", "65535"),
+    ("identity-missing", with_(cluster={"ssh_identity_file": "no_key"}), {}, [], "cluster.ssh_identity_file",
+     "file not found"),
+    ("env-name", with_(cluster={"env": ["OK", "BAD-NAME"]}), {}, [], "cluster.env[1]", "NAME or NAME=VALUE"),
+    ("mpi-args-with-gloo", with_(cluster={"mpi_args": "--bind-to none"}), {}, [], "cluster.mpi_args", "mpi"),
+    ("start-timeout", with_(cluster={"start_timeout": 0}), {}, [], "cluster.start_timeout", "greater than"),
+    ("fusion-negative", with_(horovod={"fusion_threshold_mb": -1}), {}, [], "horovod.fusion_threshold_mb",
+     "greater than or equal to 0"),
+    ("log-level", with_(horovod={"log_level": "VERBOSE"}), {}, [], "horovod.log_level", "WARNING"),
+    ("timeline-not-bool", with_(horovod={"timeline": "maybe"}), {}, [], "horovod.timeline", "boolean"),
+    ("autotune-subkey", with_(horovod={"autotune_warmup_samples": 3}), {}, [], "horovod.autotune_warmup_samples",
+     "autotune: true"),
+    ("mark-cycles-needs-timeline", with_(horovod={"timeline_mark_cycles": True}), {}, [],
+     "horovod.timeline_mark_cycles", "timeline: true"),
+    ("horovod-misspelled", with_(horovod={"fusion_treshold_mb": 1}), {}, [], "horovod.fusion_treshold_mb",
+     "did you mean 'fusion_threshold_mb'"),
+    ("section-not-mapping", with_(output="runs"), {}, [], "output", "mapping"),
+    ("yaml-syntax", "job:\n  name: t\ntrain: {epochs: 1\ncluster: {}\n", {}, [], "(config)", "line"),
+    ("yaml-duplicate-key", "train:\n  epochs: 1\n  epochs: 2\n", {}, [], "train.epochs", "duplicate key"),
+    ("top-level-list", "- job\n- train\n", {}, [], "(config)", "mapping"),
+    ("override-unknown-key", None, {}, ["train.epoch=3"], "train.epoch", "did you mean 'epochs'"),
+    ("override-bad-format", None, {}, ["trainepochs"], "trainepochs", "KEY=VALUE"),
+    ("override-bad-type", None, {}, ["cluster.np=two"], "cluster.np", "integer"),
+    ("override-into-scalar", None, {}, ["train.epochs.x=1"], "train.epochs", "cannot be set inside"),
+    ("override-np-too-big", None, {}, ["cluster.np=3"], "cluster.np", "may not exceed"),
+]
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_config_exit_2_names_path_creates_nothing(case, tmp_path, monkeypatch, capsys):
+    _id, text, files, overrides, path, snippet = case
+    (tmp_path / "exp.yaml").write_text(text if text is not None else with_())
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+
+    def no_process(*a, **k):
+        raise AssertionError("a process was started for an invalid config")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    for command in ("launch", "validate"):
+        code = cli.main([command, "exp.yaml", *overrides])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"{path}:" in err, err
+        assert snippet in err, err
+        assert tree(tmp_path) == before  # no run directory, nothing else
+    assert len(INVALID) >= 30
+
+
+def test_missing_config_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["launch", "nope.yaml"]) == 2
+    assert "config file not found: nope.yaml" in capsys.readouterr().err
+    assert tree(tmp_path) == set()
+
+
+def test_yaml_error_names_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "exp.yaml").write_text("job:\n  name: t\ntrain: {epochs: 1\ncluster: {}\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["validate", "exp.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "exp.yaml:4" in err and "YAML syntax error at line 4" in err
+
+
+def test_all_problems_reported_together(tmp_path, monkeypatch, capsys):
+    (tmp_path / "exp.yaml").write_text(with_(train={"epoch": 3}, job={"backend": "jax"}))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["validate", "exp.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems" in err and "train.epoch" in err and "job.backend" in err
+    assert "exp.yaml:" in err  # file line of the offending key
+
+
+@pytest.mark.parametrize("argv", [[], ["launch"], ["launch", "x.yaml", "--bogus"], ["frobnicate"],
+                                  ["report"], ["sweep"]])
+def test_usage_errors_exit_2(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert tree(tmp_path) == set()
+
+
+def test_real_entry_point_exit_codes(tmp_path):
+    """Through the console script's module: the exit status really is 2, nothing created."""
+    (tmp_path / "exp.yaml").write_text(with_(train={"epoch": 3}))
+    before = tree(tmp_path)
+    for cmd in (["launch", "exp.yaml"], ["launch", "exp.yaml", "--dry-run"], ["show", "exp.yaml"],
+                ["validate", "exp.yaml"], ["sweep", "exp.yaml", "train.lr=0.1,0.2"]):
+        r = run_cli(cmd, tmp_path)
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        assert "train.epoch" in r.stderr and "did you mean 'epochs'" in r.stderr
+    r = run_cli(["launch"], tmp_path)
+    assert r.returncode == 2 and "usage:" in r.stderr
+    assert tree(tmp_path) == before
+
+
+def test_override_values_are_yaml_scalars(tmp_path):
+    (tmp_path / "exp.yaml").write_text(with_(cluster={"hosts": ["localhost:4"], "np": None}))
+    res = load_config(tmp_path / "exp.yaml", ["cluster.np=3", "compression.density=1e-3", "horovod.timeline=true",
+                                              "cluster.env=[A, B=2]", "horovod.log_level=INFO"], cwd=tmp_path)
+    assert res.np == 3 and isinstance(res.config.cluster.np, int)
+    assert res.config.compression.density == 0.001
+    assert res.config.horovod.timeline is True
+    assert res.config.cluster.env == ["A", "B=2"]
+
+
+def test_precedence_default_file_override(tmp_path):
+    (tmp_path / "exp.yaml").write_text(with_(compression={"density": 0.05}, train={"epochs": 7}))
+    res = load_config(tmp_path / "exp.yaml", ["compression.density=0.001"], cwd=tmp_path)
+    assert res.config.compression.density == 0.001            # override beats file
+    assert res.config.train.epochs == 7                        # file beats default
+    assert res.config.compression.min_elements is None        # default (RangerOptions fills it in)
+    assert res.ranger_options.min_elements == 1024
+    assert res.sources["compression.density"] == "override"
+    assert res.sources["train.epochs"].startswith("file (")
+    assert res.sources["train.seed"].startswith("file (")
+    assert res.sources["train.momentum"] == "default"
+    assert res.sources["compression.min_elements"] == "default"
+
+
+def test_show_prints_each_value_with_its_source(tmp_path):
+    (tmp_path / "exp.yaml").write_text(textwrap.dedent("""\
+        job: {name: t}
+        train:
+          epochs: 7
+        compression: {type: ranger, density: 0.05}
+        """))
+    r = run_cli(["show", "exp.yaml", "compression.density=0.001", "cluster.np=1"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = {ln.split(":")[0]: ln for ln in r.stdout.splitlines() if not ln.startswith("#")}
+    assert lines["compression.density"].split("#")[0].strip() == "compression.density: 0.001"
+    assert lines["compression.density"].endswith("# override")
+    assert "train.epochs: 7" in lines["train.epochs"] and "# file (exp.yaml:3)" in lines["train.epochs"]
+    assert "train.lr: 0.05" in lines["train.lr"] and lines["train.lr"].endswith("# default")
+    assert "compression.momentum: 0.0" in lines["compression.momentum"]   # RangerOptions' default
+    assert lines["cluster.np"].split("#")[0].strip() == "cluster.np: 1"
+    assert lines["cluster.hosts"].endswith("# default (localhost:np)")
+    assert tree(tmp_path) == {"exp.yaml"}
+
+
+def test_show_hides_ranger_fields_for_other_types(tmp_path):
+    (tmp_path / "exp.yaml").write_text("compression: {type: fp16}\n")
+    res = load_config(tmp_path / "exp.yaml", cwd=tmp_path)
+    paths = [p for p, _, _ in show_lines(res)]
+    assert "compression.type" in paths and "compression.density" not in paths
+
+
+def test_hostfile_parsing_and_default_np(tmp_path):
+    (tmp_path / "hosts.txt").write_text(HOSTFILE_OK)
+    (tmp_path / "exp.yaml").write_text(with_(cluster={"hosts": None, "np": None, "hostfile": "hosts.txt"}))
+    res = load_config(tmp_path / "exp.yaml", cwd=tmp_path)
+    assert res.hosts == [("node1", 2), ("node2", 2)] and res.np == 4
+    assert res.config.cluster.hostfile == str(tmp_path / "hosts.txt")  # stored absolute
+    assert res.sources["cluster.np"] == "default (total slots)"
+
+
+def test_hosts_as_comma_string(tmp_path):
+    res = load_config(None, ["cluster.hosts=a:1,b:2"], cwd=tmp_path)
+    assert res.hosts == [("a", 1), ("b", 2)] and res.np == 3
+    assert res.resolved_dict()["cluster"]["hosts"] == ["a:1", "b:2"]
+
+
+def test_resolved_config_round_trips(tmp_path):
+    """RUN_DIR/config.yaml is itself a valid config that resolves to the same thing."""
+    (tmp_path / "exp.yaml").write_text(with_())
+    res = load_config(tmp_path / "exp.yaml", ["train.epochs=2"], cwd=tmp_path)
+    (tmp_path / "resolved.yaml").write_text(yaml.safe_dump(res.resolved_dict()))
+    again = load_config(tmp_path / "resolved.yaml", cwd=tmp_path)
+    assert again.resolved_dict() == res.resolved_dict()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    res = load_config(path.relative_to(REPO))
+    assert res.np >= 1
+
+
+def test_default_config_matches_issue():
+    res = load_config(REPO / "configs" / "cnn-digits.yaml", cwd=REPO)
+    c = res.config
+    assert (c.job.name, c.job.backend, c.job.model) == ("cnn-digits", "torch", "cnn")
+    assert c.data.dataset == "digits" and c.compression.type == "ranger"
+    assert res.np == 2 and res.hosts == [("localhost", 2)] and c.cluster.controller == "gloo"
+
+
+def test_config_error_is_exception_with_all_problems(tmp_path):
+    (tmp_path / "exp.yaml").write_text(with_(train={"epoch": 1, "lr": 0}))
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path / "exp.yaml", cwd=tmp_path)
+    assert {p.path for p in exc.value.problems} == {"train.epoch", "train.lr"}
+
+
+def test_doctor_is_wired(tmp_path):
+    r = run_cli(["doctor", "--help"], tmp_path)
+    assert r.returncode == 0 and "ranger-hvd doctor" in r.stdout
