@@ -1,0 +1,31 @@
+"""ranger_hvd for TensorFlow: sparse top-k compression with error feedback on Horovod.
+
+* :class:`RangerCompressor` - the compressor; hand it to our tape (top-k through allgather) or to
+  ``horovod.tensorflow.DistributedGradientTape(compression=...)`` (shared random-k through allreduce).
+* :class:`DistributedGradientTape` - Horovod's tape with real per-rank top-k; works with Keras 3.
+* :class:`Ranger` - a Keras 3 optimizer (momentum SGD, DGC momentum correction) with the sparse exchange
+  inside ``apply_gradients``; usable in ``model.compile``.
+* :func:`broadcast_variables`, :class:`BroadcastInitialWeights` - rank 0's weights everywhere, for
+  Keras 3 variables.
+
+``Ranger`` and the Keras callback import Keras 3 on first access, so Horovod-only code (tf-keras under
+``TF_USE_LEGACY_KERAS=1``) does not pay for it.
+"""
+
+from .compressor import RangerCompressor, SharedCompressorError
+from .tape import DistributedGradientTape
+
+__all__ = ["RangerCompressor", "DistributedGradientTape", "Ranger", "BroadcastInitialWeights",
+           "broadcast_variables", "SharedCompressorError"]
+
+
+def __getattr__(name):
+    if name == "Ranger":
+        from .optimizer import Ranger
+
+        return Ranger
+    if name in ("BroadcastInitialWeights", "broadcast_variables"):
+        from . import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module 'ranger_hvd.tensorflow' has no attribute {name!r}")

@@ -1,0 +1,140 @@
+"""Multi-process checks of the TensorFlow backend under the real ``horovodrun`` (2 ranks, Gloo).
+
+Each scenario is one launch (starting TensorFlow is the slow part); the workers under ``workers/``
+report what they observed and these tests assert on it.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from tests.hvdrun import run_workers
+
+pytestmark = pytest.mark.horovod
+WORKERS = Path(__file__).parent / "workers"
+
+
+@pytest.fixture(scope="module")
+def main_reports(tmp_path_factory):
+    return run_workers(WORKERS / "main_worker.py", tmp_path_factory.mktemp("tf_main"), np=2,
+                       timeout=900)
+
+
+@pytest.fixture(scope="module")
+def legacy_reports(tmp_path_factory):
+    return run_workers(WORKERS / "legacy_worker.py", tmp_path_factory.mktemp("tf_legacy"), np=2,
+                       env={"TF_USE_LEGACY_KERAS": "1"}, timeout=900)
+
+
+# ----------------------------------------------------------------------------- (a) our tape
+def test_tape_d1_equals_plain_horovod_averaging(main_reports):
+    for r in main_reports:
+        assert r["a_equiv_maxdiff"] == 0.0
+    assert main_reports[0]["a_equiv_crc"] == main_reports[1]["a_equiv_crc"]
+
+
+def test_tape_matches_reference_and_conserves(main_reports):
+    for r in main_reports:
+        # Every exchanged gradient equals core.reference's combine of both ranks' payloads, bit for bit,
+        # and this rank's residual equals the reference residual.
+        assert r["a_matches_reference"] is True
+        # Observed from outside: the sum of all averaged gradients handed back (gradients, then zero
+        # gradients until the residual drained) equals the average of the sums of all gradients.
+        assert r["a_conservation_maxerr"] < 1e-5
+        assert r["a_residual_after_drain"] == 0.0
+
+
+def test_tape_bytes_follow_the_formula(main_reports):
+    k = 120  # ceil(0.05 * 2400)
+    steps = main_reports[0]["a_steps"]
+    for r in main_reports:
+        s = r["a_stats"]
+        assert s["bytes_sent"] == steps * (k * (4 + 4) + 60 * 4)  # sparse W, dense 1-D bias
+        assert s["bytes_dense"] == steps * 4 * (2400 + 60)
+        assert s["tensors_sparse"] == steps and s["tensors_dense"] == steps
+        f = r["a_fp16_stats"]  # fp16 values: k * (2 + 4), k = ceil(0.02 * 1500) = 30
+        assert f["bytes_sent"] == 5 * 30 * (2 + 4)
+
+
+def test_tape_momentum_fp16_sum_matches_reference(main_reports):
+    for r in main_reports:
+        assert r["a_momentum_fp16_sum_matches_reference"] is True
+
+
+def test_tape_checkpoint_round_trip(main_reports):
+    for r in main_reports:
+        assert r["a_checkpoint_same"] is True
+
+
+# ----------------------------------------------------------------------------- (b) Horovod's tape
+def test_horovod_tape_ranks_agree_and_send_fewer_bytes(main_reports):
+    r0, r1 = main_reports
+    assert r0["b_crc"] == r1["b_crc"]
+    # Different data per rank: the residuals differ, the shared coordinates keep weights identical.
+    assert r0["b_residual_norm"] != r1["b_residual_norm"]
+    s = r0["b_stats"]
+    assert s["bytes_sent"] == 4 * (200 * 4 + 40 * 4)  # k = 200 values of W, no indices; dense bias
+    assert s["bytes_sent"] < s["bytes_dense"]
+
+
+def test_horovod_tape_d1_equals_uncompressed(main_reports):
+    for r in main_reports:
+        assert r["b_equiv_maxdiff"] == 0.0
+
+
+def test_horovod_tape_misuse_fails_loudly(main_reports):
+    for r in main_reports:
+        assert "shared by two models" in r["b_misuse"]
+        assert "already serves" in r["b_mode_mix"]
+
+
+def test_tf_keras_with_horovod_tape_and_optimizer(legacy_reports):
+    r0, r1 = legacy_reports
+    assert r0["keras_module"].startswith("tf_keras")
+    assert r0["tape_crc"] == r1["tape_crc"]
+    assert r0["fit_crc"] == r1["fit_crc"]
+    assert r0["slot_names"][0] == "0.dense/kernel"
+    for r in legacy_reports:
+        assert r["tape_stats"]["bytes_sent"] < r["tape_stats"]["bytes_dense"]
+        assert r["fit_losses"][-1] < r["fit_losses"][0]
+
+
+# ----------------------------------------------------------------------------- (c) Ranger, Keras 3
+def test_ranger_custom_loop_broadcasts_and_agrees(main_reports):
+    r0, r1 = main_reports
+    assert r0["c_initial_crc"] != r1["c_initial_crc"]  # the ranks really started apart
+    assert r0["c_loop_crc"] == r1["c_loop_crc"]
+    assert r0["c_loop_stats"]["tensors_sparse"] == 4    # the 20x64 kernel, 4 steps
+    for r in main_reports:
+        assert r["c_checkpoint_same"] is True
+        assert r["c_equiv_maxdiff"] == 0.0
+
+
+def test_ranger_keras3_compile_fit_on_two_ranks(main_reports):
+    r0, r1 = main_reports
+    assert r0["c_fit_crc"] == r1["c_fit_crc"]
+    for r in main_reports:
+        assert r["c_fit_loss"][-1] < r["c_fit_loss"][0]
+        assert r["c_fit_stats"]["bytes_sent"] < r["c_fit_stats"]["bytes_dense"]
+
+
+# ----------------------------------------------------------------------------- the origin example
+def test_origin_document_example_trains_on_two_ranks(tmp_path):
+    reports = run_workers(WORKERS / "seed_runner.py", tmp_path / "seed", np=2, timeout=900)
+    r0, r1 = reports
+    assert r0["size"] == 2
+    assert len(r0["losses"]) == 10
+    assert r0["losses"][-1] < r0["losses"][0] - 0.3, r0["losses"]
+    assert r0["weights_crc"] == r1["weights_crc"]
+    assert r0["stats"]["tensors_sparse"] > 0
+
+
+def test_seed_example_differs_from_the_document_only_where_allowed():
+    text = (WORKERS / "seed_example.py").read_text()
+    assert "from ranger_hvd.tensorflow import Ranger" in text
+    assert "from ranger import Ranger" not in text.replace("`from ranger import Ranger`", "")
+    for line in ["optimizer = Ranger(lr=0.001, momentum=0.9)",
+                 "loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)",
+                 "    optimizer.apply_gradients(zip(grads, model.trainable_variables))",
+                 '    print(f"Epoch {epoch+1}, loss: {loss.numpy():.4f}")']:
+        assert line in text

@@ -1,0 +1,249 @@
+"""Single-process checks of the TensorFlow backend against ``core.reference`` (no horovodrun).
+
+Horovod, where needed, runs as a world of one (``hvd.init()`` without a launcher).
+"""
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from ranger_hvd.core import OptionsError, make_options  # noqa: E402
+from ranger_hvd.core.reference import ReferenceCompressor, select  # noqa: E402
+from ranger_hvd.tensorflow import (DistributedGradientTape, Ranger, RangerCompressor,  # noqa: E402
+                                   SharedCompressorError)
+from ranger_hvd.tensorflow.selection import random_k_indices, seed_pair, topk_indices  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- selection
+@pytest.mark.parametrize("n,k", [(7, 3), (1000, 10), (40000, 400), (40000, 9000), (70000, 1),
+                                 (5000, 5000)])
+def test_selection_equals_reference_with_ties(n, k):
+    rng = np.random.default_rng(n + k)
+    for x in (rng.integers(-3, 4, n).astype(np.float32),          # massive ties
+              rng.standard_normal(n).astype(np.float32),
+              np.zeros(n, np.float32)):
+        got = topk_indices(tf.constant(x), k)
+        assert got.dtype == tf.int32
+        np.testing.assert_array_equal(got.numpy(), select(x, k))
+        # k as a tensor (density warm-up) and inside tf.function take the same path.
+        traced = tf.function(lambda a, kk: topk_indices(a, kk))(tf.constant(x), tf.constant(k))
+        np.testing.assert_array_equal(traced.numpy(), select(x, k))
+
+
+def test_selection_of_half_precision_and_sampling_fallback():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(50000).astype(np.float16)
+    np.testing.assert_array_equal(topk_indices(tf.constant(x), 500).numpy(), select(x, 500))
+    # A few huge entries make the sampled estimate miss: the exact fallback must still be right.
+    y = np.zeros(50000, np.float32)
+    y[rng.choice(50000, 30, replace=False)] = rng.standard_normal(30).astype(np.float32) + 10
+    np.testing.assert_array_equal(topk_indices(tf.constant(y), 40).numpy(), select(y, 40))
+
+
+def test_random_k_is_a_pure_function_of_the_seed():
+    a = random_k_indices(1000, 50, seed_pair(12345, 3)).numpy()
+    b = random_k_indices(1000, 50, seed_pair(12345, 3)).numpy()
+    c = random_k_indices(1000, 50, seed_pair(12345, 4)).numpy()
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert len(set(a.tolist())) == 50 and np.all(np.diff(a) > 0)
+
+
+# ----------------------------------------------------------------------------- error feedback
+@pytest.mark.parametrize("opts", [
+    dict(density=0.01, momentum=0.0),
+    dict(density=0.03, momentum=0.9),
+    dict(density=0.01, momentum=0.5, warmup_steps=4, warmup_start_density=0.5),
+    dict(density=0.05, clip_norm=3.0),
+])
+def test_error_feedback_equals_reference(opts):
+    comp = RangerCompressor(min_elements=100, **opts)
+    comp.world_size = 2  # clipping threshold clip_norm / sqrt(N)
+    ref = ReferenceCompressor(3000, comp.options, world_size=2)
+    var = tf.Variable(tf.zeros((60, 50)))
+    step_fn = tf.function(comp.compress_variable)
+    rng = np.random.default_rng(11)
+    for t in range(8):
+        g = rng.standard_normal((60, 50)).astype(np.float32)
+        idx, vals = (comp.compress_variable if t % 2 else step_fn)(var, tf.constant(g))
+        ridx, rvals = ref.step(g)
+        np.testing.assert_array_equal(idx.numpy(), ridx)
+        if opts.get("clip_norm"):  # the norm is summed in another order: last-bit differences
+            np.testing.assert_allclose(vals.numpy(), rvals, rtol=1e-6)
+            np.testing.assert_allclose(comp.residual_of(var).numpy().ravel(), ref.residual,
+                                       rtol=1e-6, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(vals.numpy(), rvals)
+            np.testing.assert_array_equal(comp.residual_of(var).numpy().ravel(), ref.residual)
+            if ref.options.momentum > 0:
+                np.testing.assert_array_equal(comp.slots[0].velocity.numpy(), ref.velocity)
+
+
+def test_conservation_inside_one_rank():
+    comp = RangerCompressor(density=0.02, min_elements=100)
+    comp.world_size = 1
+    var = tf.Variable(tf.zeros((50, 40)))
+    rng = np.random.default_rng(5)
+    sent = np.zeros(2000, np.float64)
+    total = np.zeros(2000, np.float64)
+    for _ in range(10):
+        g = rng.standard_normal((50, 40)).astype(np.float32)
+        total += g.ravel()
+        idx, vals = comp.compress_variable(var, g)
+        np.add.at(sent, idx.numpy(), vals.numpy())
+    np.testing.assert_allclose(sent + comp.residual_of(var).numpy().ravel(), total, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- cross-backend parity
+def test_cross_backend_parity_with_torch_and_reference():
+    torch = pytest.importorskip("torch")
+    try:
+        from ranger_hvd.torch import RangerCompressor as TorchCompressor
+    except ImportError:
+        pytest.skip("ranger_hvd.torch is not importable")
+    for opts in (dict(density=0.01, momentum=0.0), dict(density=0.02, momentum=0.9),
+                 dict(density=0.01, warmup_steps=3, warmup_start_density=0.25)):
+        tf_comp = RangerCompressor(min_elements=100, **opts)
+        tf_comp.world_size = 1
+        th_comp = TorchCompressor(min_elements=100, **opts)
+        th_comp.world_size = 1
+        ref = ReferenceCompressor(4000, make_options(min_elements=100, **opts))
+        var = tf.Variable(tf.zeros((80, 50)))
+        rng = np.random.default_rng(21)
+        for t in range(6):
+            # Rounded values make ties common, so the tie rule is exercised too.
+            g = np.round(rng.standard_normal((80, 50)), 1).astype(np.float32)
+            tidx, tvals = tf_comp.compress_variable(var, tf.constant(g))
+            pvals, pidx = th_comp.compress_sparse("w", torch.from_numpy(g.copy()))
+            ridx, rvals = ref.step(g)
+            np.testing.assert_array_equal(tidx.numpy(), ridx)
+            np.testing.assert_array_equal(pidx.numpy(), ridx)
+            np.testing.assert_array_equal(tvals.numpy(), rvals)
+            np.testing.assert_array_equal(pvals.numpy(), rvals)
+            tres = tf_comp.residual_of(var).numpy().ravel()
+            pres = th_comp.state_dict()["tensors"]["w"]["residual"].numpy().ravel()
+            np.testing.assert_array_equal(tres, ref.residual)
+            np.testing.assert_array_equal(pres, ref.residual)
+
+
+# ----------------------------------------------------------------------------- options, errors
+@pytest.mark.parametrize("kwargs", [dict(density=0.0), dict(density=1.5), dict(momentum=-0.1),
+                                    dict(momentum=1.0), dict(min_elements=0), dict(bogus=1),
+                                    dict(value_dtype="int8"),
+                                    dict(warmup_steps=5, warmup_start_density=0.001)])
+def test_bad_options_raise_at_construction(kwargs):
+    with pytest.raises(OptionsError):
+        RangerCompressor(**kwargs)
+    with pytest.raises((OptionsError, ValueError)):
+        Ranger(**kwargs)
+
+
+def test_ranger_accepts_lr_and_learning_rate():
+    assert float(Ranger(lr=0.001).learning_rate) == pytest.approx(0.001)
+    assert float(Ranger(learning_rate=0.2).learning_rate) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="disagree"):
+        Ranger(lr=0.1, learning_rate=0.2)
+    assert Ranger(momentum=0.9, density=0.1).get_config()["density"] == 0.1
+
+
+def test_non_finite_gradient_names_the_variable_and_spares_the_residual():
+    comp = RangerCompressor(density=0.1, min_elements=100)
+    comp.world_size = 1
+    model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(40, name="wide")])
+    kernel = model.layers[0].kernel
+    comp.compress_variable(kernel, np.ones((30, 40), np.float32))
+    before = comp.residual_of(kernel).numpy()
+    bad = np.ones((30, 40), np.float32)
+    bad[3, 4] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="wide/kernel"):
+        comp.compress_variable(kernel, bad)
+    np.testing.assert_array_equal(comp.residual_of(kernel).numpy(), before)
+    # Through the tape (Horovod as a world of one), eager and inside its traced exchange.
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(tf.fill((2, 30), np.inf)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite gradient for variable"):
+        DistributedGradientTape(tape, compression=RangerCompressor(min_elements=100)).gradient(
+            loss, model.trainable_variables)
+
+
+def test_tape_bytes_in_one_process():
+    comp = RangerCompressor(density=0.01, min_elements=1000, value_dtype="bfloat16")
+    model = keras.Sequential([keras.Input((100,)), keras.layers.Dense(50)])
+    for _ in range(3):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(tf.ones((4, 100))) ** 2)
+        DistributedGradientTape(tape, compression=comp).gradient(loss, model.trainable_variables)
+    s = comp.stats()
+    assert s["bytes_sent"] == 3 * (50 * (2 + 4) + 50 * 4)  # k = 50 of 5000, bf16 values; dense bias
+    assert s["bytes_dense"] == 3 * 4 * (5000 + 50)
+    assert s["steps"] == 3
+
+
+# ----------------------------------------------------------------------------- (b) keying by order
+def test_positional_keying_and_misuse_detection():
+    comp = RangerCompressor(density=0.1, min_elements=100)
+    comp.world_size = 1
+
+    def hook(tensors):  # what Horovod does with a compressor: compress, (reduce), decompress
+        return [comp.decompress(*comp.compress(t)) for t in tensors]
+
+    model_a = [tf.zeros((30, 20)), tf.zeros((20,))]
+    out = tf.function(hook)([t + 1.0 for t in model_a])
+    assert [tuple(o.shape) for o in out] == [(30, 20), (20,)]
+    assert [s.tensor_name for s in comp.slots] == ["tensor0", "tensor1"]
+    tf.function(hook)([t + 2.0 for t in model_a])  # a retrace with the same layout reuses slots
+    assert len(comp.slots) == 2 and int(comp.slots[0].step.numpy()) == 2
+    # A differently shaped model handed the same compressor fails at trace time...
+    with pytest.raises(SharedCompressorError, match="shared by two models"):
+        tf.function(hook)([tf.ones((10, 10))])
+    # ...and one whose tensors are a prefix of the first fails at run time (steps drift apart).
+    tf.function(hook)([tf.ones((30, 20))])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="out of step"):
+        tf.function(hook)([t + 3.0 for t in model_a])
+    # A compressor serves one exchange mode.
+    with pytest.raises(SharedCompressorError, match="already serves"):
+        comp.compress_variable(tf.Variable(tf.zeros((30, 20))), tf.zeros((30, 20)))
+
+
+# ----------------------------------------------------------------------------- (c) one process
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_ranger_in_one_process_steps_exactly_like_sgd(momentum):
+    keras.utils.set_random_seed(4)
+    m1 = keras.Sequential([keras.Input((12,)), keras.layers.Dense(40), keras.layers.Dense(3)])
+    m2 = keras.models.clone_model(m1)
+    m2.set_weights(m1.get_weights())
+    x = np.random.default_rng(0).standard_normal((48, 12)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 3, 48)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    m1.compile(optimizer=Ranger(lr=0.05, momentum=momentum), loss=loss)
+    m2.compile(optimizer=keras.optimizers.SGD(learning_rate=0.05, momentum=momentum), loss=loss)
+    for m in (m1, m2):
+        m.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False)
+    for a, b in zip(m1.get_weights(), m2.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_compressor_checkpoint_restores_state():
+    comp = RangerCompressor(density=0.05, momentum=0.9, min_elements=100)
+    comp.world_size = 1
+    var = tf.Variable(tf.zeros((40, 30)))
+    rng = np.random.default_rng(8)
+    for _ in range(3):
+        comp.compress_variable(var, rng.standard_normal((40, 30)).astype(np.float32))
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = tf.train.Checkpoint(compressor=comp).save(f"{d}/ck")
+        fresh = RangerCompressor(density=0.05, momentum=0.9, min_elements=100)
+        fresh.world_size = 1
+        fresh.build([var])
+        tf.train.Checkpoint(compressor=fresh).restore(path).assert_existing_objects_matched()
+    g = rng.standard_normal((40, 30)).astype(np.float32)
+    a, b = comp.compress_variable(var, g), fresh.compress_variable(var, g)
+    np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
+    np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
+    state = comp.state_dict()
+    other = RangerCompressor(density=0.05, momentum=0.9, min_elements=100)
+    other.build([var])
+    other.load_state_dict(state)
+    np.testing.assert_array_equal(other.residual_of(var).numpy(), comp.residual_of(var).numpy())
