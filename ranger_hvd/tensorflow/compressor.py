@@ -144,8 +144,9 @@ def dense_step(grad, velocity, options, name: str):
     """A tensor that travels dense: the gradient itself, or its local momentum u = m*u + g."""
     g = checked(grad, name, options)
     if options.momentum > 0:
-        u = tf.cast(options.momentum, g.dtype) * tf.convert_to_tensor(velocity) + g
-        velocity.assign(u)
+        # the velocity may be stored flat (compressor slots) or shaped (optimizer slots)
+        u = tf.cast(options.momentum, g.dtype) * tf.reshape(tf.convert_to_tensor(velocity), tf.shape(g)) + g
+        _assign_flat(velocity, tf.reshape(u, [-1]))
         return u
     return g
 

@@ -247,3 +247,14 @@ def test_compressor_checkpoint_restores_state():
     other.build([var])
     other.load_state_dict(state)
     np.testing.assert_array_equal(other.residual_of(var).numpy(), comp.residual_of(var).numpy())
+
+
+def test_dense_tensor_keeps_local_momentum_in_its_own_shape():
+    # a conv kernel below min_elements travels dense; with momentum it sends u = m*u + g
+    comp = RangerCompressor(density=0.01, momentum=0.9)
+    var = tf.Variable(tf.zeros([3, 3, 1, 16]))
+    first = comp.compress_variable(var, tf.ones([3, 3, 1, 16]))
+    second = comp.compress_variable(var, tf.ones([3, 3, 1, 16]))
+    assert first[0] is None and second[0] is None
+    assert second[1].shape == (3, 3, 1, 16)
+    np.testing.assert_allclose(second[1].numpy(), np.full((3, 3, 1, 16), 1.9, np.float32), rtol=1e-6)
