@@ -404,7 +404,8 @@ class Supervisor:
             "duration_s": round(ended - started, 3),
             "records": len(steps),
             "steps": last.get("step"),
-            "epochs": last.get("epoch"),
+            # step lines count epochs from 0; the job's end line says how many it completed
+            "epochs": (end or {}).get("epochs", None if last.get("epoch") is None else last["epoch"] + 1),
             "final_loss": last.get("loss"),
             "final_metrics": final_metrics,
             "final": last,

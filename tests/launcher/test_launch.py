@@ -211,6 +211,6 @@ def test_real_default_job_end_to_end(tmp_path):
     end = recs[-1]
     assert end.get("event") == "end" and end.get("params_identical") is True and end.get("size") == 2
     s = json.loads((run / "summary.json").read_text())
-    assert s["status"] == "success" and s["compression"] == "ranger"
+    assert s["status"] == "success" and s["compression"] == "ranger" and s["epochs"] == 1
     assert s["bytes_sent_total"] == end["bytes_sent_total"] > 0
     assert (run / "logs" / "rank.0" / "stdout").exists() and (run / "logs" / "rank.1" / "stderr").exists()
