@@ -1,0 +1,201 @@
+"""Compression cost per tensor on one CPU thread: Ranger's selection against torch.topk and a copy.
+
+For each size n (1e5 .. 2.5e7 float32 entries) and density d (0.01, 0.001), one run measures:
+
+* ``clone``            one ``x.clone()``: the memory-bandwidth floor any pass over x pays;
+* ``torch.topk``       ``torch.topk(x.abs(), k)``, the obvious exact selection;
+* ``select``           ``ranger_hvd.torch.topk_indices`` alone (sampled threshold, exact among
+                       candidates, same set as torch.topk up to ties, ties to the lower index);
+* ``top-k c+d``        what the drop-in optimizer pays per tensor and step: ``compress_sparse``
+                       (finiteness check, error feedback, selection, gather, residual update) plus
+                       ``decompress_sparse`` (one scatter-add into the zeroed gradient);
+* ``random-k c+d``     the same for Horovod's own optimizer: ``compress`` (shared random
+                       coordinates, error feedback) plus ``decompress``.
+
+Times are medians over repetitions; ratios come from the same run. The Markdown table goes to
+stdout and between the PyTorch markers of benchmarks/results.md (the rest of that file, including
+the TensorFlow section, is left as it is).
+
+    python benchmarks/bench_selection.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ranger_hvd import core  # noqa: E402
+from ranger_hvd.torch import RangerCompressor, topk_indices  # noqa: E402
+from ranger_hvd.torch.selection import SelectionScratch  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results.md"
+TORCH_BEGIN = "<!-- BEGIN PYTORCH SECTION: written by benchmarks/bench_selection.py -->"
+TORCH_END = "<!-- END PYTORCH SECTION -->"
+TF_BEGIN = "<!-- BEGIN TENSORFLOW SECTION: maintained by the TensorFlow backend -->"
+TF_END = "<!-- END TENSORFLOW SECTION -->"
+
+SIZES = [100_000, 1_000_000, 5_000_000, 25_000_000]
+DENSITIES = [0.01, 0.001]
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of ``fn()`` over ``reps`` runs, after one warm-up run."""
+    fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"{cpu}; {os.cpu_count()} logical CPUs; load average {load} at start; "
+            f"Python {platform.python_version()}, PyTorch {torch.__version__}; "
+            f"torch.set_num_threads(1)")
+
+
+def bench(n: int, d: float, reps: int) -> dict:
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=gen)
+    k = core.num_selected(n, d)
+    shape = (n // 1000, 1000)
+    scratch = SelectionScratch()
+
+    row = {"n": n, "d": d, "k": k}
+    row["clone"] = timed(lambda: x.clone(), reps)
+    row["topk"] = timed(lambda: torch.topk(x.abs(), k), max(1, reps // 2))
+    row["select"] = timed(lambda: topk_indices(x, k, 0.01, scratch), reps)
+
+    comp = RangerCompressor(density=d, min_elements=1)
+    grad = x.view(shape)
+    out = torch.empty(shape)
+
+    def topk_round():
+        values, indices = comp.compress_sparse("w", grad)
+        RangerCompressor.decompress_sparse(values, indices, out)
+
+    row["topk_cd"] = timed(topk_round, reps)
+
+    param = torch.nn.Parameter(torch.zeros(shape))
+    param.grad = grad
+    rand = RangerCompressor(density=d, min_elements=1, named_parameters=[("w", param)])
+    rand.world_size = 1
+
+    def random_round():
+        values, ctx = rand.compress(param.grad)
+        rand.decompress(values, ctx)
+
+    row["random_cd"] = timed(random_round, reps)
+    # Sanity: the selected set is torch.topk's (no ties in continuous random data).
+    want = torch.sort(torch.topk(x.abs(), k).indices).values.to(torch.int32)
+    assert torch.equal(topk_indices(x, k, 0.01, scratch), want)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| n | d | k | clone ms | torch.topk ms | select ms | top-k c+d ms | random-k c+d ms "
+            "| select / clone | top-k c+d / clone | torch.topk / top-k c+d |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        ms = {key: r[key] * 1e3 for key in ("clone", "topk", "select", "topk_cd", "random_cd")}
+        lines.append(
+            f"| {r['n']:.1e} | {r['d']} | {r['k']} | {ms['clone']:.2f} | {ms['topk']:.2f} "
+            f"| {ms['select']:.2f} | {ms['topk_cd']:.2f} | {ms['random_cd']:.2f} "
+            f"| {r['select'] / r['clone']:.2f}x | {r['topk_cd'] / r['clone']:.2f}x "
+            f"| {r['topk'] / r['topk_cd']:.1f}x |")
+    return "\n".join(lines)
+
+
+def torch_section(rows: list[dict], facts: str, seconds: float) -> str:
+    return f"""{TORCH_BEGIN}
+## PyTorch
+
+Run on {_dt.date.today().isoformat()} by `python benchmarks/bench_selection.py` in {seconds:.0f} s.
+Machine: {facts}.
+
+Float32 tensors of n standard-normal entries, k = ceil(d * n); medians of repeated runs.
+*select* is `ranger_hvd.torch.topk_indices` alone; *top-k c+d* is one `compress_sparse` (finiteness
+check, error feedback, selection, gather, residual update) plus one `decompress_sparse` (scatter-add
+into the zeroed gradient), the per-tensor cost of `ranger_hvd.torch.DistributedOptimizer` and
+`Ranger`; *random-k c+d* is the same for Horovod's own optimizer with `compression=RangerCompressor`
+(`compress` + `decompress`). The last three columns are ratios within this run.
+
+{table(rows)}
+
+Reading: on large tensors the selection costs about as much as one or two copies of the tensor,
+and `torch.topk` several times more; the full compress + decompress adds the error-feedback pass
+(residual += gradient) and the finiteness check. Small tensors are dominated by fixed per-call costs.
+{TORCH_END}"""
+
+
+TF_PLACEHOLDER = f"""{TF_BEGIN}
+## TensorFlow
+
+(To be filled by the TensorFlow backend's benchmark: the same sizes and densities, same columns.)
+{TF_END}"""
+
+
+def write_results(section: str) -> None:
+    if RESULTS.exists():
+        text = RESULTS.read_text()
+        pattern = re.compile(re.escape(TORCH_BEGIN) + ".*?" + re.escape(TORCH_END), re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda _: section, text)
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        if TF_BEGIN not in text:
+            text = text.rstrip() + "\n\n" + TF_PLACEHOLDER + "\n"
+    else:
+        text = ("# Selection benchmarks\n\n"
+                "Compression cost per tensor against `topk` and a plain copy (the memory-bandwidth "
+                "floor). Each backend's script rewrites only its own section.\n\n"
+                f"{section}\n\n{TF_PLACEHOLDER}\n")
+    RESULTS.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, no results.md")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    facts = machine()
+    start = time.perf_counter()
+    rows = []
+    for n in SIZES:
+        reps = 3 if args.quick else max(3, min(15, int(2e8 // (n * 10))))
+        for d in DENSITIES:
+            rows.append(bench(n, d, reps))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    seconds = time.perf_counter() - start
+    print()
+    print(table(rows))
+    if not (args.quick or args.no_write):
+        write_results(torch_section(rows, facts, seconds))
+        print(f"\nwrote {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

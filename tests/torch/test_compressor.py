@@ -1,0 +1,290 @@
+"""Single-process checks of the PyTorch compressor against the NumPy specification in core/reference.py.
+
+No Horovod here: these run in milliseconds and pin down the math; tests/torch/test_horovod.py runs
+the same code under real horovodrun.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ranger_hvd import core
+from ranger_hvd.core import OptionsError, reference
+from ranger_hvd.torch import NonFiniteGradientError, RangerCompressor, random_k_indices, topk_indices
+from ranger_hvd.torch.selection import SelectionScratch
+
+
+def _inputs(rng: np.random.Generator):
+    """(name, array) pairs: random, heavily tied, and built to defeat the sampled estimate."""
+    out = []
+    for n in (1, 7, 100, 4096, 20_000, 100_003):
+        out.append((f"normal{n}", rng.standard_normal(n).astype(np.float32)))
+        out.append((f"ints{n}", rng.integers(-3, 4, n).astype(np.float32)))
+    n = 50_000
+    out.append(("zeros", np.zeros(n, np.float32)))
+    out.append(("constant", np.full(n, -2.5, np.float32)))
+    few = np.zeros(n, np.float32)
+    few[rng.integers(0, n, 7)] = 1.0
+    out.append(("few_nonzero", few))
+    # The strided sample sees only zeros: the estimate is 0 and every entry is a candidate.
+    hidden = rng.standard_normal(n).astype(np.float32)
+    hidden[::100] = 0.0
+    out.append(("sample_sees_zeros", hidden))
+    # The sample sees only huge values: the estimate is far too high and selection must fall back.
+    decoy = rng.standard_normal(n).astype(np.float32)
+    decoy[::100] = 1000.0
+    out.append(("sample_sees_decoys", decoy))
+    # Magnitude ties with both signs, and signed zeros.
+    signs = np.tile(np.array([3, -3, 0, -0.0, 1, -1], np.float32), n // 6 + 1)[:n]
+    out.append(("signed_ties", signs))
+    ramp = np.arange(n, dtype=np.float32)[::-1].copy()  # strictly decreasing: the answer is a prefix
+    out.append(("ramp", ramp))
+    return out
+
+
+@pytest.mark.parametrize("use_scratch", [False, True])
+def test_selection_equals_reference(use_scratch):
+    rng = np.random.default_rng(0)
+    scratch = SelectionScratch() if use_scratch else None
+    for name, x in _inputs(rng):
+        n = x.size
+        ks = sorted({min(n, k) for k in (1, 2, max(1, n // 1000), max(1, n // 100),
+                                          max(1, n // 10), n // 2 or 1, n, int(rng.integers(1, n + 1)))})
+        for k in ks:
+            got = topk_indices(torch.from_numpy(x), k, 0.01, scratch)
+            assert got.dtype == torch.int32
+            want = reference.select(x, k)
+            assert np.array_equal(got.numpy(), want), f"{name}: n={n} k={k}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_selection_other_dtypes(dtype):
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal(30_000).astype(np.float32)).to(dtype)
+    for k in (1, 30, 300, 3000):
+        want = reference.select(x.to(torch.float64).numpy(), k)
+        assert np.array_equal(topk_indices(x, k, 0.01, SelectionScratch()).numpy(), want)
+
+
+def test_selection_sample_fraction_does_not_change_result():
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.standard_normal(200_000).astype(np.float32))
+    want = topk_indices(x, 200, 1.0)
+    for frac in (0.001, 0.01, 0.1, 0.5):
+        assert torch.equal(topk_indices(x, 200, frac), want)
+
+
+def test_selection_rejects_bad_k():
+    with pytest.raises(ValueError):
+        topk_indices(torch.ones(10), 0)
+    with pytest.raises(ValueError):
+        topk_indices(torch.ones(10), 11)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("extra", [{}, {"warmup_steps": 4, "warmup_start_density": 0.5},
+                                   {"clip_norm": 5.0}])
+def test_error_feedback_matches_reference_bitwise(momentum, extra):
+    rng = np.random.default_rng(3)
+    comp = RangerCompressor(density=0.03, momentum=momentum, min_elements=1, **extra)
+    comp.world_size = 2
+    ref = reference.ReferenceCompressor(40 * 50, comp.options, world_size=2)
+    for step in range(15):
+        g = rng.standard_normal(2000).astype(np.float32) * (10.0 if step % 5 == 0 else 1.0)
+        values, indices = comp.compress_sparse("w", torch.from_numpy(g.reshape(40, 50)))
+        ref_idx, ref_values = ref.step(g)
+        assert np.array_equal(indices.numpy(), ref_idx), step
+        assert np.array_equal(values.numpy(), ref_values), step
+        st = comp._state["w"]
+        assert np.array_equal(st.residual.numpy(), ref.residual), step
+        if momentum:
+            assert np.array_equal(st.velocity.numpy(), ref.velocity), step
+
+
+def test_conservation_invariant_single_rank():
+    """With m = 0, what was sent plus the residual is the sum of the gradients."""
+    rng = np.random.default_rng(4)
+    comp = RangerCompressor(density=0.01, min_elements=1)
+    total_sent = torch.zeros(5000, dtype=torch.float64)
+    total_grad = torch.zeros(5000, dtype=torch.float64)
+    for _ in range(20):
+        g = torch.from_numpy(rng.standard_normal(5000).astype(np.float32)).view(50, 100)
+        values, indices = comp.compress_sparse("w", g)
+        total_sent.index_add_(0, indices.long(), values.double())
+        total_grad += g.view(-1).double()
+    residual = comp._state["w"].residual.double()
+    torch.testing.assert_close(total_sent + residual, total_grad, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("value_dtype", ["float32", "float16", "bfloat16"])
+def test_low_precision_gradients_and_wire_values(grad_dtype, value_dtype):
+    comp = RangerCompressor(density=0.1, min_elements=1, value_dtype=value_dtype)
+    g = torch.randn(64, 32).to(grad_dtype)
+    values, indices = comp.compress_sparse("w", g)
+    assert comp._state["w"].residual.dtype == grad_dtype
+    assert values.dtype == getattr(torch, value_dtype)
+    assert indices.dtype == torch.int32 and values.numel() == indices.numel() == 205
+    want = reference.select(g.to(torch.float64).numpy().reshape(-1), 205)
+    assert np.array_equal(indices.numpy(), want)
+    out = torch.empty(64, 32, dtype=grad_dtype)
+    RangerCompressor.decompress_sparse(values, indices, out)
+    flat = out.view(-1)
+    assert torch.equal(flat[indices.long()], values.to(grad_dtype))
+    assert int((flat != 0).sum()) <= 205
+
+
+@pytest.mark.parametrize("bad, option", [
+    ({"density": 0.0}, "density"), ({"density": 1.5}, "density"), ({"density": -0.1}, "density"),
+    ({"momentum": -0.1}, "momentum"), ({"momentum": 1.0}, "momentum"),
+    ({"min_elements": 0}, "min_elements"), ({"value_dtype": "int8"}, "value_dtype"),
+    ({"sample_fraction": 0.0}, "sample_fraction"), ({"clip_norm": -1.0}, "clip_norm"),
+    ({"no_such_option": 1}, "no_such_option"),
+])
+def test_bad_options_raise_at_construction(bad, option):
+    with pytest.raises(OptionsError, match=option):
+        RangerCompressor(**bad)
+
+
+def test_non_finite_gradient_names_parameter_and_keeps_residual():
+    comp = RangerCompressor(density=0.1, min_elements=1)
+    comp.compress_sparse("layer1.weight", torch.ones(10, 10))
+    before = comp._state["layer1.weight"].residual.clone()
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        g = torch.ones(10, 10)
+        g[3, 4] = bad
+        with pytest.raises(NonFiniteGradientError, match="layer1.weight"):
+            comp.compress_sparse("layer1.weight", g)
+        assert torch.equal(comp._state["layer1.weight"].residual, before)
+    # A finite gradient whose sum overflows is not mistaken for a non-finite one.
+    comp.compress_sparse("layer1.weight", torch.full((10, 10), 3e38))
+    unchecked = RangerCompressor(density=0.1, min_elements=1, check_finite=False)
+    unchecked.compress_sparse("w", torch.full((10, 10), float("nan")))
+
+
+def test_byte_accounting_formula():
+    comp = RangerCompressor(density=0.01, min_elements=1000)
+    comp.compress_sparse("a", torch.randn(100, 100))        # k = 100
+    comp.compress_sparse("b", torch.randn(333, 7))          # k = ceil(23.31) = 24
+    comp.record_dense(10, 4)
+    s = comp.stats()
+    assert s["bytes_sent"] == (100 + 24) * (4 + 4) + 40
+    assert s["bytes_dense"] == 4 * (10_000 + 2331 + 10)
+    half = RangerCompressor(density=0.01, value_dtype="float16")
+    half.compress_sparse("a", torch.randn(100, 100))
+    assert half.stats()["bytes_sent"] == 100 * (2 + 4)
+
+
+def test_dense_rules_and_k():
+    comp = RangerCompressor(density=0.07, min_elements=100)
+    assert not comp.is_compressed((10, 9))        # too small
+    assert not comp.is_compressed((1000,))        # 1-D goes dense by default
+    assert comp.is_compressed((10, 10))
+    assert RangerCompressor(compress_1d=True, min_elements=100).is_compressed((1000,))
+    assert comp.num_selected("x", 100) == 7       # the decimal density, not 7.000000000000001
+
+
+# ---------------------------------------------------------------- Horovod's compress/decompress
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.ReLU(), torch.nn.Linear(40, 3))
+
+
+def _grads(model, seed):
+    torch.manual_seed(seed)
+    model.zero_grad()
+    model(torch.randn(8, 64)).square().sum().backward()
+
+
+def test_horovod_interface_same_coordinates_on_every_rank():
+    """Two compressors (two 'ranks') with different gradients choose the same coordinates."""
+    ranks = [_model(), _model()]
+    comps = [RangerCompressor(density=0.05, min_elements=100, named_parameters=m.named_parameters())
+             for m in ranks]
+    for c in comps:
+        c.world_size = 2
+    for step in range(3):
+        ctxs = []
+        for r, (m, c) in enumerate(zip(ranks, comps)):
+            _grads(m, 100 * step + r)
+            w = m[0].weight
+            values, ctx = c.compress(w.grad)
+            assert values.numel() == math.ceil(0.05 * w.numel()) < w.numel()
+            ctxs.append(ctx)
+            seed = core.random_k_seed(0, "0.weight", step)
+            assert torch.equal(ctx.indices, random_k_indices(w.numel(), values.numel(), seed))
+        assert torch.equal(ctxs[0].indices, ctxs[1].indices)
+        assert not torch.equal(ctxs[0].indices, random_k_indices(2560, 128, 12345))
+
+
+def test_horovod_interface_roundtrip_and_bytes():
+    m = _model()
+    comp = RangerCompressor(density=1.0, min_elements=100, named_parameters=m.named_parameters())
+    comp.world_size = 1
+    _grads(m, 0)
+    for p in m.parameters():
+        sent, ctx = comp.compress(p.grad)
+        assert torch.equal(comp.decompress(sent.clone(), ctx), p.grad)
+    s = comp.stats()
+    # d = 1 sends every value of the one compressed tensor (2560) without indices; the rest dense.
+    assert s["bytes_sent"] == 4 * (2560 + 40 + 120 + 3)
+    sparse = RangerCompressor(density=0.01, min_elements=100, named_parameters=m.named_parameters())
+    sparse.world_size = 1
+    sent, ctx = sparse.compress(m[0].weight.grad)
+    assert sparse.stats()["bytes_sent"] == 4 * 26 < 4 * 2560
+    out = sparse.decompress(sent, ctx)
+    assert out.shape == m[0].weight.shape and int((out != 0).sum()) <= 26
+
+
+def test_horovod_interface_unknown_tensor():
+    m = _model()
+    comp = RangerCompressor(named_parameters=m.named_parameters())
+    _grads(m, 0)
+    with pytest.raises(ValueError, match="not the .grad of any parameter"):
+        comp.compress(torch.zeros(40, 64))
+    with pytest.raises(ValueError, match="named_parameters"):
+        RangerCompressor().compress(m[0].weight.grad)
+
+
+def test_state_dict_round_trip_bitwise():
+    rng = np.random.default_rng(5)
+    grads = [torch.from_numpy(rng.standard_normal(3000).astype(np.float32)).view(30, 100)
+             for _ in range(8)]
+    straight = RangerCompressor(density=0.02, momentum=0.9, min_elements=1)
+    first = RangerCompressor(density=0.02, momentum=0.9, min_elements=1)
+    for g in grads[:4]:
+        straight.compress_sparse("w", g)
+        first.compress_sparse("w", g)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = RangerCompressor(density=0.02, momentum=0.9, min_elements=1)
+    resumed.load_state_dict(torch.load(buf))
+    assert resumed.stats() == straight.stats()
+    for g in grads[4:]:
+        a = straight.compress_sparse("w", g)
+        b = resumed.compress_sparse("w", g)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(straight._state["w"].residual, resumed._state["w"].residual)
+
+
+def test_random_k_indices():
+    for n, k in ((10, 10), (1000, 900), (10**6, 50), (10**6, 100_000)):
+        a = random_k_indices(n, k, seed=7)
+        assert a.numel() == k and torch.equal(a, torch.sort(a).values)
+        assert int(torch.unique(a).numel()) == k and int(a.min()) >= 0 and int(a.max()) < n
+        assert torch.equal(a, random_k_indices(n, k, seed=7))
+    assert not torch.equal(random_k_indices(10**6, 50, 1), random_k_indices(10**6, 50, 2))
+
+
+def test_selection_float64_keeps_full_precision():
+    # Differences below float32 resolution must still order the entries.
+    x = 1.0 + torch.arange(20_000, dtype=torch.float64) * 1e-12
+    for scratch in (None, SelectionScratch()):
+        assert np.array_equal(topk_indices(x, 50, 0.01, scratch).numpy(),
+                              reference.select(x.numpy(), 50))

@@ -1,0 +1,263 @@
+"""Equivalence at d = 1, conservation, byte counts and agreement across ranks, in one launch.
+
+Every rank runs the same list of small trainings one after another and reports, per check, what the
+test needs (differences, digests, byte counts); tests/torch/test_horovod.py asserts on them.
+"""
+
+from __future__ import annotations
+
+from common import digest, max_diff, params_of, prefixed
+
+import math
+
+import numpy as np
+import torch
+import horovod.torch as hvd
+
+from ranger_hvd import core
+from ranger_hvd.core import reference
+from ranger_hvd.torch import DistributedOptimizer, Ranger, RangerCompressor
+from tests.hvdrun import report
+
+hvd.init()
+RANK, SIZE = hvd.rank(), hvd.size()
+out: dict = {"rank": RANK, "size": SIZE}
+
+
+def make_model(dtype=torch.float32):
+    torch.manual_seed(0)  # identical initial parameters on every rank
+    model = torch.nn.Sequential(torch.nn.Linear(24, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8),
+                                torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    return model.to(dtype)
+
+
+def batch(step: int, micro: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(10_000 * RANK + 100 * step + micro)  # different data per rank
+    x = torch.randn(16, 24, generator=g)
+    y = torch.randn(16, 3, generator=g)
+    return x.to(dtype), y.to(dtype)
+
+
+def train(model, opt, steps: int, passes: int = 1, dtype=torch.float32):
+    trace = []
+    for step in range(steps):
+        for micro in range(passes):
+            x, y = batch(step, micro, dtype)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        trace.append(params_of(model))
+    return trace
+
+
+# ---------------------------------------------------------------- 1. d = 1, m = 0 equals Horovod
+# Weights 64x24 (1536) and 8x64 (512) are compressed with min_elements=256; the rest goes dense.
+def dense_mode(kind: str, steps=4, **hvd_kwargs):
+    model = make_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    named = prefixed(model, kind)
+    if kind.startswith("plain"):
+        opt = hvd.DistributedOptimizer(sgd, named_parameters=named, **hvd_kwargs)
+    elif kind.startswith("a"):
+        comp = RangerCompressor(density=1.0, min_elements=256)
+        opt = DistributedOptimizer(sgd, named_parameters=named, compression=comp, **hvd_kwargs)
+    else:
+        comp = RangerCompressor(density=1.0, min_elements=256, named_parameters=named)
+        opt = hvd.DistributedOptimizer(sgd, named_parameters=named, compression=comp, **hvd_kwargs)
+    return train(model, opt, steps, passes=hvd_kwargs.get("backward_passes_per_step", 1))
+
+
+equivalence = {}
+for label, kwargs in {"average": {}, "sum": {"op": hvd.Sum},
+                      "predivide": {"gradient_predivide_factor": 2.0},
+                      "passes": {"backward_passes_per_step": 2}}.items():
+    plain = dense_mode(f"plain_{label}", **kwargs)
+    for mode in ("a", "b"):
+        trace = dense_mode(f"{mode}_{label}", **kwargs)
+        equivalence[f"{mode}_{label}"] = [max_diff(p, q) for p, q in zip(plain, trace)]
+    # The parameters must also move: a test passing on frozen parameters would prove nothing.
+    equivalence[f"moved_{label}"] = max_diff(plain[0], plain[-1])
+out["equivalence"] = equivalence
+
+
+# ---------------------------------------------------------------- 2. conservation, bytes
+# Gradients that do not depend on the parameters: loss = sum(W * G) + sum(b * H). With SGD(lr=1,
+# no momentum) W moves by minus the averaged sum of what the ranks sent; once the residuals are
+# drained by zero-gradient steps that must equal the average of all gradients.
+class Fixed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.zeros(40, 50))
+        self.b = torch.nn.Parameter(torch.zeros(40))
+
+    def loss(self, step, grad_steps):
+        if step >= grad_steps:
+            return (self.W * 0).sum() + (self.b * 0).sum()
+        g = torch.Generator().manual_seed(777 + 1000 * RANK + step)
+        G = torch.randn(40, 50, generator=g)
+        H = torch.randn(40, generator=g)
+        return (self.W * G).sum() + (self.b * H).sum()
+
+
+def conservation(mode: str, density: float, grad_steps: int, zero_steps: int):
+    model = Fixed()
+    named = prefixed(model, f"cons_{mode}")
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    if mode == "a":
+        comp = RangerCompressor(density=density, min_elements=100)
+        opt = DistributedOptimizer(sgd, named_parameters=named, compression=comp)
+    else:
+        comp = RangerCompressor(density=density, min_elements=100, named_parameters=named)
+        opt = hvd.DistributedOptimizer(sgd, named_parameters=named, compression=comp)
+    total = grad_steps + zero_steps
+    for step in range(total):
+        model.loss(step, grad_steps).backward()
+        opt.step()
+        opt.zero_grad()
+    # Everyone's gradients, summed, from outside the optimizer.
+    mine = torch.zeros(40, 50, dtype=torch.float64)
+    for step in range(grad_steps):
+        g = torch.Generator().manual_seed(777 + 1000 * RANK + step)
+        mine += torch.randn(40, 50, generator=g).double()
+    everyone = hvd.allreduce(mine, op=hvd.Sum, name=f"cons_{mode}.check") / SIZE
+    applied = -model.W.detach().double()  # W started at 0 and lr = 1
+    k = core.num_selected(2000, density)
+    value_bytes = k * (4 + 4) if mode == "a" else k * 4
+    return {
+        "max_error": float((applied - everyone).abs().max()),
+        "scale": float(everyone.abs().max()),
+        "residual_norm": comp.residual_norms()[f"cons_{mode}.W"],
+        "bytes_sent": comp.stats()["bytes_sent"],
+        "bytes_expected": total * (value_bytes + 40 * 4),
+        "bytes_dense": comp.stats()["bytes_dense"],
+        "bytes_dense_expected": total * 4 * (2000 + 40),
+        "params": digest(model.parameters()),
+    }
+
+
+out["conservation_a"] = conservation("a", 0.1, grad_steps=8, zero_steps=10)
+# Random-k reaches every coordinate only eventually: half of them per step, for 60 steps.
+out["conservation_b"] = conservation("b", 0.5, grad_steps=8, zero_steps=60)
+
+
+# ---------------------------------------------------------------- 3. the spec, from outside
+# Every rank can recompute every rank's gradients (they come from seeds), so it can replay the whole
+# job with core.reference (one ReferenceCompressor per rank, combine) and compare parameters.
+def against_reference(mode: str, steps: int = 8):
+    lr, m, wd, density = 0.5, (0.9 if mode == "c" else 0.0), (0.01 if mode == "c" else 0.0), 0.05
+    model = Fixed()
+    with torch.no_grad():
+        model.W.copy_(torch.linspace(-1, 1, 2000).view(40, 50))
+        model.b.copy_(torch.linspace(-1, 1, 40))
+    named = prefixed(model, f"ref_{mode}")
+    if mode == "c":
+        opt = Ranger(model.parameters(), lr=lr, momentum=m, density=density, weight_decay=wd,
+                     min_elements=100, named_parameters=named)
+    else:
+        comp = RangerCompressor(density=density, min_elements=100)
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr),
+                                   named_parameters=named, compression=comp)
+    options = core.make_options(density=density, momentum=m, min_elements=100)
+    refs = [reference.ReferenceCompressor(2000, options, world_size=SIZE) for _ in range(SIZE)]
+    W = model.W.detach().numpy().reshape(-1).copy()
+    b = model.b.detach().numpy().copy()
+    u_b = [np.zeros(40, np.float32) for _ in range(SIZE)]
+    worst = 0.0
+    for step in range(steps):
+        model.loss(step, steps).backward()
+        opt.step()
+        opt.zero_grad()
+        payloads, dense = [], np.zeros(40, np.float32)
+        for r in range(SIZE):
+            g = torch.Generator().manual_seed(777 + 1000 * r + step)
+            G = torch.randn(40, 50, generator=g).numpy().reshape(-1)
+            H = torch.randn(40, generator=g).numpy()
+            payloads.append(refs[r].step(G + np.float32(wd) * W))
+            u_b[r] = np.float32(m) * u_b[r] + (H + np.float32(wd) * b)  # dense: local momentum
+            dense += u_b[r]
+        W = W - np.float32(lr) * reference.combine(payloads, 2000, average=True)
+        b = b - np.float32(lr) * (dense / np.float32(SIZE))
+        got = np.concatenate([model.W.detach().numpy().reshape(-1), model.b.detach().numpy()])
+        want = np.concatenate([W, b])
+        worst = max(worst, float(np.abs(got - want).max() / (np.abs(want).max() + 1e-12)))
+    return {"max_rel_error": worst, "moved": float(np.abs(W - np.linspace(-1, 1, 2000)).max())}
+
+
+out["reference_a"] = against_reference("a")
+out["reference_c"] = against_reference("c")
+
+
+# ---------------------------------------------------------------- 4. agreement at low density
+class Recording(RangerCompressor):
+    """Notes the coordinates each Horovod compress call chose, to compare them across ranks."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chosen = []
+
+    def compress(self, tensor):
+        sent, ctx = super().compress(tensor)
+        if ctx.indices is not None:
+            self.chosen.append(ctx.indices)
+        return sent, ctx
+
+
+def agreement(mode: str, dtype=torch.float32, momentum=0.0, **options):
+    model = make_model(dtype)
+    named = prefixed(model, f"agree_{mode}_{len(out)}")
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    if mode == "a":
+        comp = RangerCompressor(density=0.02, momentum=momentum, min_elements=256, **options)
+        opt = DistributedOptimizer(sgd, named_parameters=named, compression=comp)
+    else:
+        comp = Recording(density=0.02, momentum=momentum, min_elements=256, named_parameters=named,
+                         **options)
+        opt = hvd.DistributedOptimizer(sgd, named_parameters=named, compression=comp)
+    trace = train(model, opt, 6, dtype=dtype)
+    result = {"params": digest(model.parameters()), "moved": max_diff(trace[0], trace[-1]),
+              "stats": comp.stats()}
+    if mode == "b":
+        result["chosen"] = digest(comp.chosen)
+        result["chosen_count"] = len(comp.chosen)
+    return result
+
+
+out["agree_a"] = agreement("a")
+out["agree_b"] = agreement("b")
+out["agree_a_momentum_warmup"] = agreement("a", momentum=0.9, warmup_steps=4, warmup_start_density=0.5)
+out["agree_b_momentum_warmup"] = agreement("b", momentum=0.9, warmup_steps=4, warmup_start_density=0.5)
+out["agree_a_fp16_wire"] = agreement("a", value_dtype="float16")
+out["agree_a_bf16_model"] = agreement("a", dtype=torch.bfloat16, value_dtype="bfloat16")
+out["agree_b_bf16_model"] = agreement("b", dtype=torch.bfloat16)
+out["agree_a_fp16_model"] = agreement("a", dtype=torch.float16)
+out["agree_b_fp16_wire"] = agreement("b", value_dtype="float16")
+
+
+
+# ---------------------------------------------------------------- 5. a NaN gradient, last
+# Every rank gets the same poisoned gradient, so every rank raises before its collective starts.
+def non_finite(mode: str):
+    model = Fixed()
+    named = prefixed(model, f"nan_{mode}")
+    if mode == "a":
+        comp = RangerCompressor(density=0.1, min_elements=100)
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
+                                   named_parameters=named, compression=comp)
+    else:
+        comp = RangerCompressor(density=0.1, min_elements=100, named_parameters=named)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
+                                       named_parameters=named, compression=comp)
+    poison = torch.ones(40, 50)
+    poison[1, 2] = float("nan")
+    try:
+        (model.W * poison).sum().backward()
+        opt.step()
+    except Exception as exc:  # noqa: BLE001 - the test checks the type by name
+        return {"raised": type(exc).__name__, "message": str(exc),
+                "residual_finite": all(math.isfinite(v) for v in comp.residual_norms().values())}
+    return {"raised": None}
+
+
+out["nan_a"] = non_finite("a")
+out["nan_b"] = non_finite("b")
+report(RANK, out)

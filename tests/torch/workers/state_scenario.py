@@ -1,0 +1,90 @@
+"""state_dict round trips: stop after 3 steps, save, rebuild everything, load, run 3 more; the result
+must equal 6 uninterrupted steps bit for bit, for (a), (b) and (c)."""
+
+from __future__ import annotations
+
+import io
+
+from common import digest, prefixed
+
+import torch
+import horovod.torch as hvd
+
+from ranger_hvd.torch import DistributedOptimizer, Ranger, RangerCompressor
+from tests.hvdrun import report
+
+hvd.init()
+RANK = hvd.rank()
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 4))
+
+
+def build(mode: str, model):
+    named = prefixed(model, mode)
+    if mode == "a":
+        comp = RangerCompressor(density=0.05, momentum=0.9, min_elements=128)
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                   named_parameters=named, compression=comp)
+    elif mode == "b":
+        comp = RangerCompressor(density=0.05, min_elements=128, named_parameters=named)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                       named_parameters=named, compression=comp)
+    else:
+        opt = Ranger(model.parameters(), lr=0.05, momentum=0.9, density=0.05, weight_decay=1e-3,
+                     min_elements=128, named_parameters=named)
+        comp = opt.compressor
+    return opt, comp
+
+
+def run(model, opt, steps):
+    for step in steps:
+        g = torch.Generator().manual_seed(1000 * RANK + step)
+        x, y = torch.randn(16, 32, generator=g), torch.randint(0, 4, (16,), generator=g)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+out = {"rank": RANK}
+for mode in ("a", "b", "c"):
+    model = make_model()
+    opt, comp = build(mode, model)
+    run(model, opt, range(6))
+    straight = digest(model.parameters())
+    straight_residuals = digest(st.residual for st in comp._state.values() if st.residual is not None)
+
+    model = make_model()
+    opt, comp = build(mode, model)
+    run(model, opt, range(3))
+    buf = io.BytesIO()
+    saved = {"model": model.state_dict(), "opt": opt.state_dict()}
+    if mode == "b":
+        saved["comp"] = comp.state_dict()  # Horovod's optimizer does not know the compressor
+    torch.save(saved, buf)
+    del model, opt, comp
+    buf.seek(0)
+    saved = torch.load(buf)
+
+    model = make_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # make sure the parameters really come from the checkpoint
+    opt, comp = build(mode, model)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    if mode == "b":
+        comp.load_state_dict(saved["comp"])
+    run(model, opt, range(3, 6))
+    out[mode] = {
+        "straight": straight,
+        "resumed": digest(model.parameters()),
+        "straight_residuals": straight_residuals,
+        "resumed_residuals": digest(st.residual for st in comp._state.values() if st.residual is not None),
+        "has_ranger_state": "ranger" in saved["opt"],
+        "steps": comp.stats()["steps"],
+    }
+
+report(RANK, out)
