@@ -1,0 +1,63 @@
+"""Reference jobs of ranger_hvd: a CNN, an RNN and a GAN, for PyTorch and TensorFlow (Keras 3).
+
+Run on every rank under ``horovodrun`` (the ``ranger-hvd`` launcher does this)::
+
+    horovodrun -np 2 -H localhost:2 --gloo python -m ranger_hvd.jobs --config RUN_DIR/config.yaml --run-dir RUN_DIR
+
+Inputs: the launcher's resolved config (YAML). The jobs read
+  - ``job``: ``backend`` (torch | tensorflow), ``model`` (cnn | rnn | gan), ``name``;
+  - ``data``: ``dataset`` (digits | mnist | synthetic), ``dir`` (mnist idx files, optionally ``.gz``),
+    ``eval_fraction`` (0.2; held-out share of digits/synthetic, mnist uses its t10k files),
+    ``synthetic_samples`` (2048);
+  - ``train``: ``epochs`` (5), ``batch_size`` (64, per rank), ``lr`` (0.05), ``seed`` (0),
+    ``momentum`` (0.9; the optimizer's, set to 0 when the Ranger compressor has momentum > 0),
+    ``max_steps`` (null: no cap), ``log_every`` (1);
+  - ``compression``: ``type`` (none | fp16 | ranger) and, for ranger, the fields of
+    :class:`ranger_hvd.core.options.RangerOptions`.
+Other sections (cluster, horovod, output) are ignored.
+
+Models: ``cnn`` two conv layers + MLP head; ``rnn`` a GRU reading the image rows as a sequence;
+``gan`` an MLP generator and discriminator on the flattened images, both trained through the
+distributed optimizer (torch) or tape (TF).
+
+Outputs (rank 0 only), all in ``RUN_DIR/metrics.jsonl`` (see :mod:`ranger_hvd.jobs.metrics`):
+  - one line per logged step: ``step, epoch, loss, metrics, bytes_sent, bytes_dense, step_time, time``.
+    ``loss`` and ``metrics.accuracy`` are rank 0's on its batch (no extra collective in the timed
+    step); GAN: ``loss = d_loss + g_loss`` and ``metrics`` holds ``d_loss``, ``g_loss``. The last line of
+    each epoch adds the held-out ``metrics.eval_*`` (computed over all ranks' eval shards).
+    ``bytes_sent`` is what this rank handed to the gradient collectives this step (Ranger: the
+    compressor's ``stats()`` delta; none/fp16: numel * itemsize of the gradients, 4 or 2 bytes);
+    ``bytes_dense`` is 4 * numel of the same gradients.
+  - no separate result file: the job ends with ONE final line ``{"event": "end", ...}`` holding
+    ``steps, epochs, train_time, time, backend, model, dataset, compression, size``,
+    the final evaluation both flat (``eval_loss``, ``eval_accuracy``; GAN: ``eval_d_loss``,
+    ``eval_g_loss``, ``eval_d_real_acc``, ``eval_d_fake_acc``) and as ``metrics``, the totals
+    ``bytes_sent_total``, ``bytes_dense_total``, ``compression_ratio`` (dense / sent), and
+    ``param_digest`` / ``param_digests`` (per rank) / ``params_identical``: every rank's
+    parameters hashed after training, gathered to rank 0.
+Exit status: 0 on success, 1 on any failure (config, data or training), with the reason on stderr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import ConfigError, JobConfig, load_config, parse_config
+from .data import DataError, load_dataset
+
+__all__ = ["run_job", "run_config_file", "ConfigError", "DataError", "JobConfig"]
+
+
+def run_job(cfg: dict, run_dir: str | Path | None) -> dict:
+    """Runs one job from a resolved config dict on this rank; returns the final record (all ranks)."""
+    job = parse_config(cfg)
+    dataset = load_dataset(job.data)   # before any framework import: a missing file fails fast
+    if job.backend == "torch":
+        from .torch_jobs import run
+    else:
+        from .tf_jobs import run
+    return run(job, dataset, run_dir)
+
+
+def run_config_file(config: str | Path, run_dir: str | Path | None) -> dict:
+    return run_job(load_config(config), run_dir)

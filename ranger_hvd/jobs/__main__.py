@@ -1,0 +1,41 @@
+"""``python -m ranger_hvd.jobs --config RUN_DIR/config.yaml --run-dir RUN_DIR`` (every rank)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ranger_hvd.jobs",
+                                     description="Run a ranger_hvd reference job on this rank.")
+    parser.add_argument("--config", required=True, help="resolved config YAML (the launcher's config.yaml)")
+    parser.add_argument("--run-dir", default=None,
+                        help="where rank 0 writes metrics.jsonl (default: the config's directory)")
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.config))
+
+    from . import ConfigError, DataError, run_config_file
+
+    rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+    try:
+        run_config_file(args.config, run_dir)
+    except (ConfigError, DataError) as exc:
+        print(f"ranger_hvd.jobs (rank {rank}): error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ranger_hvd.jobs (rank {rank}): interrupted", file=sys.stderr, flush=True)
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - any failure must give a non-zero exit
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            return 0
+        traceback.print_exc()
+        print(f"ranger_hvd.jobs (rank {rank}): failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

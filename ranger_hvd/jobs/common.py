@@ -1,0 +1,147 @@
+"""Backend-neutral pieces of the reference jobs: reading the resolved config, and small helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+BACKENDS = ("torch", "tensorflow")
+MODELS = ("cnn", "rnn", "gan")
+COMPRESSIONS = ("none", "fp16", "ranger")
+
+# Extra keys of the train: section that the jobs read, with their defaults (the launcher's schema
+# lists them too). epochs, batch_size, lr and seed are the launcher's fixed keys.
+TRAIN_DEFAULTS = {
+    "epochs": 5,
+    "batch_size": 64,
+    "lr": 0.05,
+    "seed": 0,
+    "momentum": 0.9,     # optimizer momentum; forced to 0 when the Ranger compressor has its own
+    "max_steps": None,   # stop after this many optimizer steps in total (None: run all epochs)
+    "log_every": 1,      # write a metrics line every N steps (and always an epoch's last step)
+}
+DATA_DEFAULTS = {"dataset": "digits", "dir": None, "eval_fraction": 0.2, "synthetic_samples": 2048}
+
+
+class ConfigError(ValueError):
+    """The resolved config does not describe a job these reference jobs can run."""
+
+
+@dataclass
+class JobConfig:
+    name: str
+    backend: str
+    model: str
+    data: dict
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    momentum: float
+    max_steps: int | None
+    log_every: int
+    compression: str
+    ranger: dict = field(default_factory=dict)   # RangerOptions fields given in the config
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def compressor_momentum(self) -> float:
+        return float(self.ranger.get("momentum", 0.0)) if self.compression == "ranger" else 0.0
+
+    @property
+    def optimizer_momentum(self) -> float:
+        """DGC keeps the momentum in the compressor; then the optimizer must not add its own."""
+        return 0.0 if self.compressor_momentum > 0 else self.momentum
+
+
+def load_config(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    try:
+        cfg = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level")
+    return cfg
+
+
+def _section(cfg: dict, name: str) -> dict:
+    value = cfg.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def parse_config(cfg: dict) -> JobConfig:
+    """Reads the sections the jobs need (job, data, train, compression) and checks the choices."""
+    job, train, comp = _section(cfg, "job"), _section(cfg, "train"), _section(cfg, "compression")
+    data = {**DATA_DEFAULTS, **{k: v for k, v in _section(cfg, "data").items() if v is not None}}
+    t = {**TRAIN_DEFAULTS, **{k: v for k, v in train.items() if v is not None or k == "max_steps"}}
+
+    backend = job.get("backend", "torch")
+    model = job.get("model", "cnn")
+    ctype = comp.get("type", "none")
+    for where, value, allowed in (("job.backend", backend, BACKENDS), ("job.model", model, MODELS),
+                                  ("compression.type", ctype, COMPRESSIONS)):
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+    try:
+        epochs, batch, lr, seed = int(t["epochs"]), int(t["batch_size"]), float(t["lr"]), int(t["seed"])
+        momentum, log_every = float(t["momentum"]), int(t["log_every"])
+        max_steps = None if t["max_steps"] in (None, 0) else int(t["max_steps"])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"train: bad value ({exc})") from None
+    if epochs < 1 or batch < 1 or lr <= 0 or log_every < 1 or (max_steps is not None and max_steps < 1):
+        raise ConfigError("train: epochs, batch_size, log_every and max_steps must be >= 1 and lr > 0 "
+                          f"(got epochs={epochs}, batch_size={batch}, lr={lr}, log_every={log_every}, "
+                          f"max_steps={max_steps})")
+
+    ranger: dict = {}
+    if ctype == "ranger":
+        from ranger_hvd.core.options import RangerOptions, make_options
+
+        fields = set(RangerOptions.model_fields)
+        # unset fields may appear as null in a resolved config: RangerOptions supplies their defaults
+        ranger = {k: v for k, v in comp.items() if k in fields and v is not None}
+        ignored = sorted(set(comp) - fields - {"type"})
+        if ignored:
+            print(f"ranger_hvd.jobs: ignoring compression keys {ignored} (not Ranger options)", file=sys.stderr)
+        try:
+            make_options(**ranger)   # fail before starting any framework, naming the option
+        except ValueError as exc:
+            raise ConfigError(f"compression: {exc}") from None
+
+    return JobConfig(name=str(job.get("name", f"{model}-{data['dataset']}")), backend=backend, model=model,
+                     data=data, epochs=epochs, batch_size=batch, lr=lr, seed=seed, momentum=momentum,
+                     max_steps=max_steps, log_every=log_every, compression=ctype, ranger=ranger, raw=cfg)
+
+
+def digest_arrays(arrays) -> str:
+    """sha256 (first 16 hex digits) of the float32 bytes of the given arrays, in order."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(np.asarray(a, dtype=np.float32)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def set_tf_threads_from_env() -> int:
+    """Threads per process from OMP_NUM_THREADS (ranks share the cores), 0 = framework default."""
+    try:
+        return max(0, int(os.environ.get("OMP_NUM_THREADS", "0")))
+    except ValueError:
+        return 0
+
+
+def log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(f"[ranger_hvd.jobs] {msg}", flush=True)

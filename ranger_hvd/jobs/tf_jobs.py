@@ -1,0 +1,294 @@
+"""TensorFlow / Keras 3 reference jobs (CNN, RNN, GAN) under Horovod; see :mod:`ranger_hvd.jobs`.
+
+Horovod's own ``DistributedGradientTape`` and ``broadcast_variables`` call ``.ref()`` on variables,
+which Keras 3 variables lack, so for ``none``/``fp16`` the gradients are allreduced here
+(``hvd.grouped_allreduce`` with Horovod's compression) and the initial weights are broadcast here, one
+``hvd.broadcast`` per variable; ``ranger`` uses ``ranger_hvd.tensorflow.DistributedGradientTape``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .common import JobConfig, digest_arrays, log, set_tf_threads_from_env
+from .data import Dataset, epoch_batches, shard_indices, steps_per_epoch
+from .metrics import MetricsWriter
+
+
+def _import_tf():
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    threads = set_tf_threads_from_env()
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:  # already initialised (e.g. in a test process): keep what is set
+            pass
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(f"the TensorFlow jobs need KERAS_BACKEND=tensorflow, not {keras.backend.backend()!r}")
+    return tf, keras
+
+
+# --------------------------------------------------------------------------------------------------
+# models (Keras 3)
+
+
+def build_cnn(keras, image_shape, num_classes):
+    H, W = image_shape
+    layers = keras.layers
+    stack = [keras.Input((H, W, 1)), layers.Conv2D(16, 3, padding="same", activation="relu"),
+             layers.MaxPooling2D(2), layers.Conv2D(32, 3, padding="same", activation="relu")]
+    if min(H, W) // 2 > 4:           # 28x28 MNIST: one more pooling, 7x7 before the head
+        stack.append(layers.MaxPooling2D(2))
+    stack += [layers.Flatten(), layers.Dense(128, activation="relu"), layers.Dense(num_classes)]
+    return keras.Sequential(stack, name="cnn")
+
+
+def build_rnn(keras, image_shape, num_classes, hidden=64):
+    """Reads an image row by row: H time steps of W features; classifies from the last state."""
+    H, W = image_shape
+    return keras.Sequential([keras.Input((H, W)), keras.layers.GRU(hidden), keras.layers.Dense(num_classes)],
+                            name="rnn")
+
+
+def build_gan(keras, image_dim, z_dim=32, hidden=128):
+    L = keras.layers
+    gen = keras.Sequential([keras.Input((z_dim,)), L.Dense(hidden), L.LeakyReLU(0.2), L.Dense(hidden),
+                            L.LeakyReLU(0.2), L.Dense(image_dim, activation="tanh")], name="generator")
+    disc = keras.Sequential([keras.Input((image_dim,)), L.Dense(hidden), L.LeakyReLU(0.2), L.Dense(hidden),
+                             L.LeakyReLU(0.2), L.Dense(1)], name="discriminator")
+    return gen, disc
+
+
+# --------------------------------------------------------------------------------------------------
+# gradient exchange and byte accounting
+
+
+class GradExchange:
+    """One network's gradient exchange (none/fp16: grouped allreduce; ranger: the ranger tape)."""
+
+    def __init__(self, tf, hvd, variables, job: JobConfig, name: str):
+        self.tf, self.hvd, self.variables, self.name = tf, hvd, list(variables), name
+        self.kind = job.compression
+        numels = [int(np.prod(v.shape)) for v in self.variables]
+        self.dense_bytes = 4 * sum(numels)
+        self.comp = None
+        if self.kind == "ranger":
+            from ranger_hvd.tensorflow import RangerCompressor
+
+            self.comp = RangerCompressor(**job.ranger)
+            if hasattr(self.comp, "build"):
+                self.comp.build(self.variables)   # its state variables exist before tracing
+        else:
+            itemsize = 2 if self.kind == "fp16" else 4
+            self.sent_per_step = itemsize * sum(numels)
+            self.compression = hvd.Compression.fp16 if self.kind == "fp16" else hvd.Compression.none
+        self.reset_baseline()
+
+    def gradients(self, tape, loss):
+        """Averaged gradients of ``loss`` with respect to this network's variables (call in tf.function)."""
+        if self.comp is not None:
+            from ranger_hvd.tensorflow import DistributedGradientTape
+
+            return DistributedGradientTape(tape, compression=self.comp).gradient(loss, self.variables)
+        grads = tape.gradient(loss, self.variables)
+        if self.hvd.size() == 1:
+            return grads
+        return self.hvd.grouped_allreduce(grads, op=self.hvd.Average, compression=self.compression)
+
+    def _stat(self, key: str) -> int:
+        return int(self.comp.stats().get(key, 0))
+
+    def reset_baseline(self) -> None:
+        self._base = self._last = self._stat("bytes_sent") if self.comp is not None else 0
+
+    def step_bytes(self) -> tuple[int, int]:
+        if self.comp is None:
+            return self.sent_per_step, self.dense_bytes
+        now = self._stat("bytes_sent")
+        sent, self._last = now - self._last, now
+        return sent, self.dense_bytes
+
+    def total_sent(self) -> int | None:
+        return self._stat("bytes_sent") - self._base if self.comp is not None else None
+
+
+def broadcast_weights(tf, hvd, variables, tag: str) -> None:
+    """Rank 0's values into every rank's variables (works on Keras 3 variables)."""
+    for i, v in enumerate(variables):
+        v.assign(hvd.broadcast(tf.convert_to_tensor(v), root_rank=0, name=f"ranger_hvd.jobs.bcast.{tag}.{i}"))
+
+
+# --------------------------------------------------------------------------------------------------
+# the training loop
+
+
+def run(job: JobConfig, data: Dataset, run_dir) -> dict:
+    tf, keras = _import_tf()
+    import horovod.tensorflow as hvd
+
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    keras.utils.set_random_seed(job.seed)
+
+    H, W = data.image_shape
+    tr = shard_indices(len(data.x_train), rank, size)
+    ev = shard_indices(len(data.x_eval), rank, size, equalize=False)
+    x_tr, y_tr = data.x_train[tr], data.y_train[tr]
+    x_ev, y_ev = data.x_eval[ev], data.y_eval[ev]
+    n_steps = steps_per_epoch(len(data.x_train), size, job.batch_size)
+
+    gan = job.model == "gan"
+    xce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    bce = keras.losses.BinaryCrossentropy(from_logits=True)
+
+    def sgd():
+        return keras.optimizers.SGD(learning_rate=job.lr, momentum=job.optimizer_momentum)
+
+    if gan:
+        gen, disc = build_gan(keras, H * W)
+        z_dim = gen.inputs[0].shape[-1]
+        nets = [disc, gen]
+        x_tr = (x_tr.reshape(len(x_tr), H * W) * 2 - 1).astype(np.float32)
+        x_ev = (x_ev.reshape(len(x_ev), H * W) * 2 - 1).astype(np.float32)
+        noise = tf.random.Generator.from_seed(job.seed * 1000 + rank)
+    else:
+        model = (build_cnn(keras, (H, W), data.num_classes) if job.model == "cnn"
+                 else build_rnn(keras, (H, W), data.num_classes))
+        nets = [model]
+        if job.model == "cnn":
+            x_tr, x_ev = x_tr[..., None], x_ev[..., None]
+    opts = [sgd() for _ in nets]
+    for net, opt in zip(nets, opts):
+        opt.build(net.trainable_variables)
+    exchanges = [GradExchange(tf, hvd, net.trainable_variables, job, net.name) for net in nets]
+    for net in nets:
+        broadcast_weights(tf, hvd, net.weights, net.name)
+
+    log(rank, f"tensorflow {job.model} on {data.name}: {size} ranks, {len(tr)} train samples/rank, "
+              f"{n_steps} steps/epoch, compression={job.compression}"
+              + (f" {job.ranger}" if job.ranger else ""))
+
+    if gan:
+        disc_x, gen_x = exchanges
+        opt_d, opt_g = opts
+
+        @tf.function
+        def train_step(real, _y):
+            b = tf.shape(real)[0]
+            with tf.GradientTape() as tape:
+                fake = gen(noise.normal([b, z_dim]), training=True)
+                d_real, d_fake = disc(real, training=True), disc(fake, training=True)
+                d_loss = bce(tf.ones_like(d_real), d_real) + bce(tf.zeros_like(d_fake), d_fake)
+            grads = disc_x.gradients(tape, d_loss)
+            opt_d.apply_gradients(zip(grads, disc_x.variables))
+            with tf.GradientTape() as tape:
+                d_out = disc(gen(noise.normal([b, z_dim]), training=True), training=True)
+                g_loss = bce(tf.ones_like(d_out), d_out)
+            grads = gen_x.gradients(tape, g_loss)
+            opt_g.apply_gradients(zip(grads, gen_x.variables))
+            return d_loss + g_loss, {"d_loss": d_loss, "g_loss": g_loss}
+    else:
+        ex, opt = exchanges[0], opts[0]
+
+        @tf.function
+        def train_step(x, y):
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)
+                loss = xce(y, logits)
+            grads = ex.gradients(tape, loss)
+            opt.apply_gradients(zip(grads, ex.variables))
+            acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1, output_type=tf.int64), y), tf.float32))
+            return loss, {"accuracy": acc}
+
+    def evaluate(tag: str) -> dict:
+        """Held-out metrics over every rank's eval shard (one small allreduce of sums)."""
+        if gan:
+            n = len(x_ev)
+            z = tf.random.Generator.from_seed(777 + rank).normal([n, z_dim])
+            dr, df = disc(x_ev, training=False), disc(gen(z, training=False), training=False)
+            sums = [float(bce(tf.ones_like(dr), dr)) * n + float(bce(tf.zeros_like(df), df)) * n,
+                    float(bce(tf.ones_like(df), df)) * n,
+                    float(tf.reduce_sum(tf.cast(dr > 0, tf.float32))),
+                    float(tf.reduce_sum(tf.cast(df < 0, tf.float32))), n]
+        else:
+            logits = model(x_ev, training=False)
+            correct = float(np.sum(np.argmax(np.asarray(logits), 1) == y_ev))
+            sums = [float(xce(y_ev, logits)) * len(y_ev), correct, len(y_ev)]
+        tot = hvd.allreduce(tf.constant(sums, tf.float64), op=hvd.Sum, name=f"ranger_hvd.jobs.eval.{tag}").numpy()
+        n = max(tot[-1], 1.0)
+        if gan:
+            return {"eval_d_loss": tot[0] / n, "eval_g_loss": tot[1] / n,
+                    "eval_d_real_acc": tot[2] / n, "eval_d_fake_acc": tot[3] / n}
+        return {"eval_loss": tot[0] / n, "eval_accuracy": tot[1] / n}
+
+    writer = MetricsWriter(run_dir, enabled=(rank == 0))
+    step, epoch, total_dense, total_sent = 0, 0, 0, 0
+    train_time = 0.0
+    eval_metrics: dict = {}
+    done = False
+    try:
+        for epoch in range(job.epochs):
+            batches = list(epoch_batches(len(tr), job.batch_size, job.seed, epoch, rank))[:n_steps]
+            for i, idx in enumerate(batches):
+                xb, yb = tf.constant(x_tr[idx]), tf.constant(y_tr[idx])
+                t0 = time.perf_counter()
+                loss_t, metrics_t = train_step(xb, yb)
+                loss = float(loss_t)                      # waits for the step to finish
+                dt = time.perf_counter() - t0
+                metrics = {k: float(v) for k, v in metrics_t.items()}
+                train_time += dt
+                step += 1
+                sent = dense = 0
+                for x in exchanges:
+                    s, d = x.step_bytes()
+                    sent, dense = sent + s, dense + d
+                total_sent += sent
+                total_dense += dense
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch}); lower train.lr")
+                last_of_epoch = i == len(batches) - 1
+                done = job.max_steps is not None and step >= job.max_steps
+                if last_of_epoch or done:
+                    eval_metrics = evaluate(str(step))
+                    metrics = {**metrics, **eval_metrics}
+                if step % job.log_every == 0 or last_of_epoch or done:
+                    writer.step(step=step, epoch=epoch, loss=loss, metrics=metrics, bytes_sent=sent,
+                                bytes_dense=dense, step_time=dt)
+                if done:
+                    break
+            log(rank, f"epoch {epoch}: step {step} loss {loss:.4f} "
+                      + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+            if done:
+                break
+
+        arrays = [np.asarray(v) for net in nets for v in net.weights]
+        digest = digest_arrays(arrays)
+        digests = hvd.allgather_object(digest)
+        print(f"[ranger_hvd.jobs] rank {rank} param_digest {digest}", flush=True)
+        comp_totals = [x.total_sent() for x in exchanges]
+        if all(t is not None for t in comp_totals):
+            total_sent = sum(comp_totals)
+        record = {
+            "steps": step, "epochs": epoch + 1, "train_time": round(train_time, 6),
+            "backend": "tensorflow", "model": job.model, "dataset": data.name,
+            "compression": job.compression, "size": size, **eval_metrics, "metrics": dict(eval_metrics),
+            "bytes_sent_total": int(total_sent), "bytes_dense_total": int(total_dense),
+            "compression_ratio": (total_dense / total_sent) if total_sent else None,
+            "param_digest": digest, "param_digests": list(digests),
+            "params_identical": len(set(digests)) == 1,
+        }
+        writer.end(**record)
+        log(rank, "end: " + ", ".join(f"{k}={record[k]}" for k in
+                                      ("steps", *eval_metrics, "compression_ratio", "params_identical")))
+        return record
+    finally:
+        writer.close()

@@ -1,0 +1,307 @@
+"""PyTorch reference jobs (CNN, RNN, GAN) under Horovod; see :mod:`ranger_hvd.jobs` for inputs/outputs."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .common import JobConfig, digest_arrays, log
+from .data import Dataset, epoch_batches, shard_indices, steps_per_epoch
+from .metrics import MetricsWriter
+
+
+def _torch():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    return torch, nn, F
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+
+
+def init_like_keras(module):
+    """Glorot-uniform weights and zero biases (Keras' defaults): a faster start than torch's default
+    init for these small ReLU nets, and the same starting point for both backends' reference jobs."""
+    torch, nn, _ = _torch()
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+def build_cnn(image_shape, num_classes):
+    torch, nn, _ = _torch()
+    return init_like_keras(nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),        # 16 x H/2 x W/2
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),  # 32 x 4 x 4
+        nn.Flatten(), nn.Linear(32 * 16, 128), nn.ReLU(), nn.Linear(128, num_classes),
+    ))
+
+
+def build_rnn(image_shape, num_classes, hidden=64):
+    torch, nn, _ = _torch()
+
+    class GRUClassifier(nn.Module):
+        """Reads an image row by row: H time steps of W features; classifies from the last state."""
+
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(input_size=image_shape[1], hidden_size=hidden, batch_first=True)
+            self.head = nn.Linear(hidden, num_classes)
+
+        def forward(self, x):              # x: (B, 1, H, W) or (B, H, W)
+            if x.dim() == 4:
+                x = x[:, 0]
+            _, h = self.gru(x)
+            return self.head(h[-1])
+
+    return init_like_keras(GRUClassifier())
+
+
+def build_gan(image_dim, z_dim=32, hidden=128):
+    torch, nn, _ = _torch()
+    gen = nn.Sequential(nn.Linear(z_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
+                        nn.LeakyReLU(0.2), nn.Linear(hidden, image_dim), nn.Tanh())
+    disc = nn.Sequential(nn.Linear(image_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
+                         nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+    return init_like_keras(gen), init_like_keras(disc)
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed optimizer and byte accounting
+
+
+class DistOpt:
+    """A module's SGD wrapped by Horovod (none/fp16) or ranger_hvd (ranger), and its byte meter."""
+
+    def __init__(self, module, prefix: str, job: JobConfig):
+        torch, _, _ = _torch()
+        import horovod.torch as hvd
+
+        self.named = [(f"{prefix}{n}", p) for n, p in module.named_parameters() if p.requires_grad]
+        params = [p for _, p in self.named]
+        self.dense_bytes = sum(4 * p.numel() for p in params)
+        self.comp = None
+        sgd = torch.optim.SGD(params, lr=job.lr, momentum=job.optimizer_momentum)
+        if job.compression == "ranger":
+            from ranger_hvd.torch import DistributedOptimizer, RangerCompressor
+
+            self.comp = RangerCompressor(named_parameters=self.named, **job.ranger)
+            self.opt = DistributedOptimizer(sgd, named_parameters=self.named, compression=self.comp)
+        else:
+            fp16 = job.compression == "fp16"
+            compression = hvd.Compression.fp16 if fp16 else hvd.Compression.none
+            self.opt = hvd.DistributedOptimizer(sgd, named_parameters=self.named, compression=compression)
+            # What Horovod hands to allreduce: fp16 casts floating gradients to 2 bytes per element.
+            self.sent_per_step = sum(p.numel() * (2 if fp16 and p.is_floating_point() else p.element_size())
+                                     for p in params)
+        self.reset_baseline()
+
+    def _stat(self, key: str) -> int:
+        return int(self.comp.stats().get(key, 0))
+
+    def reset_baseline(self) -> None:
+        """Counts bytes from here on (training), not what set-up may have exchanged."""
+        self._base = self._last = self._stat("bytes_sent") if self.comp is not None else 0
+
+    def step_bytes(self) -> tuple[int, int]:
+        """(bytes_sent, bytes_dense) of the step just taken on this rank."""
+        if self.comp is None:
+            return self.sent_per_step, self.dense_bytes
+        now = self._stat("bytes_sent")
+        sent, self._last = now - self._last, now
+        return sent, self.dense_bytes
+
+    def total_sent(self) -> int | None:
+        return self._stat("bytes_sent") - self._base if self.comp is not None else None
+
+
+def _broadcast(hvd, modules, opts):
+    """Rank 0's parameters (and optimizer state, if any) to every rank.
+
+    A fresh optimizer has no state, and ``hvd.broadcast_optimizer_state`` would then run one
+    zero-gradient ``step()`` to create it, which through ranger_hvd's optimizer is a real exchange
+    (bytes counted, compressor step advanced); every rank starts with the same empty state anyway, so
+    the state is broadcast only when there is some.
+    """
+    for m in modules:
+        hvd.broadcast_parameters(m.state_dict(), root_rank=0)
+    for o in opts:
+        if any(len(s) for s in o.opt.state.values()):
+            hvd.broadcast_optimizer_state(o.opt, root_rank=0)
+    for o in opts:
+        o.reset_baseline()
+
+
+# --------------------------------------------------------------------------------------------------
+# the training loop
+
+
+def run(job: JobConfig, data: Dataset, run_dir) -> dict:
+    torch, nn, F = _torch()
+    import horovod.torch as hvd
+
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    torch.manual_seed(job.seed)
+    np.random.seed(job.seed + rank)
+
+    H, W = data.image_shape
+    tr = shard_indices(len(data.x_train), rank, size)
+    ev = shard_indices(len(data.x_eval), rank, size, equalize=False)
+    x_tr = torch.from_numpy(data.x_train[tr]).unsqueeze(1)            # (n, 1, H, W)
+    y_tr = torch.from_numpy(data.y_train[tr])
+    x_ev = torch.from_numpy(data.x_eval[ev]).unsqueeze(1)
+    y_ev = torch.from_numpy(data.y_eval[ev])
+    n_steps = steps_per_epoch(len(data.x_train), size, job.batch_size)
+
+    gan = job.model == "gan"
+    if gan:
+        gen, disc = build_gan(H * W)
+        modules = [gen, disc]
+        opts = [DistOpt(disc, "D.", job), DistOpt(gen, "G.", job)]
+        noise = torch.Generator().manual_seed(job.seed * 1000 + rank)   # each rank its own noise
+        z_dim = gen[0].in_features
+    else:
+        model = build_cnn((H, W), data.num_classes) if job.model == "cnn" else build_rnn((H, W), data.num_classes)
+        modules = [model]
+        opts = [DistOpt(model, "", job)]
+    _broadcast(hvd, modules, opts)
+
+    log(rank, f"torch {job.model} on {data.name}: {size} ranks, {len(tr)} train samples/rank, "
+              f"{n_steps} steps/epoch, compression={job.compression}"
+              + (f" {job.ranger}" if job.ranger else ""))
+
+    def classifier_step(xb, yb):
+        model.train()
+        opt = opts[0].opt
+        opt.zero_grad()
+        out = model(xb)
+        loss = F.cross_entropy(out, yb)
+        loss.backward()
+        opt.step()
+        acc = (out.argmax(1) == yb).float().mean().item()
+        return loss.item(), {"accuracy": acc}
+
+    bce = nn.BCEWithLogitsLoss()
+
+    def gan_step(xb, _yb):
+        opt_d, opt_g = opts[0].opt, opts[1].opt
+        real = xb.flatten(1) * 2 - 1
+        b = real.shape[0]
+        ones, zeros = torch.ones(b, 1), torch.zeros(b, 1)
+        # discriminator: real vs (detached) fake; only D's parameters get gradients
+        opt_d.zero_grad()
+        fake = gen(torch.randn(b, z_dim, generator=noise)).detach()
+        d_loss = bce(disc(real), ones) + bce(disc(fake), zeros)
+        d_loss.backward()
+        opt_d.step()
+        # generator: D frozen so its hooks do not fire and its gradients stay out of this step
+        for p in disc.parameters():
+            p.requires_grad_(False)
+        try:
+            opt_g.zero_grad()
+            g_loss = bce(disc(gen(torch.randn(b, z_dim, generator=noise))), ones)
+            g_loss.backward()
+            opt_g.step()
+        finally:
+            for p in disc.parameters():
+                p.requires_grad_(True)
+        d, g = d_loss.item(), g_loss.item()
+        return d + g, {"d_loss": d, "g_loss": g}
+
+    def evaluate(epoch_tag: str) -> dict:
+        """Held-out metrics over every rank's eval shard (one small allreduce of sums)."""
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            if gan:
+                real = x_ev.flatten(1) * 2 - 1
+                n = real.shape[0]
+                g = torch.Generator().manual_seed(777 + rank)
+                fake = gen(torch.randn(n, z_dim, generator=g))
+                dr, df = disc(real), disc(fake)
+                sums = torch.tensor([
+                    F.binary_cross_entropy_with_logits(dr, torch.ones_like(dr), reduction="sum")
+                    + F.binary_cross_entropy_with_logits(df, torch.zeros_like(df), reduction="sum"),
+                    F.binary_cross_entropy_with_logits(df, torch.ones_like(df), reduction="sum"),
+                    (dr > 0).sum(), (df < 0).sum(), n], dtype=torch.float64)
+            else:
+                out = model(x_ev)
+                sums = torch.tensor([F.cross_entropy(out, y_ev, reduction="sum").item(),
+                                     (out.argmax(1) == y_ev).sum().item(), len(y_ev)], dtype=torch.float64)
+        tot = hvd.allreduce(sums, op=hvd.Sum, name=f"ranger_hvd.jobs.eval.{epoch_tag}")
+        n = max(tot[-1].item(), 1.0)
+        if gan:
+            return {"eval_d_loss": tot[0].item() / n, "eval_g_loss": tot[1].item() / n,
+                    "eval_d_real_acc": tot[2].item() / n, "eval_d_fake_acc": tot[3].item() / n}
+        return {"eval_loss": tot[0].item() / n, "eval_accuracy": tot[1].item() / n}
+
+    train_step = gan_step if gan else classifier_step
+    writer = MetricsWriter(run_dir, enabled=(rank == 0))
+    step, epoch, total_dense, total_sent = 0, 0, 0, 0
+    train_time = 0.0
+    eval_metrics: dict = {}
+    done = False
+    try:
+        for epoch in range(job.epochs):
+            batches = list(epoch_batches(len(tr), job.batch_size, job.seed, epoch, rank))[:n_steps]
+            for i, idx in enumerate(batches):
+                idx_t = torch.from_numpy(idx)
+                t0 = time.perf_counter()
+                loss, metrics = train_step(x_tr[idx_t], y_tr[idx_t])
+                dt = time.perf_counter() - t0
+                train_time += dt
+                step += 1
+                sent = dense = 0
+                for o in opts:
+                    s, d = o.step_bytes()
+                    sent, dense = sent + s, dense + d
+                total_sent += sent
+                total_dense += dense
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch}); lower train.lr")
+                last_of_epoch = i == len(batches) - 1
+                done = job.max_steps is not None and step >= job.max_steps
+                if last_of_epoch or done:
+                    eval_metrics = evaluate(str(step))
+                    metrics = {**metrics, **eval_metrics}
+                if step % job.log_every == 0 or last_of_epoch or done:
+                    writer.step(step=step, epoch=epoch, loss=loss, metrics=metrics, bytes_sent=sent,
+                                bytes_dense=dense, step_time=dt)
+                if done:
+                    break
+            log(rank, f"epoch {epoch}: step {step} loss {loss:.4f} "
+                      + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+            if done:
+                break
+
+        # every rank's parameters, hashed and gathered: they must be identical after training
+        arrays = [p.detach().cpu().numpy() for m in modules for p in m.parameters()]
+        digest = digest_arrays(arrays)
+        digests = hvd.allgather_object(digest)
+        print(f"[ranger_hvd.jobs] rank {rank} param_digest {digest}", flush=True)
+        comp_totals = [o.total_sent() for o in opts]
+        if all(t is not None for t in comp_totals):
+            total_sent = sum(comp_totals)     # the compressor's own cumulative count
+        record = {
+            "steps": step, "epochs": epoch + 1, "train_time": round(train_time, 6),
+            "backend": "torch", "model": job.model, "dataset": data.name, "compression": job.compression,
+            "size": size, **eval_metrics, "metrics": dict(eval_metrics),
+            "bytes_sent_total": int(total_sent), "bytes_dense_total": int(total_dense),
+            "compression_ratio": (total_dense / total_sent) if total_sent else None,
+            "param_digest": digest, "param_digests": list(digests),
+            "params_identical": len(set(digests)) == 1,
+        }
+        writer.end(**record)
+        log(rank, "end: " + ", ".join(f"{k}={record[k]}" for k in
+                                      ("steps", *eval_metrics, "compression_ratio", "params_identical")))
+        return record
+    finally:
+        writer.close()

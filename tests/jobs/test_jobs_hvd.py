@@ -1,0 +1,146 @@
+"""The reference jobs under real ``horovodrun`` with 2 ranks (Gloo): one launch per check group."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ranger_hvd.jobs.metrics import read_metrics
+from tests.hvdrun import HOROVODRUN, REPO, worker_env
+
+pytestmark = pytest.mark.horovod
+
+STEP_KEYS = {"step", "epoch", "loss", "metrics", "bytes_sent", "bytes_dense", "step_time", "time"}
+
+
+def _horovodrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"horovodrun failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _run_many(tmp_path: Path, configs: dict[str, dict]) -> dict[str, list[dict]]:
+    jobs = [{"config": cfg, "run_dir": str(tmp_path / name)} for name, cfg in configs.items()]
+    spec = tmp_path / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    _horovodrun([str(REPO / "tests" / "jobs" / "multi_worker.py"), str(spec)])
+    return {name: read_metrics(tmp_path / name / "metrics.jsonl") for name in configs}
+
+
+def _split(lines):
+    steps = [ln for ln in lines if "event" not in ln]
+    ends = [ln for ln in lines if ln.get("event") == "end"]
+    assert len(ends) == 1 and lines[-1] is ends[0], "exactly one end line, written last"
+    return steps, ends[0]
+
+
+def _common_checks(lines, n_params_identical=True):
+    steps, end = _split(lines)
+    assert steps, "no step lines"
+    for ln in steps:
+        assert set(ln) == STEP_KEYS, ln
+        assert ln["bytes_dense"] > 0 and ln["bytes_sent"] >= 0 and ln["step_time"] > 0
+    assert all(b["step"] > a["step"] for a, b in zip(steps, steps[1:]))
+    assert all(b["time"] >= a["time"] for a, b in zip(steps, steps[1:]))
+    assert end["size"] == 2 and end["steps"] == steps[-1]["step"]
+    assert len(end["param_digests"]) == 2
+    if n_params_identical:
+        assert end["params_identical"] is True and len(set(end["param_digests"])) == 1, end["param_digests"]
+    return steps, end
+
+
+def _cfg(backend, model, ctype="none", dataset="synthetic", **train):
+    comp = {"type": ctype}
+    if ctype == "ranger":
+        # the GAN keeps the optimizer's (lower) momentum: compressor momentum 0 (plain error feedback)
+        comp.update(density=0.01 if model != "gan" else 0.05, momentum=0.9 if model != "gan" else 0.0)
+    return {"job": {"name": f"{backend}-{model}", "backend": backend, "model": model},
+            "data": {"dataset": dataset}, "compression": comp,
+            "train": {"epochs": 1, "batch_size": 32, "lr": 0.05, "seed": 0, **train},
+            "cluster": {"np": 2, "hosts": ["localhost:2"]}, "output": {"dir": "runs"}}
+
+
+def test_default_torch_cnn_on_digits_with_ranger(tmp_path):
+    """The README's main job: torch CNN, digits, ranger d=0.01 m=0.9, 2 ranks, via the entry point."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = {"job": {"name": "cnn-digits", "backend": "torch", "model": "cnn"}, "data": {"dataset": "digits"},
+           "train": {"epochs": 5, "batch_size": 64, "lr": 0.05, "seed": 0},
+           "compression": {"type": "ranger", "density": 0.01, "momentum": 0.9},
+           "cluster": {"np": 2, "hosts": ["localhost:2"], "controller": "gloo"},
+           "horovod": {"fusion_threshold_mb": 64}, "output": {"dir": str(tmp_path)}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = _horovodrun(["-m", "ranger_hvd.jobs", "--config", str(run_dir / "config.yaml"),
+                        "--run-dir", str(run_dir)])
+    steps, end = _common_checks(read_metrics(run_dir / "metrics.jsonl"))
+
+    # every rank printed the same digest as the one gathered to rank 0
+    out = proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert f"rank {rank} param_digest {end['param_digest']}" in out
+
+    assert len(steps) == 5 * 11 and end["epochs"] == 5            # 1438 // 2 // 64 = 11 steps per epoch
+    assert {ln["epoch"] for ln in steps} == set(range(5))
+    first = sum(ln["loss"] for ln in steps[:5]) / 5
+    last = sum(ln["loss"] for ln in steps[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    assert end["eval_accuracy"] > 0.6, end                         # chance is 0.1
+    assert end["metrics"]["eval_accuracy"] == end["eval_accuracy"]
+    assert "eval_accuracy" in steps[10]["metrics"] and "accuracy" in steps[0]["metrics"]
+    # sparse: far fewer bytes than dense, and the totals add up
+    assert end["bytes_sent_total"] == sum(ln["bytes_sent"] for ln in steps)
+    assert end["bytes_dense_total"] == sum(ln["bytes_dense"] for ln in steps)
+    assert all(ln["bytes_dense"] == steps[0]["bytes_dense"] for ln in steps)
+    # fixed density, no warm-up: the same k every step, set-up exchanged nothing that is counted
+    assert all(ln["bytes_sent"] == steps[0]["bytes_sent"] for ln in steps)
+    assert end["compression_ratio"] > 5, end
+
+
+def test_torch_rnn_gan_and_fp16(tmp_path):
+    res = _run_many(tmp_path, {
+        "rnn": _cfg("torch", "rnn", "ranger", max_steps=12),
+        "gan": _cfg("torch", "gan", "ranger", dataset="digits", momentum=0.5, max_steps=8),
+        "fp16": _cfg("torch", "cnn", "fp16", max_steps=6, log_every=4),
+    })
+    steps, end = _common_checks(res["rnn"])
+    assert [ln["step"] for ln in steps] == list(range(1, 13)) and end["steps"] == 12 and "eval_accuracy" in end
+    assert sum(ln["bytes_sent"] for ln in steps) < sum(ln["bytes_dense"] for ln in steps)
+
+    steps, end = _common_checks(res["gan"])                       # two compressors, D and G
+    for ln in steps:
+        assert set(ln["metrics"]) >= {"d_loss", "g_loss"}
+        assert ln["loss"] == pytest.approx(ln["metrics"]["d_loss"] + ln["metrics"]["g_loss"], rel=1e-5)
+        assert 0 < ln["bytes_sent"] < ln["bytes_dense"]
+    assert {"eval_d_loss", "eval_g_loss", "eval_d_real_acc", "eval_d_fake_acc"} <= set(end)
+
+    steps, end = _common_checks(res["fp16"])
+    assert [ln["step"] for ln in steps] == [4, 6]                  # log_every=4, plus the last step
+    for ln in steps:
+        assert 2 * ln["bytes_sent"] == ln["bytes_dense"]           # fp16: half of fp32
+
+
+def test_tensorflow_cnn_rnn_gan(tmp_path):
+    res = _run_many(tmp_path, {
+        "cnn": _cfg("tensorflow", "cnn", "ranger", dataset="digits", epochs=2),
+        "rnn": _cfg("tensorflow", "rnn", "fp16", max_steps=6),
+        "gan": _cfg("tensorflow", "gan", "ranger", dataset="digits", momentum=0.5, max_steps=6),
+    })
+    steps, end = _common_checks(res["cnn"])
+    assert end["backend"] == "tensorflow" and end["epochs"] == 2
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert end["eval_accuracy"] > 0.3, end
+    assert end["compression_ratio"] > 2, end
+
+    steps, end = _common_checks(res["rnn"])
+    assert all(2 * ln["bytes_sent"] == ln["bytes_dense"] for ln in steps)
+    steps, end = _common_checks(res["gan"])                       # two compressors, two tapes
+    assert all(set(ln["metrics"]) >= {"d_loss", "g_loss"} for ln in steps)
+    assert all(0 < ln["bytes_sent"] < ln["bytes_dense"] for ln in steps)
