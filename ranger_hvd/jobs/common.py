@@ -145,3 +145,109 @@ def set_tf_threads_from_env() -> int:
 def log(rank: int, msg: str) -> None:
     if rank == 0:
         print(f"[ranger_hvd.jobs] {msg}", flush=True)
+
+
+class ByteMeter:
+    """Bytes one rank hands to collectives per step, for one optimizer or tape.
+
+    With a Ranger compressor (``self.comp``) they are read from its cumulative ``stats()``; otherwise
+    every step hands over the fixed ``self.sent_per_step`` (what none/fp16 allreduce). Subclasses set
+    ``comp``, ``sent_per_step`` and ``dense_bytes`` (4 * numel: the fp32 baseline), then call
+    ``reset_baseline()``.
+    """
+
+    comp = None
+    sent_per_step = 0
+    dense_bytes = 0
+
+    def _stat(self, key: str) -> int:
+        return int(self.comp.stats().get(key, 0))
+
+    def reset_baseline(self) -> None:
+        """Counts bytes from here on (training), not what set-up may have exchanged."""
+        self._base = self._last = self._stat("bytes_sent") if self.comp is not None else 0
+
+    def step_bytes(self) -> tuple[int, int]:
+        """(bytes_sent, bytes_dense) of the step just taken on this rank."""
+        if self.comp is None:
+            return self.sent_per_step, self.dense_bytes
+        now = self._stat("bytes_sent")
+        sent, self._last = now - self._last, now
+        return sent, self.dense_bytes
+
+    def total_sent(self) -> int | None:
+        return self._stat("bytes_sent") - self._base if self.comp is not None else None
+
+
+def train_loop(job: JobConfig, *, backend: str, dataset: str, rank: int, size: int, n_train: int,
+               n_steps: int, step_fn, meters, evaluate, param_arrays, allgather_object, run_dir) -> dict:
+    """The epochs, metrics lines and end record shared by both backends.
+
+    ``step_fn(indices) -> (loss, {metric: value})`` runs one optimizer step on this rank's samples at
+    ``indices`` and returns plain floats; ``evaluate(tag)`` the held-out metrics over all ranks;
+    ``param_arrays()`` every parameter as an array, to check that all ranks hold the same model.
+    """
+    import time
+
+    from .data import epoch_batches
+    from .metrics import MetricsWriter
+
+    writer = MetricsWriter(run_dir, enabled=(rank == 0))
+    step, epoch, total_dense, total_sent = 0, 0, 0, 0
+    train_time, loss = 0.0, float("nan")
+    eval_metrics: dict = {}
+    done = False
+    try:
+        for epoch in range(job.epochs):
+            batches = list(epoch_batches(n_train, job.batch_size, job.seed, epoch, rank))[:n_steps]
+            for i, idx in enumerate(batches):
+                t0 = time.perf_counter()
+                loss, metrics = step_fn(idx)
+                dt = time.perf_counter() - t0
+                train_time += dt
+                step += 1
+                sent = dense = 0
+                for meter in meters:
+                    s, d = meter.step_bytes()
+                    sent, dense = sent + s, dense + d
+                total_sent += sent
+                total_dense += dense
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch}); lower train.lr")
+                last_of_epoch = i == len(batches) - 1
+                done = job.max_steps is not None and step >= job.max_steps
+                if last_of_epoch or done:
+                    eval_metrics = evaluate(str(step))
+                    metrics = {**metrics, **eval_metrics}
+                if step % job.log_every == 0 or last_of_epoch or done:
+                    writer.step(step=step, epoch=epoch, loss=loss, metrics=metrics, bytes_sent=sent,
+                                bytes_dense=dense, step_time=dt)
+                if done:
+                    break
+            log(rank, f"epoch {epoch}: step {step} loss {loss:.4f} "
+                      + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+            if done:
+                break
+
+        # every rank's parameters, hashed and gathered: they must be identical after training
+        digest = digest_arrays(param_arrays())
+        digests = allgather_object(digest)
+        print(f"[ranger_hvd.jobs] rank {rank} param_digest {digest}", flush=True)
+        comp_totals = [m.total_sent() for m in meters]
+        if all(t is not None for t in comp_totals):
+            total_sent = sum(comp_totals)     # the compressors' own cumulative count
+        record = {
+            "steps": step, "epochs": epoch + 1, "train_time": round(train_time, 6),
+            "backend": backend, "model": job.model, "dataset": dataset, "compression": job.compression,
+            "size": size, **eval_metrics, "metrics": dict(eval_metrics),
+            "bytes_sent_total": int(total_sent), "bytes_dense_total": int(total_dense),
+            "compression_ratio": (total_dense / total_sent) if total_sent else None,
+            "param_digest": digest, "param_digests": list(digests),
+            "params_identical": len(set(digests)) == 1,
+        }
+        writer.end(**record)
+        log(rank, "end: " + ", ".join(f"{k}={record[k]}" for k in
+                                      ("steps", *eval_metrics, "compression_ratio", "params_identical")))
+        return record
+    finally:
+        writer.close()

@@ -9,13 +9,11 @@ which Keras 3 variables lack, so for ``none``/``fp16`` the gradients are allredu
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 
-from .common import JobConfig, digest_arrays, log, set_tf_threads_from_env
-from .data import Dataset, epoch_batches, shard_indices, steps_per_epoch
-from .metrics import MetricsWriter
+from .common import ByteMeter, JobConfig, log, set_tf_threads_from_env, train_loop
+from .data import Dataset, shard_indices, steps_per_epoch
 
 
 def _import_tf():
@@ -72,7 +70,7 @@ def build_gan(keras, image_dim, z_dim=32, hidden=128):
 # gradient exchange and byte accounting
 
 
-class GradExchange:
+class GradExchange(ByteMeter):
     """One network's gradient exchange (none/fp16: grouped allreduce; ranger: the ranger tape)."""
 
     def __init__(self, tf, hvd, variables, job: JobConfig, name: str):
@@ -103,22 +101,6 @@ class GradExchange:
         if self.hvd.size() == 1:
             return grads
         return self.hvd.grouped_allreduce(grads, op=self.hvd.Average, compression=self.compression)
-
-    def _stat(self, key: str) -> int:
-        return int(self.comp.stats().get(key, 0))
-
-    def reset_baseline(self) -> None:
-        self._base = self._last = self._stat("bytes_sent") if self.comp is not None else 0
-
-    def step_bytes(self) -> tuple[int, int]:
-        if self.comp is None:
-            return self.sent_per_step, self.dense_bytes
-        now = self._stat("bytes_sent")
-        sent, self._last = now - self._last, now
-        return sent, self.dense_bytes
-
-    def total_sent(self) -> int | None:
-        return self._stat("bytes_sent") - self._base if self.comp is not None else None
 
 
 def broadcast_weights(tf, hvd, variables, tag: str) -> None:
@@ -230,65 +212,12 @@ def run(job: JobConfig, data: Dataset, run_dir) -> dict:
                     "eval_d_real_acc": tot[2] / n, "eval_d_fake_acc": tot[3] / n}
         return {"eval_loss": tot[0] / n, "eval_accuracy": tot[1] / n}
 
-    writer = MetricsWriter(run_dir, enabled=(rank == 0))
-    step, epoch, total_dense, total_sent = 0, 0, 0, 0
-    train_time = 0.0
-    eval_metrics: dict = {}
-    done = False
-    try:
-        for epoch in range(job.epochs):
-            batches = list(epoch_batches(len(tr), job.batch_size, job.seed, epoch, rank))[:n_steps]
-            for i, idx in enumerate(batches):
-                xb, yb = tf.constant(x_tr[idx]), tf.constant(y_tr[idx])
-                t0 = time.perf_counter()
-                loss_t, metrics_t = train_step(xb, yb)
-                loss = float(loss_t)                      # waits for the step to finish
-                dt = time.perf_counter() - t0
-                metrics = {k: float(v) for k, v in metrics_t.items()}
-                train_time += dt
-                step += 1
-                sent = dense = 0
-                for x in exchanges:
-                    s, d = x.step_bytes()
-                    sent, dense = sent + s, dense + d
-                total_sent += sent
-                total_dense += dense
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch}); lower train.lr")
-                last_of_epoch = i == len(batches) - 1
-                done = job.max_steps is not None and step >= job.max_steps
-                if last_of_epoch or done:
-                    eval_metrics = evaluate(str(step))
-                    metrics = {**metrics, **eval_metrics}
-                if step % job.log_every == 0 or last_of_epoch or done:
-                    writer.step(step=step, epoch=epoch, loss=loss, metrics=metrics, bytes_sent=sent,
-                                bytes_dense=dense, step_time=dt)
-                if done:
-                    break
-            log(rank, f"epoch {epoch}: step {step} loss {loss:.4f} "
-                      + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-            if done:
-                break
 
-        arrays = [np.asarray(v) for net in nets for v in net.weights]
-        digest = digest_arrays(arrays)
-        digests = hvd.allgather_object(digest)
-        print(f"[ranger_hvd.jobs] rank {rank} param_digest {digest}", flush=True)
-        comp_totals = [x.total_sent() for x in exchanges]
-        if all(t is not None for t in comp_totals):
-            total_sent = sum(comp_totals)
-        record = {
-            "steps": step, "epochs": epoch + 1, "train_time": round(train_time, 6),
-            "backend": "tensorflow", "model": job.model, "dataset": data.name,
-            "compression": job.compression, "size": size, **eval_metrics, "metrics": dict(eval_metrics),
-            "bytes_sent_total": int(total_sent), "bytes_dense_total": int(total_dense),
-            "compression_ratio": (total_dense / total_sent) if total_sent else None,
-            "param_digest": digest, "param_digests": list(digests),
-            "params_identical": len(set(digests)) == 1,
-        }
-        writer.end(**record)
-        log(rank, "end: " + ", ".join(f"{k}={record[k]}" for k in
-                                      ("steps", *eval_metrics, "compression_ratio", "params_identical")))
-        return record
-    finally:
-        writer.close()
+    def step_fn(idx):
+        loss_t, metrics_t = train_step(tf.constant(x_tr[idx]), tf.constant(y_tr[idx]))
+        return float(loss_t), {k: float(v) for k, v in metrics_t.items()}   # float() waits for the step
+
+    return train_loop(job, backend="tensorflow", dataset=data.name, rank=rank, size=size, n_train=len(tr),
+                      n_steps=n_steps, step_fn=step_fn, meters=exchanges, evaluate=evaluate,
+                      param_arrays=lambda: [np.asarray(v) for net in nets for v in net.weights],
+                      allgather_object=hvd.allgather_object, run_dir=run_dir)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
-from .common import JobConfig, digest_arrays, log
-from .data import Dataset, epoch_batches, shard_indices, steps_per_epoch
-from .metrics import MetricsWriter
+from .common import ByteMeter, JobConfig, log, train_loop
+from .data import Dataset, shard_indices, steps_per_epoch
 
 
 def _torch():
@@ -77,7 +75,7 @@ def build_gan(image_dim, z_dim=32, hidden=128):
 # distributed optimizer and byte accounting
 
 
-class DistOpt:
+class DistOpt(ByteMeter):
     """A module's SGD wrapped by Horovod (none/fp16) or ranger_hvd (ranger), and its byte meter."""
 
     def __init__(self, module, prefix: str, job: JobConfig):
@@ -102,24 +100,6 @@ class DistOpt:
             self.sent_per_step = sum(p.numel() * (2 if fp16 and p.is_floating_point() else p.element_size())
                                      for p in params)
         self.reset_baseline()
-
-    def _stat(self, key: str) -> int:
-        return int(self.comp.stats().get(key, 0))
-
-    def reset_baseline(self) -> None:
-        """Counts bytes from here on (training), not what set-up may have exchanged."""
-        self._base = self._last = self._stat("bytes_sent") if self.comp is not None else 0
-
-    def step_bytes(self) -> tuple[int, int]:
-        """(bytes_sent, bytes_dense) of the step just taken on this rank."""
-        if self.comp is None:
-            return self.sent_per_step, self.dense_bytes
-        now = self._stat("bytes_sent")
-        sent, self._last = now - self._last, now
-        return sent, self.dense_bytes
-
-    def total_sent(self) -> int | None:
-        return self._stat("bytes_sent") - self._base if self.comp is not None else None
 
 
 def _broadcast(hvd, modules, opts):
@@ -244,64 +224,12 @@ def run(job: JobConfig, data: Dataset, run_dir) -> dict:
         return {"eval_loss": tot[0].item() / n, "eval_accuracy": tot[1].item() / n}
 
     train_step = gan_step if gan else classifier_step
-    writer = MetricsWriter(run_dir, enabled=(rank == 0))
-    step, epoch, total_dense, total_sent = 0, 0, 0, 0
-    train_time = 0.0
-    eval_metrics: dict = {}
-    done = False
-    try:
-        for epoch in range(job.epochs):
-            batches = list(epoch_batches(len(tr), job.batch_size, job.seed, epoch, rank))[:n_steps]
-            for i, idx in enumerate(batches):
-                idx_t = torch.from_numpy(idx)
-                t0 = time.perf_counter()
-                loss, metrics = train_step(x_tr[idx_t], y_tr[idx_t])
-                dt = time.perf_counter() - t0
-                train_time += dt
-                step += 1
-                sent = dense = 0
-                for o in opts:
-                    s, d = o.step_bytes()
-                    sent, dense = sent + s, dense + d
-                total_sent += sent
-                total_dense += dense
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch}); lower train.lr")
-                last_of_epoch = i == len(batches) - 1
-                done = job.max_steps is not None and step >= job.max_steps
-                if last_of_epoch or done:
-                    eval_metrics = evaluate(str(step))
-                    metrics = {**metrics, **eval_metrics}
-                if step % job.log_every == 0 or last_of_epoch or done:
-                    writer.step(step=step, epoch=epoch, loss=loss, metrics=metrics, bytes_sent=sent,
-                                bytes_dense=dense, step_time=dt)
-                if done:
-                    break
-            log(rank, f"epoch {epoch}: step {step} loss {loss:.4f} "
-                      + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-            if done:
-                break
 
-        # every rank's parameters, hashed and gathered: they must be identical after training
-        arrays = [p.detach().cpu().numpy() for m in modules for p in m.parameters()]
-        digest = digest_arrays(arrays)
-        digests = hvd.allgather_object(digest)
-        print(f"[ranger_hvd.jobs] rank {rank} param_digest {digest}", flush=True)
-        comp_totals = [o.total_sent() for o in opts]
-        if all(t is not None for t in comp_totals):
-            total_sent = sum(comp_totals)     # the compressor's own cumulative count
-        record = {
-            "steps": step, "epochs": epoch + 1, "train_time": round(train_time, 6),
-            "backend": "torch", "model": job.model, "dataset": data.name, "compression": job.compression,
-            "size": size, **eval_metrics, "metrics": dict(eval_metrics),
-            "bytes_sent_total": int(total_sent), "bytes_dense_total": int(total_dense),
-            "compression_ratio": (total_dense / total_sent) if total_sent else None,
-            "param_digest": digest, "param_digests": list(digests),
-            "params_identical": len(set(digests)) == 1,
-        }
-        writer.end(**record)
-        log(rank, "end: " + ", ".join(f"{k}={record[k]}" for k in
-                                      ("steps", *eval_metrics, "compression_ratio", "params_identical")))
-        return record
-    finally:
-        writer.close()
+    def step_fn(idx):
+        idx_t = torch.from_numpy(idx)
+        return train_step(x_tr[idx_t], y_tr[idx_t])
+
+    return train_loop(job, backend="torch", dataset=data.name, rank=rank, size=size, n_train=len(tr),
+                      n_steps=n_steps, step_fn=step_fn, meters=opts, evaluate=evaluate,
+                      param_arrays=lambda: [p.detach().cpu().numpy() for m in modules for p in m.parameters()],
+                      allgather_object=hvd.allgather_object, run_dir=run_dir)

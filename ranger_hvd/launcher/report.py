@@ -205,7 +205,7 @@ def plot(runs: list[Run], out_dir: Path) -> list[Path]:
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
             fig.tight_layout()
-            path = out_dir / (f"bytes_per_step.png" if name == "bytes_sent" else f"{safe}_vs_{suffix}.png")
+            path = out_dir / ("bytes_per_step.png" if name == "bytes_sent" else f"{safe}_vs_{suffix}.png")
             fig.savefig(path)
             plt.close(fig)
             written.append(path)
