@@ -1,20 +1,26 @@
 """Choosing which entries of a flattened TensorFlow tensor to send.
 
 ``topk_indices`` returns exactly the set of ``ranger_hvd.core.reference.select``: the k largest
-magnitudes, ties going to the lower index, as ascending int32. It relies on one documented property of
-``tf.math.top_k``: among equal values the lower index comes first (the tests check it against the
-reference, ties included). For large tensors it first narrows the search, as DGC does:
+magnitudes, ties going to the lower index, as ascending int32. For large tensors it narrows the search
+first, as DGC does, touching the full tensor only with read-only reductions:
 
 1. estimate a threshold from a strided sample of about ``sample_fraction * n`` magnitudes, aiming a
-   little low so that enough entries pass it;
-2. candidates = every index whose magnitude reaches the estimate (``tf.where`` lists them ascending);
-3. if at least k passed, the true k-th largest magnitude is at or above the estimate, so the whole
-   top-k set (ties included) lies among the candidates, and an exact ``top_k`` over the candidates
-   (kept in ascending index order, so ties still go to the lower index) gives the same set;
-4. otherwise fall back to an exact ``top_k`` over the whole tensor.
+   little low (by about three standard deviations of the count) so that enough entries pass it;
+2. candidates = every index whose magnitude reaches the estimate. The tensor is viewed as B rows of
+   n // B entries; a column max and a column min (two streaming reads, no full-size temporaries)
+   tell which columns hold a candidate, and only those columns are gathered and tested. Listing the
+   gathered [B, columns] block row by row gives the candidates in ascending index order;
+3. if fewer than k passed, the estimate is lowered once, then the whole tensor is searched exactly;
+4. the k-th largest candidate magnitude t (one unsorted ``top_k``) is the global one, because every
+   entry at or above the estimate is a candidate and at least k of them are;
+5. keep everything above t and, of the entries equal to t, the lowest-indexed ones (a running count
+   over the ``== t`` mask), so the set never depends on how ties happen to be ordered.
+
+The exact path (small tensors, dense selections, failed estimates) relies on one documented property
+of ``tf.math.top_k``: among equal values the lower index comes first.
 
 ``random_k_indices`` serves Horovod's own tape, which sums compressed tensors elementwise: every rank
-must pick the same coordinates with no message, so they come from a stateless generator whose seed is
+must pick the same coordinates with no message, so they come from stateless draws whose seed is
 derived from ``core.random_k_seed`` and the tensor's step counter.
 
 k may be a Python int or a scalar int tensor (density warm-up changes it from step to step).
@@ -26,13 +32,61 @@ import tensorflow as tf
 
 # Below this size one exact top_k is cheaper than sampling and its bookkeeping.
 SAMPLING_MIN_NUMEL = 1 << 14
-# Aim the estimate at a rank this much above the expected one so one pass usually yields k candidates.
-_SAMPLE_MARGIN = 1.5
-_SAMPLE_SLACK = 4
+# The estimate aims at sample rank a * r + b * sqrt(r) + c (r: the expected rank of the true
+# threshold); the second try casts a much wider net. Same constants as the PyTorch backend.
+_SAMPLE_TRIES = ((1.0, 3.0, 4), (2.0, 8.0, 32))
+# Rows of the column view. Fewer rows light up fewer columns (less to gather, one element at a
+# time) but make the column reductions write more; 8 was fastest on one CPU thread at densities
+# 0.01 and 0.001 (4, 16 and 32 rows, and contiguous rows of 8 to 32 entries, were slower).
+_ROWS = 8
 
 
-def _exact(mag: tf.Tensor, k) -> tf.Tensor:
-    return tf.math.top_k(mag, k=k, sorted=True).indices
+def _magnitudes(x: tf.Tensor) -> tf.Tensor:
+    # fp16/bf16 -> fp32 is exact, so the order is unchanged; float64 stays float64.
+    return tf.abs(x if x.dtype in (tf.float32, tf.float64) else tf.cast(x, tf.float32))
+
+
+def _exact(flat: tf.Tensor, k) -> tf.Tensor:
+    """The exact selection over the whole tensor (top_k puts the lower index first among ties)."""
+    chosen = tf.math.top_k(_magnitudes(flat), k=k, sorted=True).indices
+    return tf.sort(tf.cast(chosen, tf.int32))
+
+
+def _candidates(flat: tf.Tensor, estimate: tf.Tensor):
+    """(positions, magnitudes) of every entry with |flat| >= estimate, positions ascending int32."""
+    n = int(flat.shape[0])
+    m = n // _ROWS
+    body = flat if m * _ROWS == n else flat[:m * _ROWS]
+    grid = tf.reshape(body, [_ROWS, m])  # entry (i, j) is flat[i * m + j]
+    e = tf.cast(estimate, flat.dtype)    # exact: the estimate is the magnitude of an entry of flat
+    hot = (tf.reduce_max(grid, axis=0) >= e) | (tf.reduce_min(grid, axis=0) <= -e)
+    cols = tf.cast(tf.where(hot)[:, 0], tf.int32)
+    block = _magnitudes(tf.gather(grid, cols, axis=1))  # [rows, hot columns]
+    keep = block >= estimate
+    pos = tf.range(_ROWS, dtype=tf.int32)[:, None] * m + cols[None, :]
+    # Row-major order of the block is ascending position: row i covers [i * m, (i + 1) * m).
+    positions, mags = tf.boolean_mask(pos, keep), tf.boolean_mask(block, keep)
+    if m * _ROWS < n:  # the last n % rows entries, after every row
+        tail = _magnitudes(flat[m * _ROWS:])
+        tail_keep = tail >= estimate
+        tail_pos = tf.range(m * _ROWS, n, dtype=tf.int32)
+        positions = tf.concat([positions, tf.boolean_mask(tail_pos, tail_keep)], 0)
+        mags = tf.concat([mags, tf.boolean_mask(tail, tail_keep)], 0)
+    return positions, mags
+
+
+def _keep_k_lowest_ties(positions: tf.Tensor, mags: tf.Tensor, k) -> tf.Tensor:
+    """The positions of the k largest ``mags``, ties at the k-th value going to lower positions.
+
+    ``positions`` are ascending and hold at least k entries.
+    """
+    # The k-th largest value; an unsorted top_k is a selection, several times cheaper than a sort.
+    t = tf.reduce_min(tf.math.top_k(mags, k=k, sorted=False).values)
+    above = mags > t
+    ties = mags == t
+    need = tf.cast(k, tf.int32) - tf.reduce_sum(tf.cast(above, tf.int32))
+    keep = above | (ties & (tf.cumsum(tf.cast(ties, tf.int32)) <= need))
+    return tf.boolean_mask(positions, keep)
 
 
 def topk_indices(flat: tf.Tensor, k, sample_fraction: float = 0.01) -> tf.Tensor:
@@ -41,32 +95,34 @@ def topk_indices(flat: tf.Tensor, k, sample_fraction: float = 0.01) -> tf.Tensor
     ``flat`` is 1-D with a static length and holds no NaN (callers check finiteness first).
     """
     n = int(flat.shape[0])
-    # Magnitudes in float32 at least: fp16/bf16 -> fp32 is exact, so the order is unchanged.
-    mag = tf.abs(flat if flat.dtype in (tf.float32, tf.float64) else tf.cast(flat, tf.float32))
     static_k = k if isinstance(k, int) else None
     if static_k is not None and static_k >= n:
         return tf.range(n, dtype=tf.int32)
     stride = max(1, int(round(1.0 / sample_fraction)))
     sampled = n >= SAMPLING_MIN_NUMEL and stride > 1 and (static_k is None or static_k * 4 <= n)
     if not sampled:
-        chosen = _exact(mag, k)
-    else:
-        k_t = tf.convert_to_tensor(k, dtype=tf.int32)
-        sample = mag[::stride]
-        m = int(sample.shape[0])
-        # Rank of the true threshold inside the sample, widened by a margin and a constant slack.
-        expected = tf.cast(k_t, tf.float64) * (m / n)
-        rank = tf.cast(tf.math.ceil(expected * _SAMPLE_MARGIN), tf.int32) + _SAMPLE_SLACK
+        return _exact(flat, k)
+    k_t = tf.convert_to_tensor(k, dtype=tf.int32)
+    # Every stride-th entry; a column of a [n // stride, stride] view is cheaper than a strided slice.
+    m = max(1, n // stride)  # a stride beyond n still samples the first entry
+    stride = min(stride, n)
+    body = flat if m * stride == n else flat[:m * stride]
+    sample = _magnitudes(tf.reshape(body, [m, stride])[:, 0])
+    expected = tf.cast(k_t, tf.float64) * (m / n)  # rank of the true threshold inside the sample
+
+    def attempt(tries):
+        if not tries:
+            return _exact(flat, k_t)
+        (a, b, c), rest = tries[0], tries[1:]
+        rank = tf.cast(tf.math.ceil(a * expected + b * tf.sqrt(expected)), tf.int32) + c
         rank = tf.minimum(rank, m)
         estimate = tf.reduce_min(tf.math.top_k(sample, k=rank, sorted=False).values)
-        candidates = tf.cast(tf.where(mag >= estimate)[:, 0], tf.int32)  # ascending
+        positions, mags = _candidates(flat, estimate)
+        return tf.cond(tf.size(positions) >= k_t,
+                       lambda: _keep_k_lowest_ties(positions, mags, k_t),
+                       lambda: attempt(rest))
 
-        def among_candidates():
-            pos = tf.math.top_k(tf.gather(mag, candidates), k=k_t, sorted=True).indices
-            return tf.gather(candidates, pos)
-
-        chosen = tf.cond(tf.size(candidates) >= k_t, among_candidates, lambda: _exact(mag, k_t))
-    return tf.sort(tf.cast(chosen, tf.int32))
+    return attempt(_SAMPLE_TRIES)
 
 
 def seed_pair(base_seed: int, step) -> tf.Tensor:
@@ -74,17 +130,44 @@ def seed_pair(base_seed: int, step) -> tf.Tensor:
     return tf.stack([tf.constant(base_seed & 0x7FFFFFFF, tf.int64), tf.cast(step, tf.int64)])
 
 
-def random_k_indices(n: int, k, seed: tf.Tensor) -> tf.Tensor:
-    """k distinct indices in [0, n), ascending int32, a pure function of (n, k, seed).
-
-    The k smallest of n stateless uniform draws form a uniformly random k-subset; every rank computes
-    the same draws from the same seed, so all ranks pick the same coordinates.
-    """
-    if isinstance(k, int) and k >= n:
-        return tf.range(n, dtype=tf.int32)
+def _random_k_dense(n: int, k, seed: tf.Tensor) -> tf.Tensor:
+    # The k smallest of n uniform draws: a uniform k-subset, at the cost of a pass over n.
     draws = tf.random.stateless_uniform([n], seed=seed, dtype=tf.float32)
     chosen = tf.math.top_k(-draws, k=k, sorted=False).indices
     return tf.sort(tf.cast(chosen, tf.int32))
+
+
+def _random_k_sparse(n: int, k, seed: tf.Tensor) -> tf.Tensor:
+    """The first k distinct values of a stream of uniform draws in [0, n): sampling without
+    replacement, so a uniform k-subset, at a cost of O(k) instead of O(n)."""
+    k_t = tf.convert_to_tensor(k, tf.int32)
+    # About k^2 / 2n draws repeat an earlier one; draw twice that plus six standard deviations and
+    # a constant, so that running short (then the dense method decides) practically never happens.
+    repeats = tf.cast(k_t, tf.float64) ** 2 / n
+    extra = tf.cast(tf.math.ceil(repeats + 6.0 * tf.sqrt(repeats)), tf.int32) + 16
+    # int64 draws: the modulo bias of mapping 64 random bits to [0, n) is negligible.
+    draws = tf.random.stateless_uniform(tf.reshape(k_t + extra, [1]), seed=seed, minval=0,
+                                        maxval=n, dtype=tf.int64)
+    distinct = tf.unique(draws).y  # first occurrences, in draw order
+    return tf.cond(tf.size(distinct) >= k_t,
+                   lambda: tf.sort(tf.cast(distinct[:k_t], tf.int32)),
+                   lambda: _random_k_dense(n, k_t, seed))
+
+
+def random_k_indices(n: int, k, seed: tf.Tensor) -> tf.Tensor:
+    """k distinct indices in [0, n), ascending int32, a pure function of (n, k, seed).
+
+    Every rank computes the same draws from the same seed, so all ranks pick the same coordinates.
+    Sparse selections draw indices directly; dense ones (k >= n / 8) take the k smallest of n
+    uniform draws.
+    """
+    if isinstance(k, int):
+        if k >= n:
+            return tf.range(n, dtype=tf.int32)
+        return (_random_k_dense if k * 8 >= n else _random_k_sparse)(n, k, seed)
+    k_t = tf.convert_to_tensor(k, tf.int32)
+    return tf.cond(k_t * 8 >= n, lambda: _random_k_dense(n, k_t, seed),
+                   lambda: _random_k_sparse(n, k_t, seed))
 
 
 def k_schedule(numel: int, options) -> list[int]:

@@ -42,12 +42,35 @@ def test_selection_of_half_precision_and_sampling_fallback():
     np.testing.assert_array_equal(topk_indices(tf.constant(y), 40).numpy(), select(y, 40))
 
 
+@pytest.mark.parametrize("n,k", [(50001, 700), (65537, 1), (99991, 24000), (16389, 4000)])
+def test_sampled_selection_with_ragged_sizes_and_dtypes(n, k):
+    # Sizes that leave a tail after the column view and the strided sample; every float dtype.
+    rng = np.random.default_rng(n)
+    base = rng.standard_normal(n) * np.exp(2 * rng.standard_normal(n))
+    for dtype in (tf.float32, tf.float16, tf.bfloat16, tf.float64):
+        for x in (tf.constant(base, dtype), tf.constant(np.round(base), dtype)):  # rounded: ties
+            want = select(tf.cast(x, tf.float64).numpy(), k)
+            np.testing.assert_array_equal(topk_indices(x, k).numpy(), want)
+    # Traced, with k a tensor (tracing is the slow part, so once).
+    x = tf.constant(np.round(base), tf.float32)
+    traced = tf.function(lambda a, kk: topk_indices(a, kk))(x, tf.constant(k))
+    np.testing.assert_array_equal(traced.numpy(), select(x.numpy(), k))
+
+
 def test_random_k_is_a_pure_function_of_the_seed():
     a = random_k_indices(1000, 50, seed_pair(12345, 3)).numpy()
     b = random_k_indices(1000, 50, seed_pair(12345, 3)).numpy()
     c = random_k_indices(1000, 50, seed_pair(12345, 4)).numpy()
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert len(set(a.tolist())) == 50 and np.all(np.diff(a) > 0)
+    # Sparse draws and the dense method (k >= n / 8), with k static or a tensor, eager or traced.
+    traced = tf.function(lambda n, k, s: random_k_indices(n, k, s), reduce_retracing=True)
+    for n, k in ((1000, 50), (1000, 125), (1000, 999), (200000, 2000), (37, 37)):
+        seed = seed_pair(77, n + k)
+        got = random_k_indices(n, k, seed).numpy()
+        assert got.dtype == np.int32 and len(got) == k and np.all(np.diff(got) > 0)
+        assert got[0] >= 0 and got[-1] < n
+        np.testing.assert_array_equal(traced(n, tf.constant(k), seed).numpy(), got)
 
 
 # ----------------------------------------------------------------------------- error feedback
@@ -93,6 +116,46 @@ def test_conservation_inside_one_rank():
         idx, vals = comp.compress_variable(var, g)
         np.add.at(sent, idx.numpy(), vals.numpy())
     np.testing.assert_allclose(sent + comp.residual_of(var).numpy().ravel(), total, atol=1e-5)
+
+
+def test_in_place_residual_update_is_safe():
+    # The residual is updated in its own buffer: a residual read earlier must not change, a variable
+    # in copy-on-read mode (after a sparse read) must still step exactly, and Keras 3 variables too.
+    from ranger_hvd.tensorflow.compressor import topk_step
+    rng = np.random.default_rng(9)
+    for momentum in (0.0, 0.9):
+        comp = RangerCompressor(density=0.02, momentum=momentum, min_elements=100)
+        comp.world_size = 1
+        ref = ReferenceCompressor(40000, comp.options)
+        var = tf.Variable(tf.zeros((200, 200)))
+        traced = tf.function(comp.compress_variable)
+        for t in range(6):
+            held = comp.residual_of(var)
+            snapshot = held.numpy().copy()
+            if t == 3:
+                comp.slots[0].residual.sparse_read([0, 5])  # switches it to copy-on-read mode
+            g = rng.standard_normal((200, 200)).astype(np.float32)
+            idx, vals = (traced if t % 2 else comp.compress_variable)(var, tf.constant(g))
+            ridx, rvals = ref.step(g)
+            np.testing.assert_array_equal(idx.numpy(), ridx)
+            np.testing.assert_array_equal(vals.numpy(), rvals)
+            np.testing.assert_array_equal(comp.residual_of(var).numpy().ravel(), ref.residual)
+            np.testing.assert_array_equal(held.numpy(), snapshot)
+        opts = make_options(density=0.05, momentum=momentum, min_elements=1)
+        ref = ReferenceCompressor(3000, opts)
+        res = keras.Variable(np.zeros((60, 50), np.float32))
+        vel = keras.Variable(np.zeros((60, 50), np.float32)) if momentum else None
+        step = lambda g: topk_step(g, res, vel, 150, opts, 1, "k")  # noqa: E731
+        traced = tf.function(step)
+        for t in range(4):
+            g = rng.standard_normal((60, 50)).astype(np.float32)
+            idx, vals = (traced if t % 2 else step)(tf.constant(g))
+            ridx, rvals = ref.step(g)
+            np.testing.assert_array_equal(idx.numpy(), ridx)
+            np.testing.assert_array_equal(vals.numpy(), rvals)
+            np.testing.assert_array_equal(np.asarray(res.numpy()).ravel(), ref.residual)
+            if momentum:
+                np.testing.assert_array_equal(np.asarray(vel.numpy()).ravel(), ref.velocity)
 
 
 # ----------------------------------------------------------------------------- cross-backend parity
