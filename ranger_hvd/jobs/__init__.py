@@ -11,7 +11,8 @@ Inputs: the launcher's resolved config (YAML). The jobs read
     ``synthetic_samples`` (2048);
   - ``train``: ``epochs`` (5), ``batch_size`` (64, per rank), ``lr`` (0.05), ``seed`` (0),
     ``momentum`` (0.9; the optimizer's, set to 0 when the Ranger compressor has momentum > 0),
-    ``max_steps`` (null: no cap), ``log_every`` (1);
+    ``max_steps`` (null: no cap), ``log_every`` (1), ``checkpoint`` (true: PyTorch jobs write
+    ``RUN_DIR/checkpoints/rank{r}.pt`` on every rank after each epoch; TensorFlow jobs write none);
   - ``compression``: ``type`` (none | fp16 | ranger) and, for ranger, the fields of
     :class:`ranger_hvd.core.options.RangerOptions`.
 Other sections (cluster, horovod, output) are ignored.
@@ -35,6 +36,10 @@ Outputs (rank 0 only), all in ``RUN_DIR/metrics.jsonl`` (see :mod:`ranger_hvd.jo
     ``bytes_sent_total``, ``bytes_dense_total``, ``compression_ratio`` (dense / sent), and
     ``param_digest`` / ``param_digests`` (per rank) / ``params_identical``: every rank's
     parameters hashed after training, gathered to rank 0.
+Resume (``--resume``, PyTorch only): every rank loads its own checkpoint (model, optimizer state with
+the Ranger compressor's residuals, momentum and counters, the loop's step and byte counters), checks
+that the number of ranks is unchanged, continues at the next epoch and appends to ``metrics.jsonl``
+(a resumed run's ``time`` restarts at 0; its end line holds the whole run's totals).
 Exit status: 0 on success, 1 on any failure (config, data or training), with the reason on stderr.
 """
 
@@ -48,16 +53,24 @@ from .data import DataError, load_dataset
 __all__ = ["run_job", "run_config_file", "ConfigError", "DataError", "JobConfig"]
 
 
-def run_job(cfg: dict, run_dir: str | Path | None) -> dict:
-    """Runs one job from a resolved config dict on this rank; returns the final record (all ranks)."""
+def run_job(cfg: dict, run_dir: str | Path | None, resume: bool = False) -> dict:
+    """Runs one job from a resolved config dict on this rank; returns the final record (all ranks).
+
+    ``resume``: continue from this rank's ``RUN_DIR/checkpoints/rank{r}.pt`` (PyTorch backend only).
+    """
     job = parse_config(cfg)
+    if resume and job.backend != "torch":
+        raise ConfigError(f"resume is only supported for the torch backend (job.backend is {job.backend}): "
+                          "the TensorFlow jobs write no checkpoints")
     dataset = load_dataset(job.data)   # before any framework import: a missing file fails fast
     if job.backend == "torch":
         from .torch_jobs import run
-    else:
-        from .tf_jobs import run
+
+        return run(job, dataset, run_dir, resume=resume)
+    from .tf_jobs import run
+
     return run(job, dataset, run_dir)
 
 
-def run_config_file(config: str | Path, run_dir: str | Path | None) -> dict:
-    return run_job(load_config(config), run_dir)
+def run_config_file(config: str | Path, run_dir: str | Path | None, resume: bool = False) -> dict:
+    return run_job(load_config(config), run_dir, resume=resume)

@@ -1,4 +1,4 @@
-"""``python -m ranger_hvd.jobs --config RUN_DIR/config.yaml --run-dir RUN_DIR`` (every rank)."""
+"""``python -m ranger_hvd.jobs --config RUN_DIR/config.yaml --run-dir RUN_DIR [--resume]`` (every rank)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="resolved config YAML (the launcher's config.yaml)")
     parser.add_argument("--run-dir", default=None,
                         help="where rank 0 writes metrics.jsonl (default: the config's directory)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from RUN_DIR/checkpoints/rank{r}.pt (PyTorch jobs only)")
     args = parser.parse_args(argv)
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.config))
 
@@ -21,7 +23,7 @@ def main(argv=None) -> int:
 
     rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
     try:
-        run_config_file(args.config, run_dir)
+        run_config_file(args.config, run_dir, resume=args.resume)
     except (ConfigError, DataError) as exc:
         print(f"ranger_hvd.jobs (rank {rank}): error: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -25,6 +25,7 @@ TRAIN_DEFAULTS = {
     "momentum": 0.9,     # optimizer momentum; forced to 0 when the Ranger compressor has its own
     "max_steps": None,   # stop after this many optimizer steps in total (None: run all epochs)
     "log_every": 1,      # write a metrics line every N steps (and always an epoch's last step)
+    "checkpoint": True,  # every rank writes RUN_DIR/checkpoints/rank{r}.pt after each epoch (torch)
 }
 DATA_DEFAULTS = {"dataset": "digits", "dir": None, "eval_fraction": 0.2, "synthetic_samples": 2048}
 
@@ -47,6 +48,7 @@ class JobConfig:
     max_steps: int | None
     log_every: int
     compression: str
+    checkpoint: bool = True
     ranger: dict = field(default_factory=dict)   # RangerOptions fields given in the config
     raw: dict = field(default_factory=dict)
 
@@ -99,6 +101,9 @@ def parse_config(cfg: dict) -> JobConfig:
         epochs, batch, lr, seed = int(t["epochs"]), int(t["batch_size"]), float(t["lr"]), int(t["seed"])
         momentum, log_every = float(t["momentum"]), int(t["log_every"])
         max_steps = None if t["max_steps"] in (None, 0) else int(t["max_steps"])
+        checkpoint = t["checkpoint"]
+        if not isinstance(checkpoint, bool):
+            raise TypeError(f"checkpoint must be true or false, got {checkpoint!r}")
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"train: bad value ({exc})") from None
     if epochs < 1 or batch < 1 or lr <= 0 or log_every < 1 or (max_steps is not None and max_steps < 1):
@@ -123,7 +128,8 @@ def parse_config(cfg: dict) -> JobConfig:
 
     return JobConfig(name=str(job.get("name", f"{model}-{data['dataset']}")), backend=backend, model=model,
                      data=data, epochs=epochs, batch_size=batch, lr=lr, seed=seed, momentum=momentum,
-                     max_steps=max_steps, log_every=log_every, compression=ctype, ranger=ranger, raw=cfg)
+                     max_steps=max_steps, log_every=log_every, compression=ctype, ranger=ranger, raw=cfg,
+                     checkpoint=checkpoint)
 
 
 def digest_arrays(arrays) -> str:
@@ -180,12 +186,19 @@ class ByteMeter:
 
 
 def train_loop(job: JobConfig, *, backend: str, dataset: str, rank: int, size: int, n_train: int,
-               n_steps: int, step_fn, meters, evaluate, param_arrays, allgather_object, run_dir) -> dict:
+               n_steps: int, step_fn, meters, evaluate, param_arrays, allgather_object, run_dir,
+               save_checkpoint=None, resume_from: dict | None = None) -> dict:
     """The epochs, metrics lines and end record shared by both backends.
 
     ``step_fn(indices) -> (loss, {metric: value})`` runs one optimizer step on this rank's samples at
     ``indices`` and returns plain floats; ``evaluate(tag)`` the held-out metrics over all ranks;
     ``param_arrays()`` every parameter as an array, to check that all ranks hold the same model.
+
+    ``save_checkpoint(loop_state)``, if given, is called on every rank after each epoch (and when
+    ``max_steps`` stops the run mid-epoch) with the loop's counters (see ``loop_state`` below); the
+    backend adds the model and optimizer state. ``resume_from`` is such a ``loop_state`` read back: the
+    loop continues at its ``epoch`` / ``batch`` with its counters, so a resumed run takes exactly the
+    steps the uninterrupted run would have taken (the batches depend on (seed, epoch, rank) only).
     """
     import time
 
@@ -197,10 +210,30 @@ def train_loop(job: JobConfig, *, backend: str, dataset: str, rank: int, size: i
     train_time, loss = 0.0, float("nan")
     eval_metrics: dict = {}
     done = False
+    first_epoch, first_batch = 0, 0
+    if resume_from is not None:
+        r = resume_from
+        first_epoch, first_batch = int(r["epoch"]), int(r["batch"])
+        step, total_dense, total_sent = int(r["step"]), int(r["bytes_dense_total"]), int(r["bytes_sent_total"])
+        train_time, loss, eval_metrics = float(r["train_time"]), float(r["loss"]), dict(r["eval_metrics"])
+        epoch = max(first_epoch - 1, 0) if first_batch == 0 else first_epoch
+        done = job.max_steps is not None and step >= job.max_steps
+        log(rank, f"resuming at epoch {first_epoch} batch {first_batch} (step {step})")
+
+    def loop_state(next_epoch: int, next_batch: int) -> dict:
+        return {"epoch": next_epoch, "batch": next_batch, "step": step, "bytes_dense_total": total_dense,
+                "bytes_sent_total": total_sent, "train_time": train_time, "loss": loss,
+                "eval_metrics": dict(eval_metrics)}
+
     try:
-        for epoch in range(job.epochs):
+        for epoch in range(first_epoch, job.epochs):
+            if done:
+                break
             batches = list(epoch_batches(n_train, job.batch_size, job.seed, epoch, rank))[:n_steps]
+            start = first_batch if epoch == first_epoch else 0
             for i, idx in enumerate(batches):
+                if i < start:
+                    continue
                 t0 = time.perf_counter()
                 loss, metrics = step_fn(idx)
                 dt = time.perf_counter() - t0
@@ -222,6 +255,8 @@ def train_loop(job: JobConfig, *, backend: str, dataset: str, rank: int, size: i
                 if step % job.log_every == 0 or last_of_epoch or done:
                     writer.step(step=step, epoch=epoch, loss=loss, metrics=metrics, bytes_sent=sent,
                                 bytes_dense=dense, step_time=dt)
+                if save_checkpoint is not None and (last_of_epoch or done):
+                    save_checkpoint(loop_state(epoch + 1, 0) if last_of_epoch else loop_state(epoch, i + 1))
                 if done:
                     break
             log(rank, f"epoch {epoch}: step {step} loss {loss:.4f} "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 
 import numpy as np
 
-from .common import ByteMeter, JobConfig, log, train_loop
+from .common import ByteMeter, ConfigError, JobConfig, log, train_loop
 from .data import Dataset, shard_indices, steps_per_epoch
 
 
@@ -120,10 +122,65 @@ def _broadcast(hvd, modules, opts):
 
 
 # --------------------------------------------------------------------------------------------------
+# checkpoints: one file per rank (each rank's compressor residuals differ)
+
+CHECKPOINT_FORMAT = 1
+
+
+def checkpoint_path(run_dir, rank: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"rank{rank}.pt"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Writes ``state`` with torch.save to a temporary file and renames it: a crash mid-write leaves the
+    previous checkpoint intact."""
+    torch, _, _ = _torch()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(hvd, run_dir, rank: int, size: int, job: JobConfig):
+    """This rank's checkpoint; every rank learns whether any rank failed, so all fail together (no rank
+    is left waiting in a collective) with the reason, naming the file."""
+    torch, _, _ = _torch()
+    err, state = None, None
+    path = checkpoint_path(run_dir, rank) if run_dir is not None else None
+    if path is None:
+        err = "resume needs a run directory (--run-dir)"
+    elif not path.is_file():
+        err = f"cannot resume: checkpoint {path} does not exist (was the run saved with train.checkpoint: true?)"
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+            err = f"cannot resume: checkpoint {path} is unreadable ({type(exc).__name__}: {exc})"
+        else:
+            if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+                err = f"cannot resume: {path} is not a ranger_hvd job checkpoint (format {CHECKPOINT_FORMAT})"
+            elif state.get("size") != size:
+                err = (f"cannot resume: checkpoint {path} was written by a run with {state.get('size')} ranks, "
+                       f"this run has {size} (cluster.np must stay the same)")
+            elif (state.get("model"), state.get("compression")) != (job.model, job.compression):
+                err = (f"cannot resume: checkpoint {path} holds model={state.get('model')} "
+                       f"compression={state.get('compression')}, the config says model={job.model} "
+                       f"compression={job.compression}")
+    errors = [e for e in hvd.allgather_object(err) if e]
+    if errors:
+        raise ConfigError(err or f"another rank cannot resume: {errors[0]}")
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
 # the training loop
 
 
-def run(job: JobConfig, data: Dataset, run_dir) -> dict:
+def run(job: JobConfig, data: Dataset, run_dir, resume: bool = False) -> dict:
     torch, nn, F = _torch()
     import horovod.torch as hvd
 
@@ -153,6 +210,34 @@ def run(job: JobConfig, data: Dataset, run_dir) -> dict:
         modules = [model]
         opts = [DistOpt(model, "", job)]
     _broadcast(hvd, modules, opts)
+
+    resume_from = None
+    if resume:
+        ckpt = load_checkpoint(hvd, run_dir, rank, size, job)
+        for m, sd in zip(modules, ckpt["modules"]):
+            m.load_state_dict(sd)
+        for o, sd, base in zip(opts, ckpt["optimizers"], ckpt["byte_baselines"]):
+            o.opt.load_state_dict(sd)
+            for g in o.opt.param_groups:     # the config's values win (e.g. an lr override on resume)
+                g["lr"], g["momentum"] = job.lr, job.optimizer_momentum
+            o.reset_baseline()           # _last: the restored compressor's count; _base: as first saved
+            o._base = base
+        if gan:
+            noise.set_state(ckpt["noise"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        resume_from = ckpt["loop"]
+
+    def save(loop_state: dict) -> None:
+        save_checkpoint(checkpoint_path(run_dir, rank), {
+            "format": CHECKPOINT_FORMAT, "rank": rank, "size": size, "model": job.model,
+            "compression": job.compression,
+            "modules": [m.state_dict() for m in modules],
+            "optimizers": [o.opt.state_dict() for o in opts],      # ranger: with the compressor state
+            "byte_baselines": [getattr(o, "_base", 0) for o in opts],
+            "noise": noise.get_state() if gan else None,
+            "torch_rng": torch.get_rng_state(),
+            "loop": loop_state,
+        })
 
     log(rank, f"torch {job.model} on {data.name}: {size} ranks, {len(tr)} train samples/rank, "
               f"{n_steps} steps/epoch, compression={job.compression}"
@@ -232,4 +317,6 @@ def run(job: JobConfig, data: Dataset, run_dir) -> dict:
     return train_loop(job, backend="torch", dataset=data.name, rank=rank, size=size, n_train=len(tr),
                       n_steps=n_steps, step_fn=step_fn, meters=opts, evaluate=evaluate,
                       param_arrays=lambda: [p.detach().cpu().numpy() for m in modules for p in m.parameters()],
-                      allgather_object=hvd.allgather_object, run_dir=run_dir)
+                      allgather_object=hvd.allgather_object, run_dir=run_dir,
+                      save_checkpoint=save if job.checkpoint and run_dir is not None else None,
+                      resume_from=resume_from)

@@ -45,6 +45,11 @@ def _print_config_error(exc: ConfigError, what: str = "invalid config") -> int:
     return EXIT_USAGE
 
 
+def _usage_error(msg: str) -> int:
+    _err_console().print(f"[bold red]ranger-hvd:[/] {msg}", highlight=False)
+    return EXIT_USAGE
+
+
 def _load(args) -> Resolved:
     return load_config(args.config, args.overrides)
 
@@ -96,17 +101,20 @@ def _dry_run(res: Resolved, out=sys.stdout) -> None:
     out.flush()
 
 
-def launch_one(res: Resolved, console: Console, *, stream: bool = False, live: Optional[bool] = None):
-    """Creates the run directory and runs the job; returns a RunResult (or None if it could not start)."""
+def launch_one(res: Resolved, console: Console, *, stream: bool = False, live: Optional[bool] = None,
+               resume_dir: Optional[Path] = None):
+    """Creates the run directory (or reuses ``resume_dir``, passing ``--resume`` to the job) and runs the
+    job; returns a RunResult (or None if it could not start)."""
     from .supervisor import RunResult, Supervisor
 
-    probe = default_command(res, str(_abs_run_dir(res)))
+    resume = resume_dir is not None
+    probe = default_command(res, str(resume_dir.resolve() if resume else _abs_run_dir(res)), resume=resume)
     if _horovodrun_path(probe) is None:
         console.print(f"[red]error:[/] horovodrun not found on PATH ({probe.env.get('PATH')}); "
                       f"build the environment with launch/setup.sh (see ranger-hvd doctor)", highlight=False)
         return None
-    run_dir = create_run_dir(res).resolve()
-    cmd = default_command(res, str(run_dir))
+    run_dir = resume_dir.resolve() if resume else create_run_dir(res).resolve()
+    cmd = default_command(res, str(run_dir), resume=resume)
     write_config(run_dir, res)
     write_command(run_dir, cmd)
     for name in cmd.missing_env:
@@ -114,19 +122,63 @@ def launch_one(res: Resolved, console: Console, *, stream: bool = False, live: O
                       highlight=False)
     exe = _horovodrun_path(cmd)
     runnable = LaunchCommand(argv=[exe, *cmd.argv[1:]], env=cmd.env, missing_env=cmd.missing_env)
-    sup = Supervisor(res, runnable, run_dir, console=console, live=live, stream=stream)
+    sup = Supervisor(res, runnable, run_dir, console=console, live=live, stream=stream, resume=resume)
     result: RunResult = sup.run()
     return result
 
 
+def _resume_problem(run_dir: Path) -> Optional[str]:
+    """Why RUN_DIR cannot be resumed (None if it can): it needs config.yaml and checkpoints/rank*.pt."""
+    if not run_dir.is_dir():
+        return f"{run_dir} is not a directory"
+    if not (run_dir / "config.yaml").is_file():
+        return f"{run_dir} has no config.yaml (not a run directory of ranger-hvd launch)"
+    if not any((run_dir / "checkpoints").glob("rank*.pt")):
+        return (f"{run_dir} has no checkpoints/rank*.pt (the run wrote no checkpoint: train.checkpoint false, "
+                f"TensorFlow backend, or it stopped before its first epoch ended)")
+    return None
+
+
+def _dry_run_resume(res: Resolved, run_dir: Path, out=sys.stdout) -> None:
+    out.write(default_command(res, str(run_dir), resume=True).text())
+    out.write(f"# resumes in {run_dir} (--dry-run changes nothing there)\n")
+    out.flush()
+
+
 def cmd_launch(args) -> int:
-    res = _load(args)
+    resume_dir = None
+    if args.resume is not None:
+        # `launch --resume RUN_DIR k=v ...`: the first override lands in CONFIG; there is no CONFIG then
+        if args.config is not None:
+            if "=" not in args.config:
+                return _usage_error(f"launch --resume uses RUN_DIR/config.yaml: drop the CONFIG argument "
+                                    f"{args.config!r}")
+            args.overrides.insert(0, args.config)
+        resume_dir = Path(args.resume).absolute()
+        problem = _resume_problem(resume_dir)
+        if problem:
+            return _usage_error(f"cannot resume: {problem}")
+        res = load_config(resume_dir / "config.yaml", args.overrides)
+        if res.config.job.backend != "torch":
+            return _usage_error(f"cannot resume: resume is only supported for the torch backend "
+                                f"(job.backend is {res.config.job.backend})")
+    elif args.config is None:
+        # as argparse does for a missing positional: usage and message on stderr, SystemExit(2)
+        args.launch_parser.error("the following arguments are required: CONFIG (or --resume RUN_DIR)")
+    else:
+        res = _load(args)
     _warn(res)
     if args.dry_run:
-        _dry_run(res)
+        if resume_dir is not None:
+            _dry_run_resume(res, resume_dir)
+        else:
+            _dry_run(res)
         return EXIT_OK
     console = _out_console()
-    result = launch_one(res, console, stream=args.stream, live=False if args.no_live else None)
+    if resume_dir is not None:
+        write_config(resume_dir, res)   # the config this continuation runs with (overrides applied)
+    result = launch_one(res, console, stream=args.stream, live=False if args.no_live else None,
+                        resume_dir=resume_dir)
     if result is None:
         return EXIT_FAILED
     return result.exit_code
@@ -246,13 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("config", metavar="CONFIG", help="experiment YAML")
         sp.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help=overrides_help)
 
-    sp = sub.add_parser("launch", help="start a run")
-    add_config(sp)
+    sp = sub.add_parser("launch", help="start a run (or continue one with --resume RUN_DIR)")
+    sp.add_argument("config", metavar="CONFIG", nargs="?", help="experiment YAML (omitted with --resume)")
+    sp.add_argument("overrides", metavar="KEY=VALUE", nargs="*",
+                    help="dotted overrides such as compression.density=0.001 cluster.np=4")
+    sp.add_argument("--resume", metavar="RUN_DIR", default=None,
+                    help="continue the run in RUN_DIR from its checkpoints (torch jobs): RUN_DIR/config.yaml "
+                         "is the base config (overrides such as train.epochs=N apply on top), metrics.jsonl "
+                         "is appended to, summary.json rewritten")
     sp.add_argument("--dry-run", action="store_true", help="print the horovodrun command and its environment; "
                                                            "start nothing, create nothing")
     sp.add_argument("--stream", action="store_true", help="show the ranks' output instead of the progress table")
     sp.add_argument("--no-live", action="store_true", help="plain progress lines instead of a live table")
-    sp.set_defaults(func=cmd_launch)
+    sp.set_defaults(func=cmd_launch, launch_parser=sp)
 
     sp = sub.add_parser("validate", help="check a config (and overrides) only")
     add_config(sp)

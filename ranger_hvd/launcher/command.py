@@ -121,7 +121,7 @@ def horovod_flags(res: Resolved, run_dir: str) -> list[str]:
 
 
 def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[str, str], uid: int,
-                  project_root: str, venv_bin: Optional[str] = None) -> LaunchCommand:
+                  project_root: str, venv_bin: Optional[str] = None, resume: bool = False) -> LaunchCommand:
     """The horovodrun argv and its complete environment for the resolved config ``res``.
 
     ``run_dir`` must be absolute (ranks on other hosts see the same path); ``python`` is the interpreter
@@ -146,6 +146,8 @@ def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[
         argv += [f"--mpi-args={cl.mpi_args}"]
     argv += [python, "-m", cfg.job.entry,
              "--config", os.path.join(run_dir, "config.yaml"), "--run-dir", run_dir]
+    if resume:
+        argv.append("--resume")   # the job continues from RUN_DIR/checkpoints (launch --resume)
 
     env: dict[str, str] = {}
     env["PATH"] = _join_path(venv_bin, environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
@@ -168,7 +170,7 @@ def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[
     return LaunchCommand(argv=argv, env=env, missing_env=missing)
 
 
-def default_command(res: Resolved, run_dir: str) -> LaunchCommand:
+def default_command(res: Resolved, run_dir: str, resume: bool = False) -> LaunchCommand:
     """build_command with this process's interpreter, environment and uid."""
     import sys
     from pathlib import Path
@@ -177,4 +179,4 @@ def default_command(res: Resolved, run_dir: str) -> LaunchCommand:
 
     return build_command(res, run_dir, python=sys.executable, environ=dict(os.environ), uid=os.getuid(),
                          project_root=str(Path(ranger_hvd.__file__).resolve().parents[1]),
-                         venv_bin=str(Path(sys.executable).parent))
+                         venv_bin=str(Path(sys.executable).parent), resume=resume)

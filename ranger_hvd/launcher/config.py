@@ -59,6 +59,8 @@ class TrainConfig(_Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="the optimizer's (0 when Ranger has momentum)")
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps (null: no cap)")
     log_every: int = Field(1, ge=1, description="write a metrics line every N steps")
+    checkpoint: bool = Field(True, description="every rank saves RUN_DIR/checkpoints/rank{r}.pt after each "
+                                               "epoch (torch jobs; needed by launch --resume)")
 
 
 # compression: ``type`` plus every RangerOptions field, with RangerOptions' own constraints.  The fields

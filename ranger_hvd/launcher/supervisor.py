@@ -227,8 +227,10 @@ class RunResult:
 
 class Supervisor:
     def __init__(self, res: Resolved, cmd: LaunchCommand, run_dir: Path, console: Optional[Console] = None,
-                 live: Optional[bool] = None, stream: bool = False, cwd: Optional[str] = None):
+                 live: Optional[bool] = None, stream: bool = False, cwd: Optional[str] = None,
+                 resume: bool = False):
         self.res, self.cmd, self.run_dir = res, cmd, Path(run_dir)
+        self.resume = resume   # launch --resume: metrics.jsonl already holds the earlier runs' lines
         self.console = console or Console(stderr=True)
         self.live = self.console.is_terminal if live is None else live
         self.stream = stream
@@ -273,6 +275,12 @@ class Supervisor:
         self.preexisting = {p.pid for p in psutil.Process().children(recursive=True)}
         log_path = self.run_dir / "horovodrun.log"
         metrics = MetricsTail(self.run_dir / "metrics.jsonl")
+        if self.resume:
+            # progress and summary describe this launch: start after the lines already there
+            try:
+                metrics.offset = (self.run_dir / "metrics.jsonl").stat().st_size
+            except FileNotFoundError:
+                pass
         started = time.time()
         old_handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -281,7 +289,7 @@ class Supervisor:
             except ValueError:  # not the main thread
                 pass
         status, hvd_exit, failed_rank, failed_exit = "start_failed", None, None, None
-        log_f = open(log_path, "wb")
+        log_f = open(log_path, "ab" if self.resume else "wb")
         try:
             try:
                 proc = subprocess.Popen(self.cmd.argv, env=self.cmd.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
@@ -414,6 +422,7 @@ class Supervisor:
             "bytes_sent_per_step_mean": (sum(bytes_list) / len(bytes_list)) if bytes_list else None,
             "rank_logs": {str(k): v for k, v in sorted(rank_logs.items())},
             "command": self.cmd.line,
+            "resumed": self.resume,
         }
         write_json(self.run_dir / "summary.json", summary)
         self._report(status, summary, rank_logs)

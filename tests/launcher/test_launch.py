@@ -214,3 +214,23 @@ def test_real_default_job_end_to_end(tmp_path):
     assert s["status"] == "success" and s["compression"] == "ranger" and s["epochs"] == 1
     assert s["bytes_sent_total"] == end["bytes_sent_total"] > 0
     assert (run / "logs" / "rank.0" / "stdout").exists() and (run / "logs" / "rank.1" / "stderr").exists()
+
+    # continue the same run to 2 epochs: same directory, appended metrics, summary rewritten
+    before = (run / "metrics.jsonl").read_text()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["rank0.pt", "rank1.pt"]
+    r = run_cli(["launch", "--resume", run, "train.epochs=2"], tmp_path, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert list((tmp_path / "runs" / "cnn-digits").iterdir()) == [run]
+    text = (run / "metrics.jsonl").read_text()
+    assert text.startswith(before)
+    recs = [json.loads(x) for x in text.splitlines()]
+    ends = [x for x in recs if x.get("event") == "end"]
+    assert len(ends) == 2 and recs[-1] == ends[1] and ends[1]["epochs"] == 2
+    epochs = [x["epoch"] for x in recs if "step" in x]
+    assert set(epochs) == {0, 1} and epochs == sorted(epochs)
+    assert ends[1]["steps"] == 2 * ends[0]["steps"] and ends[1]["bytes_sent_total"] > ends[0]["bytes_sent_total"]
+    s2 = json.loads((run / "summary.json").read_text())
+    assert s2["status"] == "success" and s2["resumed"] is True and s2["epochs"] == 2
+    assert s2["end"] == ends[1] and s2["bytes_sent_total"] == ends[1]["bytes_sent_total"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
+    assert (run / "command.txt").read_text().splitlines()[0].endswith("--resume")
