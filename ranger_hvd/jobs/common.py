@@ -169,9 +169,18 @@ class ByteMeter:
     def _stat(self, key: str) -> int:
         return int(self.comp.stats().get(key, 0))
 
-    def reset_baseline(self) -> None:
-        """Counts bytes from here on (training), not what set-up may have exchanged."""
+    def reset_baseline(self, base: int | None = None) -> None:
+        """Counts bytes from here on (training), not what set-up may have exchanged.
+
+        ``base``: on resume, the baseline saved with the checkpoint, so totals cover the whole run.
+        """
         self._base = self._last = self._stat("bytes_sent") if self.comp is not None else 0
+        if base is not None:
+            self._base = base
+
+    @property
+    def baseline(self) -> int:
+        return self._base
 
     def step_bytes(self) -> tuple[int, int]:
         """(bytes_sent, bytes_dense) of the step just taken on this rank."""

@@ -220,8 +220,7 @@ def run(job: JobConfig, data: Dataset, run_dir, resume: bool = False) -> dict:
             o.opt.load_state_dict(sd)
             for g in o.opt.param_groups:     # the config's values win (e.g. an lr override on resume)
                 g["lr"], g["momentum"] = job.lr, job.optimizer_momentum
-            o.reset_baseline()           # _last: the restored compressor's count; _base: as first saved
-            o._base = base
+            o.reset_baseline(base)       # steps count from the restored compressor; totals from the start
         if gan:
             noise.set_state(ckpt["noise"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -233,7 +232,7 @@ def run(job: JobConfig, data: Dataset, run_dir, resume: bool = False) -> dict:
             "compression": job.compression,
             "modules": [m.state_dict() for m in modules],
             "optimizers": [o.opt.state_dict() for o in opts],      # ranger: with the compressor state
-            "byte_baselines": [getattr(o, "_base", 0) for o in opts],
+            "byte_baselines": [o.baseline for o in opts],
             "noise": noise.get_state() if gan else None,
             "torch_rng": torch.get_rng_state(),
             "loop": loop_state,
