@@ -8,7 +8,7 @@ For each size n (1e5 .. 2.5e7 float32 entries) and density d (0.01, 0.001), one 
                        candidates, same set as torch.topk up to ties, ties to the lower index);
 * ``top-k c+d``        what the drop-in optimizer pays per tensor and step: ``compress_sparse``
                        (finiteness check, error feedback, selection, gather, residual update) plus
-                       ``decompress_sparse`` (one scatter-add into the zeroed gradient);
+                       ``combine`` (one scatter-add of the payload into the zeroed gradient);
 * ``random-k c+d``     the same for Horovod's own optimizer: ``compress`` (shared random
                        coordinates, error feedback) plus ``decompress``.
 
@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from ranger_hvd import core  # noqa: E402
 from ranger_hvd.torch import RangerCompressor, topk_indices  # noqa: E402
+from ranger_hvd.torch.compressor import _payload  # noqa: E402
 from ranger_hvd.torch.selection import SelectionScratch  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results.md"
@@ -90,17 +91,18 @@ def bench(n: int, d: float, reps: int) -> dict:
 
     comp = RangerCompressor(density=d, min_elements=1)
     grad = x.view(shape)
-    out = torch.empty(shape)
+    out = torch.empty(n)
 
     def topk_round():
         values, indices = comp.compress_sparse("w", grad)
-        RangerCompressor.decompress_sparse(values, indices, out)
+        comp.combine(_payload(indices, values), k, out.zero_())
 
     row["topk_cd"] = timed(topk_round, reps)
 
     param = torch.nn.Parameter(torch.zeros(shape))
     param.grad = grad
-    rand = RangerCompressor(density=d, min_elements=1, named_parameters=[("w", param)])
+    rand = RangerCompressor(density=d, min_elements=1, named_parameters=[("w", param)],
+                            selection="random")
     rand.world_size = 1
 
     def random_round():
@@ -137,7 +139,7 @@ Machine: {facts}.
 
 Float32 tensors of n standard-normal entries, k = ceil(d * n); medians of repeated runs.
 *select* is `ranger_hvd.torch.topk_indices` alone; *top-k c+d* is one `compress_sparse` (finiteness
-check, error feedback, selection, gather, residual update) plus one `decompress_sparse` (scatter-add
+check, error feedback, selection, gather, residual update) plus one `combine` (scatter-add
 into the zeroed gradient), the per-tensor cost of `ranger_hvd.torch.DistributedOptimizer` and
 `Ranger`; *random-k c+d* is the same for Horovod's own optimizer with `compression=RangerCompressor`
 (`compress` + `decompress`). The last three columns are ratios within this run.

@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from ranger_hvd.core import make_options, num_selected
+from ranger_hvd.core import num_selected
 from ranger_hvd.tensorflow import RangerCompressor
-from ranger_hvd.tensorflow.compressor import topk_step
 from ranger_hvd.tensorflow.selection import topk_indices
 
 RESULTS = Path(__file__).with_name("results.md")
@@ -60,12 +59,14 @@ def run(sizes, densities, repeats):
         t_copy = median_ms(tf.function(lambda: x * scale), repeats)
         for d in densities:
             k = num_selected(n, d)
-            opts = make_options(density=d, min_elements=1)
-            residual = tf.Variable(tf.zeros([n]))
+            bench = RangerCompressor(density=d, min_elements=1, compress_1d=True)
+            bench.world_size = 1
+            variable = tf.Variable(tf.zeros([n]))
+            bench.build([variable])
 
             @tf.function
             def topk_cd():
-                idx, vals = topk_step(x, residual, None, k, opts, 1, "bench")
+                idx, vals = bench.compress_variable(variable, x)
                 return tf.scatter_nd(idx[:, None], vals, [n])
 
             comp = RangerCompressor(density=d, min_elements=1, compress_1d=True)

@@ -1,24 +1,38 @@
-"""Backend-neutral heart of ranger_hvd: options, selection and error-feedback rules, schedule, bytes.
+"""Backend-neutral heart of ranger_hvd: options, the error-feedback engine, rules, schedule, bytes.
 
-``reference`` holds the math as NumPy code, the specification that the PyTorch and TensorFlow
-compressors are tested against.
+``engine`` holds the one error-feedback step every entry point runs; ``reference`` holds the same math
+as NumPy code, the specification that the PyTorch and TensorFlow backends are tested against.
 """
 
+from .engine import ErrorFeedback, TensorOps
 from .options import INDEX_ITEMSIZE, VALUE_ITEMSIZE, OptionsError, RangerOptions, make_options
 from .rules import (
+    COUNTERS,
+    SAMPLE_TRIES,
+    SAMPLING_MIN_NUMEL,
+    TOKEN_BYTES,
     CompressionStats,
     clip_threshold,
+    dense_counts,
     dense_fp32_bytes,
     density_at,
     is_compressed,
+    k_schedule,
     num_selected,
     numel_of,
     random_k_seed,
+    sample_stride,
     sparse_bytes,
+    sparse_counts,
+    stats_dict,
+    uses_sampling,
 )
 
 __all__ = [
+    "ErrorFeedback", "TensorOps",
     "INDEX_ITEMSIZE", "VALUE_ITEMSIZE", "OptionsError", "RangerOptions", "make_options",
-    "CompressionStats", "clip_threshold", "dense_fp32_bytes", "density_at", "is_compressed",
-    "num_selected", "numel_of", "random_k_seed", "sparse_bytes",
+    "COUNTERS", "SAMPLE_TRIES", "SAMPLING_MIN_NUMEL", "TOKEN_BYTES", "CompressionStats",
+    "clip_threshold", "dense_counts", "dense_fp32_bytes", "density_at", "is_compressed", "k_schedule",
+    "num_selected", "numel_of", "random_k_seed", "sample_stride", "sparse_bytes", "sparse_counts",
+    "stats_dict", "uses_sampling",
 ]

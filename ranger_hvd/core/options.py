@@ -12,6 +12,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ValueDType = Literal["float32", "float16", "bfloat16"]
+Selection = Literal["topk", "random"]
 
 # Bytes per element of each value dtype that can travel; indices always travel as int32.
 VALUE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -45,8 +46,14 @@ class RangerOptions(BaseModel):
         Raise, naming the parameter, on a NaN or Inf gradient instead of poisoning the residual forever.
     sample_fraction
         Fraction of a large tensor sampled to estimate the top-k threshold before the exact selection.
+    selection
+        ``"topk"`` (default): each rank sends its own k largest entries, values and int32 indices,
+        through an allgather started inside the compressor. ``"random"``: every rank sends the values
+        at the same k random coordinates, drawn from ``seed``, the tensor's name and its step, through
+        Horovod's own allreduce; no indices travel and the traffic does not grow with the number of
+        workers, but random coordinates carry much less of the gradient than the largest ones.
     seed
-        Seed of the shared random-k coordinates used where Horovod sums compressed tensors elementwise.
+        Seed of the shared random-k coordinates (``selection="random"``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -61,6 +68,7 @@ class RangerOptions(BaseModel):
     value_dtype: ValueDType = "float32"
     check_finite: bool = True
     sample_fraction: float = Field(0.01, gt=0.0, le=1.0)
+    selection: Selection = "topk"
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
@@ -70,6 +78,13 @@ class RangerOptions(BaseModel):
                 f"warmup_start_density ({self.warmup_start_density}) must be at least density "
                 f"({self.density}): warm-up starts dense and ends at the target density"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _random_k_wire(self) -> "RangerOptions":
+        if self.selection == "random" and self.value_dtype == "bfloat16":
+            raise ValueError("value_dtype 'bfloat16' needs selection 'topk': random-k values travel "
+                             "through Horovod's allreduce, which has no bfloat16")
         return self
 
 

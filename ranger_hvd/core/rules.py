@@ -59,18 +59,58 @@ def clip_threshold(options: RangerOptions, world_size: int) -> float | None:
     return options.clip_norm / math.sqrt(max(1, world_size))
 
 
-def random_k_seed(seed: int, name: str, step: int) -> int:
-    """A 63-bit seed that every rank derives alike from (seed, parameter name, step), with no message.
+def random_k_seed(seed: int, name: str) -> int:
+    """The 31-bit base of a tensor's random-k stream, derived alike on every rank with no message.
 
-    Python's hash() is salted per process, so a cryptographic digest of the three is used instead.
+    The coordinates of step t are drawn from the pair (base, t): PyTorch seeds a generator with
+    ``base * 2**32 + t``, TensorFlow's stateless generators take ``[base, t]``. Python's hash() is salted
+    per process, so a cryptographic digest of (seed, name) is used instead.
     """
-    digest = hashlib.blake2b(f"{seed}\0{name}\0{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def sparse_bytes(k: int, value_dtype: str, with_indices: bool = True) -> int:
-    """Bytes one rank hands to the collective for k selected entries: values, plus int32 indices."""
-    return k * (VALUE_ITEMSIZE[value_dtype] + (INDEX_ITEMSIZE if with_indices else 0))
+# Selection by a sampled threshold (DGC section 3.1), the same constants in every backend.
+SAMPLING_MIN_NUMEL = 1 << 14
+"""Below this size one exact selection is cheaper than sampling and its bookkeeping."""
+SAMPLE_TRIES = ((1.0, 3.0, 4), (2.0, 8.0, 32))
+"""The estimate aims at sample rank a*r + b*sqrt(r) + c, with r the expected rank of the true threshold
+in the sample: three standard deviations of the count above r, so that one pass nearly always yields k
+candidates while the candidate set stays close to k; the second try casts a much wider net."""
+
+
+def sample_stride(sample_fraction: float) -> int:
+    """Every stride-th entry is sampled."""
+    return max(1, int(round(1.0 / sample_fraction)))
+
+
+def uses_sampling(numel: int, k: int | None, sample_fraction: float) -> bool:
+    """Whether the sampled threshold is worth it (large tensor, sparse selection). k=None: unknown yet."""
+    return (numel >= SAMPLING_MIN_NUMEL and sample_stride(sample_fraction) > 1
+            and (k is None or k * 4 <= numel))
+
+
+def k_schedule(numel: int, options: RangerOptions) -> list[int]:
+    """k for steps 0, 1, ..., warmup_steps; the last entry holds for every later step."""
+    total = max(0, options.warmup_steps)
+    return [num_selected(numel, density_at(t, options)) for t in range(total + 1)]
+
+
+# ------------------------------------------------------------------------------------------ bytes
+TOKEN_BYTES = 4
+"""A top-k tensor also hands Horovod a 1-element fp32 tensor to allreduce: its result (1 for an average,
+N for a sum) tells the receiving side which reduction Horovod was asked for."""
+
+
+def sparse_bytes(k, value_dtype: str, with_indices: bool = True):
+    """Bytes one rank hands to collectives for k selected entries.
+
+    Top-k (``with_indices``): k values and k int32 indices in the allgather, plus the 4-byte token.
+    Random-k: k values only, in Horovod's allreduce. ``k`` may be an int or a framework scalar.
+    """
+    if with_indices:
+        return k * (VALUE_ITEMSIZE[value_dtype] + INDEX_ITEMSIZE) + TOKEN_BYTES
+    return k * VALUE_ITEMSIZE[value_dtype]
 
 
 def dense_fp32_bytes(numel: int) -> int:
@@ -78,57 +118,60 @@ def dense_fp32_bytes(numel: int) -> int:
     return 4 * numel
 
 
+COUNTERS = ("bytes_sent", "bytes_dense", "tensors_sparse", "tensors_dense",
+            "elements_selected", "elements_total", "steps")
+"""The order of the byte counters; backends that count inside a traced graph keep them as one vector."""
+
+
+def sparse_counts(numel: int, k, value_dtype: str, with_indices: bool = True) -> list:
+    """What one sparse tensor adds to each of ``COUNTERS`` (k may be a framework scalar)."""
+    return [sparse_bytes(k, value_dtype, with_indices), dense_fp32_bytes(numel), 1, 0, k, numel, 0]
+
+
+def dense_counts(numel: int, itemsize: int) -> list:
+    """What one tensor sent whole adds to each of ``COUNTERS``."""
+    return [numel * itemsize, dense_fp32_bytes(numel), 0, 1, numel, numel, 0]
+
+
+STEP_COUNTS = [0, 0, 0, 0, 0, 0, 1]
+"""What closing an optimizer step adds to ``COUNTERS``."""
+
+
+def stats_dict(counters, steps: int | None = None) -> dict:
+    """The counters as a dict, with the compression ratio (dense fp32 bytes / bytes sent)."""
+    out = {key: int(value) for key, value in zip(COUNTERS, counters)}
+    if steps is not None:
+        out["steps"] = int(steps)
+    out["compression_ratio"] = out["bytes_dense"] / out["bytes_sent"] if out["bytes_sent"] else None
+    return out
+
+
 @dataclass
 class CompressionStats:
     """Cumulative byte accounting of one rank, counted from the tensors handed to collectives."""
 
-    bytes_sent: int = 0
-    bytes_dense: int = 0
-    tensors_sparse: int = 0
-    tensors_dense: int = 0
-    elements_selected: int = 0
-    elements_total: int = 0
-    steps: int = 0
+    counts: list = field(default_factory=lambda: [0] * len(COUNTERS))
     _last_step_bytes: int = field(default=0, repr=False)
 
+    def add(self, increments) -> None:
+        self.counts = [a + int(b) for a, b in zip(self.counts, increments)]
+        self._last_step_bytes += int(increments[0])
+
     def record_sparse(self, numel: int, k: int, value_dtype: str, with_indices: bool = True) -> None:
-        sent = sparse_bytes(k, value_dtype, with_indices)
-        self.bytes_sent += sent
-        self.bytes_dense += dense_fp32_bytes(numel)
-        self.tensors_sparse += 1
-        self.elements_selected += k
-        self.elements_total += numel
-        self._last_step_bytes += sent
+        self.add(sparse_counts(numel, k, value_dtype, with_indices))
 
     def record_dense(self, numel: int, itemsize: int) -> None:
-        sent = numel * itemsize
-        self.bytes_sent += sent
-        self.bytes_dense += dense_fp32_bytes(numel)
-        self.tensors_dense += 1
-        self.elements_selected += numel
-        self.elements_total += numel
-        self._last_step_bytes += sent
+        self.add(dense_counts(numel, itemsize))
 
     def end_step(self) -> int:
         """Closes a step; returns the bytes sent during it."""
-        self.steps += 1
-        sent, self._last_step_bytes = self._last_step_bytes, 0
+        sent = self._last_step_bytes
+        self.add(STEP_COUNTS)
+        self._last_step_bytes = 0
         return sent
 
     def as_dict(self) -> dict:
-        ratio = self.bytes_dense / self.bytes_sent if self.bytes_sent else None
-        return {
-            "bytes_sent": self.bytes_sent,
-            "bytes_dense": self.bytes_dense,
-            "compression_ratio": ratio,
-            "tensors_sparse": self.tensors_sparse,
-            "tensors_dense": self.tensors_dense,
-            "elements_selected": self.elements_selected,
-            "elements_total": self.elements_total,
-            "steps": self.steps,
-        }
+        return stats_dict(self.counts)
 
     def load(self, state: dict) -> None:
-        for key in ("bytes_sent", "bytes_dense", "tensors_sparse", "tensors_dense",
-                    "elements_selected", "elements_total", "steps"):
-            setattr(self, key, int(state.get(key, 0)))
+        self.counts = [int(state.get(key, 0)) for key in COUNTERS]

@@ -8,19 +8,19 @@ The origin document's example runs with only its import changed::
 
 and so does ``model.compile(optimizer=Ranger(...)); model.fit(...)``.
 
-With N > 1 ranks, each step of each variable (inside ``apply_gradients``):
+With N > 1 ranks, each step of each variable (inside ``apply_gradients``) runs the exchange every
+TensorFlow entry point shares (``exchange.py``): the error-feedback step of ``core.ErrorFeedback``,
+this rank's top-k through an allgather (small and 1-D variables: a plain allreduce), and every rank
+scatter-adds all ranks' pairs and divides by N. Then the update:
 
-* compressed variables (``core.is_compressed``): DGC momentum correction with factor masking,
-  u = m*u + g, v = v + u, send the top-k of v, zero u and v where sent (m = 0: error feedback,
-  acc = e + g); values and indices travel in one allgather, every rank scatter-adds them and
-  divides by N; then  w = w - lr * (that average);
-* small and 1-D variables: local momentum u = m*u + g, allreduce-average of u, w = w - lr * average,
-  which is ordinary momentum SGD on the averaged gradient.
+* ``momentum_mode="global"`` (default): Keras SGD's momentum rule (and Nesterov) on the averaged
+  sparse update, as PowerSGD and EF-SGD apply momentum after aggregation;
+* ``momentum_mode="dgc"``: DGC's momentum correction lives in the compressor (u = m*u + g, v = v + u,
+  send the top-k of v, zero u and v where sent) and the update is w = w - lr * average.
 
-The momentum therefore lives in the compressor's state (optimizer variables ``*_ranger_residual`` and
-``*_ranger_velocity``), not in a separate SGD momentum. With one process nothing is exchanged and
-Ranger steps exactly like ``keras.optimizers.SGD(learning_rate, momentum)`` (the same formula with the
-same order of operations, so the same bits): m = m*momentum - lr*g, w = w + m.
+With one process nothing is exchanged and Ranger steps exactly like ``keras.optimizers.SGD(
+learning_rate, momentum, nesterov)`` (the same formula with the same order of operations, so the same
+bits) in either mode.
 
 Horovod is initialised on construction if needed, and on the first step (``iterations == 0``) every
 variable is first replaced by rank 0's value, so all ranks train the same model even if each built its
@@ -29,7 +29,8 @@ Horovod's broadcast callback (which broadcasts after the first batch) this only 
 For ``model.fit`` use :class:`BroadcastInitialWeights` as well to start exactly from rank 0's weights.
 
 State (residuals, velocities, the byte counters, ``iterations``) lives in optimizer variables, so it is
-saved and restored by ``tf.train.Checkpoint(optimizer=opt)`` and by Keras saving.
+saved and restored by ``tf.train.Checkpoint(optimizer=opt)`` and by Keras saving. The defaults are
+those of ``ranger_hvd.torch.Ranger``: momentum 0.9, density 0.01, global momentum.
 """
 
 from __future__ import annotations
@@ -39,10 +40,8 @@ import tensorflow as tf
 
 from ranger_hvd import core
 
-from . import _hvd
-from .compressor import (_COUNTERS, checked, count_dense, count_sparse, dense_exchange, dense_step,
-                         safe_name, sparse_exchange, stats_dict, topk_step, variable_name)
-from .selection import k_for_step
+from . import _hvd, exchange
+from .state import OptimizerSlot, TFOps, safe_name, variable_name
 
 _OPTION_NAMES = set(core.RangerOptions.model_fields) - {"density", "momentum", "min_elements"}
 
@@ -52,32 +51,46 @@ class Ranger(keras.optimizers.Optimizer):
 
     Args:
         learning_rate (or ``lr``, as in the origin document): float, schedule or callable.
-        momentum: m in [0, 1); lives in the compressor (DGC momentum correction) when N > 1.
-        density: fraction of each compressed tensor sent per step (default 0.01).
-        min_elements: smaller tensors go dense (default 1024).
+        momentum: m in [0, 1).
+        density: fraction of each compressed tensor sent per step.
+        min_elements: smaller tensors go dense.
+        momentum_mode: ``"global"`` (momentum on the averaged update) or ``"dgc"`` (DGC momentum
+            correction in the compressor).
+        nesterov: Nesterov momentum (``"global"`` only).
         root_rank: whose initial weights every rank adopts on the first step.
         broadcast_initial: set False to skip that broadcast.
-        **kwargs: the other ``core.RangerOptions`` (``compress_1d``, ``warmup_steps``,
-            ``warmup_start_density``, ``clip_norm``, ``value_dtype``, ``check_finite``,
-            ``sample_fraction``, ``seed``) and Keras optimizer arguments (``weight_decay``,
-            ``clipnorm``, ``name``, ...).
+        **kwargs: the other ``core.RangerOptions`` (``selection``, ``compress_1d``,
+            ``warmup_steps``, ``warmup_start_density``, ``clip_norm``, ``value_dtype``,
+            ``check_finite``, ``sample_fraction``, ``seed``) and Keras optimizer arguments
+            (``weight_decay``, ``clipnorm``, ``name``, ...).
 
     Raises ``ranger_hvd.core.OptionsError`` on options that make no sense.
     """
 
-    def __init__(self, learning_rate=None, momentum=0.0, density=0.01, min_elements=1024,
-                 root_rank=0, broadcast_initial=True, lr=None, name=None, **kwargs):
+    def __init__(self, learning_rate=None, momentum=0.9, density=0.01, min_elements=1024,
+                 momentum_mode="global", nesterov=False, root_rank=0, broadcast_initial=True,
+                 lr=None, name=None, **kwargs):
         if lr is not None and learning_rate is not None and lr != learning_rate:
             raise ValueError(f"Ranger: lr={lr!r} and learning_rate={learning_rate!r} disagree; "
                              "give one of them")
         if learning_rate is None:
             learning_rate = 0.01 if lr is None else lr
+        if momentum_mode not in ("global", "dgc"):
+            raise ValueError(f"momentum_mode must be 'global' or 'dgc', got {momentum_mode!r}")
+        if nesterov and momentum_mode == "dgc":
+            raise ValueError("nesterov=True needs momentum_mode='global': DGC's momentum correction "
+                             "has no Nesterov form")
         ranger_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_NAMES}
-        options = core.make_options(density=density, momentum=momentum,
+        in_compressor = momentum if momentum_mode == "dgc" else 0.0
+        options = core.make_options(density=density, momentum=in_compressor,
                                     min_elements=min_elements, **ranger_kwargs)
+        if not 0.0 <= float(momentum) < 1.0:
+            raise core.OptionsError(f"invalid Ranger option: momentum must be in [0, 1) (got {momentum!r})")
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.options = options
         self.momentum = float(momentum)
+        self.momentum_mode = momentum_mode
+        self.nesterov = bool(nesterov)
         self.root_rank = int(root_rank)
         self.broadcast_initial = bool(broadcast_initial)
         hvd = _hvd.ensure_init()
@@ -88,50 +101,58 @@ class Ranger(keras.optimizers.Optimizer):
             return
         super().build(variables)
         distributed = self.world_size > 1
-        self._ranger_names = [variable_name(v) for v in variables]
-        self._ranger_compressed = [distributed and core.is_compressed(tuple(v.shape), self.options)
-                                   for v in variables]
+        names = [variable_name(v) for v in variables]
+        compressed = [distributed and core.is_compressed(tuple(v.shape), self.options)
+                      for v in variables]
         self.ranger_residuals = [self.add_variable_from_reference(v, "ranger_residual") if c else None
-                                 for v, c in zip(variables, self._ranger_compressed)]
+                                 for v, c in zip(variables, compressed)]
         self.ranger_velocities = [self.add_variable_from_reference(v, "ranger_velocity")
                                   if self.momentum > 0 else None for v in variables]
-        self.ranger_counters = self.add_variable(shape=(len(_COUNTERS),), dtype="int64",
+        self.ranger_counters = self.add_variable(shape=(len(core.COUNTERS),), dtype="int64",
                                                  name="ranger_counters")
+        self._ranger_engine = core.ErrorFeedback(self.options, TFOps(self.options, self.ranger_counters))
+        dgc = self.momentum_mode == "dgc"
+        self._ranger_slots = [
+            OptimizerSlot(i, names[i], v.shape, v.dtype, compressed[i], self.ranger_residuals[i],
+                          self.ranger_velocities[i] if dgc else None, self.iterations)
+            for i, v in enumerate(variables)]
+
+    def _sgd(self, variable, g, lr, velocity):
+        """keras.optimizers.SGD's rule, operation for operation (so one process matches it exactly)."""
+        if velocity is None:
+            self.assign_sub(variable, g * lr)
+            return
+        m = tf.cast(self.momentum, variable.dtype)
+        self.assign(velocity, velocity * m - g * lr)
+        if self.nesterov:
+            self.assign_add(variable, velocity * m - g * lr)
+        else:
+            self.assign_add(variable, velocity)
 
     def update_step(self, gradient, variable, learning_rate):
         i = self._get_variable_index(variable)
         lr = tf.cast(learning_rate, variable.dtype)
         g = tf.cast(gradient, variable.dtype)
         velocity = self.ranger_velocities[i]
+        slot = self._ranger_slots[i]
         if self.world_size == 1:
-            # keras.optimizers.SGD's rule, operation for operation, so one process matches it exactly.
-            g = checked(g, self._ranger_names[i], self.options)
-            if velocity is None:
-                self.assign_sub(variable, g * lr)
-            else:
-                self.assign(velocity, velocity * tf.cast(self.momentum, variable.dtype) - g * lr)
-                self.assign_add(variable, velocity)
+            g = self._ranger_engine.ops.ensure_finite(g, slot.tensor_name, slot) \
+                if self.options.check_finite else g
+            self._sgd(variable, g, lr, velocity)
             return
         if self.broadcast_initial:
             self._adopt_root_value(variable, i)
-        name = safe_name(f"{self.name}_{i}")
-        vname = self._ranger_names[i]
-        numel = core.numel_of(variable.shape)
-        if self._ranger_compressed[i]:
-            k = k_for_step(numel, self.options, self.iterations)
-            idx, values = topk_step(g, self.ranger_residuals[i], velocity, k, self.options,
-                                    self.world_size, vname)
-            count_sparse(self.ranger_counters, numel, tf.size(idx), self.options.value_dtype)
-            average = sparse_exchange(idx, values, numel, variable.dtype, f"RangerAllgather_{name}",
-                                      average=True, world_size=self.world_size,
-                                      value_dtype=self.options.value_dtype)
-            average = tf.reshape(average, variable.shape)
+        hvd = _hvd.module()
+        tag = safe_name(f"{self.name}_{i}")
+        carried, ctx = exchange.start(self._ranger_engine, slot, g, self.world_size,
+                                      f"RangerTopk_{tag}")
+        reduced = hvd.allreduce(carried, op=hvd.Average, name=f"RangerAllreduce_{tag}",
+                                ignore_name_scope=True)
+        average = exchange.finish(reduced, ctx, self.options.value_dtype)
+        if self.momentum_mode == "dgc":
+            self.assign_sub(variable, average * lr)
         else:
-            sent = dense_step(g, velocity, self.options, vname)
-            count_dense(self.ranger_counters, numel, sent.dtype.size)
-            average = dense_exchange(sent, f"RangerAllreduce_{name}", average=True)
-        self.assign_sub(variable, average * lr)
-
+            self._sgd(variable, average, lr, velocity)
     def _adopt_root_value(self, variable, i):
         """On the first step, replace the variable by the root rank's value (one broadcast)."""
         hvd = _hvd.module()
@@ -152,14 +173,16 @@ class Ranger(keras.optimizers.Optimizer):
     def stats(self) -> dict:
         """Cumulative bytes this rank handed to collectives, and what plain fp32 would have sent."""
         if not self.built:
-            return stats_dict([0] * len(_COUNTERS), 0)
-        return stats_dict(keras.ops.convert_to_numpy(self.ranger_counters),
+            return core.stats_dict([0] * len(core.COUNTERS), 0)
+        return core.stats_dict(keras.ops.convert_to_numpy(self.ranger_counters),
                           int(keras.ops.convert_to_numpy(self.iterations)))
 
     def get_config(self):
         config = super().get_config()
         opts = self.options.model_dump()
-        config.update({"momentum": opts.pop("momentum"), "density": opts.pop("density"),
+        opts.pop("momentum")
+        config.update({"momentum": self.momentum, "density": opts.pop("density"),
                        "min_elements": opts.pop("min_elements"), "root_rank": self.root_rank,
-                       "broadcast_initial": self.broadcast_initial, **opts})
+                       "broadcast_initial": self.broadcast_initial,
+                       "momentum_mode": self.momentum_mode, "nesterov": self.nesterov, **opts})
         return config

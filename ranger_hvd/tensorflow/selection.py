@@ -21,7 +21,7 @@ of ``tf.math.top_k``: among equal values the lower index comes first.
 
 ``random_k_indices`` serves Horovod's own tape, which sums compressed tensors elementwise: every rank
 must pick the same coordinates with no message, so they come from stateless draws whose seed is
-derived from ``core.random_k_seed`` and the tensor's step counter.
+``[core.random_k_seed(seed, name), step]``.
 
 k may be a Python int or a scalar int tensor (density warm-up changes it from step to step).
 """
@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-# Below this size one exact top_k is cheaper than sampling and its bookkeeping.
-SAMPLING_MIN_NUMEL = 1 << 14
-# The estimate aims at sample rank a * r + b * sqrt(r) + c (r: the expected rank of the true
-# threshold); the second try casts a much wider net. Same constants as the PyTorch backend.
-_SAMPLE_TRIES = ((1.0, 3.0, 4), (2.0, 8.0, 32))
+from ranger_hvd.core import SAMPLE_TRIES, sample_stride, uses_sampling
+
 # Rows of the column view. Fewer rows light up fewer columns (less to gather, one element at a
 # time) but make the column reductions write more; 8 was fastest on one CPU thread at densities
 # 0.01 and 0.001 (4, 16 and 32 rows, and contiguous rows of 8 to 32 entries, were slower).
@@ -98,9 +95,8 @@ def topk_indices(flat: tf.Tensor, k, sample_fraction: float = 0.01) -> tf.Tensor
     static_k = k if isinstance(k, int) else None
     if static_k is not None and static_k >= n:
         return tf.range(n, dtype=tf.int32)
-    stride = max(1, int(round(1.0 / sample_fraction)))
-    sampled = n >= SAMPLING_MIN_NUMEL and stride > 1 and (static_k is None or static_k * 4 <= n)
-    if not sampled:
+    stride = sample_stride(sample_fraction)
+    if not uses_sampling(n, static_k, sample_fraction):
         return _exact(flat, k)
     k_t = tf.convert_to_tensor(k, dtype=tf.int32)
     # Every stride-th entry; a column of a [n // stride, stride] view is cheaper than a strided slice.
@@ -122,12 +118,12 @@ def topk_indices(flat: tf.Tensor, k, sample_fraction: float = 0.01) -> tf.Tensor
                        lambda: _keep_k_lowest_ties(positions, mags, k_t),
                        lambda: attempt(rest))
 
-    return attempt(_SAMPLE_TRIES)
+    return attempt(SAMPLE_TRIES)
 
 
 def seed_pair(base_seed: int, step) -> tf.Tensor:
-    """The stateless-RNG seed of one (tensor, step): [low 31 bits of the core seed, step]."""
-    return tf.stack([tf.constant(base_seed & 0x7FFFFFFF, tf.int64), tf.cast(step, tf.int64)])
+    """The stateless-RNG seed of one (tensor, step): [core.random_k_seed(seed, name), step]."""
+    return tf.stack([tf.constant(base_seed, tf.int64), tf.cast(step, tf.int64)])
 
 
 def _random_k_dense(n: int, k, seed: tf.Tensor) -> tf.Tensor:
@@ -170,22 +166,4 @@ def random_k_indices(n: int, k, seed: tf.Tensor) -> tf.Tensor:
                    lambda: _random_k_sparse(n, k_t, seed))
 
 
-def k_schedule(numel: int, options) -> list[int]:
-    """k for steps 0, 1, ..., warmup_steps (the last entry holds for every later step)."""
-    from ranger_hvd.core import density_at, num_selected
-
-    total = max(0, options.warmup_steps)
-    return [num_selected(numel, density_at(t, options)) for t in range(total + 1)]
-
-
-def k_for_step(numel: int, options, step):
-    """A Python int when k never changes, else a scalar int32 tensor read from the warm-up schedule."""
-    table = k_schedule(numel, options)
-    if len(set(table)) == 1:
-        return table[0]
-    index = tf.minimum(tf.cast(step, tf.int32), len(table) - 1)
-    return tf.gather(tf.constant(table, tf.int32), index)
-
-
-__all__ = ["topk_indices", "random_k_indices", "seed_pair", "k_schedule", "k_for_step",
-           "SAMPLING_MIN_NUMEL"]
+__all__ = ["topk_indices", "random_k_indices", "seed_pair"]

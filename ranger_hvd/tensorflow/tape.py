@@ -9,11 +9,11 @@ Wrap a tape as with Horovod::
 
 For each variable with a gradient, in the order of ``sources`` (the same on every rank):
 
-* compressed tensors: the compressor steps its error-feedback state (keyed by the variable) and picks
-  this rank's own top-k; values and int32 indices travel in one allgather named after the
-  compressor's tag and the variable's slot (rank-independent names); every rank scatter-adds the
-  N payloads into one zeroed gradient and divides by N (``op=Average``) or not (``op=Sum``);
-* small and 1-D tensors: one plain allreduce.
+the compressor's state is keyed by the variable, and the exchange is the one Horovod's own tape runs
+with a ``RangerCompressor`` (``exchange.start``, ``hvd.allreduce``, ``exchange.finish``): compressed
+tensors send this rank's top-k through an allgather and a 1-element token through the allreduce;
+small and 1-D tensors go through the allreduce whole. Collective names follow the compressor's tag
+and the variable's slot, the same on every rank.
 
 Horovod's own tape keys its bookkeeping by ``variable.ref()``, which Keras 3 variables lack; this tape
 calls Horovod's collectives directly and works with tf.Variables and Keras 3 variables alike. In eager
@@ -25,29 +25,26 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from . import _hvd
-from .compressor import RangerCompressor, dense_exchange, sparse_exchange
+from . import _hvd, exchange
+from .compressor import RangerCompressor
+from .state import safe_name
+
+# Horovod's tape arguments that this tape cannot honour, with the value that means "not used".
+_UNSUPPORTED = {"device_dense": "", "device_sparse": "", "num_groups": 0, "groups": None,
+                "scale_local_gradients": True}
 
 
-def _exchange(comp: RangerCompressor, variables, grads, average: bool, predivide: float,
-              process_set, world: int):
+def _exchange(comp: RangerCompressor, variables, grads, op, predivide: float, process_set):
+    hvd = _hvd.module()
+    kwargs = {"process_set": process_set} if process_set is not None else {}
+    scales = ({"prescale_factor": 1.0 / predivide, "postscale_factor": predivide}
+              if op == hvd.Average else {})
     out = []
     for variable, grad in zip(variables, grads):
-        slot = comp.slot_for(variable)
-        idx, values = comp.compress_variable(variable, grad)
-        name = f"{comp.tag}_{slot.index}"
-        if idx is None:
-            comp.record_dense(slot.numel, values.dtype.size)
-            reduced = dense_exchange(values, f"RangerAllreduce_{name}", average=average,
-                                     process_set=process_set, predivide=predivide)
-        else:
-            comp.record_sparse(slot.numel, tf.size(idx))
-            reduced = tf.reshape(
-                sparse_exchange(idx, values, slot.numel, slot.dtype, f"RangerAllgather_{name}",
-                                average=average, world_size=world,
-                                value_dtype=comp.options.value_dtype, process_set=process_set,
-                                predivide=predivide), slot.shape)
-        out.append(tf.cast(reduced, grad.dtype))
+        carried, ctx = comp.start_variable(variable, grad, process_set)
+        name = f"RangerAllreduce_{safe_name(comp.tag)}_{comp.slot_for(variable).index}"
+        reduced = hvd.allreduce(carried, op=op, name=name, ignore_name_scope=True, **scales, **kwargs)
+        out.append(tf.cast(exchange.finish(reduced, ctx, comp.options.value_dtype), grad.dtype))
     comp.end_step()
     return out
 
@@ -57,10 +54,10 @@ class DistributedGradientTape:
 
     Args mirror ``horovod.tensorflow.DistributedGradientTape``: ``compression`` (a
     :class:`RangerCompressor`, required), ``op`` (``hvd.Average`` default, or ``hvd.Sum``),
-    ``gradient_predivide_factor`` (Average only: values are scaled by 1/f before the exchange and by
-    f/N after), ``process_set``. ``device_dense``, ``device_sparse``, ``num_groups``/``groups`` are
-    accepted for drop-in use and have no effect here (each tensor is one collective; Horovod fuses
-    them). ``tf.IndexedSlices`` gradients are made dense first (as ``sparse_as_dense=True``).
+    ``gradient_predivide_factor`` (Average only), ``process_set``. ``tf.IndexedSlices`` gradients are
+    made dense first (as ``sparse_as_dense=True``). ``device_dense``, ``device_sparse``,
+    ``num_groups``/``groups`` and ``scale_local_gradients=False`` have no meaning here and raise
+    when set (each tensor has its own collectives; Horovod fuses those that are ready together).
     """
 
     def __init__(self, gradtape, device_dense='', device_sparse='', compression=None,
@@ -70,6 +67,13 @@ class DistributedGradientTape:
             raise TypeError("ranger_hvd.tensorflow.DistributedGradientTape needs "
                             "compression=RangerCompressor(...); for Horovod's own compressors use "
                             "horovod.tensorflow.DistributedGradientTape")
+        given = {"device_dense": device_dense, "device_sparse": device_sparse,
+                 "num_groups": num_groups, "groups": groups,
+                 "scale_local_gradients": scale_local_gradients}
+        for arg, default in _UNSUPPORTED.items():
+            if given[arg] != default:
+                raise ValueError(f"ranger_hvd.tensorflow.DistributedGradientTape does not support "
+                                 f"{arg}={given[arg]!r} (only the default, {default!r})")
         hvd = _hvd.ensure_init()
         op = hvd.Average if op is None else op
         if op not in (hvd.Average, hvd.Sum):
@@ -79,10 +83,9 @@ class DistributedGradientTape:
             raise ValueError("gradient_predivide_factor is only supported with op=hvd.Average")
         self._tape = gradtape
         self._comp = compression
-        self._average = op == hvd.Average
+        self._op = op
         self._predivide = float(gradient_predivide_factor)
         self._process_set = process_set
-        self._world = process_set.size() if process_set is not None else hvd.size()
 
     # The wrapped tape does the recording; this object only changes what gradient() returns.
     def __enter__(self):
@@ -108,8 +111,8 @@ class DistributedGradientTape:
             fn = self._traced(variables)
             reduced = fn(dense)
         else:
-            reduced = _exchange(self._comp, variables, dense, self._average, self._predivide,
-                                self._process_set, self._world)
+            reduced = _exchange(self._comp, variables, dense, self._op, self._predivide,
+                                self._process_set)
         out = list(grads)
         for i, r in zip(present, reduced):
             out[i] = r
@@ -117,16 +120,15 @@ class DistributedGradientTape:
 
     def _traced(self, variables):
         comp = self._comp
-        key = (tuple(comp.slot_for(v).index for v in variables), self._average, self._predivide,
+        key = (tuple(comp.slot_for(v).index for v in variables), self._op, self._predivide,
                id(self._process_set))
         fn = comp._lookup.functions.get(key)
         if fn is None:
-            average, predivide, ps, world = (self._average, self._predivide, self._process_set,
-                                             self._world)
+            op, predivide, ps = self._op, self._predivide, self._process_set
 
-            def exchange(grads):
-                return _exchange(comp, variables, grads, average, predivide, ps, world)
+            def traced_exchange(grads):
+                return _exchange(comp, variables, grads, op, predivide, ps)
 
-            fn = tf.function(exchange)
+            fn = tf.function(traced_exchange)
             comp._lookup.functions[key] = fn
         return fn

@@ -25,13 +25,7 @@ import math
 
 import torch
 
-# Below this size a direct exact selection is cheaper than sampling and its bookkeeping.
-_SAMPLING_MIN_NUMEL = 1 << 14
-# The sampled estimate aims at a rank above the expected one r, by three standard deviations of
-# the count (about sqrt(r)) plus a little, so that one pass nearly always yields k candidates while
-# the candidate set stays close to k; the second try casts a much wider net.
-_SAMPLE_TRIES = ((1.0, 3.0, 4), (2.0, 8.0, 32))  # rank = a * r + b * sqrt(r) + c
-
+from ranger_hvd.core import SAMPLE_TRIES, sample_stride, uses_sampling
 
 class SelectionScratch:
     """Reusable buffers for the magnitudes and the candidate mask.
@@ -119,13 +113,13 @@ def topk_indices(flat: torch.Tensor, k: int, sample_fraction: float = 0.01,
         return torch.arange(n, dtype=torch.int32, device=flat.device)
     mag = _magnitudes(flat, scratch)
 
-    stride = max(1, int(round(1.0 / sample_fraction)))
-    if n >= _SAMPLING_MIN_NUMEL and stride > 1 and k * 4 <= n:
+    stride = sample_stride(sample_fraction)
+    if uses_sampling(n, k, sample_fraction):
         sample = mag[::stride]
         m = sample.numel()
         expected = k * m / n  # rank of the true threshold inside the sample
         mask = scratch.mask(n, flat) if scratch is not None else None
-        for a, b, c in _SAMPLE_TRIES:
+        for a, b, c in SAMPLE_TRIES:
             rank = min(m, int(math.ceil(a * expected + b * math.sqrt(expected))) + c)
             estimate = torch.topk(sample, rank, sorted=False).values.min()
             if mask is None:

@@ -49,11 +49,12 @@ def test_tape_bytes_follow_the_formula(main_reports):
     steps = main_reports[0]["a_steps"]
     for r in main_reports:
         s = r["a_stats"]
-        assert s["bytes_sent"] == steps * (k * (4 + 4) + 60 * 4)  # sparse W, dense 1-D bias
+        # sparse W: k values, k int32 indices and the 4-byte token; dense 1-D bias
+        assert s["bytes_sent"] == steps * (k * (4 + 4) + 4 + 60 * 4)
         assert s["bytes_dense"] == steps * 4 * (2400 + 60)
         assert s["tensors_sparse"] == steps and s["tensors_dense"] == steps
         f = r["a_fp16_stats"]  # fp16 values: k * (2 + 4), k = ceil(0.02 * 1500) = 30
-        assert f["bytes_sent"] == 5 * 30 * (2 + 4)
+        assert f["bytes_sent"] == 5 * (30 * (2 + 4) + 4)
 
 
 def test_tape_momentum_fp16_sum_matches_reference(main_reports):
@@ -69,12 +70,24 @@ def test_tape_checkpoint_round_trip(main_reports):
 # ----------------------------------------------------------------------------- (b) Horovod's tape
 def test_horovod_tape_ranks_agree_and_send_fewer_bytes(main_reports):
     r0, r1 = main_reports
-    assert r0["b_crc"] == r1["b_crc"]
-    # Different data per rank: the residuals differ, the shared coordinates keep weights identical.
-    assert r0["b_residual_norm"] != r1["b_residual_norm"]
+    for key in ("b", "br"):
+        assert r0[f"{key}_crc"] == r1[f"{key}_crc"], key
+        # Different data per rank: the residuals differ, the exchange keeps weights identical.
+        assert r0[f"{key}_residual_norm"] != r1[f"{key}_residual_norm"], key
+    # k = 200 of W's 2000: top-k sends values, int32 indices and the token; dense bias
     s = r0["b_stats"]
-    assert s["bytes_sent"] == 4 * (200 * 4 + 40 * 4)  # k = 200 values of W, no indices; dense bias
+    assert s["bytes_sent"] == 4 * (200 * (4 + 4) + 4 + 40 * 4) and s["steps"] == 4
+    # random-k sends the values only
+    s = r0["br_stats"]
+    assert s["bytes_sent"] == 4 * (200 * 4 + 40 * 4)
     assert s["bytes_sent"] < s["bytes_dense"]
+
+
+def test_horovod_tape_equals_ours_at_low_density(main_reports):
+    for r in main_reports:
+        hook, ours = r["b_vs_a_crc"]
+        assert hook == ours
+        assert r["b_vs_a_moved"] > 1e-3
 
 
 def test_horovod_tape_d1_equals_uncompressed(main_reports):

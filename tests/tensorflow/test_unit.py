@@ -121,7 +121,8 @@ def test_conservation_inside_one_rank():
 def test_in_place_residual_update_is_safe():
     # The residual is updated in its own buffer: a residual read earlier must not change, a variable
     # in copy-on-read mode (after a sparse read) must still step exactly, and Keras 3 variables too.
-    from ranger_hvd.tensorflow.compressor import topk_step
+    from ranger_hvd.core import ErrorFeedback
+    from ranger_hvd.tensorflow.state import OptimizerSlot, TFOps
     rng = np.random.default_rng(9)
     for momentum in (0.0, 0.9):
         comp = RangerCompressor(density=0.02, momentum=momentum, min_elements=100)
@@ -145,11 +146,16 @@ def test_in_place_residual_update_is_safe():
         ref = ReferenceCompressor(3000, opts)
         res = keras.Variable(np.zeros((60, 50), np.float32))
         vel = keras.Variable(np.zeros((60, 50), np.float32)) if momentum else None
-        step = lambda g: topk_step(g, res, vel, 150, opts, 1, "k")  # noqa: E731
+        # The Keras Ranger's layout: shaped Keras variables, stepped by the optimizer's iterations.
+        iterations = tf.Variable(0, dtype=tf.int64)
+        slot = OptimizerSlot(0, "k", (60, 50), tf.float32, True, res, vel, iterations)
+        engine = ErrorFeedback(opts, TFOps(opts, tf.Variable(tf.zeros([7], tf.int64))))
+        step = lambda g: engine.sparse_step(slot, g, "k", (60, 50), 1)[:2]  # noqa: E731
         traced = tf.function(step)
         for t in range(4):
             g = rng.standard_normal((60, 50)).astype(np.float32)
             idx, vals = (traced if t % 2 else step)(tf.constant(g))
+            iterations.assign_add(1)
             ridx, rvals = ref.step(g)
             np.testing.assert_array_equal(idx.numpy(), ridx)
             np.testing.assert_array_equal(vals.numpy(), rvals)
@@ -238,7 +244,8 @@ def test_tape_bytes_in_one_process():
             loss = tf.reduce_sum(model(tf.ones((4, 100))) ** 2)
         DistributedGradientTape(tape, compression=comp).gradient(loss, model.trainable_variables)
     s = comp.stats()
-    assert s["bytes_sent"] == 3 * (50 * (2 + 4) + 50 * 4)  # k = 50 of 5000, bf16 values; dense bias
+    # k = 50 of 5000, bf16 values, int32 indices and the 4-byte token; the bias dense
+    assert s["bytes_sent"] == 3 * (50 * (2 + 4) + 4 + 50 * 4)
     assert s["bytes_dense"] == 3 * 4 * (5000 + 50)
     assert s["steps"] == 3
 

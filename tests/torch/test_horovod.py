@@ -47,9 +47,9 @@ def single(tmp_path_factory):
 def test_density_one_equals_horovod_step_after_step(core):
     for rep in core:
         eq = rep["equivalence"]
-        for label in ("average", "sum", "predivide", "passes"):
+        for label in ("average", "sum", "predivide", "passes", "groups"):
             assert eq[f"moved_{label}"] > 1e-3, label  # the parameters did change
-            for mode in ("a", "b"):
+            for mode in ("a", "b", "r"):
                 diffs = eq[f"{mode}_{label}"]
                 assert len(diffs) == 4
                 if rep["size"] == 2:
@@ -62,13 +62,13 @@ def test_density_one_equals_horovod_step_after_step(core):
 
 def test_sparse_optimizer_and_ranger_follow_reference(core):
     for rep in core:
-        for mode in ("reference_a", "reference_c"):
+        for mode in ("reference_a", "reference_b", "reference_c", "reference_d"):
             assert rep[mode]["moved"] > 0.1
             assert rep[mode]["max_rel_error"] < 1e-5, (mode, rep[mode])
 
 
 # ---------------------------------------------------------------- conservation and bytes
-@pytest.mark.parametrize("mode", ["conservation_a", "conservation_b"])
+@pytest.mark.parametrize("mode", ["conservation_a", "conservation_b", "conservation_r"])
 def test_conservation_observed_from_outside(core, mode):
     for rep in core:
         r = rep[mode]
@@ -77,7 +77,7 @@ def test_conservation_observed_from_outside(core, mode):
         assert r["max_error"] < 1e-5 * max(1.0, r["scale"]), r
 
 
-@pytest.mark.parametrize("mode", ["conservation_a", "conservation_b"])
+@pytest.mark.parametrize("mode", ["conservation_a", "conservation_b", "conservation_r"])
 def test_bytes_follow_the_formula(core, mode):
     for rep in core:
         r = rep[mode]
@@ -88,20 +88,30 @@ def test_bytes_follow_the_formula(core, mode):
 
 def test_low_density_bytes(core):
     # Two compressed weights (64x24 -> k=31, 8x64 -> k=11) and three dense biases plus the 3x8
-    # weight (64 + 8 + 3 + 24 = 99 entries), six steps.
-    stats = core[0]["agree_a"]["stats"]
-    assert stats["bytes_sent"] == 6 * ((31 + 11) * (4 + 4) + 99 * 4)
-    assert stats["bytes_dense"] == 6 * 4 * (1536 + 512 + 99)
-    b_stats = core[0]["agree_b"]["stats"]
-    assert b_stats["bytes_sent"] == 6 * ((31 + 11) * 4 + 99 * 4)
-    fp16 = core[0]["agree_a_fp16_wire"]["stats"]
-    assert fp16["bytes_sent"] == 6 * ((31 + 11) * (2 + 4) + 99 * 4)
+    # weight (64 + 8 + 3 + 24 = 99 entries), 20 steps. Top-k: k * (4 + 4) plus the 4-byte token per
+    # compressed tensor; random-k: k values.
+    for run in ("agree_a", "agree_b", "agree_ranger"):
+        stats = core[0][run]["stats"]
+        assert stats["bytes_sent"] == 20 * ((31 + 11) * (4 + 4) + 2 * 4 + 99 * 4), (run, stats)
+        assert stats["bytes_dense"] == 20 * 4 * (1536 + 512 + 99)
+    assert core[0]["agree_r"]["stats"]["bytes_sent"] == 20 * ((31 + 11) * 4 + 99 * 4)
+    fp16 = core[0]["agree_b_fp16_wire"]["stats"]
+    assert fp16["bytes_sent"] == 20 * ((31 + 11) * (2 + 4) + 2 * 4 + 99 * 4)
+
+
+def test_every_entry_point_is_one_exchange(core):
+    """Horovod's optimizer with the compressor, ours and Ranger end with the same bits on 2 ranks
+    (on 3, Gloo's ring adds the dense tensors in an order that depends on how Horovod fused them)."""
+    for rep in core:
+        if rep["size"] == 2:
+            assert rep["agree_a"]["params"] == rep["agree_b"]["params"] == rep["agree_ranger"]["params"]
 
 
 # ---------------------------------------------------------------- agreement across ranks
-AGREEMENT_RUNS = ["agree_a", "agree_b", "agree_a_momentum_warmup", "agree_b_momentum_warmup",
-                  "agree_a_fp16_wire", "agree_a_bf16_model", "agree_b_bf16_model",
-                  "agree_a_fp16_model", "agree_b_fp16_wire"]
+AGREEMENT_RUNS = ["agree_a", "agree_b", "agree_ranger", "agree_r", "agree_a_momentum_warmup",
+                  "agree_b_momentum_warmup", "agree_r_momentum_warmup", "agree_b_fp16_wire",
+                  "agree_b_bf16_model", "agree_r_bf16_model", "agree_b_fp16_model",
+                  "agree_r_fp16_wire"]
 
 
 @pytest.mark.parametrize("run", AGREEMENT_RUNS)
@@ -111,18 +121,18 @@ def test_all_ranks_end_with_identical_parameters(core, run):
 
 
 def test_conservation_params_identical_across_ranks(core):
-    for mode in ("conservation_a", "conservation_b"):
+    for mode in ("conservation_a", "conservation_b", "conservation_r"):
         assert len({rep[mode]["params"] for rep in core}) == 1
 
 
-@pytest.mark.parametrize("run", [r for r in AGREEMENT_RUNS if r.startswith("agree_b")])
-def test_horovod_mode_ranks_choose_the_same_coordinates(core, run):
+@pytest.mark.parametrize("run", [r for r in AGREEMENT_RUNS if r.startswith("agree_r") and r != "agree_ranger"])
+def test_random_k_ranks_choose_the_same_coordinates(core, run):
     assert len({rep[run]["chosen"] for rep in core}) == 1
-    assert core[0][run]["chosen_count"] == 2 * 6  # two compressed tensors, six steps
+    assert core[0][run]["chosen_count"] == 2 * 20  # two compressed tensors, 20 steps
 
 
 # ---------------------------------------------------------------- state_dict round trip
-@pytest.mark.parametrize("mode", ["a", "b", "c"])
+@pytest.mark.parametrize("mode", ["a", "b", "c", "d"])
 def test_state_dict_round_trip_resumes_bit_for_bit(state, mode):
     for rep in state:
         r = rep[mode]
@@ -138,26 +148,27 @@ def test_small_classification_at_one_percent_density(converge):
     for rep in converge:
         dense = rep["dense"]["loss"]
         assert dense < 0.5 * rep["initial_loss"]
-        # The drop-in optimizer (top-k, error feedback, the optimizer's own momentum).
-        assert rep["a"]["loss"] <= 1.1 * dense, (rep["a"]["loss"], dense)
-        # DGC's momentum factor masking drops the momentum of the coordinates sent most often, so
-        # Ranger learns more slowly on this small problem (about 1.4x dense's loss here; seeded,
-        # so the figure is stable). Random-k (Horovod's own optimizer) learns more slowly still.
-        assert rep["c"]["loss"] <= 1.6 * dense, (rep["c"]["loss"], dense)
-        assert rep["b"]["loss"] < 0.5 * rep["initial_loss"], rep["b"]["loss"]
+        # Top-k with error feedback and momentum after the exchange learns like dense: our
+        # optimizer (a), Horovod's own with the compressor (b) and Ranger's default (c).
         for mode in ("a", "b", "c"):
+            assert rep[mode]["loss"] <= 1.05 * dense, (mode, rep[mode]["loss"], dense)
+        # DGC's momentum factor masking drops the momentum of the coordinates sent most often, so
+        # it learns more slowly on this small problem; random-k more slowly still.
+        assert rep["d"]["loss"] <= 1.6 * dense, (rep["d"]["loss"], dense)
+        assert rep["r"]["loss"] < 0.5 * rep["initial_loss"], rep["r"]["loss"]
+        for mode in ("a", "b", "c", "d", "r"):
             s = rep[mode]["stats"]
-            assert s["bytes_sent"] * 10 < s["bytes_dense"]
+            assert s["bytes_sent"] * 10 < s["bytes_dense"], (mode, s)
+        assert rep["a"]["params"] == rep["b"]["params"] == rep["c"]["params"]
     assert len({rep["a"]["params"] for rep in converge}) == 1
 
 
 # ---------------------------------------------------------------- one process
 def test_ranger_single_process_is_sgd_momentum(single):
     assert single["size"] == 1 and single["initialised_by_ranger"]
-    assert not single["ranger_distributed"]
-    assert single["ranger"] == single["sgd"]
+    assert single["ranger"] == single["sgd"] == single["ranger_dgc"]
     assert single["ranger"] != single["sgd_other_wd"]  # the comparison can tell runs apart
-    assert single["ranger_stats"]["bytes_sent"] == 0
+    assert single["ranger_stats"]["bytes_sent"] == 0 == single["ranger_dgc_stats"]["bytes_sent"]
 
 
 def test_distributed_optimizer_single_process_is_the_wrapped_optimizer(single):

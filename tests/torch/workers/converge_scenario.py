@@ -53,15 +53,19 @@ def train(mode: str):
         opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), **sgd),
                                    named_parameters=named, compression=comp)
     elif mode == "b":
-        # Momentum in the compressor: with random-k, momentum in the optimizer on top of error
-        # feedback diverges at this learning rate.
-        comp = RangerCompressor(density=DENSITY, momentum=0.9, min_elements=1024,
-                                named_parameters=named)
+        # Existing Horovod code with one argument changed: real top-k by default.
+        comp = RangerCompressor(density=DENSITY, min_elements=1024)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), **sgd),
+                                       named_parameters=named, compression=comp)
+    elif mode == "r":
+        # Shared random-k. Momentum in the compressor: with random-k, momentum in the optimizer on
+        # top of error feedback diverges at this learning rate.
+        comp = RangerCompressor(density=DENSITY, momentum=0.9, min_elements=1024, selection="random")
         opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=5e-4),
                                        named_parameters=named, compression=comp)
     else:
         opt = Ranger(model.parameters(), density=DENSITY, min_elements=1024, named_parameters=named,
-                     **sgd)
+                     momentum_mode="global" if mode == "c" else "dgc", **sgd)
         comp = opt.compressor
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / STEPS)
     gen = torch.Generator().manual_seed(RANK)
@@ -80,6 +84,6 @@ def train(mode: str):
 
 
 out = {"rank": RANK, "initial_loss": full_loss(make_model())}
-for mode in ("dense", "a", "c", "b"):
+for mode in ("dense", "a", "b", "c", "d", "r"):
     out[mode] = train(mode)
 report(RANK, out)

@@ -52,27 +52,41 @@ def train(model, opt, steps: int, passes: int = 1, dtype=torch.float32):
 
 # ---------------------------------------------------------------- 1. d = 1, m = 0 equals Horovod
 # Weights 64x24 (1536) and 8x64 (512) are compressed with min_elements=256; the rest goes dense.
+# Modes: a = ranger_hvd.torch.DistributedOptimizer, b = Horovod's own optimizer with the compressor
+# (top-k; the compressor finds the names itself), r = Horovod's optimizer with shared random-k.
+MODES = ("a", "b", "r")
+
+
+def make_optimizer(mode: str, sgd, named, density: float, min_elements: int, **hvd_kwargs):
+    """The optimizer and the compressor of one entry point."""
+    options = hvd_kwargs.pop("options", {})
+    if mode == "a":
+        comp = RangerCompressor(density=density, min_elements=min_elements, **options)
+        return DistributedOptimizer(sgd, named_parameters=named, compression=comp, **hvd_kwargs), comp
+    if mode == "r":
+        options = dict(options, selection="random")
+    comp = RangerCompressor(density=density, min_elements=min_elements, **options)
+    return hvd.DistributedOptimizer(sgd, named_parameters=named, compression=comp, **hvd_kwargs), comp
+
+
 def dense_mode(kind: str, steps=4, **hvd_kwargs):
     model = make_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     named = prefixed(model, kind)
     if kind.startswith("plain"):
         opt = hvd.DistributedOptimizer(sgd, named_parameters=named, **hvd_kwargs)
-    elif kind.startswith("a"):
-        comp = RangerCompressor(density=1.0, min_elements=256)
-        opt = DistributedOptimizer(sgd, named_parameters=named, compression=comp, **hvd_kwargs)
     else:
-        comp = RangerCompressor(density=1.0, min_elements=256, named_parameters=named)
-        opt = hvd.DistributedOptimizer(sgd, named_parameters=named, compression=comp, **hvd_kwargs)
+        opt, _ = make_optimizer(kind[0], sgd, named, 1.0, 256, **hvd_kwargs)
     return train(model, opt, steps, passes=hvd_kwargs.get("backward_passes_per_step", 1))
 
 
 equivalence = {}
 for label, kwargs in {"average": {}, "sum": {"op": hvd.Sum},
                       "predivide": {"gradient_predivide_factor": 2.0},
-                      "passes": {"backward_passes_per_step": 2}}.items():
+                      "passes": {"backward_passes_per_step": 2},
+                      "groups": {"groups": 2}}.items():
     plain = dense_mode(f"plain_{label}", **kwargs)
-    for mode in ("a", "b"):
+    for mode in MODES:
         trace = dense_mode(f"{mode}_{label}", **kwargs)
         equivalence[f"{mode}_{label}"] = [max_diff(p, q) for p, q in zip(plain, trace)]
     # The parameters must also move: a test passing on frozen parameters would prove nothing.
@@ -103,12 +117,7 @@ def conservation(mode: str, density: float, grad_steps: int, zero_steps: int):
     model = Fixed()
     named = prefixed(model, f"cons_{mode}")
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-    if mode == "a":
-        comp = RangerCompressor(density=density, min_elements=100)
-        opt = DistributedOptimizer(sgd, named_parameters=named, compression=comp)
-    else:
-        comp = RangerCompressor(density=density, min_elements=100, named_parameters=named)
-        opt = hvd.DistributedOptimizer(sgd, named_parameters=named, compression=comp)
+    opt, comp = make_optimizer(mode, sgd, named, density, 100)
     total = grad_steps + zero_steps
     for step in range(total):
         model.loss(step, grad_steps).backward()
@@ -122,7 +131,7 @@ def conservation(mode: str, density: float, grad_steps: int, zero_steps: int):
     everyone = hvd.allreduce(mine, op=hvd.Sum, name=f"cons_{mode}.check") / SIZE
     applied = -model.W.detach().double()  # W started at 0 and lr = 1
     k = core.num_selected(2000, density)
-    value_bytes = k * (4 + 4) if mode == "a" else k * 4
+    value_bytes = k * 4 if mode == "r" else k * (4 + 4) + 4  # top-k: indices and the token
     return {
         "max_error": float((applied - everyone).abs().max()),
         "scale": float(everyone.abs().max()),
@@ -136,32 +145,38 @@ def conservation(mode: str, density: float, grad_steps: int, zero_steps: int):
 
 
 out["conservation_a"] = conservation("a", 0.1, grad_steps=8, zero_steps=10)
+out["conservation_b"] = conservation("b", 0.1, grad_steps=8, zero_steps=10)
 # Random-k reaches every coordinate only eventually: half of them per step, for 60 steps.
-out["conservation_b"] = conservation("b", 0.5, grad_steps=8, zero_steps=60)
+out["conservation_r"] = conservation("r", 0.5, grad_steps=8, zero_steps=60)
 
 
 # ---------------------------------------------------------------- 3. the spec, from outside
 # Every rank can recompute every rank's gradients (they come from seeds), so it can replay the whole
 # job with core.reference (one ReferenceCompressor per rank, combine) and compare parameters.
+# a, b: SGD on the exchanged gradient. c: Ranger, global momentum (error feedback in the compressor,
+# SGD momentum and weight decay on the averaged update). d: Ranger, DGC momentum in the compressor.
 def against_reference(mode: str, steps: int = 8):
-    lr, m, wd, density = 0.5, (0.9 if mode == "c" else 0.0), (0.01 if mode == "c" else 0.0), 0.05
+    lr, density = 0.5, 0.05
+    m, wd = (0.9, 0.01) if mode in ("c", "d") else (0.0, 0.0)
     model = Fixed()
     with torch.no_grad():
         model.W.copy_(torch.linspace(-1, 1, 2000).view(40, 50))
         model.b.copy_(torch.linspace(-1, 1, 40))
     named = prefixed(model, f"ref_{mode}")
-    if mode == "c":
+    if mode in ("c", "d"):
         opt = Ranger(model.parameters(), lr=lr, momentum=m, density=density, weight_decay=wd,
-                     min_elements=100, named_parameters=named)
+                     momentum_mode="global" if mode == "c" else "dgc", min_elements=100,
+                     named_parameters=named)
     else:
-        comp = RangerCompressor(density=density, min_elements=100)
-        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr),
-                                   named_parameters=named, compression=comp)
-    options = core.make_options(density=density, momentum=m, min_elements=100)
+        opt, _ = make_optimizer(mode, torch.optim.SGD(model.parameters(), lr=lr), named, density, 100)
+    in_compressor = m if mode == "d" else 0.0
+    options = core.make_options(density=density, momentum=in_compressor, min_elements=100)
     refs = [reference.ReferenceCompressor(2000, options, world_size=SIZE) for _ in range(SIZE)]
     W = model.W.detach().numpy().reshape(-1).copy()
     b = model.b.detach().numpy().copy()
-    u_b = [np.zeros(40, np.float32) for _ in range(SIZE)]
+    u_b = [np.zeros(40, np.float32) for _ in range(SIZE)]   # dgc: dense tensors' local momentum
+    buf_W, buf_b = np.zeros(2000, np.float32), np.zeros(40, np.float32)  # global: SGD's momentum
+    mm, wd32, lr32 = np.float32(m), np.float32(wd), np.float32(lr)
     worst = 0.0
     for step in range(steps):
         model.loss(step, steps).backward()
@@ -172,24 +187,28 @@ def against_reference(mode: str, steps: int = 8):
             g = torch.Generator().manual_seed(777 + 1000 * r + step)
             G = torch.randn(40, 50, generator=g).numpy().reshape(-1)
             H = torch.randn(40, generator=g).numpy()
-            payloads.append(refs[r].step(G + np.float32(wd) * W))
-            u_b[r] = np.float32(m) * u_b[r] + (H + np.float32(wd) * b)  # dense: local momentum
+            payloads.append(refs[r].step(G))
+            u_b[r] = np.float32(in_compressor) * u_b[r] + H
             dense += u_b[r]
-        W = W - np.float32(lr) * reference.combine(payloads, 2000, average=True)
-        b = b - np.float32(lr) * (dense / np.float32(SIZE))
+        agg_W = reference.combine(payloads, 2000, average=True) + wd32 * W
+        agg_b = dense / np.float32(SIZE) + wd32 * b
+        if mode == "c":
+            buf_W, buf_b = mm * buf_W + agg_W, mm * buf_b + agg_b
+            agg_W, agg_b = buf_W, buf_b
+        W, b = W - lr32 * agg_W, b - lr32 * agg_b
         got = np.concatenate([model.W.detach().numpy().reshape(-1), model.b.detach().numpy()])
         want = np.concatenate([W, b])
         worst = max(worst, float(np.abs(got - want).max() / (np.abs(want).max() + 1e-12)))
     return {"max_rel_error": worst, "moved": float(np.abs(W - np.linspace(-1, 1, 2000)).max())}
 
 
-out["reference_a"] = against_reference("a")
-out["reference_c"] = against_reference("c")
+for mode in ("a", "b", "c", "d"):
+    out[f"reference_{mode}"] = against_reference(mode)
 
 
 # ---------------------------------------------------------------- 4. agreement at low density
 class Recording(RangerCompressor):
-    """Notes the coordinates each Horovod compress call chose, to compare them across ranks."""
+    """Notes the coordinates each random-k compress call chose, to compare them across ranks."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -202,36 +221,45 @@ class Recording(RangerCompressor):
         return sent, ctx
 
 
-def agreement(mode: str, dtype=torch.float32, momentum=0.0, **options):
+def agreement(mode: str, dtype=torch.float32, momentum=0.0, steps=20, **options):
     model = make_model(dtype)
     named = prefixed(model, f"agree_{mode}_{len(out)}")
-    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
-    if mode == "a":
-        comp = RangerCompressor(density=0.02, momentum=momentum, min_elements=256, **options)
-        opt = DistributedOptimizer(sgd, named_parameters=named, compression=comp)
-    else:
-        comp = Recording(density=0.02, momentum=momentum, min_elements=256, named_parameters=named,
+    # SGD's momentum, unless the compressor carries DGC momentum (never both).
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.0 if momentum else 0.9)
+    if mode == "r":
+        comp = Recording(density=0.02, momentum=momentum, min_elements=256, selection="random",
                          **options)
         opt = hvd.DistributedOptimizer(sgd, named_parameters=named, compression=comp)
-    trace = train(model, opt, 6, dtype=dtype)
+    elif mode == "ranger":
+        opt = Ranger(model.parameters(), lr=0.05, momentum=0.9, density=0.02, min_elements=256,
+                     named_parameters=named, **options)
+        comp = opt.compressor
+    else:
+        opt, comp = make_optimizer(mode, sgd, named, 0.02, 256,
+                                   options=dict(options, momentum=momentum))
+    trace = train(model, opt, steps, dtype=dtype)
     result = {"params": digest(model.parameters()), "moved": max_diff(trace[0], trace[-1]),
               "stats": comp.stats()}
-    if mode == "b":
+    if mode == "r":
         result["chosen"] = digest(comp.chosen)
         result["chosen_count"] = len(comp.chosen)
     return result
 
 
+# a, b and Ranger (global momentum = SGD momentum 0.9 after the exchange) are one exchange: at
+# d = 0.01 they must end with the same bits.
 out["agree_a"] = agreement("a")
 out["agree_b"] = agreement("b")
+out["agree_ranger"] = agreement("ranger")
+out["agree_r"] = agreement("r")
 out["agree_a_momentum_warmup"] = agreement("a", momentum=0.9, warmup_steps=4, warmup_start_density=0.5)
 out["agree_b_momentum_warmup"] = agreement("b", momentum=0.9, warmup_steps=4, warmup_start_density=0.5)
-out["agree_a_fp16_wire"] = agreement("a", value_dtype="float16")
-out["agree_a_bf16_model"] = agreement("a", dtype=torch.bfloat16, value_dtype="bfloat16")
-out["agree_b_bf16_model"] = agreement("b", dtype=torch.bfloat16)
-out["agree_a_fp16_model"] = agreement("a", dtype=torch.float16)
+out["agree_r_momentum_warmup"] = agreement("r", momentum=0.9, warmup_steps=4, warmup_start_density=0.5)
 out["agree_b_fp16_wire"] = agreement("b", value_dtype="float16")
-
+out["agree_b_bf16_model"] = agreement("b", dtype=torch.bfloat16, value_dtype="bfloat16")
+out["agree_r_bf16_model"] = agreement("r", dtype=torch.bfloat16)
+out["agree_b_fp16_model"] = agreement("b", dtype=torch.float16)
+out["agree_r_fp16_wire"] = agreement("r", value_dtype="float16")
 
 
 # ---------------------------------------------------------------- 5. a NaN gradient, last
@@ -239,14 +267,7 @@ out["agree_b_fp16_wire"] = agreement("b", value_dtype="float16")
 def non_finite(mode: str):
     model = Fixed()
     named = prefixed(model, f"nan_{mode}")
-    if mode == "a":
-        comp = RangerCompressor(density=0.1, min_elements=100)
-        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
-                                   named_parameters=named, compression=comp)
-    else:
-        comp = RangerCompressor(density=0.1, min_elements=100, named_parameters=named)
-        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
-                                       named_parameters=named, compression=comp)
+    opt, comp = make_optimizer(mode, torch.optim.SGD(model.parameters(), lr=1.0), named, 0.1, 100)
     poison = torch.ones(40, 50)
     poison[1, 2] = float("nan")
     try:

@@ -1,5 +1,6 @@
 """state_dict round trips: stop after 3 steps, save, rebuild everything, load, run 3 more; the result
-must equal 6 uninterrupted steps bit for bit, for (a), (b) and (c)."""
+must equal 6 uninterrupted steps bit for bit, for (a), (b), and Ranger with global (c) and DGC (d)
+momentum."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def build(mode: str, model):
                                        named_parameters=named, compression=comp)
     else:
         opt = Ranger(model.parameters(), lr=0.05, momentum=0.9, density=0.05, weight_decay=1e-3,
-                     min_elements=128, named_parameters=named)
+                     momentum_mode="global" if mode == "c" else "dgc", min_elements=128,
+                     named_parameters=named)
         comp = opt.compressor
     return opt, comp
 
@@ -49,7 +51,7 @@ def run(model, opt, steps):
 
 
 out = {"rank": RANK}
-for mode in ("a", "b", "c"):
+for mode in ("a", "b", "c", "d"):
     model = make_model()
     opt, comp = build(mode, model)
     run(model, opt, range(6))

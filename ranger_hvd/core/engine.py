@@ -1,0 +1,118 @@
+"""The error-feedback step, written once for every backend and every entry point.
+
+Horovod's ``compression=`` hook, ranger_hvd's drop-in optimizer and tape, and the ``Ranger``
+optimizers all hand each gradient to :meth:`ErrorFeedback.sparse_step` (compressed tensors) or
+:meth:`ErrorFeedback.dense_step` (tensors that travel whole). One rank, one tensor, one step::
+
+    g   = grad, checked for NaN/Inf                     (check_finite)
+    g   = g * min(1, c / ||g||),  c = clip_norm/sqrt(N)  (clip_norm, DGC local clipping)
+    m = 0:  acc = e + g                                  error feedback: add back what was not sent
+    m > 0:  u = m*u + g ;  acc = v + u                   DGC momentum correction
+    S   = top-k of |acc| (or k shared random coordinates), k from the warm-up schedule
+    send  (S, acc[S])
+    e   = acc with acc[S] = 0    (m > 0: v = acc, v[S] = 0 and u[S] = 0: momentum factor masking)
+    count the bytes handed to the collectives
+
+``core/reference.py`` is the same rule in NumPy; the backends are tested against it.
+
+A backend supplies :class:`TensorOps`: a handful of tensor primitives that work on its tensors and on
+its state objects (PyTorch keeps Python-side tensors and an int step; TensorFlow keeps variables and a
+step variable, so the same code runs eagerly and inside a traced function). The engine never looks
+inside a tensor, so it is indifferent to eager or graph execution.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .options import RangerOptions
+from .rules import (clip_threshold, dense_counts, k_schedule, numel_of, random_k_seed, sparse_counts)
+
+
+class TensorOps(Protocol):
+    """The primitives a backend provides. ``state`` is the backend's per-tensor state object."""
+
+    def flatten(self, grad) -> Any: ...
+    def ensure_finite(self, flat, name: str, state) -> Any:
+        """``flat`` unchanged, or an error naming ``name`` if it holds NaN or Inf."""
+    def clip(self, flat, limit: float) -> Any:
+        """``flat * min(1, limit / ||flat||)``, the norm taken in float64."""
+    def momentum(self, state, flat, m: float) -> Any:
+        """u = m*u + g, stored in the state; returns u."""
+    def accumulate(self, state, flat) -> Any:
+        """acc = e + flat (e: the residual, or v with momentum). acc may share e's buffer."""
+    def k_at(self, state, schedule: list[int]) -> Any:
+        """k at the state's current step (an int, or a scalar tensor under warm-up)."""
+    def topk(self, acc, k) -> Any:
+        """Ascending int32 indices of the k largest |acc|, ties to the lower index."""
+    def random_k(self, numel: int, k, base_seed: int, state) -> Any:
+        """k distinct ascending indices drawn from (base_seed, the state's step)."""
+    def gather(self, acc, indices) -> Any: ...
+    def keep_unsent(self, state, acc, u, indices, values) -> None:
+        """e (or v) = acc with acc[indices] = 0; with momentum also u[indices] = 0 (after ``values``)."""
+    def advance(self, state) -> None:
+        """The state's step += 1."""
+    def count(self, increments: list) -> None:
+        """Adds one record (in ``core.COUNTERS`` order) to this rank's byte counters."""
+
+
+class ErrorFeedback:
+    """Residuals, momentum, selection and byte accounting of one compressor, for any backend."""
+
+    def __init__(self, options: RangerOptions, ops: TensorOps):
+        self.options = options
+        self.ops = ops
+        self._schedules: dict[int, list[int]] = {}
+
+    def schedule(self, numel: int) -> list[int]:
+        """k at steps 0..warmup_steps of a tensor of ``numel`` entries (cached per size)."""
+        table = self._schedules.get(numel)
+        if table is None:
+            table = self._schedules[numel] = k_schedule(numel, self.options)
+        return table
+
+    def sparse_step(self, state, grad, name: str, shape, world_size: int):
+        """One step of a compressed tensor on this rank: returns (indices, values, k).
+
+        ``values`` are acc[indices] in the gradient's dtype; the caller casts them for the wire.
+        """
+        o, ops = self.options, self.ops
+        numel = numel_of(shape)
+        g = ops.flatten(grad)
+        if o.check_finite:
+            g = ops.ensure_finite(g, name, state)
+        limit = clip_threshold(o, world_size)
+        if limit is not None:
+            g = ops.clip(g, limit)
+        u = None
+        if o.momentum > 0:
+            u = ops.momentum(state, g, o.momentum)
+            acc = ops.accumulate(state, u)
+        else:
+            acc = ops.accumulate(state, g)
+        k = ops.k_at(state, self.schedule(numel))
+        if o.selection == "topk":
+            indices = ops.topk(acc, k)
+        else:
+            indices = ops.random_k(numel, k, random_k_seed(o.seed, name), state)
+        values = ops.gather(acc, indices)
+        ops.keep_unsent(state, acc, u, indices, values)
+        ops.advance(state)
+        ops.count(sparse_counts(numel, k, o.value_dtype, with_indices=o.selection == "topk"))
+        return indices, values, k
+
+    def dense_step(self, state, grad, name: str, wire_itemsize: int):
+        """A tensor that travels whole: the gradient, or with momentum its local u = m*u + g.
+
+        Everything is sent, so there is no residual and nothing to mask; summed over ranks, the local
+        momentum is ordinary momentum on the averaged gradient.
+        """
+        o, ops = self.options, self.ops
+        out = grad
+        if o.check_finite:
+            out = ops.ensure_finite(out, name, state)
+        if o.momentum > 0:
+            out = ops.momentum(state, out, o.momentum)
+        ops.advance(state)
+        ops.count(dense_counts(numel_of(grad.shape), wire_itemsize))
+        return out
