@@ -108,8 +108,7 @@ def rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Header and one row per run.  Status is a column only when some run did not succeed."""
     names = table_metrics(runs)
     show_status = any(r.summary.get("status", "success") != "success" for r in runs)
-    header = ["run", *(["status"] if show_status else []), "steps", "loss",
-              *(n.removeprefix("eval_") for n in names), "ms/step", "sent", "time"]
+    header = ["run", *(["status"] if show_status else []), "steps", "train loss", *names, "ms/step", "sent", "time"]
     out = []
     for r in runs:
         last = r.records[-1] if r.records else {}
@@ -132,8 +131,8 @@ def rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
 def table_caption(runs: list[Run]) -> str:
     metrics = table_metrics(runs)
     held_out = "held-out " if metrics and metrics[0].startswith("eval_") else ""
-    return (f"final loss and {held_out}metrics; ms/step: mean step time; sent: mean gradient bytes "
-            "rank 0 sent per step; time: the whole run")
+    return (f"train loss: rank 0's last batch; {held_out}metrics at the end; ms/step: mean step time; "
+            "sent: mean gradient bytes rank 0 sent per step; time: the whole run")
 
 
 HEADER_WIDTH = 8   # a longer header wraps at its spaces ('_' in metric names counts as one)

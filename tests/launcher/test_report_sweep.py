@@ -119,7 +119,7 @@ def test_table_is_readable_at_100_columns(tmp_path):
     assert labels == ["none lr=0.05", "fp16 lr=0.05", "ranger d=0.01 m=0.9 warmup_steps=100 lr=0.125",
                       "ranger d=0.01 m=0 lr=0.05"]
     body = lines[lines.index(next(ln for ln in lines if ln.startswith("─"))) + 1:
-                 lines.index(next(ln for ln in lines if ln.startswith("final loss")))]
+                 lines.index(next(ln for ln in lines if ln.startswith("train loss:")))]
     starts = [i for i, ln in enumerate(body) if ln.startswith(("none", "fp16", "ranger"))]
     assert len(starts) == 4, text
     for label, i, j in zip(labels, starts, [*starts[1:], len(body)]):
@@ -131,7 +131,7 @@ def test_table_is_readable_at_100_columns(tmp_path):
         cell_text = " ".join(ln[:width].strip() for ln in body[i:j])
         assert cell_text == label, (cell_text, label)
     header = " ".join(lines[1:lines.index(next(ln for ln in lines if ln.startswith("─")))])
-    for col in ("status", "steps", "loss", "ms/step", "sent", "time", "d loss", "g loss", "real", "fake"):
+    for col in ("status", "steps", "train", "loss", "eval d", "eval g", "real acc", "fake acc", "ms/step", "sent"):
         assert col in header, header
 
 
