@@ -177,7 +177,7 @@ def cmd_report(args) -> int:
 
 def cmd_doctor(args) -> int:
     try:
-        from ranger_hvd import doctor  # written by the project lead; imported lazily
+        from ranger_hvd import doctor  # imported only for this command
     except ImportError as exc:
         _err_console().print(f"[red]ranger-hvd doctor is not available:[/] {exc}", highlight=False)
         return EXIT_FAILED

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from .config import COMPRESSION
 
 ABBREVIATIONS = {"density": "d", "momentum": "m"}   # compression options shown in every label of their type
-IGNORED = ("output.dir", "job.entry")              # where a run was written says nothing about what it did
+IGNORED = ("output.dir", "job.entry")              # where a run is written says nothing about what it does
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -35,8 +35,8 @@ def fmt_label_value(v: Any) -> str:
 
 
 def compression_of(config: dict, fallback: Optional[str] = None) -> tuple[str, dict[str, Any]]:
-    """(type, {option: value}) of a run's config: only the options of its own type count (configs
-    written before types had groups also hold other types' keys as null)."""
+    """(type, {option: value}) of a run's config: only the options of its own type count, whatever
+    other keys (other types' options, nulls) the section holds."""
     comp = config.get("compression") if isinstance(config.get("compression"), dict) else {}
     ctype = str(comp.get("type") or fallback or "?")
     own = COMPRESSION.options(ctype) if ctype in COMPRESSION.members else []

@@ -83,7 +83,7 @@ RANGER = {"type": "ranger", "density": 0.01, "momentum": 0.9, "min_elements": 10
     # two ranger runs that differ in momentum, beside a dense one
     ([{"compression": {"type": "none"}}, {"compression": RANGER}, {"compression": {**RANGER, "momentum": 0.5}}],
      ["none", "ranger d=0.01 m=0.9", "ranger d=0.01 m=0.5"]),
-    # configs written before types had groups: other types' options as null
+    # a section that also holds other types' options, as null
     ([{"compression": {"type": "none", "density": None, "check_finite": None}}, {"compression": RANGER}],
      ["none", "ranger d=0.01 m=0.9"]),
     # other keys by their last name; train.momentum and compression.momentum never mix
@@ -96,7 +96,7 @@ RANGER = {"type": "ranger", "density": 0.01, "momentum": 0.9, "min_elements": 10
     ([{"compression": RANGER}, {"compression": RANGER}], ["fake/1", "fake/2"]),
     ([{"compression": RANGER, "train": {"lr": 0.1}}, {"compression": RANGER, "train": {"lr": 0.1}},
       {"compression": RANGER, "train": {"lr": 0.2}}], ["lr=0.1 (fake/1)", "lr=0.1 (fake/2)", "lr=0.2"]),
-], ids=["three-way", "momentum-only", "mixed", "old-configs", "other-keys", "same-last-name", "identical",
+], ids=["three-way", "momentum-only", "mixed", "other-types-null", "other-keys", "same-last-name", "identical",
         "repeated"])
 def test_labels_name_what_differs(configs, expected):
     names = [f"fake/{i}" for i in range(1, len(configs) + 1)]

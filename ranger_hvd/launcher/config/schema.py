@@ -62,30 +62,27 @@ class TrainSection(Section):
 
 
 # compression: a config group.  Each member's fields are its options; see groups.py.
-class NoCompression(Section):
+class _WithoutOptions(Section):
+    """A compression type that takes no options."""
+
+    @property
+    def compressor_momentum(self) -> float:
+        return 0.0
+
+    def options(self) -> dict:
+        return {}
+
+
+class NoCompression(_WithoutOptions):
     """Horovod's plain allreduce of the fp32 gradients."""
 
     type: Literal["none"] = "none"
 
-    @property
-    def compressor_momentum(self) -> float:
-        return 0.0
 
-    def options(self) -> dict:
-        return {}
-
-
-class Fp16Compression(Section):
+class Fp16Compression(_WithoutOptions):
     """Horovod's fp16 compression: gradients travel as 2-byte floats."""
 
     type: Literal["fp16"] = "fp16"
-
-    @property
-    def compressor_momentum(self) -> float:
-        return 0.0
-
-    def options(self) -> dict:
-        return {}
 
 
 class RangerCompression(RangerOptions):
