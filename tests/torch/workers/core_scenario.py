@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from common import digest, max_diff, params_of, prefixed
 
-import math
 
 import numpy as np
 import torch
