@@ -4,18 +4,13 @@ Run on every rank under ``horovodrun`` (the ``ranger-hvd`` launcher does this)::
 
     horovodrun -np 2 -H localhost:2 --gloo python -m ranger_hvd.jobs --config RUN_DIR/config.yaml --run-dir RUN_DIR
 
-Inputs: the launcher's resolved config (YAML). The jobs read
-  - ``job``: ``backend`` (torch | tensorflow), ``model`` (cnn | rnn | gan), ``name``;
-  - ``data``: ``dataset`` (digits | mnist | synthetic), ``dir`` (mnist idx files, optionally ``.gz``),
-    ``eval_fraction`` (0.2; held-out share of digits/synthetic, mnist uses its t10k files),
-    ``synthetic_samples`` (2048);
-  - ``train``: ``epochs`` (5), ``batch_size`` (64, per rank), ``lr`` (0.05), ``seed`` (0),
-    ``momentum`` (0.9; the optimizer's, set to 0 when the Ranger compressor has momentum > 0),
-    ``max_steps`` (null: no cap), ``log_every`` (1), ``checkpoint`` (true: PyTorch jobs write
-    ``RUN_DIR/checkpoints/rank{r}.pt`` on every rank after each epoch; TensorFlow jobs write none);
-  - ``compression``: ``type`` (none | fp16 | ranger) and, for ranger, the fields of
-    :class:`ranger_hvd.core.options.RangerOptions`.
-Other sections (cluster, horovod, output) are ignored.
+Inputs: the launcher's resolved config (YAML), validated on every rank against the launcher's schema,
+:mod:`ranger_hvd.launcher.config.schema`, which defines every key and default. The jobs use ``job``
+(backend, model), ``data``, ``train`` (epochs, per-rank batch_size, lr, seed, the optimizer's momentum,
+set to 0 when the compressor has momentum of its own, max_steps, log_every, checkpoint: PyTorch jobs
+write ``RUN_DIR/checkpoints/rank{r}.pt`` on every rank after each epoch) and ``compression`` (type
+none | fp16 | ranger, and ranger's options: :class:`ranger_hvd.core.options.RangerOptions`). The
+cluster, horovod and output sections are validated but used only by the launcher.
 
 Models: ``cnn`` two conv layers + MLP head; ``rnn`` a GRU reading the image rows as a sequence;
 ``gan`` an MLP generator and discriminator on the flattened images, both trained through the
@@ -47,30 +42,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import ConfigError, JobConfig, load_config, parse_config
+from ranger_hvd.launcher.config import Config, ConfigError, Problem, job_config, read_run_config
+
 from .data import DataError, load_dataset
 
-__all__ = ["run_job", "run_config_file", "ConfigError", "DataError", "JobConfig"]
+__all__ = ["run_job", "run_config_file", "ConfigError", "DataError", "Config"]
 
 
-def run_job(cfg: dict, run_dir: str | Path | None, resume: bool = False) -> dict:
-    """Runs one job from a resolved config dict on this rank; returns the final record (all ranks).
+def run_job(cfg: dict | Config, run_dir: str | Path | None, resume: bool = False) -> dict:
+    """Runs one job from a resolved config (plain data, validated here, or the model) on this rank;
+    returns the final record (all ranks).
 
     ``resume``: continue from this rank's ``RUN_DIR/checkpoints/rank{r}.pt`` (PyTorch backend only).
     """
-    job = parse_config(cfg)
-    if resume and job.backend != "torch":
-        raise ConfigError(f"resume is only supported for the torch backend (job.backend is {job.backend}): "
-                          "the TensorFlow jobs write no checkpoints")
-    dataset = load_dataset(job.data)   # before any framework import: a missing file fails fast
-    if job.backend == "torch":
+    if not isinstance(cfg, Config):
+        cfg = job_config(cfg)
+    if resume and cfg.job.backend != "torch":
+        raise ConfigError([Problem("job.backend", "resume is only supported for the torch backend (job.backend "
+                                   f"is {cfg.job.backend}): the TensorFlow jobs write no checkpoints")])
+    dataset = load_dataset(cfg.data)   # before any framework import: a missing file fails fast
+    if cfg.job.backend == "torch":
         from .torch_jobs import run
 
-        return run(job, dataset, run_dir, resume=resume)
+        return run(cfg, dataset, run_dir, resume=resume)
     from .tf_jobs import run
 
-    return run(job, dataset, run_dir)
+    return run(cfg, dataset, run_dir)
 
 
 def run_config_file(config: str | Path, run_dir: str | Path | None, resume: bool = False) -> dict:
-    return run_job(load_config(config), run_dir, resume=resume)
+    return run_job(read_run_config(config), run_dir, resume=resume)

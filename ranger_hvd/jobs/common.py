@@ -1,135 +1,23 @@
-"""Backend-neutral pieces of the reference jobs: reading the resolved config, and small helpers."""
+"""Backend-neutral pieces of the reference jobs: the training loop, byte meters and small helpers.
+
+The config is the launcher's schema (:mod:`ranger_hvd.launcher.config`), re-validated on every rank."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import yaml
 
-BACKENDS = ("torch", "tensorflow")
-MODELS = ("cnn", "rnn", "gan")
-COMPRESSIONS = ("none", "fp16", "ranger")
+from ranger_hvd.launcher.config import Config, ConfigError, job_config, read_run_config
 
-# Extra keys of the train: section that the jobs read, with their defaults (the launcher's schema
-# lists them too). epochs, batch_size, lr and seed are the launcher's fixed keys.
-TRAIN_DEFAULTS = {
-    "epochs": 5,
-    "batch_size": 64,
-    "lr": 0.05,
-    "seed": 0,
-    "momentum": 0.9,     # optimizer momentum; forced to 0 when the Ranger compressor has its own
-    "max_steps": None,   # stop after this many optimizer steps in total (None: run all epochs)
-    "log_every": 1,      # write a metrics line every N steps (and always an epoch's last step)
-    "checkpoint": True,  # every rank writes RUN_DIR/checkpoints/rank{r}.pt after each epoch (torch)
-}
-DATA_DEFAULTS = {"dataset": "digits", "dir": None, "eval_fraction": 0.2, "synthetic_samples": 2048}
+__all__ = ["Config", "ConfigError", "job_config", "read_run_config", "optimizer_momentum", "ByteMeter",
+           "train_loop", "digest_arrays", "log", "set_tf_threads_from_env"]
 
 
-class ConfigError(ValueError):
-    """The resolved config does not describe a job these reference jobs can run."""
-
-
-@dataclass
-class JobConfig:
-    name: str
-    backend: str
-    model: str
-    data: dict
-    epochs: int
-    batch_size: int
-    lr: float
-    seed: int
-    momentum: float
-    max_steps: int | None
-    log_every: int
-    compression: str
-    checkpoint: bool = True
-    ranger: dict = field(default_factory=dict)   # RangerOptions fields given in the config
-    raw: dict = field(default_factory=dict)
-
-    @property
-    def compressor_momentum(self) -> float:
-        return float(self.ranger.get("momentum", 0.0)) if self.compression == "ranger" else 0.0
-
-    @property
-    def optimizer_momentum(self) -> float:
-        """DGC keeps the momentum in the compressor; then the optimizer must not add its own."""
-        return 0.0 if self.compressor_momentum > 0 else self.momentum
-
-
-def load_config(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
-    try:
-        cfg = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"config {path}: expected a mapping at the top level")
-    return cfg
-
-
-def _section(cfg: dict, name: str) -> dict:
-    value = cfg.get(name) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def parse_config(cfg: dict) -> JobConfig:
-    """Reads the sections the jobs need (job, data, train, compression) and checks the choices."""
-    job, train, comp = _section(cfg, "job"), _section(cfg, "train"), _section(cfg, "compression")
-    data = {**DATA_DEFAULTS, **{k: v for k, v in _section(cfg, "data").items() if v is not None}}
-    t = {**TRAIN_DEFAULTS, **{k: v for k, v in train.items() if v is not None or k == "max_steps"}}
-
-    backend = job.get("backend", "torch")
-    model = job.get("model", "cnn")
-    ctype = comp.get("type", "none")
-    for where, value, allowed in (("job.backend", backend, BACKENDS), ("job.model", model, MODELS),
-                                  ("compression.type", ctype, COMPRESSIONS)):
-        if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
-    try:
-        epochs, batch, lr, seed = int(t["epochs"]), int(t["batch_size"]), float(t["lr"]), int(t["seed"])
-        momentum, log_every = float(t["momentum"]), int(t["log_every"])
-        max_steps = None if t["max_steps"] in (None, 0) else int(t["max_steps"])
-        checkpoint = t["checkpoint"]
-        if not isinstance(checkpoint, bool):
-            raise TypeError(f"checkpoint must be true or false, got {checkpoint!r}")
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"train: bad value ({exc})") from None
-    if epochs < 1 or batch < 1 or lr <= 0 or log_every < 1 or (max_steps is not None and max_steps < 1):
-        raise ConfigError("train: epochs, batch_size, log_every and max_steps must be >= 1 and lr > 0 "
-                          f"(got epochs={epochs}, batch_size={batch}, lr={lr}, log_every={log_every}, "
-                          f"max_steps={max_steps})")
-
-    ranger: dict = {}
-    if ctype == "ranger":
-        from ranger_hvd.core.options import RangerOptions, make_options
-
-        fields = set(RangerOptions.model_fields)
-        # unset fields may appear as null in a resolved config: RangerOptions supplies their defaults
-        ranger = {k: v for k, v in comp.items() if k in fields and v is not None}
-        ignored = sorted(set(comp) - fields - {"type"})
-        if ignored:
-            print(f"ranger_hvd.jobs: ignoring compression keys {ignored} (not Ranger options)", file=sys.stderr)
-        try:
-            make_options(**ranger)   # fail before starting any framework, naming the option
-        except ValueError as exc:
-            raise ConfigError(f"compression: {exc}") from None
-
-    return JobConfig(name=str(job.get("name", f"{model}-{data['dataset']}")), backend=backend, model=model,
-                     data=data, epochs=epochs, batch_size=batch, lr=lr, seed=seed, momentum=momentum,
-                     max_steps=max_steps, log_every=log_every, compression=ctype, ranger=ranger, raw=cfg,
-                     checkpoint=checkpoint)
+def optimizer_momentum(cfg: Config) -> float:
+    """train.momentum, or 0 when the compressor keeps the momentum (DGC): it must not be applied twice."""
+    return 0.0 if cfg.compression.compressor_momentum > 0 else cfg.train.momentum
 
 
 def digest_arrays(arrays) -> str:
@@ -194,7 +82,7 @@ class ByteMeter:
         return self._stat("bytes_sent") - self._base if self.comp is not None else None
 
 
-def train_loop(job: JobConfig, *, backend: str, dataset: str, rank: int, size: int, n_train: int,
+def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int, n_train: int,
                n_steps: int, step_fn, meters, evaluate, param_arrays, allgather_object, run_dir,
                save_checkpoint=None, resume_from: dict | None = None) -> dict:
     """The epochs, metrics lines and end record shared by both backends.
@@ -214,6 +102,7 @@ def train_loop(job: JobConfig, *, backend: str, dataset: str, rank: int, size: i
     from .data import epoch_batches
     from .metrics import MetricsWriter
 
+    train = cfg.train
     writer = MetricsWriter(run_dir, enabled=(rank == 0))
     step, epoch, total_dense, total_sent = 0, 0, 0, 0
     train_time, loss = 0.0, float("nan")
@@ -226,7 +115,7 @@ def train_loop(job: JobConfig, *, backend: str, dataset: str, rank: int, size: i
         step, total_dense, total_sent = int(r["step"]), int(r["bytes_dense_total"]), int(r["bytes_sent_total"])
         train_time, loss, eval_metrics = float(r["train_time"]), float(r["loss"]), dict(r["eval_metrics"])
         epoch = max(first_epoch - 1, 0) if first_batch == 0 else first_epoch
-        done = job.max_steps is not None and step >= job.max_steps
+        done = train.max_steps is not None and step >= train.max_steps
         log(rank, f"resuming at epoch {first_epoch} batch {first_batch} (step {step})")
 
     def loop_state(next_epoch: int, next_batch: int) -> dict:
@@ -235,10 +124,10 @@ def train_loop(job: JobConfig, *, backend: str, dataset: str, rank: int, size: i
                 "eval_metrics": dict(eval_metrics)}
 
     try:
-        for epoch in range(first_epoch, job.epochs):
+        for epoch in range(first_epoch, train.epochs):
             if done:
                 break
-            batches = list(epoch_batches(n_train, job.batch_size, job.seed, epoch, rank))[:n_steps]
+            batches = list(epoch_batches(n_train, train.batch_size, train.seed, epoch, rank))[:n_steps]
             start = first_batch if epoch == first_epoch else 0
             for i, idx in enumerate(batches):
                 if i < start:
@@ -257,11 +146,11 @@ def train_loop(job: JobConfig, *, backend: str, dataset: str, rank: int, size: i
                 if not np.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch}); lower train.lr")
                 last_of_epoch = i == len(batches) - 1
-                done = job.max_steps is not None and step >= job.max_steps
+                done = train.max_steps is not None and step >= train.max_steps
                 if last_of_epoch or done:
                     eval_metrics = evaluate(str(step))
                     metrics = {**metrics, **eval_metrics}
-                if step % job.log_every == 0 or last_of_epoch or done:
+                if step % train.log_every == 0 or last_of_epoch or done:
                     writer.step(step=step, epoch=epoch, loss=loss, metrics=metrics, bytes_sent=sent,
                                 bytes_dense=dense, step_time=dt)
                 if save_checkpoint is not None and (last_of_epoch or done):
@@ -282,7 +171,7 @@ def train_loop(job: JobConfig, *, backend: str, dataset: str, rank: int, size: i
             total_sent = sum(comp_totals)     # the compressors' own cumulative count
         record = {
             "steps": step, "epochs": epoch + 1, "train_time": round(train_time, 6),
-            "backend": backend, "model": job.model, "dataset": dataset, "compression": job.compression,
+            "backend": backend, "model": cfg.job.model, "dataset": dataset, "compression": cfg.compression.type,
             "size": size, **eval_metrics, "metrics": dict(eval_metrics),
             "bytes_sent_total": int(total_sent), "bytes_dense_total": int(total_dense),
             "compression_ratio": (total_dense / total_sent) if total_sent else None,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATASETS = ("digits", "mnist", "synthetic")
+from ranger_hvd.launcher.config import DataSection
 
 # The held-out split must not depend on train.seed, so runs that differ only in seed share the eval set.
 SPLIT_SEED = 12345
@@ -174,18 +174,13 @@ def make_synthetic(n_samples: int = 2048, eval_fraction: float = 0.2, size: int 
     return _split("synthetic", x, y, eval_fraction)
 
 
-def load_dataset(data_cfg: dict | None) -> Dataset:
-    """Loads the ``data:`` section of a resolved config: dataset, dir, eval_fraction, synthetic_samples."""
-    cfg = dict(data_cfg or {})
-    name = cfg.get("dataset", "digits")
-    eval_fraction = float(cfg.get("eval_fraction", 0.2))
-    if name == "digits":
-        return load_digits(eval_fraction)
-    if name == "mnist":
-        return load_mnist(cfg.get("dir"))
-    if name == "synthetic":
-        return make_synthetic(int(cfg.get("synthetic_samples", 2048)), eval_fraction)
-    raise DataError(f"data.dataset: unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
+def load_dataset(data: DataSection) -> Dataset:
+    """The data set of a config's validated ``data:`` section."""
+    if data.dataset == "digits":
+        return load_digits(data.eval_fraction)
+    if data.dataset == "mnist":
+        return load_mnist(data.dir)
+    return make_synthetic(data.samples, data.eval_fraction)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -81,7 +81,16 @@ class MetricsWriter:
         self.close()
 
 
+def parse_line(line: str | bytes) -> dict | None:
+    """One metrics.jsonl line as a dict; None for a blank, torn or foreign line."""
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """Reads a metrics.jsonl back (for tests and reports)."""
+    """Every complete record of a metrics.jsonl (a line still being written is skipped)."""
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        return [rec for rec in map(parse_line, fh) if rec is not None]

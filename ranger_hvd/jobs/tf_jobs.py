@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .common import ByteMeter, JobConfig, log, set_tf_threads_from_env, train_loop
+from .common import ByteMeter, Config, log, optimizer_momentum, set_tf_threads_from_env, train_loop
 from .data import Dataset, shard_indices, steps_per_epoch
 
 
@@ -73,16 +73,16 @@ def build_gan(keras, image_dim, z_dim=32, hidden=128):
 class GradExchange(ByteMeter):
     """One network's gradient exchange (none/fp16: grouped allreduce; ranger: the ranger tape)."""
 
-    def __init__(self, tf, hvd, variables, job: JobConfig, name: str):
-        self.tf, self.hvd, self.variables, self.name = tf, hvd, list(variables), name
-        self.kind = job.compression
+    def __init__(self, hvd, variables, cfg: Config):
+        self.hvd, self.variables = hvd, list(variables)
+        self.kind = cfg.compression.type
         numels = [int(np.prod(v.shape)) for v in self.variables]
         self.dense_bytes = 4 * sum(numels)
         self.comp = None
         if self.kind == "ranger":
             from ranger_hvd.tensorflow import RangerCompressor
 
-            self.comp = RangerCompressor(**job.ranger)
+            self.comp = RangerCompressor(**cfg.compression.options())
             if hasattr(self.comp, "build"):
                 self.comp.build(self.variables)   # its state variables exist before tracing
         else:
@@ -113,27 +113,27 @@ def broadcast_weights(tf, hvd, variables, tag: str) -> None:
 # the training loop
 
 
-def run(job: JobConfig, data: Dataset, run_dir) -> dict:
+def run(cfg: Config, data: Dataset, run_dir) -> dict:
     tf, keras = _import_tf()
     import horovod.tensorflow as hvd
 
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
-    keras.utils.set_random_seed(job.seed)
+    keras.utils.set_random_seed(cfg.train.seed)
 
     H, W = data.image_shape
     tr = shard_indices(len(data.x_train), rank, size)
     ev = shard_indices(len(data.x_eval), rank, size, equalize=False)
     x_tr, y_tr = data.x_train[tr], data.y_train[tr]
     x_ev, y_ev = data.x_eval[ev], data.y_eval[ev]
-    n_steps = steps_per_epoch(len(data.x_train), size, job.batch_size)
+    n_steps = steps_per_epoch(len(data.x_train), size, cfg.train.batch_size)
 
-    gan = job.model == "gan"
+    gan = cfg.job.model == "gan"
     xce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     bce = keras.losses.BinaryCrossentropy(from_logits=True)
 
     def sgd():
-        return keras.optimizers.SGD(learning_rate=job.lr, momentum=job.optimizer_momentum)
+        return keras.optimizers.SGD(learning_rate=cfg.train.lr, momentum=optimizer_momentum(cfg))
 
     if gan:
         gen, disc = build_gan(keras, H * W)
@@ -141,23 +141,23 @@ def run(job: JobConfig, data: Dataset, run_dir) -> dict:
         nets = [disc, gen]
         x_tr = (x_tr.reshape(len(x_tr), H * W) * 2 - 1).astype(np.float32)
         x_ev = (x_ev.reshape(len(x_ev), H * W) * 2 - 1).astype(np.float32)
-        noise = tf.random.Generator.from_seed(job.seed * 1000 + rank)
+        noise = tf.random.Generator.from_seed(cfg.train.seed * 1000 + rank)
     else:
-        model = (build_cnn(keras, (H, W), data.num_classes) if job.model == "cnn"
+        model = (build_cnn(keras, (H, W), data.num_classes) if cfg.job.model == "cnn"
                  else build_rnn(keras, (H, W), data.num_classes))
         nets = [model]
-        if job.model == "cnn":
+        if cfg.job.model == "cnn":
             x_tr, x_ev = x_tr[..., None], x_ev[..., None]
     opts = [sgd() for _ in nets]
     for net, opt in zip(nets, opts):
         opt.build(net.trainable_variables)
-    exchanges = [GradExchange(tf, hvd, net.trainable_variables, job, net.name) for net in nets]
+    exchanges = [GradExchange(hvd, net.trainable_variables, cfg) for net in nets]
     for net in nets:
         broadcast_weights(tf, hvd, net.weights, net.name)
 
-    log(rank, f"tensorflow {job.model} on {data.name}: {size} ranks, {len(tr)} train samples/rank, "
-              f"{n_steps} steps/epoch, compression={job.compression}"
-              + (f" {job.ranger}" if job.ranger else ""))
+    log(rank, f"tensorflow {cfg.job.model} on {data.name}: {size} ranks, {len(tr)} train samples/rank, "
+              f"{n_steps} steps/epoch, compression={cfg.compression.type}"
+              + (f" {cfg.compression.options()}" if cfg.compression.options() else ""))
 
     if gan:
         disc_x, gen_x = exchanges
@@ -217,7 +217,7 @@ def run(job: JobConfig, data: Dataset, run_dir) -> dict:
         loss_t, metrics_t = train_step(tf.constant(x_tr[idx]), tf.constant(y_tr[idx]))
         return float(loss_t), {k: float(v) for k, v in metrics_t.items()}   # float() waits for the step
 
-    return train_loop(job, backend="tensorflow", dataset=data.name, rank=rank, size=size, n_train=len(tr),
+    return train_loop(cfg, backend="tensorflow", dataset=data.name, rank=rank, size=size, n_train=len(tr),
                       n_steps=n_steps, step_fn=step_fn, meters=exchanges, evaluate=evaluate,
                       param_arrays=lambda: [np.asarray(v) for net in nets for v in net.weights],
                       allgather_object=hvd.allgather_object, run_dir=run_dir)

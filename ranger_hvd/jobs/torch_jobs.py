@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ByteMeter, ConfigError, JobConfig, log, train_loop
+from .common import ByteMeter, Config, ConfigError, log, optimizer_momentum, train_loop
 from .data import Dataset, shard_indices, steps_per_epoch
 
 
@@ -80,7 +80,7 @@ def build_gan(image_dim, z_dim=32, hidden=128):
 class DistOpt(ByteMeter):
     """A module's SGD wrapped by Horovod (none/fp16) or ranger_hvd (ranger), and its byte meter."""
 
-    def __init__(self, module, prefix: str, job: JobConfig):
+    def __init__(self, module, prefix: str, cfg: Config):
         torch, _, _ = _torch()
         import horovod.torch as hvd
 
@@ -88,14 +88,14 @@ class DistOpt(ByteMeter):
         params = [p for _, p in self.named]
         self.dense_bytes = sum(4 * p.numel() for p in params)
         self.comp = None
-        sgd = torch.optim.SGD(params, lr=job.lr, momentum=job.optimizer_momentum)
-        if job.compression == "ranger":
+        sgd = torch.optim.SGD(params, lr=cfg.train.lr, momentum=optimizer_momentum(cfg))
+        if cfg.compression.type == "ranger":
             from ranger_hvd.torch import DistributedOptimizer, RangerCompressor
 
-            self.comp = RangerCompressor(named_parameters=self.named, **job.ranger)
+            self.comp = RangerCompressor(named_parameters=self.named, **cfg.compression.options())
             self.opt = DistributedOptimizer(sgd, named_parameters=self.named, compression=self.comp)
         else:
-            fp16 = job.compression == "fp16"
+            fp16 = cfg.compression.type == "fp16"
             compression = hvd.Compression.fp16 if fp16 else hvd.Compression.none
             self.opt = hvd.DistributedOptimizer(sgd, named_parameters=self.named, compression=compression)
             # What Horovod hands to allreduce: fp16 casts floating gradients to 2 bytes per element.
@@ -145,7 +145,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
             tmp.unlink()
 
 
-def load_checkpoint(hvd, run_dir, rank: int, size: int, job: JobConfig):
+def load_checkpoint(hvd, run_dir, rank: int, size: int, cfg: Config):
     """This rank's checkpoint; every rank learns whether any rank failed, so all fail together (no rank
     is left waiting in a collective) with the reason, naming the file."""
     torch, _, _ = _torch()
@@ -166,10 +166,10 @@ def load_checkpoint(hvd, run_dir, rank: int, size: int, job: JobConfig):
             elif state.get("size") != size:
                 err = (f"cannot resume: checkpoint {path} was written by a run with {state.get('size')} ranks, "
                        f"this run has {size} (cluster.np must stay the same)")
-            elif (state.get("model"), state.get("compression")) != (job.model, job.compression):
+            elif (state.get("model"), state.get("compression")) != (cfg.job.model, cfg.compression.type):
                 err = (f"cannot resume: checkpoint {path} holds model={state.get('model')} "
-                       f"compression={state.get('compression')}, the config says model={job.model} "
-                       f"compression={job.compression}")
+                       f"compression={state.get('compression')}, the config says model={cfg.job.model} "
+                       f"compression={cfg.compression.type}")
     errors = [e for e in hvd.allgather_object(err) if e]
     if errors:
         raise ConfigError(err or f"another rank cannot resume: {errors[0]}")
@@ -180,14 +180,14 @@ def load_checkpoint(hvd, run_dir, rank: int, size: int, job: JobConfig):
 # the training loop
 
 
-def run(job: JobConfig, data: Dataset, run_dir, resume: bool = False) -> dict:
+def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
     torch, nn, F = _torch()
     import horovod.torch as hvd
 
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
-    torch.manual_seed(job.seed)
-    np.random.seed(job.seed + rank)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed + rank)
 
     H, W = data.image_shape
     tr = shard_indices(len(data.x_train), rank, size)
@@ -196,30 +196,30 @@ def run(job: JobConfig, data: Dataset, run_dir, resume: bool = False) -> dict:
     y_tr = torch.from_numpy(data.y_train[tr])
     x_ev = torch.from_numpy(data.x_eval[ev]).unsqueeze(1)
     y_ev = torch.from_numpy(data.y_eval[ev])
-    n_steps = steps_per_epoch(len(data.x_train), size, job.batch_size)
+    n_steps = steps_per_epoch(len(data.x_train), size, cfg.train.batch_size)
 
-    gan = job.model == "gan"
+    gan = cfg.job.model == "gan"
     if gan:
         gen, disc = build_gan(H * W)
         modules = [gen, disc]
-        opts = [DistOpt(disc, "D.", job), DistOpt(gen, "G.", job)]
-        noise = torch.Generator().manual_seed(job.seed * 1000 + rank)   # each rank its own noise
+        opts = [DistOpt(disc, "D.", cfg), DistOpt(gen, "G.", cfg)]
+        noise = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)   # each rank its own noise
         z_dim = gen[0].in_features
     else:
-        model = build_cnn((H, W), data.num_classes) if job.model == "cnn" else build_rnn((H, W), data.num_classes)
+        model = build_cnn((H, W), data.num_classes) if cfg.job.model == "cnn" else build_rnn((H, W), data.num_classes)
         modules = [model]
-        opts = [DistOpt(model, "", job)]
+        opts = [DistOpt(model, "", cfg)]
     _broadcast(hvd, modules, opts)
 
     resume_from = None
     if resume:
-        ckpt = load_checkpoint(hvd, run_dir, rank, size, job)
+        ckpt = load_checkpoint(hvd, run_dir, rank, size, cfg)
         for m, sd in zip(modules, ckpt["modules"]):
             m.load_state_dict(sd)
         for o, sd, base in zip(opts, ckpt["optimizers"], ckpt["byte_baselines"]):
             o.opt.load_state_dict(sd)
             for g in o.opt.param_groups:     # the config's values win (e.g. an lr override on resume)
-                g["lr"], g["momentum"] = job.lr, job.optimizer_momentum
+                g["lr"], g["momentum"] = cfg.train.lr, optimizer_momentum(cfg)
             o.reset_baseline(base)       # steps count from the restored compressor; totals from the start
         if gan:
             noise.set_state(ckpt["noise"])
@@ -228,8 +228,8 @@ def run(job: JobConfig, data: Dataset, run_dir, resume: bool = False) -> dict:
 
     def save(loop_state: dict) -> None:
         save_checkpoint(checkpoint_path(run_dir, rank), {
-            "format": CHECKPOINT_FORMAT, "rank": rank, "size": size, "model": job.model,
-            "compression": job.compression,
+            "format": CHECKPOINT_FORMAT, "rank": rank, "size": size, "model": cfg.job.model,
+            "compression": cfg.compression.type,
             "modules": [m.state_dict() for m in modules],
             "optimizers": [o.opt.state_dict() for o in opts],      # ranger: with the compressor state
             "byte_baselines": [o.baseline for o in opts],
@@ -238,9 +238,9 @@ def run(job: JobConfig, data: Dataset, run_dir, resume: bool = False) -> dict:
             "loop": loop_state,
         })
 
-    log(rank, f"torch {job.model} on {data.name}: {size} ranks, {len(tr)} train samples/rank, "
-              f"{n_steps} steps/epoch, compression={job.compression}"
-              + (f" {job.ranger}" if job.ranger else ""))
+    log(rank, f"torch {cfg.job.model} on {data.name}: {size} ranks, {len(tr)} train samples/rank, "
+              f"{n_steps} steps/epoch, compression={cfg.compression.type}"
+              + (f" {cfg.compression.options()}" if cfg.compression.options() else ""))
 
     def classifier_step(xb, yb):
         model.train()
@@ -313,9 +313,9 @@ def run(job: JobConfig, data: Dataset, run_dir, resume: bool = False) -> dict:
         idx_t = torch.from_numpy(idx)
         return train_step(x_tr[idx_t], y_tr[idx_t])
 
-    return train_loop(job, backend="torch", dataset=data.name, rank=rank, size=size, n_train=len(tr),
+    return train_loop(cfg, backend="torch", dataset=data.name, rank=rank, size=size, n_train=len(tr),
                       n_steps=n_steps, step_fn=step_fn, meters=opts, evaluate=evaluate,
                       param_arrays=lambda: [p.detach().cpu().numpy() for m in modules for p in m.parameters()],
                       allgather_object=hvd.allgather_object, run_dir=run_dir,
-                      save_checkpoint=save if job.checkpoint and run_dir is not None else None,
+                      save_checkpoint=save if cfg.train.checkpoint and run_dir is not None else None,
                       resume_from=resume_from)

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
-from rich.table import Table
 
-from .command import LaunchCommand, default_command
-from .config import ConfigError, Resolved, load_config, show_lines
-from .rundir import create_run_dir, planned_run_dir, write_command, write_config, write_json
+from .command import default_command
+from .config import ConfigError, Resolved, load_config, show_text
+from .launch import launch_one, planned_abs_run_dir, resume_problem
+from .rundir import write_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -61,14 +59,6 @@ def _warn(res: Resolved) -> None:
             err.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 
-def _abs_run_dir(res: Resolved, now: Optional[float] = None) -> Path:
-    return planned_run_dir(res, now).absolute()
-
-
-def _horovodrun_path(cmd: LaunchCommand) -> Optional[str]:
-    return shutil.which(cmd.argv[0], path=cmd.env.get("PATH"))
-
-
 # --------------------------------------------------------------------------------------------------
 def cmd_validate(args) -> int:
     res = _load(args)
@@ -77,69 +67,31 @@ def cmd_validate(args) -> int:
     print(f"ok: {args.config} is valid (job {res.job_name}: {res.config.job.backend}/{res.config.job.model} on "
           f"{res.config.data.dataset}, {res.np} ranks on {hosts}, {res.config.cluster.controller}, "
           f"compression {res.config.compression.type})")
+    if res.inactive:
+        print(f"inactive ({res.inactive[0].reason}), left out of the run's config: "
+              + ", ".join(f"{o.path}={o.value}" for o in res.inactive))
     return EXIT_OK
 
 
 def cmd_show(args) -> int:
     res = _load(args)
     _warn(res)
-    lines = show_lines(res)
-    width = max(len(p) + len(v) for p, v, _ in lines) + 2
-    print(f"# {args.config}" + (f" with overrides: {' '.join(args.overrides)}" if args.overrides else ""))
-    print("# value  # source (default < file < override)")
-    for path, value, source in lines:
-        left = f"{path}: {value}"
-        print(f"{left.ljust(width)}  # {source}")
+    title = f"{args.config}" + (f" with overrides: {' '.join(args.overrides)}" if args.overrides else "")
+    sys.stdout.write(show_text(res, title))
     return EXIT_OK
 
 
-def _dry_run(res: Resolved, out=sys.stdout) -> None:
-    run_dir = _abs_run_dir(res)
+def _dry_run(res: Resolved, out=None) -> None:
+    out = out or sys.stdout
+    run_dir = planned_abs_run_dir(res)
     cmd = default_command(res, str(run_dir))
     out.write(cmd.text())
     out.write(f"# run directory (created by a real launch, not by --dry-run): {run_dir}\n")
     out.flush()
 
 
-def launch_one(res: Resolved, console: Console, *, stream: bool = False, live: Optional[bool] = None,
-               resume_dir: Optional[Path] = None):
-    """Creates the run directory (or reuses ``resume_dir``, passing ``--resume`` to the job) and runs the
-    job; returns a RunResult (or None if it could not start)."""
-    from .supervisor import RunResult, Supervisor
-
-    resume = resume_dir is not None
-    probe = default_command(res, str(resume_dir.resolve() if resume else _abs_run_dir(res)), resume=resume)
-    if _horovodrun_path(probe) is None:
-        console.print(f"[red]error:[/] horovodrun not found on PATH ({probe.env.get('PATH')}); "
-                      f"build the environment with launch/setup.sh (see ranger-hvd doctor)", highlight=False)
-        return None
-    run_dir = resume_dir.resolve() if resume else create_run_dir(res).resolve()
-    cmd = default_command(res, str(run_dir), resume=resume)
-    write_config(run_dir, res)
-    write_command(run_dir, cmd)
-    for name in cmd.missing_env:
-        console.print(f"[yellow]warning:[/] cluster.env: {name} is not set here, so the ranks do not get it",
-                      highlight=False)
-    exe = _horovodrun_path(cmd)
-    runnable = LaunchCommand(argv=[exe, *cmd.argv[1:]], env=cmd.env, missing_env=cmd.missing_env)
-    sup = Supervisor(res, runnable, run_dir, console=console, live=live, stream=stream, resume=resume)
-    result: RunResult = sup.run()
-    return result
-
-
-def _resume_problem(run_dir: Path) -> Optional[str]:
-    """Why RUN_DIR cannot be resumed (None if it can): it needs config.yaml and checkpoints/rank*.pt."""
-    if not run_dir.is_dir():
-        return f"{run_dir} is not a directory"
-    if not (run_dir / "config.yaml").is_file():
-        return f"{run_dir} has no config.yaml (not a run directory of ranger-hvd launch)"
-    if not any((run_dir / "checkpoints").glob("rank*.pt")):
-        return (f"{run_dir} has no checkpoints/rank*.pt (the run wrote no checkpoint: train.checkpoint false, "
-                f"TensorFlow backend, or it stopped before its first epoch ended)")
-    return None
-
-
-def _dry_run_resume(res: Resolved, run_dir: Path, out=sys.stdout) -> None:
+def _dry_run_resume(res: Resolved, run_dir: Path, out=None) -> None:
+    out = out or sys.stdout
     out.write(default_command(res, str(run_dir), resume=True).text())
     out.write(f"# resumes in {run_dir} (--dry-run changes nothing there)\n")
     out.flush()
@@ -155,7 +107,7 @@ def cmd_launch(args) -> int:
                                     f"{args.config!r}")
             args.overrides.insert(0, args.config)
         resume_dir = Path(args.resume).absolute()
-        problem = _resume_problem(resume_dir)
+        problem = resume_problem(resume_dir)
         if problem:
             return _usage_error(f"cannot resume: {problem}")
         res = load_config(resume_dir / "config.yaml", args.overrides)
@@ -185,79 +137,30 @@ def cmd_launch(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .report import make_report
-    from .sweep import combinations, parse_axes
+    from .sweep import parse_axes, resolve_combinations, run_sweep
 
     try:
         axes = parse_axes(args.axes)
+        if not axes:
+            raise ConfigError([])
+        combos, resolved = resolve_combinations(args.config, axes)
     except ConfigError as exc:
-        return _print_config_error(exc, "invalid sweep")
-    if not axes:
-        return _print_config_error(ConfigError([]), "a sweep needs at least one KEY=V1,V2")
-    combos = combinations(axes)
-    resolved: list[Resolved] = []
-    problems = []
-    for combo in combos:
-        try:
-            resolved.append(load_config(args.config, combo))
-        except ConfigError as exc:
-            for p in exc.problems:
-                p.where = (p.where + " " if p.where else "") + f"[{' '.join(combo)}]"
-            problems.extend(exc.problems)
-    if problems:
-        return _print_config_error(ConfigError(problems), "invalid sweep")
-    for res in resolved[:1]:
-        _warn(res)
+        return _print_config_error(exc, "invalid sweep" if exc.problems else "a sweep needs at least one KEY=V1,V2")
+    seen: set[str] = set()
+    for combo, res in zip(combos, resolved):   # each warning once; tagged when only some runs have it
+        everywhere = [w for w in res.warnings if all(w in r.warnings for r in resolved)]
+        for w in res.warnings:
+            if w not in seen:
+                seen.add(w)
+                _err_console().print(f"[yellow]warning:[/] {w}" + ("" if w in everywhere else f" [{' '.join(combo)}]"),
+                                     highlight=False)
     if args.dry_run:
         for combo, res in zip(combos, resolved):
             print(f"# {' '.join(combo)}")
             _dry_run(res)
         return EXIT_OK
-
-    console = _out_console()
-    results = []
-    interrupted = False
-    for i, (combo, res) in enumerate(zip(combos, resolved), 1):
-        console.rule(f"sweep run {i}/{len(combos)}: {' '.join(combo)}")
-        result = launch_one(res, console, stream=args.stream, live=False if args.no_live else None)
-        if result is None:
-            return EXIT_FAILED
-        results.append((combo, result))
-        if result.status == "interrupted":
-            interrupted = True
-            break
-
-    # comparison: the swept values, status and final numbers
-    t = Table(title=f"sweep over {', '.join(a.key for a in axes)}")
-    for a in axes:
-        t.add_column(a.key)
-    for col in ("status", "steps", "final loss", "final metrics", "bytes total", "duration", "run directory"):
-        t.add_column(col)
-    from .supervisor import _fmt, fmt_bytes
-
-    for combo, r in results:
-        s = r.summary
-        t.add_row(*[c.split("=", 1)[1] for c in combo], s["status"], str(s.get("steps", "-")),
-                  _fmt(s["final_loss"]) if s.get("final_loss") is not None else "-",
-                  ", ".join(f"{k}={_fmt(v)}" for k, v in (s.get("final_metrics") or {}).items()) or "-",
-                  fmt_bytes(s.get("bytes_sent_total")), f"{s['duration_s']:.1f}s", str(r.run_dir))
-    console.print(t)
-    first = resolved[0]
-    sweep_dir = Path(first.config.output.dir) / first.job_name / ("sweep-" + time.strftime("%Y%m%d-%H%M%S"))
-    n = 1
-    while sweep_dir.exists():
-        n += 1
-        sweep_dir = sweep_dir.with_name(sweep_dir.name.split("~")[0] + f"~{n}")
-    sweep_dir.mkdir(parents=True)
-    write_json(sweep_dir / "sweep.json", {
-        "config": str(args.config), "axes": {a.key: a.values for a in axes},
-        "runs": [{"overrides": combo, "run_dir": str(r.run_dir), "status": r.status, "exit_code": r.exit_code}
-                 for combo, r in results]})
-    make_report([r.run_dir for _, r in results], out_dir=sweep_dir, console=console,
-                title="sweep report")
-    if interrupted:
-        return results[-1][1].exit_code
-    return EXIT_OK if all(r.status == "success" for _, r in results) else EXIT_FAILED
+    return run_sweep(args.config, axes, combos, resolved, launch_one, _out_console(), stream=args.stream,
+                     live=False if args.no_live else None)
 
 
 def cmd_report(args) -> int:
@@ -274,7 +177,7 @@ def cmd_report(args) -> int:
 
 def cmd_doctor(args) -> int:
     try:
-        from ranger_hvd import doctor  # written by the project lead; imported lazily
+        from ranger_hvd import doctor  # imported only for this command
     except ImportError as exc:
         _err_console().print(f"[red]ranger-hvd doctor is not available:[/] {exc}", highlight=False)
         return EXIT_FAILED
@@ -331,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="table and PNG plots comparing runs")
     sp.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
     sp.add_argument("--out", metavar="DIR", help="where to write the PNGs and tables (default: RUN_DIR/report "
-                                                 "of the first run)")
+                                                 "for one run, output.dir/_reports/<timestamp> for several)")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("doctor", help="check the environment (Horovod build, frameworks, MPI)", add_help=False)

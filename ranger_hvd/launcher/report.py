@@ -1,20 +1,25 @@
-"""Compares runs: a table (rich) and PNG plots of loss and each metric over steps and over wall time,
-and bytes sent per step."""
+"""Compares runs: a table (rich, readable at 100 columns) and PNG plots of loss and each metric over
+steps and over wall time, and bytes sent per step.  Runs are labelled by what differs (labels.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .rundir import read_metrics
-from .supervisor import fmt_bytes
+from ranger_hvd.jobs.metrics import read_metrics
+
+from .formatting import fmt_bytes
+from .labels import run_labels
+from .rundir import create_report_dir
 
 
 class ReportError(Exception):
@@ -28,16 +33,6 @@ class Run:
     summary: dict
     records: list[dict]
     label: str = ""
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-        out[prefix[:-1]] = d if not isinstance(d, list) else tuple(d)
-    return out
 
 
 def load_run(path: Path) -> Run:
@@ -59,32 +54,15 @@ def load_run(path: Path) -> Run:
             summary = json.loads(sum_p.read_text())
         except json.JSONDecodeError:
             summary = {}
-    records = [r for r in read_metrics(met_p) if "step" in r]   # step lines; the "end" line is in summary
+    records = [r for r in read_metrics(met_p) if "step" in r] if met_p.exists() else []  # the end line: summary
     return Run(path=path, config=config, summary=summary, records=records)
 
 
-_IGNORED_DIFF = ("output.dir",)
-
-
 def label_runs(runs: list[Run]) -> None:
-    """Labels runs by the config values that differ between them (or by their directory)."""
-    flats = [_flatten(r.config) for r in runs]
-    keys = sorted(set().union(*flats)) if flats else []
-    differing = [k for k in keys if k not in _IGNORED_DIFF
-                 and len({repr(f.get(k)) for f in flats}) > 1]
-    for run, flat in zip(runs, flats):
-        if differing and len(runs) > 1:
-            run.label = ", ".join(f"{k.split('.', 1)[-1] if k.startswith(('compression.', 'train.', 'cluster.')) else k}"
-                                  f"={flat.get(k)}" for k in differing[:4])
-        else:
-            run.label = f"{run.path.parent.name}/{run.path.name}"
-    seen: dict[str, int] = {}
-    for run in runs:  # make labels unique
-        if run.label in seen:
-            seen[run.label] += 1
-            run.label = f"{run.label} #{seen[run.label]}"
-        else:
-            seen[run.label] = 1
+    names = [f"{r.path.parent.name}/{r.path.name}" for r in runs]
+    for run, label in zip(runs, run_labels([r.config for r in runs], names,
+                                           [r.summary.get("compression") for r in runs])):
+        run.label = label
 
 
 def _num(v) -> Optional[float]:
@@ -100,6 +78,7 @@ def _mean(xs) -> Optional[float]:
 
 
 def metric_names(runs: list[Run]) -> list[str]:
+    """Every numeric metric in the runs' step lines, in order of appearance."""
     names: list[str] = []
     for r in runs:
         for rec in r.records:
@@ -109,54 +88,78 @@ def metric_names(runs: list[Run]) -> list[str]:
     return names
 
 
-def rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+def table_metrics(runs: list[Run]) -> list[str]:
+    """The metrics the table shows: the held-out ones (eval_*) where the runs have them."""
     names = metric_names(runs)
-    header = ["run", "status", "compression", "np", "steps", "final loss", *names,
-              "step time", "bytes/step", "bytes total", "duration"]
+    held_out = [n for n in names if n.startswith("eval_")]
+    return held_out or names
+
+
+def _final(run: Run, name: str) -> Optional[float]:
+    """The last value of a metric in a run's step lines."""
+    for rec in reversed(run.records):
+        v = _num((rec.get("metrics") or {}).get(name))
+        if v is not None:
+            return v
+    return None
+
+
+def rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Header and one row per run.  Status is a column only when some run did not succeed."""
+    names = table_metrics(runs)
+    show_status = any(r.summary.get("status", "success") != "success" for r in runs)
+    header = ["run", *(["status"] if show_status else []), "steps", "train loss", *names, "ms/step", "sent", "time"]
     out = []
     for r in runs:
         last = r.records[-1] if r.records else {}
-        comp = r.config.get("compression", {}) if isinstance(r.config, dict) else {}
-        ctype = comp.get("type", r.summary.get("compression", "-"))
-        if ctype == "ranger" and comp.get("density") is not None:
-            ctype = f"ranger d={comp['density']:g}"
-        bytes_list = [b for b in (_num(x.get("bytes_sent")) for x in r.records) if b is not None]
-        st = _mean(x.get("step_time") for x in r.records)
-        lv = _num(last.get("loss"))
+        sent = [b for b in (_num(x.get("bytes_sent")) for x in r.records) if b is not None]
+        step_time = _mean(x.get("step_time") for x in r.records)
+        loss = _num(last.get("loss"))
         duration = _num(r.summary.get("duration_s")) or _num(last.get("time"))
-        row = [r.label, str(r.summary.get("status", "-")), str(ctype),
-               str(r.summary.get("np", (r.config.get("cluster") or {}).get("np", "-"))),
-               str(last.get("step", "-")),
-               f"{lv:.4g}" if lv is not None else "-"]
+        row = [r.label, *([str(r.summary.get("status", "-"))] if show_status else []),
+               str(last.get("step", "-")), f"{loss:.4g}" if loss is not None else "-"]
         for n in names:
-            v = _num((last.get("metrics") or {}).get(n))
+            v = _final(r, n)
             row.append(f"{v:.4g}" if v is not None else "-")
-        row += [f"{st * 1000:.1f} ms" if st is not None else "-",
-                fmt_bytes(sum(bytes_list) / len(bytes_list)) if bytes_list else "-",
-                fmt_bytes(sum(bytes_list)) if bytes_list else "-",
+        row += [f"{step_time * 1000:.1f}" if step_time is not None else "-",
+                fmt_bytes(sum(sent) / len(sent)) if sent else "-",
                 f"{duration:.1f}s" if duration is not None else "-"]
         out.append(row)
     return header, out
 
 
+def table_caption(runs: list[Run]) -> str:
+    metrics = table_metrics(runs)
+    held_out = "held-out " if metrics and metrics[0].startswith("eval_") else ""
+    return (f"train loss: rank 0's last batch; {held_out}metrics at the end; ms/step: mean step time; "
+            "sent: mean gradient bytes rank 0 sent per step; time: the whole run")
+
+
+HEADER_WIDTH = 8   # a longer header wraps at its spaces ('_' in metric names counts as one)
+
+
 def rich_table(runs: list[Run], title: str = "runs") -> Table:
+    """Number columns are as wide as their widest value (or header, up to HEADER_WIDTH), so numbers are
+    never cut; the run column takes the rest and wraps its labels at spaces."""
     header, body = rows(runs)
-    t = Table(title=title)
-    for h in header:
-        t.add_column(h, justify="left" if h in ("run", "status", "compression") else "right")
+    t = Table(title=title, caption=table_caption(runs), box=box.SIMPLE_HEAD, show_edge=False,
+              padding=0, title_justify="left", caption_justify="left")
+    for i, h in enumerate(header):
+        if h == "run":
+            t.add_column(h, overflow="fold", min_width=min(20, max(len(r[i]) for r in body)))
+        else:
+            width = max(min(len(h), HEADER_WIDTH), *(len(r[i]) for r in body))
+            t.add_column(h.replace("_", " "), justify="left" if h == "status" else "right", width=width)
     for row in body:
         t.add_row(*row)
     return t
 
 
-def plain_table(runs: list[Run]) -> str:
-    header, body = rows(runs)
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    for r in body:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    return "\n".join(lines) + "\n"
+def table_text(runs: list[Run], title: str, width: int = 100) -> str:
+    """The table as plain text, as it prints at ``width`` columns."""
+    buf = io.StringIO()
+    Console(file=buf, width=width, color_system=None, highlight=False).print(rich_table(runs, title))
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
 
 
 def _series(run: Run, x_key: str, y_get) -> tuple[list[float], list[float]]:
@@ -212,6 +215,17 @@ def plot(runs: list[Run], out_dir: Path) -> list[Path]:
     return written
 
 
+def default_out_dir(runs: list[Run]) -> Path:
+    """RUN_DIR/report for one run; for several, a directory of its own under the first run's output.dir
+    (``output.dir/_reports/<timestamp>``), so that no run holds a comparison of others."""
+    if len(runs) == 1:
+        return runs[0].path / "report"
+    out_root = (runs[0].config.get("output") or {}).get("dir") if isinstance(runs[0].config, dict) else None
+    if not (isinstance(out_root, str) and Path(out_root).is_absolute()):
+        out_root = runs[0].path.resolve().parents[1]   # output.dir/<job.name>/<timestamp>
+    return create_report_dir(Path(out_root))
+
+
 def make_report(run_dirs: list[Path], out_dir: Optional[Path] = None, console: Optional[Console] = None,
                 title: str = "runs") -> tuple[list[Run], list[Path], Path]:
     """Loads the runs, prints the table, writes report.txt, report.json and PNGs; returns what it wrote."""
@@ -220,13 +234,19 @@ def make_report(run_dirs: list[Path], out_dir: Optional[Path] = None, console: O
     if not runs:
         raise ReportError("no run directories given")
     label_runs(runs)
-    out = Path(out_dir) if out_dir else runs[0].path / "report"
+    out = Path(out_dir) if out_dir else default_out_dir(runs)
     out.mkdir(parents=True, exist_ok=True)
     console.print(rich_table(runs, title))
-    (out / "report.txt").write_text(plain_table(runs))
+    if len(runs) > 1:
+        for run in runs:
+            console.print(f"  {run.label}: {run.path}", highlight=False, soft_wrap=True)
+    (out / "report.txt").write_text(table_text(runs, title)
+                                    + "".join(f"{r.label}: {r.path}\n" for r in runs))
     header, body = rows(runs)
     (out / "report.json").write_text(json.dumps(
-        {"runs": [dict(zip(header, r), path=str(run.path)) for r, run in zip(body, runs)]}, indent=2) + "\n")
+        {"runs": [dict(zip(header, row), label=run.label, path=str(run.path), status=run.summary.get("status"),
+                       bytes_sent_total=sum(_num(x.get("bytes_sent")) or 0 for x in run.records))
+                  for row, run in zip(body, runs)]}, indent=2) + "\n")
     pngs = plot(runs, out)
-    console.print(f"report: {out} ({len(pngs)} plots)", highlight=False)
+    console.print(f"report: {out} ({len(pngs)} plots)", highlight=False, soft_wrap=True)
     return runs, pngs, out

@@ -14,6 +14,7 @@ from .command import LaunchCommand
 from .config import Resolved
 
 TIMESTAMP = "%Y%m%d-%H%M%S"
+REPORTS_DIR = "_reports"
 
 
 def planned_run_dir(res: Resolved, now: Optional[float] = None) -> Path:
@@ -22,9 +23,8 @@ def planned_run_dir(res: Resolved, now: Optional[float] = None) -> Path:
     return Path(res.config.output.dir) / res.job_name / stamp
 
 
-def create_run_dir(res: Resolved, now: Optional[float] = None) -> Path:
-    """Creates a fresh run directory; a second run in the same second gets a '-2', '-3', ... suffix."""
-    base = planned_run_dir(res, now)
+def create_unique_dir(base: Path) -> Path:
+    """Creates ``base``, or ``base-2``, ``base-3``, ... when it exists (two runs in the same second)."""
     base.parent.mkdir(parents=True, exist_ok=True)
     for i in range(1, 1000):
         cand = base if i == 1 else base.with_name(f"{base.name}-{i}")
@@ -33,7 +33,19 @@ def create_run_dir(res: Resolved, now: Optional[float] = None) -> Path:
         except FileExistsError:
             continue
         return cand
-    raise RuntimeError(f"cannot create a run directory next to {base}")
+    raise RuntimeError(f"cannot create a directory next to {base}")
+
+
+def create_run_dir(res: Resolved, now: Optional[float] = None) -> Path:
+    """Creates a fresh run directory ``output.dir/<job.name>/<timestamp>``."""
+    return create_unique_dir(planned_run_dir(res, now))
+
+
+def create_report_dir(output_dir: Path, suffix: str = "", now: Optional[float] = None) -> Path:
+    """``output.dir/_reports/<timestamp><suffix>``: comparisons of several runs, apart from every run (job
+    names cannot start with '_', so this never is a job's directory)."""
+    stamp = time.strftime(TIMESTAMP, time.localtime(now if now is not None else time.time()))
+    return create_unique_dir(Path(output_dir) / REPORTS_DIR / f"{stamp}{suffix}")
 
 
 def write_config(run_dir: Path, res: Resolved) -> Path:
@@ -43,14 +55,16 @@ def write_config(run_dir: Path, res: Resolved) -> Path:
         header += f" from {res.config_path}"
     if res.overrides:
         header += " with overrides: " + " ".join(res.overrides)
+    if res.inactive:
+        header += "\n# left out, inactive: " + ", ".join(f"{o.path}={o.value} ({o.reason})" for o in res.inactive)
     path.write_text(header + "\n" + yaml.safe_dump(res.resolved_dict(), sort_keys=False))
     return path
 
 
-def write_command(run_dir: Path, cmd: LaunchCommand, cwd: Optional[str] = None) -> Path:
+def write_command(run_dir: Path, cmd: LaunchCommand) -> Path:
     path = run_dir / "command.txt"
     text = cmd.text()
-    text += f"# working directory: {cwd or os.getcwd()}\n"
+    text += f"# working directory: {os.getcwd()}\n"
     path.write_text(text)
     return path
 
@@ -60,22 +74,3 @@ def write_json(path: Path, data: dict) -> None:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
 
-
-def read_metrics(path: Path) -> list[dict]:
-    """All complete JSON lines of a metrics.jsonl (a torn last line is skipped)."""
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict):
-                    out.append(rec)
-    except FileNotFoundError:
-        pass
-    return out

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from ranger_hvd.jobs import data as D
-from ranger_hvd.jobs.common import ConfigError, parse_config
+from ranger_hvd.jobs.common import ConfigError, job_config, optimizer_momentum
+from ranger_hvd.launcher.config import DataSection
 from ranger_hvd.jobs.metrics import MetricsWriter, read_metrics
 from tests.hvdrun import REPO, worker_env
 
@@ -108,7 +109,7 @@ def _fake_mnist(directory, n_train=20, n_test=6, gz=False):
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist_from_idx_files(tmp_path, gz):
     _fake_mnist(tmp_path, gz=gz)
-    ds = D.load_dataset({"dataset": "mnist", "dir": str(tmp_path)})
+    ds = D.load_dataset(DataSection(dataset="mnist", dir=str(tmp_path)))
     assert ds.x_train.shape == (20, 28, 28) and ds.x_eval.shape == (6, 28, 28)
     assert ds.x_train.dtype == np.float32 and ds.x_train.max() <= 1.0
     assert ds.y_train.tolist() == [i % 10 for i in range(20)]
@@ -117,32 +118,30 @@ def test_mnist_from_idx_files(tmp_path, gz):
 def test_mnist_missing_dir_and_file(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(D.DataError, match=str(missing)):
-        D.load_dataset({"dataset": "mnist", "dir": str(missing)})
+        D.load_dataset(DataSection(dataset="mnist", dir=str(missing)))
     with pytest.raises(D.DataError, match="data.dir"):
-        D.load_dataset({"dataset": "mnist"})
+        D.load_dataset(DataSection(dataset="mnist"))
     _fake_mnist(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(D.DataError, match=r"t10k-labels-idx1-ubyte.*" + str(tmp_path)):
-        D.load_dataset({"dataset": "mnist", "dir": str(tmp_path)})
+        D.load_dataset(DataSection(dataset="mnist", dir=str(tmp_path)))
 
 
-def test_parse_config_defaults_and_errors():
-    job = parse_config({"job": {"backend": "torch", "model": "cnn"}, "data": {"dataset": "digits", "dir": None},
-                        "train": {"epochs": 2, "batch_size": 32, "lr": 0.1, "seed": 1},
-                        "compression": {"type": "ranger", "density": 0.05, "momentum": 0.9, "seed": None},
-                        "cluster": {"np": 2}, "output": {"dir": "runs"}})
-    assert (job.epochs, job.batch_size, job.lr, job.seed) == (2, 32, 0.1, 1)
-    assert job.max_steps is None and job.log_every == 1 and job.data["eval_fraction"] == 0.2
-    assert job.ranger == {"density": 0.05, "momentum": 0.9}
-    assert job.optimizer_momentum == 0.0            # momentum lives in the compressor
-    plain = parse_config({"compression": {"type": "fp16"}, "train": {"momentum": 0.5, "max_steps": 7}})
-    assert plain.optimizer_momentum == 0.5 and plain.max_steps == 7 and plain.ranger == {}
+def test_jobs_validate_with_the_launcher_schema():
+    cfg = job_config({"job": {"backend": "torch", "model": "cnn"}, "data": {"dataset": "digits", "dir": None},
+                      "train": {"epochs": 2, "batch_size": 32, "lr": 0.1, "seed": 1},
+                      "compression": {"type": "ranger", "density": 0.05, "momentum": 0.9},
+                      "cluster": {"np": 2}, "output": {"dir": "runs"}})
+    t = cfg.train
+    assert (t.epochs, t.batch_size, t.lr, t.seed, t.max_steps, t.log_every) == (2, 32, 0.1, 1, None, 1)
+    assert cfg.data.eval_fraction == 0.2 and cfg.compression.options()["density"] == 0.05
+    assert optimizer_momentum(cfg) == 0.0            # momentum lives in the compressor
     with pytest.raises(ConfigError, match="job.model"):
-        parse_config({"job": {"model": "transformer"}})
+        job_config({"job": {"model": "transformer"}})
     with pytest.raises(ConfigError, match="compression.type"):
-        parse_config({"compression": {"type": "zip"}})
-    with pytest.raises(ConfigError, match="density"):
-        parse_config({"compression": {"type": "ranger", "density": 2.0}})
+        job_config({"compression": {"type": "zip"}})
+    with pytest.raises(ConfigError, match="compression.density"):
+        job_config({"compression": {"type": "ranger", "density": 2.0}})
 
 
 def test_metrics_writer(tmp_path):

@@ -6,8 +6,11 @@ import textwrap
 import pytest
 import yaml
 
+from ranger_hvd.core.options import RangerOptions
+from ranger_hvd.jobs.common import optimizer_momentum
 from ranger_hvd.launcher import cli
-from ranger_hvd.launcher.config import ConfigError, load_config, show_lines
+from ranger_hvd.launcher.config import (ConfigError, TrainSection, job_config, load_config, read_run_config,
+                                        show_lines)
 
 from .conftest import REPO, run_cli, tree
 
@@ -59,8 +62,12 @@ INVALID = [
     ("density-high", with_(compression={"density": 2}), {}, [], "compression.density", "less than or equal to 1"),
     ("density-zero", with_(compression={"density": 0}), {}, [], "compression.density", "greater than 0"),
     ("momentum-one", with_(compression={"momentum": 1.0}), {}, [], "compression.momentum", "less than 1"),
-    ("ranger-field-with-fp16", with_(compression={"type": "fp16", "momentum": None}), {}, [],
-     "compression.density", "only allowed when compression.type is 'ranger'"),
+    ("inactive-option-bad-value", with_(compression={"type": "fp16", "density": 2}), {}, [],
+     "compression.density", "less than or equal to 1 (got 2) (inactive here: compression.type is 'fp16')"),
+    ("unknown-option-with-none", with_(compression={"type": "none", "dnsity": 0.1}), {}, [],
+     "compression.dnsity", "did you mean 'density'? (compression.type 'none' takes no options"),
+    ("override-type-typo", None, {}, ["compression.type=rangr"], "compression.type", "did you mean 'ranger'"),
+    ("compression-not-mapping", with_(compression="ranger"), {}, [], "compression", "mapping"),
     ("warmup-start", with_(compression={"warmup_steps": 10, "warmup_start_density": 0.01}), {}, [],
      "compression.warmup_start_density", "at least density"),
     ("value-dtype", with_(compression={"value_dtype": "int8"}), {}, [], "compression.value_dtype", "float16"),
@@ -198,8 +205,7 @@ def test_precedence_default_file_override(tmp_path):
     res = load_config(tmp_path / "exp.yaml", ["compression.density=0.001"], cwd=tmp_path)
     assert res.config.compression.density == 0.001            # override beats file
     assert res.config.train.epochs == 7                        # file beats default
-    assert res.config.compression.min_elements is None        # default (RangerOptions fills it in)
-    assert res.ranger_options.min_elements == 1024
+    assert res.config.compression.min_elements == 1024         # RangerOptions' default
     assert res.sources["compression.density"] == "override"
     assert res.sources["train.epochs"].startswith("file (")
     assert res.sources["train.seed"].startswith("file (")
@@ -227,11 +233,77 @@ def test_show_prints_each_value_with_its_source(tmp_path):
     assert tree(tmp_path) == {"exp.yaml"}
 
 
-def test_show_hides_ranger_fields_for_other_types(tmp_path):
-    (tmp_path / "exp.yaml").write_text("compression: {type: fp16}\n")
-    res = load_config(tmp_path / "exp.yaml", cwd=tmp_path)
+def test_show_lists_other_types_options_as_inactive(tmp_path):
+    (tmp_path / "exp.yaml").write_text("compression: {type: ranger, density: 0.05, momentum: 0.9}\n")
+    res = load_config(tmp_path / "exp.yaml", ["compression.type=fp16"], cwd=tmp_path)
     paths = [p for p, _, _ in show_lines(res)]
     assert "compression.type" in paths and "compression.density" not in paths
+    r = run_cli(["show", "exp.yaml", "compression.type=fp16"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    head = out.index(next(ln for ln in out if ln.startswith("# inactive")))
+    inactive = out[head + 1:]
+    assert [ln.split("#")[1].strip() for ln in inactive] == ["compression.density: 0.05", "compression.momentum: 0.9"]
+    assert all("compression.type is 'fp16'; file (exp.yaml:1)" in ln for ln in inactive), inactive
+    assert "compression.type: fp16" in r.stdout and "# override" in r.stdout
+
+
+TYPES = ("none", "fp16", "ranger")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_switches_compression_type(path, monkeypatch, capsys):
+    """validate CONFIG compression.type=T exits 0 for every type; the run's config keeps only T's options,
+    and what the jobs read back from it is the same config."""
+    monkeypatch.chdir(REPO)
+    rel = str(path.relative_to(REPO))
+    for ctype in TYPES:
+        code = cli.main(["validate", rel, f"compression.type={ctype}"])
+        captured = capsys.readouterr()
+        assert code == 0, (ctype, captured.err)
+        assert f"compression {ctype})" in captured.out, captured.out
+        res = load_config(rel, [f"compression.type={ctype}"])
+        written = res.resolved_dict()
+        own = {"none": [], "fp16": [], "ranger": list(RangerOptions.model_fields)}[ctype]
+        assert sorted(written["compression"]) == sorted(["type", *own]), written["compression"]
+        assert job_config(written).model_dump(mode="json") == written
+        dropped = {o.path for o in res.inactive}
+        file_keys = set(yaml.safe_load(path.read_text()).get("compression", {})) - {"type"}
+        assert dropped == ({f"compression.{k}" for k in file_keys} if ctype != "ranger" else set()), dropped
+
+
+def test_sweep_over_types_validates_on_the_default_config(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    code = cli.main(["sweep", "configs/cnn-digits.yaml", "compression.type=none,fp16,ranger", "train.epochs=2",
+                     "--dry-run"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.count("horovodrun -np 2") == 3
+
+
+def test_override_of_an_inactive_option_warns(tmp_path, capsys, monkeypatch):
+    (tmp_path / "exp.yaml").write_text("compression: {type: fp16}\n")
+    res = load_config(tmp_path / "exp.yaml", ["compression.density=0.001"], cwd=tmp_path)
+    assert res.warnings == ["compression.density=0.001 has no effect: compression.type is 'fp16'"]
+    assert res.config.compression.type == "fp16" and "density" not in res.resolved_dict()["compression"]
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["validate", "exp.yaml", "compression.density=0.001"]) == 0
+    assert "has no effect" in capsys.readouterr().err
+
+
+def test_jobs_read_the_launcher_schema(tmp_path):
+    """The jobs validate RUN_DIR/config.yaml with the same models; a bad value names file and line."""
+    cfg = job_config({"compression": {"type": "ranger", "density": 0.05, "momentum": 0.9}, "train": {"momentum": 0.5}})
+    assert cfg.train.epochs == TrainSection().epochs and optimizer_momentum(cfg) == 0.0
+    assert cfg.compression.options()["density"] == 0.05 and cfg.compression.options()["min_elements"] == 1024
+    plain = job_config({"compression": {"type": "fp16"}, "train": {"momentum": 0.5, "max_steps": 7}})
+    assert optimizer_momentum(plain) == 0.5 and plain.train.max_steps == 7 and plain.compression.options() == {}
+    assert job_config({}).compression.type == "ranger"          # one default, the launcher's
+    (tmp_path / "config.yaml").write_text("train:\n  epochs: 2\n  lr: -1\n")
+    with pytest.raises(ConfigError) as exc:
+        read_run_config(tmp_path / "config.yaml")
+    assert [str(p) for p in exc.value.problems] == [
+        f"{tmp_path / 'config.yaml'}:3: train.lr: must be greater than 0 (got -1)"]
 
 
 def test_hostfile_parsing_and_default_np(tmp_path):

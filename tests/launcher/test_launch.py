@@ -124,7 +124,7 @@ def test_report_on_real_run(tiny_run, tmp_path):
     out = tmp_path / "rep"
     rr = run_cli(["report", str(run), "--out", str(out)], tmp_path)
     assert rr.returncode == 0, rr.stderr
-    assert "final loss" in rr.stdout and "tiny" in rr.stdout
+    assert "train loss" in rr.stdout and "tiny" in rr.stdout
     for name in ("loss_vs_step.png", "loss_vs_time.png", "accuracy_vs_step.png", "accuracy_vs_time.png",
                  "bytes_per_step.png"):
         png = out / name

@@ -3,8 +3,9 @@ layouts, incremental metrics reading, and a launch when horovodrun is missing.""
 
 import json
 
-from ranger_hvd.launcher import cli
-from ranger_hvd.launcher.supervisor import MetricsTail, find_failed_rank, rank_log_files
+from ranger_hvd.launcher import cli, launch
+from ranger_hvd.launcher.progress import MetricsTail
+from ranger_hvd.launcher.ranklogs import find_failed_rank, rank_log_files
 
 from .conftest import tree
 
@@ -69,7 +70,7 @@ def test_metrics_tail_reads_only_complete_lines(tmp_path):
 def test_missing_horovodrun_exit_1_creates_nothing(tmp_path, monkeypatch, capsys):
     (tmp_path / "exp.yaml").write_text("job: {name: t}\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "_horovodrun_path", lambda cmd: None)
+    monkeypatch.setattr(launch, "horovodrun_path", lambda cmd: None)
     assert cli.main(["launch", "exp.yaml"]) == 1
     assert "horovodrun not found" in capsys.readouterr().out
     assert tree(tmp_path) == {"exp.yaml"}

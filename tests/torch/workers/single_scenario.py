@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 
-from common import digest
+from common import digest, max_diff, params_of
 
 import torch
 import horovod.torch as hvd
@@ -32,7 +32,7 @@ def run(model, opt, steps=12):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-    return digest(model.parameters())
+    return params_of(model)
 
 
 out = {}
@@ -42,15 +42,19 @@ model = make_model()
 ranger = Ranger(groups(model, 1e-3), lr=0.05, momentum=0.9, density=0.001)
 out["initialised_by_ranger"] = hvd.is_initialized()
 out["size"] = hvd.size()
-out["ranger"] = run(model, ranger)
+ranger_params = run(model, ranger)
 model = make_model()
 ranger_dgc = Ranger(groups(model, 1e-3), lr=0.05, momentum=0.9, density=0.001, momentum_mode="dgc")
-out["ranger_dgc"] = run(model, ranger_dgc)
+dgc_params = run(model, ranger_dgc)
 out["ranger_dgc_stats"] = ranger_dgc.stats()
 model = make_model()
-out["sgd"] = run(model, torch.optim.SGD(groups(model, 1e-3), lr=0.05, momentum=0.9))
+sgd_params = run(model, torch.optim.SGD(groups(model, 1e-3), lr=0.05, momentum=0.9))
 model = make_model()
-out["sgd_other_wd"] = run(model, torch.optim.SGD(groups(model, 1e-2), lr=0.05, momentum=0.9))
+other_wd_params = run(model, torch.optim.SGD(groups(model, 1e-2), lr=0.05, momentum=0.9))
+out["ranger"], out["ranger_dgc"], out["sgd"] = digest(ranger_params), digest(dgc_params), digest(sgd_params)
+out["ranger_vs_sgd_maxdiff"] = max_diff(ranger_params, sgd_params)
+out["ranger_dgc_vs_sgd_maxdiff"] = max_diff(dgc_params, sgd_params)
+out["ranger_vs_sgd_other_wd_maxdiff"] = max_diff(ranger_params, other_wd_params)
 out["ranger_stats"] = ranger.stats()
 
 model = make_model()
@@ -59,8 +63,10 @@ wrapped = DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3),
                                named_parameters=model.named_parameters(), compression=comp)
 out["wrapped_class"] = type(wrapped).__name__
 out["wrapped_is_adam"] = isinstance(wrapped, torch.optim.Adam)
-out["wrapped"] = run(model, wrapped)
+wrapped_params = run(model, wrapped)
 model = make_model()
-out["adam"] = run(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+adam_params = run(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+out["wrapped"], out["adam"] = digest(wrapped_params), digest(adam_params)
+out["wrapped_vs_adam_maxdiff"] = max_diff(wrapped_params, adam_params)
 out["wrapped_stats"] = comp.stats()
 report(0, out)

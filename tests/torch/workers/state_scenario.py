@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 
-from common import digest, prefixed
+from common import digest, max_diff, params_of, prefixed
 
 import torch
 import horovod.torch as hvd
@@ -41,6 +41,10 @@ def build(mode: str, model):
     return opt, comp
 
 
+def residuals_of(comp) -> list[torch.Tensor]:
+    return [st.residual.detach().clone() for st in comp._state.values() if st.residual is not None]
+
+
 def run(model, opt, steps):
     for step in steps:
         g = torch.Generator().manual_seed(1000 * RANK + step)
@@ -55,8 +59,8 @@ for mode in ("a", "b", "c", "d"):
     model = make_model()
     opt, comp = build(mode, model)
     run(model, opt, range(6))
-    straight = digest(model.parameters())
-    straight_residuals = digest(st.residual for st in comp._state.values() if st.residual is not None)
+    straight_params = params_of(model)
+    straight_res = residuals_of(comp)
 
     model = make_model()
     opt, comp = build(mode, model)
@@ -81,10 +85,11 @@ for mode in ("a", "b", "c", "d"):
         comp.load_state_dict(saved["comp"])
     run(model, opt, range(3, 6))
     out[mode] = {
-        "straight": straight,
+        "straight": digest(straight_params),
         "resumed": digest(model.parameters()),
-        "straight_residuals": straight_residuals,
-        "resumed_residuals": digest(st.residual for st in comp._state.values() if st.residual is not None),
+        "resumed_maxdiff": max_diff(straight_params, params_of(model)),
+        "residuals_maxdiff": max_diff(straight_res, residuals_of(comp)) if straight_res else 0.0,
+        "residual_count": [len(straight_res), len(residuals_of(comp))],
         "has_ranger_state": "ranger" in saved["opt"],
         "steps": comp.stats()["steps"],
     }

@@ -1,0 +1,115 @@
+"""Checks that span several keys (``data.dir`` only with mnist) and the ones that read files (hostfile,
+ssh identity).  Each section has its own function; ``SECTION_CHECKS`` lists the file-free ones, which the
+jobs run too."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+from .hosts import parse_host_list, parse_hostfile, split_list
+from .problems import Problem
+from .schema import Config
+
+Where = Callable[[str], str]
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NIC_RE = re.compile(r"^[\w.:@-]+$")
+_AUTOTUNE_KEYS = ("autotune_log", "autotune_warmup_samples", "autotune_steps_per_sample",
+                  "autotune_bayes_opt_max_samples", "autotune_gaussian_process_noise")
+
+
+def check_data(cfg: Config, where: Where) -> list[Problem]:
+    d, problems = cfg.data, []
+    if d.dataset == "mnist" and not d.dir:
+        problems.append(Problem("data.dir", "required when data.dataset is 'mnist' (the directory holding MNIST)",
+                                where("data.dataset")))
+    if d.dataset != "mnist" and d.dir:
+        problems.append(Problem("data.dir", f"only used with data.dataset 'mnist' (dataset is '{d.dataset}')",
+                                where("data.dir")))
+    if d.dataset != "synthetic" and d.synthetic_samples is not None:
+        problems.append(Problem("data.synthetic_samples", "only used with data.dataset 'synthetic' "
+                                f"(dataset is '{d.dataset}')", where("data.synthetic_samples")))
+    return problems
+
+
+def check_cluster(cfg: Config, where: Where) -> list[Problem]:
+    cl, problems = cfg.cluster, []
+    if cl.hosts is not None and cl.hostfile is not None:
+        problems.append(Problem("cluster.hostfile", "give cluster.hosts or cluster.hostfile, never both "
+                                "(set the other to null)", where("cluster.hostfile")))
+    if cl.network_interfaces is not None:
+        nics = split_list(cl.network_interfaces)
+        if not nics:
+            problems.append(Problem("cluster.network_interfaces", "must name at least one interface",
+                                    where("cluster.network_interfaces")))
+        for i, nic in enumerate(nics):
+            if not _NIC_RE.match(nic):
+                p = f"cluster.network_interfaces[{i}]"
+                problems.append(Problem(p, f"bad interface name {nic!r}", where(p)))
+    names: dict[str, int] = {}
+    for i, entry in enumerate(cl.env):
+        p = f"cluster.env[{i}]"
+        name = entry.split("=", 1)[0]
+        if not _ENV_RE.match(name):
+            problems.append(Problem(p, f"must be an environment variable NAME or NAME=VALUE (got {entry!r})", where(p)))
+        elif name in names:
+            problems.append(Problem(p, f"{name} is listed twice (also cluster.env[{names[name]}])", where(p)))
+        else:
+            names[name] = i
+    if cl.mpi_args is not None and cl.controller != "mpi":
+        problems.append(Problem("cluster.mpi_args", "only allowed with cluster.controller 'mpi'",
+                                where("cluster.mpi_args")))
+    return problems
+
+
+def check_horovod(cfg: Config, where: Where) -> list[Problem]:
+    hv, problems = cfg.horovod, []
+    if hv.timeline_mark_cycles and not hv.timeline:
+        problems.append(Problem("horovod.timeline_mark_cycles", "needs horovod.timeline: true",
+                                where("horovod.timeline_mark_cycles")))
+    for k in _AUTOTUNE_KEYS:
+        if getattr(hv, k) not in (None, False) and not hv.autotune:
+            problems.append(Problem(f"horovod.{k}", "only allowed with horovod.autotune: true", where(f"horovod.{k}")))
+    for k in ("stall_check_warning_time_seconds", "stall_check_shutdown_time_seconds"):
+        if getattr(hv, k) is not None and hv.stall_check is False:
+            problems.append(Problem(f"horovod.{k}", "has no effect with horovod.stall_check: false",
+                                    where(f"horovod.{k}")))
+    if hv.mpi_threads_disable is not None and cfg.cluster.controller != "mpi":
+        problems.append(Problem("horovod.mpi_threads_disable", "only applies with cluster.controller 'mpi'",
+                                where("horovod.mpi_threads_disable")))
+    return problems
+
+
+SECTION_CHECKS = (check_data, check_cluster, check_horovod)
+
+
+def config_path(cwd: Path, p: str) -> Path:
+    """A path given in the config: '~' expanded, relative to the working directory."""
+    q = Path(os.path.expanduser(p))
+    return q if q.is_absolute() else cwd / q
+
+
+def resolve_hosts(cfg: Config, where: Where, cwd: Path) -> tuple[list[tuple[str, int]], int, list[Problem]]:
+    """(hosts, number of ranks, problems) from cluster.hosts, cluster.hostfile or the default
+    localhost:np; also checks that the ssh identity file exists."""
+    cl, problems = cfg.cluster, []
+    hosts: list[tuple[str, int]] = []
+    if cl.hosts is not None and cl.hostfile is not None:
+        pass   # reported by check_cluster
+    elif cl.hostfile is not None:
+        hosts = parse_hostfile(config_path(cwd, cl.hostfile), "cluster.hostfile", where("cluster.hostfile"), problems)
+    elif cl.hosts is not None:
+        hosts = parse_host_list(split_list(cl.hosts), "cluster.hosts", where, problems)
+    else:
+        hosts = [("localhost", cl.np or 2)]
+    total = sum(s for _, s in hosts)
+    np_ = cl.np if cl.np is not None else total
+    if hosts and cl.np is not None and cl.np > total:
+        problems.append(Problem("cluster.np", f"{cl.np} ranks do not fit in the {total} slots of the hosts "
+                                "(np may not exceed the total slots)", where("cluster.np")))
+    if cl.ssh_identity_file is not None and not config_path(cwd, cl.ssh_identity_file).is_file():
+        problems.append(Problem("cluster.ssh_identity_file", f"file not found: {cl.ssh_identity_file}",
+                                where("cluster.ssh_identity_file")))
+    return hosts, np_, problems

@@ -1,0 +1,191 @@
+"""The experiment config's schema: one pydantic model per section, strict, with every default.
+
+The launcher validates a user's YAML against it, and the reference jobs validate the resolved
+``RUN_DIR/config.yaml`` against the same models, so each default and each constraint lives here only.
+To add a key, add a field to its section; to add a section, add a model and a field of :class:`Config`.
+Checks that involve several keys or the file system live in ``checks.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ranger_hvd.core.options import RangerOptions
+
+from .groups import Group
+
+DEFAULT_ENTRY = "ranger_hvd.jobs"
+SYNTHETIC_SAMPLES = 2048
+
+# YAML input: no coercion ("64" is not an int), no unknown keys, defaults validated too
+STRICT = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class Section(BaseModel):
+    model_config = STRICT
+
+
+class JobSection(Section):
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                                description="run name (directory under output.dir); default MODEL-DATASET")
+    backend: Literal["torch", "tensorflow"] = "torch"
+    model: Literal["cnn", "rnn", "gan"] = "cnn"
+    # Advanced, mainly for tests: the Python module each rank runs (``python -m ENTRY --config ...``).
+    entry: str = Field(DEFAULT_ENTRY, pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+class DataSection(Section):
+    dataset: Literal["digits", "mnist", "synthetic"] = "digits"
+    dir: Optional[str] = Field(None, min_length=1, description="directory holding MNIST (dataset: mnist only)")
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share (digits, synthetic)")
+    synthetic_samples: Optional[int] = Field(None, ge=1, description="samples (dataset: synthetic only; "
+                                                                     f"null: {SYNTHETIC_SAMPLES})")
+
+    @property
+    def samples(self) -> int:
+        """Samples of the synthetic data set."""
+        return SYNTHETIC_SAMPLES if self.synthetic_samples is None else self.synthetic_samples
+
+
+class TrainSection(Section):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1, description="per rank")
+    lr: float = Field(0.05, gt=0.0)
+    seed: int = Field(0, ge=0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="the optimizer's (0 when the compressor has momentum)")
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps (null: no cap)")
+    log_every: int = Field(1, ge=1, description="write a metrics line every N steps")
+    checkpoint: bool = Field(True, description="every rank saves RUN_DIR/checkpoints/rank{r}.pt after each "
+                                               "epoch (torch jobs; needed by launch --resume)")
+
+
+# compression: a config group.  Each member's fields are its options; see groups.py.
+class _WithoutOptions(Section):
+    """A compression type that takes no options."""
+
+    @property
+    def compressor_momentum(self) -> float:
+        return 0.0
+
+    def options(self) -> dict:
+        return {}
+
+
+class NoCompression(_WithoutOptions):
+    """Horovod's plain allreduce of the fp32 gradients."""
+
+    type: Literal["none"] = "none"
+
+
+class Fp16Compression(_WithoutOptions):
+    """Horovod's fp16 compression: gradients travel as 2-byte floats."""
+
+    type: Literal["fp16"] = "fp16"
+
+
+class RangerCompression(RangerOptions):
+    """Ranger's sparse top-k with error feedback: exactly the fields and checks of RangerOptions."""
+
+    model_config = ConfigDict(**{**RangerOptions.model_config, **STRICT})
+    type: Literal["ranger"] = "ranger"
+
+    @property
+    def compressor_momentum(self) -> float:
+        return self.momentum
+
+    def options(self) -> dict:
+        """The keyword arguments of ``RangerCompressor``."""
+        return self.model_dump(exclude={"type"})
+
+
+COMPRESSION = Group("compression", "type",
+                    {"none": NoCompression, "fp16": Fp16Compression, "ranger": RangerCompression},
+                    default="ranger")
+GROUPS = (COMPRESSION,)
+CompressionSection = Union[NoCompression, Fp16Compression, RangerCompression]
+
+
+class ClusterSection(Section):
+    np: Optional[int] = Field(None, ge=1, description="number of ranks; default: the total slots")
+    hosts: Optional[Union[list[str], str]] = Field(None, description="host:slots entries (or one comma-separated string)")
+    hostfile: Optional[str] = Field(None, min_length=1, description="file of 'host slots=N' lines")
+    controller: Literal["gloo", "mpi"] = "gloo"
+    ssh_port: Optional[int] = Field(None, ge=1, le=65535)
+    ssh_identity_file: Optional[str] = Field(None, min_length=1)
+    network_interfaces: Optional[Union[list[str], str]] = None
+    start_timeout: Optional[int] = Field(None, ge=1, description="seconds horovodrun waits for the ranks to start")
+    env: list[str] = Field(default_factory=list, description="NAME (forwarded) or NAME=VALUE (set) entries")
+    mpi_args: Optional[str] = Field(None, min_length=1, description="extra mpirun arguments (controller: mpi)")
+
+
+class HorovodSection(Section):
+    """Horovod tunables; each maps to one horovodrun flag (None: horovodrun's own default)."""
+
+    fusion_threshold_mb: Optional[int] = Field(None, ge=0)
+    cycle_time_ms: Optional[float] = Field(None, gt=0)
+    cache_capacity: Optional[int] = Field(None, ge=0)
+    hierarchical_allreduce: Optional[bool] = None
+    hierarchical_allgather: Optional[bool] = None
+    timeline: bool = False
+    timeline_mark_cycles: bool = False
+    autotune: bool = False
+    autotune_log: bool = False
+    autotune_warmup_samples: Optional[int] = Field(None, ge=0)
+    autotune_steps_per_sample: Optional[int] = Field(None, ge=1)
+    autotune_bayes_opt_max_samples: Optional[int] = Field(None, ge=1)
+    autotune_gaussian_process_noise: Optional[float] = Field(None, ge=0.0, le=1.0)
+    stall_check: Optional[bool] = None
+    stall_check_warning_time_seconds: Optional[int] = Field(None, ge=1)
+    stall_check_shutdown_time_seconds: Optional[int] = Field(None, ge=0)
+    gloo_timeout_seconds: Optional[int] = Field(None, ge=1)
+    thread_affinity: Optional[int] = Field(None, ge=0)
+    mpi_threads_disable: Optional[bool] = None
+    num_nccl_streams: Optional[int] = Field(None, ge=1)
+    tcp: bool = False
+    log_level: Optional[Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "FATAL"]] = None
+    log_timestamp: Optional[bool] = None
+    prefix_output_with_timestamp: bool = False
+    disable_cache: bool = False
+    verbose: bool = False
+
+
+class OutputSection(Section):
+    dir: str = Field("runs", min_length=1)
+
+
+class Config(Section):
+    job: JobSection = Field(default_factory=JobSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    compression: COMPRESSION.annotation() = COMPRESSION.field()  # type: ignore[valid-type]
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    horovod: HorovodSection = Field(default_factory=HorovodSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @property
+    def job_name(self) -> str:
+        return self.job.name or f"{self.job.model}-{self.data.dataset}"
+
+
+def section_model(path: tuple) -> Optional[type[BaseModel]]:
+    """The model that validates the mapping at ``path`` (a pydantic location; group tags included)."""
+    model: type[BaseModel] = Config
+    parts = list(path)
+    while parts:
+        part = parts.pop(0)
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        group = next((g for g in GROUPS if model is Config and g.section == part), None)
+        if group is not None:
+            if not parts or parts[0] not in group.members:
+                return None
+            model = group.members[parts.pop(0)]
+            continue
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            model = field.annotation
+        else:
+            return None
+    return model

@@ -1,0 +1,59 @@
+"""One launch: the run directory, its config.yaml and command.txt, then horovodrun under supervision."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+
+from .command import LaunchCommand, default_command
+from .config import Resolved
+from .rundir import create_run_dir, planned_run_dir, write_command, write_config
+from .summary import RunResult
+
+
+def planned_abs_run_dir(res: Resolved, now: Optional[float] = None) -> Path:
+    return planned_run_dir(res, now).absolute()
+
+
+def horovodrun_path(cmd: LaunchCommand) -> Optional[str]:
+    """Where the command's horovodrun is on its own PATH (None: not installed)."""
+    return shutil.which(cmd.argv[0], path=cmd.env.get("PATH"))
+
+
+def resume_problem(run_dir: Path) -> Optional[str]:
+    """Why RUN_DIR cannot be resumed (None if it can): it needs config.yaml and checkpoints/rank*.pt."""
+    if not run_dir.is_dir():
+        return f"{run_dir} is not a directory"
+    if not (run_dir / "config.yaml").is_file():
+        return f"{run_dir} has no config.yaml (not a run directory of ranger-hvd launch)"
+    if not any((run_dir / "checkpoints").glob("rank*.pt")):
+        return (f"{run_dir} has no checkpoints/rank*.pt (the run wrote no checkpoint: train.checkpoint false, "
+                f"TensorFlow backend, or it stopped before its first epoch ended)")
+    return None
+
+
+def launch_one(res: Resolved, console: Console, *, stream: bool = False, live: Optional[bool] = None,
+               resume_dir: Optional[Path] = None) -> Optional[RunResult]:
+    """Creates the run directory (or reuses ``resume_dir``, passing ``--resume`` to the job) and runs the
+    job; returns its RunResult, or None when horovodrun is not installed (nothing is created then)."""
+    from .supervisor import Supervisor
+
+    resume = resume_dir is not None
+    probe = default_command(res, str(resume_dir.resolve() if resume else planned_abs_run_dir(res)), resume=resume)
+    exe = horovodrun_path(probe)
+    if exe is None:
+        console.print(f"[red]error:[/] horovodrun not found on PATH ({probe.env.get('PATH')}); "
+                      f"build the environment with launch/setup.sh (see ranger-hvd doctor)", highlight=False)
+        return None
+    run_dir = resume_dir.resolve() if resume else create_run_dir(res).resolve()
+    cmd = default_command(res, str(run_dir), resume=resume)
+    write_config(run_dir, res)
+    write_command(run_dir, cmd)
+    for name in cmd.missing_env:
+        console.print(f"[yellow]warning:[/] cluster.env: {name} is not set here, so the ranks do not get it",
+                      highlight=False)
+    runnable = LaunchCommand(argv=[exe, *cmd.argv[1:]], env=cmd.env, missing_env=cmd.missing_env)
+    return Supervisor(res, runnable, run_dir, console=console, live=live, stream=stream, resume=resume).run()

@@ -1,0 +1,111 @@
+"""A launch's outcome: the ``summary.json`` record, and the lines that tell the user what happened."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+
+from .config import Resolved
+from .formatting import fmt_bytes, fmt_value
+from .ranklogs import tail_lines
+
+STATUSES = ("success", "failed", "interrupted", "start_failed")
+
+
+@dataclass
+class RunResult:
+    status: str                     # one of STATUSES
+    exit_code: int                  # the launcher's exit status (0, 1, 128+signal)
+    run_dir: Path
+    failed_rank: Optional[int] = None
+    summary: dict = field(default_factory=dict)
+
+
+def exit_code_of(status: str, stop_signal: Optional[int]) -> int:
+    if status == "success":
+        return 0
+    if status == "interrupted":
+        return 128 + int(stop_signal or signal.SIGTERM)
+    return 1
+
+
+def build_summary(res: Resolved, *, status: str, records: list[dict], started: float, ended: float,
+                  hvd_exit: Optional[int], failed_rank: Optional[int], failed_exit: Optional[int],
+                  stop_signal: Optional[int], error: Optional[str], rank_logs: dict, command: str,
+                  resumed: bool) -> dict:
+    """The summary.json record of one launch, from the metrics lines it wrote."""
+    steps = [r for r in records if "step" in r]
+    end = next((r for r in reversed(records) if r.get("event") == "end"), None)
+    last = steps[-1] if steps else {}
+    bytes_list = [r.get("bytes_sent") for r in steps if isinstance(r.get("bytes_sent"), (int, float))]
+    bytes_total = end.get("bytes_sent_total") if end and end.get("bytes_sent_total") is not None else (
+        sum(bytes_list) if bytes_list else None)
+    final_metrics = dict(last.get("metrics") or {})
+    if end and isinstance(end.get("metrics"), dict):
+        final_metrics.update(end["metrics"])
+    return {
+        "status": status,
+        "exit_code": exit_code_of(status, stop_signal),
+        "horovodrun_exit_code": hvd_exit,
+        "failed_rank": failed_rank,
+        "failed_rank_exit_code": failed_exit,
+        "signal": signal.Signals(stop_signal).name if stop_signal else None,
+        "error": error,
+        "job": res.job_name,
+        "np": res.np,
+        "hosts": [f"{h}:{s}" for h, s in res.hosts],
+        "controller": res.config.cluster.controller,
+        "compression": res.config.compression.type,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "duration_s": round(ended - started, 3),
+        "records": len(steps),
+        "steps": last.get("step"),
+        # step lines count epochs from 0; the job's end line says how many it completed
+        "epochs": (end or {}).get("epochs", None if last.get("epoch") is None else last["epoch"] + 1),
+        "final_loss": last.get("loss"),
+        "final_metrics": final_metrics,
+        "final": last,
+        "end": end,
+        "bytes_sent_total": bytes_total,
+        "bytes_sent_per_step_mean": (sum(bytes_list) / len(bytes_list)) if bytes_list else None,
+        "rank_logs": {str(k): v for k, v in sorted(rank_logs.items())},
+        "command": command,
+        "resumed": resumed,
+    }
+
+
+def print_outcome(console: Console, summary: dict, run_dir: Path, rank_logs: dict) -> None:
+    """What happened, in a few lines; for a failure, the failed rank's last stderr lines."""
+    c, status = console, summary["status"]
+    if status == "success":
+        loss = summary["final_loss"]
+        extra = ", ".join(f"{k} {fmt_value(v)}" for k, v in summary["final_metrics"].items())
+        c.print(f"[green]done[/] in {summary['duration_s']:.1f}s: {summary['records']} records"
+                + (f", final loss {fmt_value(loss)}" if loss is not None else "")
+                + (f", {extra}" if extra else "")
+                + (f", {fmt_bytes(summary['bytes_sent_total'])} sent" if summary["bytes_sent_total"] else ""),
+                highlight=False)
+    elif status == "interrupted":
+        c.print(f"[yellow]interrupted[/] ({summary['signal']}): every rank stopped; "
+                f"what was written is kept in {run_dir}", highlight=False)
+    elif status == "failed":
+        r, code = summary["failed_rank"], summary["failed_rank_exit_code"]
+        if r is not None:
+            c.print(f"[red]rank {r} failed[/]" + (f" (exit code {code})" if code is not None else "")
+                    + f"; the job was stopped. Run directory kept: {run_dir}", highlight=False)
+            err = rank_logs.get(r, {}).get("stderr")
+            if err:
+                c.print(f"--- last lines of rank {r} stderr ({err}) ---", highlight=False)
+                c.out("\n".join(tail_lines(err, 30)), highlight=False)
+                c.print("---", highlight=False)
+        else:
+            c.print(f"[red]job failed[/] (horovodrun exit code {summary['horovodrun_exit_code']}); "
+                    f"no rank reported a failure. Run directory kept: {run_dir}", highlight=False)
+            c.print(f"--- last lines of {run_dir / 'horovodrun.log'} ---", highlight=False)
+            c.out("\n".join(tail_lines(str(run_dir / "horovodrun.log"), 30)), highlight=False)
+    c.print(f"summary: {run_dir / 'summary.json'}", highlight=False)
