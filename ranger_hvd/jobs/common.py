@@ -15,9 +15,15 @@ __all__ = ["Config", "ConfigError", "job_config", "read_run_config", "optimizer_
            "train_loop", "digest_arrays", "log", "set_tf_threads_from_env"]
 
 
+DEFAULT_MOMENTUM = 0.9
+
+
 def optimizer_momentum(cfg: Config) -> float:
-    """train.momentum, or 0 when the compressor keeps the momentum (DGC): it must not be applied twice."""
-    return 0.0 if cfg.compression.compressor_momentum > 0 else cfg.train.momentum
+    """train.momentum; when not given, 0.9, or 0 when the compressor keeps DGC's momentum (the config
+    check refuses momentum in both places, so it is never applied twice)."""
+    if cfg.train.momentum is not None:
+        return cfg.train.momentum
+    return 0.0 if cfg.compression.compressor_momentum > 0 else DEFAULT_MOMENTUM
 
 
 def digest_arrays(arrays) -> str:

@@ -62,6 +62,8 @@ INVALID = [
     ("density-high", with_(compression={"density": 2}), {}, [], "compression.density", "less than or equal to 1"),
     ("density-zero", with_(compression={"density": 0}), {}, [], "compression.density", "greater than 0"),
     ("momentum-one", with_(compression={"momentum": 1.0}), {}, [], "compression.momentum", "less than 1"),
+    ("momentum-twice", with_(train={"momentum": 0.9}), {}, [], "train.momentum",
+     "would apply momentum a second time: compression.momentum (0.9) already keeps DGC's momentum"),
     ("inactive-option-bad-value", with_(compression={"type": "fp16", "density": 2}), {}, [],
      "compression.density", "less than or equal to 1 (got 2) (inactive here: compression.type is 'fp16')"),
     ("unknown-option-with-none", with_(compression={"type": "none", "dnsity": 0.1}), {}, [],
@@ -293,8 +295,10 @@ def test_override_of_an_inactive_option_warns(tmp_path, capsys, monkeypatch):
 
 def test_jobs_read_the_launcher_schema(tmp_path):
     """The jobs validate RUN_DIR/config.yaml with the same models; a bad value names file and line."""
-    cfg = job_config({"compression": {"type": "ranger", "density": 0.05, "momentum": 0.9}, "train": {"momentum": 0.5}})
+    cfg = job_config({"compression": {"type": "ranger", "density": 0.05, "momentum": 0.9}})
     assert cfg.train.epochs == TrainSection().epochs and optimizer_momentum(cfg) == 0.0
+    assert optimizer_momentum(job_config({"compression": {"type": "ranger"}})) == 0.9
+    assert optimizer_momentum(job_config({"train": {"momentum": 0.0}})) == 0.0
     assert cfg.compression.options()["density"] == 0.05 and cfg.compression.options()["min_elements"] == 1024
     plain = job_config({"compression": {"type": "fp16"}, "train": {"momentum": 0.5, "max_steps": 7}})
     assert optimizer_momentum(plain) == 0.5 and plain.train.max_steps == 7 and plain.compression.options() == {}

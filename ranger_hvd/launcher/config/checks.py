@@ -82,7 +82,19 @@ def check_horovod(cfg: Config, where: Where) -> list[Problem]:
     return problems
 
 
-SECTION_CHECKS = (check_data, check_cluster, check_horovod)
+def check_momentum(cfg: Config, where: Where) -> list[Problem]:
+    """Momentum lives in one place: the optimizer (train.momentum) or the compressor (DGC's
+    compression.momentum), never both."""
+    inside, outside = cfg.compression.compressor_momentum, cfg.train.momentum
+    if inside > 0 and outside:
+        return [Problem("train.momentum", f"{outside} would apply momentum a second time: "
+                        f"compression.momentum ({inside}) already keeps DGC's momentum in the compressor. "
+                        "Set train.momentum: 0, or compression.momentum: 0 for momentum on the averaged "
+                        "update", where("train.momentum"))]
+    return []
+
+
+SECTION_CHECKS = (check_data, check_cluster, check_horovod, check_momentum)
 
 
 def config_path(cwd: Path, p: str) -> Path:

@@ -54,7 +54,9 @@ class TrainSection(Section):
     batch_size: int = Field(64, ge=1, description="per rank")
     lr: float = Field(0.05, gt=0.0)
     seed: int = Field(0, ge=0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="the optimizer's (0 when the compressor has momentum)")
+    momentum: Optional[float] = Field(None, ge=0.0, lt=1.0,
+                                      description="SGD momentum on the averaged update (null: 0.9, or 0 when "
+                                                  "compression.momentum keeps DGC's momentum in the compressor)")
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps (null: no cap)")
     log_every: int = Field(1, ge=1, description="write a metrics line every N steps")
     checkpoint: bool = Field(True, description="every rank saves RUN_DIR/checkpoints/rank{r}.pt after each "

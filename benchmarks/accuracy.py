@@ -1,0 +1,171 @@
+"""Accuracy of compression against dense, at the same epochs: the six reference jobs, one command.
+
+    .venv/bin/python benchmarks/accuracy.py                  # everything (about an hour on 2 cores)
+    .venv/bin/python benchmarks/accuracy.py --configs cnn-digits --scales 1 --modes dense,ranger-0.01
+
+For each reference config (CNN, RNN, GAN on PyTorch and TensorFlow) and each mode it runs the real
+launcher (``ranger-hvd launch``, 2 ranks, Gloo) at the config's own epochs and at 3x those epochs, then
+reads each run's ``summary.json``. Modes:
+
+* ``dense``: Horovod's fp32 allreduce; ``fp16``: Horovod's fp16 compression;
+* ``ranger-D``: top-k at density D with error feedback, SGD momentum 0.9 on the averaged update;
+* ``ranger-D-dgc``: top-k at density D with DGC's momentum correction in the compressor.
+
+Writes ``benchmarks/accuracy-results.md`` (the table, with machine and date) and
+``benchmarks/accuracy.png`` (eval metric per mode, one panel per job), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = ["cnn-digits", "cnn-digits-tf", "rnn-digits", "rnn-digits-tf", "gan-digits", "gan-digits-tf"]
+MODES = {
+    "dense": ["compression.type=none"],
+    "fp16": ["compression.type=fp16"],
+    "ranger-0.01": ["compression.type=ranger", "compression.density=0.01"],
+    "ranger-0.01-dgc": ["compression.type=ranger", "compression.density=0.01", "compression.momentum=0.9"],
+    "ranger-0.001": ["compression.type=ranger", "compression.density=0.001"],
+    "ranger-0.001-dgc": ["compression.type=ranger", "compression.density=0.001", "compression.momentum=0.9"],
+}
+# What judges a job: (metric in summary.json's final_metrics, higher is better)
+METRICS = {"cnn": ("eval_accuracy", True), "rnn": ("eval_accuracy", True),
+           "gan": ("eval_sample_frechet", False)}
+
+
+def config_epochs(name: str) -> tuple[str, int]:
+    sys.path.insert(0, str(REPO))
+    from ranger_hvd.launcher.config import load_config
+
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", [], cwd=REPO).config
+    return cfg.job.model, cfg.train.epochs
+
+
+def run_one(name: str, mode: str, epochs: int, out_root: Path) -> dict:
+    out_dir = out_root / f"{name}-{mode}-e{epochs}"
+    cmd = [str(REPO / ".venv" / "bin" / "ranger-hvd"), "launch", str(REPO / "configs" / f"{name}.yaml"),
+           *MODES[mode], f"train.epochs={epochs}", f"output.dir={out_dir}", "train.checkpoint=false"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="120")
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    summaries = sorted(out_dir.glob("*/*/summary.json"))
+    if proc.returncode != 0 or not summaries:
+        raise SystemExit(f"{name} {mode} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                         f"{proc.stderr[-3000:]}")
+    summary = json.loads(summaries[-1].read_text())
+    return {"metrics": summary["final_metrics"], "bytes_per_step": summary["bytes_sent_per_step_mean"],
+            "seconds": time.monotonic() - started, "run_dir": str(summaries[-1].parent)}
+
+
+def table(results: dict, names: list[str], modes: list[str], scales: list[int]) -> str:
+    lines = []
+    for name in names:
+        model, base = results[name]["model"], results[name]["epochs"]
+        metric, higher = METRICS[model]
+        lines += [f"### {name} ({metric}, {'higher' if higher else 'lower'} is better)", ""]
+        head = "| mode |" + "".join(f" {metric} at {base * s} ep | vs dense |" for s in scales)
+        head += " bytes sent per step | wall time (s) at each |"
+        lines += [head, "|" + "---|" * (2 + 2 * len(scales) + 1)]
+        for mode in modes:
+            row = f"| {mode} |"
+            for s in scales:
+                r = results[name]["runs"].get((mode, s))
+                d = results[name]["runs"].get(("dense", s))
+                if r is None:
+                    row += " - | - |"
+                    continue
+                v = r["metrics"].get(metric)
+                dv = d["metrics"].get(metric) if d else None
+                delta = "" if v is None or dv is None else (
+                    f"{100 * (v - dv):+.1f} pt" if higher else f"{100 * (v - dv) / dv:+.0f} %")
+                row += f" {v:.4f} | {delta} |" if v is not None else " - | - |"
+            first = next((results[name]["runs"].get((mode, s)) for s in scales
+                          if results[name]["runs"].get((mode, s))), None)
+            bps = first["bytes_per_step"] if first else None
+            row += f" {bps:,.0f} |" if bps is not None else " - |"
+            row += " " + " / ".join(f"{results[name]['runs'][(mode, s)]['seconds']:.0f}"
+                                   for s in scales if (mode, s) in results[name]["runs"]) + " |"
+            lines.append(row)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, names: list[str], modes: list[str], scales: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, (len(names) + 1) // 2, figsize=(5 * ((len(names) + 1) // 2), 8),
+                             squeeze=False)
+    width = 0.8 / len(scales)
+    for ax, name in zip(axes.flat, names):
+        model, base = results[name]["model"], results[name]["epochs"]
+        metric, higher = METRICS[model]
+        for j, s in enumerate(scales):
+            values = [results[name]["runs"].get((m, s), {}).get("metrics", {}).get(metric) for m in modes]
+            xs = [i + j * width for i in range(len(modes))]
+            ax.bar(xs, [v if v is not None else 0 for v in values], width, label=f"{base * s} epochs")
+        ax.set_xticks([i + width * (len(scales) - 1) / 2 for i in range(len(modes))])
+        ax.set_xticklabels(modes, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{name}: {metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("Eval metric after the same epochs: dense vs fp16 vs Ranger (2 ranks, Gloo)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--scales", default="1,3", help="multiples of each config's own epochs")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "accuracy-results.md"))
+    ap.add_argument("--runs", default=str(REPO / "runs" / "accuracy"))
+    args = ap.parse_args(argv)
+    names, modes = args.configs.split(","), args.modes.split(",")
+    scales = [int(s) for s in args.scales.split(",")]
+    unknown = [m for m in modes if m not in MODES] + [c for c in names if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown mode or config: {', '.join(unknown)}")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_root = Path(args.runs) / stamp
+    results = {}
+    for name in names:
+        model, epochs = config_epochs(name)
+        results[name] = {"model": model, "epochs": epochs, "runs": {}}
+        for s in scales:
+            for mode in modes:
+                r = run_one(name, mode, epochs * s, out_root)
+                results[name]["runs"][(mode, s)] = r
+                metric = METRICS[model][0]
+                print(f"{name} {mode} {epochs * s} epochs: {metric} {r['metrics'].get(metric)} "
+                      f"bytes/step {r['bytes_per_step']} ({r['seconds']:.0f} s)", flush=True)
+    text = table(results, names, modes, scales)
+    print(text)
+    out = Path(args.out)
+    header = (f"# Accuracy against dense at the same epochs\n\nMeasured {datetime.date.today()} on "
+              f"{platform.machine()}, {os.cpu_count()} cores, no GPU; 2 ranks on one machine over "
+              f"Gloo, one thread each. Command: `.venv/bin/python benchmarks/accuracy.py "
+              f"--configs {args.configs} --modes {args.modes} --scales {args.scales}`. Run "
+              f"directories: `{out_root.relative_to(REPO) if out_root.is_relative_to(REPO) else out_root}`."
+              "\n\n")
+    out.write_text(header + text)
+    plot(results, names, modes, scales, out.with_name("accuracy.png"))
+    print(f"wrote {out} and {out.with_name('accuracy.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
