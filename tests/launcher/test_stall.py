@@ -1,0 +1,92 @@
+"""Ranks that call different collectives: Horovod's stall check (on by default, limits from the
+``horovod:`` section) ends the job with exit 1, and the launcher names the collective and the ranks
+missing from it, on stdout and in summary.json."""
+
+import json
+import time
+
+import pytest
+
+from ranger_hvd.launcher.stall import StallWatch, parse_stall_reports
+
+from .conftest import needs_horovod, run_cli
+from .test_launch import gone, processes_mentioning
+
+REPORT = """\
+[2026-11-27 16:00:00.000001: E /tmp/pip/horovod/common/stall_inspector.cc:107] One or more tensors were \
+submitted to be reduced, gathered or broadcasted by subset of ranks and are waiting for remainder of ranks \
+for more than 2 seconds. This may indicate that different ranks are trying to submit different tensors or \
+that only subset of ranks is submitting tensors, which will cause deadlock. 
+Missing ranks:
+0!: [NoneType.sz]
+1!: [a, b, c, d, e, f ...]
+One or more rank (marked by "!") is stalled for longer than 5 seconds. Will shutdown.
+"""
+
+
+def test_parse_stall_report():
+    warn = REPORT.replace("!:", ":").split("\nOne or more rank")[0] + "\n"
+    reps = parse_stall_reports("noise\n" + warn + "more noise\n" + REPORT)
+    assert [r.shutdown for r in reps] == [False, True]
+    rep = reps[1]
+    assert rep.missing == {0: ["NoneType.sz"], 1: ["a", "b", "c", "d", "e", "f"]}
+    assert rep.collectives["NoneType.sz"] == [0] and rep.collectives["f"] == [1]
+    assert rep.waited_s == 2 and rep.shutdown_after_s == 5
+    msg = rep.message()
+    assert "'NoneType.sz' (missing rank 0)" in msg and "horovod.stall_check_shutdown_time_seconds" in msg
+
+
+def test_stall_watch_follows_the_logs(tmp_path):
+    """A warning first, the shutdown report later: the watch notes when the shutdown was first seen."""
+    err = tmp_path / "stderr"
+    logs = {0: {"stderr": str(err)}, 1: {"stderr": str(tmp_path / "missing")}}
+    err.write_text("starting\n" + REPORT.replace("!:", ":").split("\nOne or more rank")[0] + "\n")
+    watch = StallWatch()
+    first = watch.poll(logs, now=1.0)
+    assert first is not None and not first.shutdown and watch.shutdown_seen_at is None
+    assert watch.poll(logs, now=1.5) is first                  # nothing new: the same report
+    with open(err, "a") as f:
+        f.write(REPORT)
+    rep = watch.poll(logs, now=2.0)
+    assert rep.shutdown and set(rep.missing) == {0, 1} and watch.shutdown_seen_at == 2.0
+    watch.poll(logs, now=3.0)
+    assert watch.shutdown_seen_at == 2.0
+
+
+@pytest.mark.horovod
+@needs_horovod
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_mismatched_collectives_end_with_exit_1_naming_the_collective(tmp_path, controller):
+    (tmp_path / "exp.yaml").write_text(
+        "job: {name: stall, entry: tests.launcher.stall_job}\n"
+        f"cluster: {{np: 2, controller: {controller}}}\n"
+        "horovod: {stall_check_warning_time_seconds: 2, stall_check_shutdown_time_seconds: 4}\n")
+    t0 = time.time()
+    r = run_cli(["launch", "exp.yaml", "--no-live"], tmp_path, timeout=180)
+    took = time.time() - t0
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    run = next((tmp_path / "runs" / "stall").iterdir())
+    s = json.loads((run / "summary.json").read_text())
+    # the collectives are named, each with the rank that never joined it. Under Gloo the launcher reads
+    # them from Horovod's timeline, which has not flushed rank 1's mark on the second one yet
+    stall = s["stall"]
+    if controller == "mpi":
+        assert stall["collectives"] == {"allreduce.test.mismatch.rank0": [1],
+                                        "allreduce.test.mismatch.other": [0]}, stall
+        assert stall["source"] == "Horovod stall inspector"
+    else:
+        assert stall["collectives"] == {"allreduce.test.mismatch.rank0": [1]}, stall
+        assert stall["unknown_ranks"] == ["allreduce.test.mismatch.other"], stall
+        assert stall["source"] == "launcher (Horovod timeline)"
+    assert stall["shutdown"] is True and stall["shutdown_after_s"] == 4
+    assert "'allreduce.test.mismatch.rank0' (missing rank 1)" in s["error"], s["error"]
+    assert "'allreduce.test.mismatch.other'" in s["error"], s["error"]
+    assert "stalled:" in out and "allreduce.test.mismatch.rank0" in out
+    assert s["status"] == "failed" and s["exit_code"] == 1
+    # start-up (imports, rendezvous) plus the limit: the stall itself ends within a few seconds of it
+    stalled_for = s["duration_s"]
+    assert stalled_for < 60, f"the stalled job ran {stalled_for:.1f} s (wall {took:.1f} s) with a 4 s limit"
+    for rank in (0, 1):
+        assert gone(int((run / "pids" / f"rank.{rank}").read_text()))
+    assert not processes_mentioning(str(run))
