@@ -227,3 +227,8 @@ def test_stall_limits(tmp_path):
         assert [p.path for p in exc.value.problems] == [path], str(exc.value)
     r = run_cli(["validate", "exp.yaml"], tmp_path)
     assert r.returncode == 2 and "horovod.stall_check_warning_time_seconds" in r.stderr, r.stderr
+    # the run's config.yaml spells out the default limits; with the check off it must still validate
+    from ranger_hvd.launcher.config import job_config
+    (tmp_path / "off.yaml").write_text("horovod: {stall_check: false}\n")
+    res = load_config(tmp_path / "off.yaml", cwd=tmp_path)
+    assert job_config(res.resolved_dict()).horovod.stall_check is False

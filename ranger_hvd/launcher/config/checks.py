@@ -73,7 +73,8 @@ def check_horovod(cfg: Config, where: Where) -> list[Problem]:
         if getattr(hv, k) not in (None, False) and not hv.autotune:
             problems.append(Problem(f"horovod.{k}", "only allowed with horovod.autotune: true", where(f"horovod.{k}")))
     for k in ("stall_check_warning_time_seconds", "stall_check_shutdown_time_seconds"):
-        if k in hv.model_fields_set and hv.stall_check is False:
+        # a resolved config (RUN_DIR/config.yaml) spells out the defaults: only a changed value is pointless
+        if getattr(hv, k) != type(hv).model_fields[k].default and hv.stall_check is False:
             problems.append(Problem(f"horovod.{k}", "has no effect with horovod.stall_check: false",
                                     where(f"horovod.{k}")))
     if hv.stall_check and 0 < hv.stall_check_shutdown_time_seconds < hv.stall_check_warning_time_seconds:
