@@ -1,4 +1,5 @@
-"""Reading why a job failed from its rank logs: Horovod's stall reports and the jobs' own error lines.
+"""Reading why a job failed from its logs: Horovod's stall reports, the jobs' own error lines, and what
+ssh / mpirun said when the job never started on a host.
 
 Horovod's coordinator (rank 0) checks every ``horovod.stall_check_warning_time_seconds`` for collectives
 that some ranks submitted and others did not, and logs (Horovod 0.28.1, ``stall_inspector.cc``)::
@@ -72,7 +73,8 @@ class StallReport:
                 f"different collectives (names or number differ between ranks)")
 
     def to_json(self) -> dict:
-        return {"collectives": self.collectives, "unknown_ranks": list(self.unknown), "missing_ranks": {str(r): n for r, n in sorted(self.missing.items())},
+        return {"collectives": self.collectives, "unknown_ranks": list(self.unknown),
+                "missing_ranks": {str(r): n for r, n in sorted(self.missing.items())},
                 "shutdown": self.shutdown, "waited_s": self.waited_s, "shutdown_after_s": self.shutdown_after_s,
                 "source": "launcher (Horovod timeline)" if self.by_launcher else "Horovod stall inspector"}
 
@@ -256,3 +258,31 @@ def job_error(rank_logs: dict[int, dict[str, str]], prefer_rank: Optional[int] =
             r, kind, msg = found[-1]
             return JobError(rank=int(r), message=msg.strip(), config=kind == "error")
     return None
+
+
+# What horovodrun / mpirun / ssh print when the job could not start on a host (no rank ever ran).
+_START_FAILURES = (
+    (re.compile(r"ssh: connect to host (\S+) port (\d+): ([^\n]+)"),
+     lambda m: f"ssh to {m.group(1)} port {m.group(2)} failed: {m.group(3).strip()} (is sshd running there? "
+               f"cluster.ssh_port)"),
+    (re.compile(r"ssh: Could not resolve hostname (\S+?):? ([^\n]+)"),
+     lambda m: f"host {m.group(1)} does not resolve: {m.group(2).strip()}"),
+    (re.compile(r"Host key verification failed"),
+     lambda m: "ssh refused a host whose key is not in known_hosts (Open MPI's ssh checks host keys; "
+               "add them with ssh-keyscan -p PORT HOST >> ~/.ssh/known_hosts)"),
+    (re.compile(r"Permission denied \(publickey"),
+     lambda m: "ssh refused the login (check cluster.ssh_identity_file and the host's authorized_keys)"),
+    (re.compile(r"ORTE was unable to reliably start one or more daemons"),
+     lambda m: "Open MPI could not start its daemons on the hosts (ORTE); see horovodrun.log"),
+)
+
+
+def start_failure(launcher_log: str) -> Optional[str]:
+    """Why the job never started on some host, from horovodrun.log (None if nothing known is there).
+    Several findings are joined, most specific first (an ssh error explains ORTE's)."""
+    found = []
+    for pattern, say in _START_FAILURES:
+        m = pattern.search(launcher_log)
+        if m:
+            found.append(say(m))
+    return "; ".join(found) if found else None

@@ -20,7 +20,7 @@ from .processes import GRACE_S, ProcessTree, become_subreaper, reap_zombies, sto
 from .progress import MetricsTail, progress_line, progress_table
 from .ranklogs import find_failed_rank, rank_log_files, read_tail, read_whole_lines
 from .rundir import write_json
-from .stall import StallWatch, job_error
+from .stall import StallWatch, job_error, start_failure
 from .summary import RunResult, build_summary, failure_cause, print_outcome
 
 POLL_S = 0.25
@@ -181,7 +181,8 @@ class Supervisor:
         if status == "failed":
             stall = self.stall.poll(rank_logs, time.time())
             cause = job_error(rank_logs, prefer_rank=failed_rank)
-            error = error or failure_cause(stall, cause, failed_rank, failed_exit)
+            error = error or failure_cause(stall, cause, failed_rank, failed_exit,
+                                           start_failure(read_tail(str(self.run_dir / "horovodrun.log"), 200_000)))
         summary = build_summary(self.res, status=status, records=metrics.records, started=started,
                                 ended=time.time(), hvd_exit=hvd_exit, failed_rank=failed_rank,
                                 failed_exit=failed_exit, stop_signal=self.stop_signal, error=error,

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ranger_hvd.launcher.stall import StallWatch, parse_stall_reports
+from ranger_hvd.launcher.stall import StallWatch, parse_stall_reports, start_failure
 
 from .conftest import needs_horovod, run_cli
 from .test_launch import gone, processes_mentioning
@@ -93,3 +93,33 @@ def test_mismatched_collectives_end_with_exit_1_naming_the_collective(tmp_path, 
     for rank in (0, 1):
         assert gone(int((run / "pids" / f"rank.{rank}").read_text()))
     assert not processes_mentioning(str(run))
+
+
+def test_start_failure_patterns():
+    log = ("ssh not successful for host node7:\nssh: connect to host node7 port 2299: Connection refused\n"
+           "--------\nORTE was unable to reliably start one or more daemons.\n")
+    assert start_failure(log) == ("ssh to node7 port 2299 failed: Connection refused (is sshd running there? "
+                                  "cluster.ssh_port); Open MPI could not start its daemons on the hosts (ORTE); "
+                                  "see horovodrun.log")
+    assert "known_hosts" in start_failure("Host key verification failed.\r\n")
+    assert "cluster.ssh_identity_file" in start_failure("root@b: Permission denied (publickey,password).")
+    assert start_failure("ssh: Could not resolve hostname nohost: Name or service not known") == \
+        "host nohost does not resolve: Name or service not known"
+    assert start_failure("all good") is None
+
+
+@pytest.mark.horovod
+@needs_horovod
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_host_without_sshd_puts_the_cause_in_summary(tmp_path, controller):
+    """127.0.0.2 is not this machine to horovodrun, and nothing listens on the port: the launch fails
+    before any rank starts, and summary.json says why instead of "error": null."""
+    (tmp_path / "exp.yaml").write_text(
+        "job: {name: nossh, entry: tests.launcher.tiny_job}\n"
+        f"cluster: {{hosts: ['127.0.0.2:2'], ssh_port: 29111, controller: {controller}}}\n")
+    r = run_cli(["launch", "exp.yaml", "--no-live"], tmp_path, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    s = json.loads(next((tmp_path / "runs" / "nossh").iterdir()).joinpath("summary.json").read_text())
+    assert s["status"] == "failed" and s["failed_rank"] is None
+    assert s["error"].startswith("ssh to 127.0.0.2 port 29111 failed: Connection refused"), s["error"]
+    assert "cause: ssh to 127.0.0.2 port 29111" in r.stdout, r.stdout
