@@ -31,7 +31,7 @@ EPOCHS = 4
 def _config(root: Path, backend: str, np_: int) -> Path:
     cfg = {"job": {"name": f"restart-{backend}", "backend": backend, "model": "cnn"},
            "data": {"dataset": "synthetic", "synthetic_samples": 1024},
-           "train": {"epochs": EPOCHS, "batch_size": 16, "lr": 0.05, "seed": 3},
+           "train": {"epochs": EPOCHS, "batch_size": 16, "lr": 0.05, "seed": 3, "momentum": 0.0},
            "compression": {"type": "ranger", "density": 0.01, "momentum": 0.9},
            "cluster": {"np": np_, "env": ["OMP_NUM_THREADS=1"]},
            "output": {"dir": str(root / "runs")}}
