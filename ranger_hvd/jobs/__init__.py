@@ -7,8 +7,9 @@ Run on every rank under ``horovodrun`` (the ``ranger-hvd`` launcher does this)::
 Inputs: the launcher's resolved config (YAML), validated on every rank against the launcher's schema,
 :mod:`ranger_hvd.launcher.config.schema`, which defines every key and default. The jobs use ``job``
 (backend, model), ``data``, ``train`` (epochs, per-rank batch_size, lr, seed, the optimizer's momentum,
-set to 0 when the compressor has momentum of its own, max_steps, log_every, checkpoint: PyTorch jobs
-write ``RUN_DIR/checkpoints/rank{r}.pt`` on every rank after each epoch) and ``compression`` (type
+set to 0 when the compressor has momentum of its own, max_steps, log_every, checkpoint: every rank
+writes ``RUN_DIR/checkpoints/step-SSSSSSSS/rank{r}.pt`` (torch) or ``.pkl`` (TensorFlow) after each
+epoch, keeping its two newest; see :mod:`ranger_hvd.jobs.checkpoint`) and ``compression`` (type
 none | fp16 | ranger, and ranger's options: :class:`ranger_hvd.core.options.RangerOptions`). The
 cluster, horovod and output sections are validated but used only by the launcher.
 
@@ -31,10 +32,14 @@ Outputs (rank 0 only), all in ``RUN_DIR/metrics.jsonl`` (see :mod:`ranger_hvd.jo
     ``bytes_sent_total``, ``bytes_dense_total``, ``compression_ratio`` (dense / sent), and
     ``param_digest`` / ``param_digests`` (per rank) / ``params_identical``: every rank's
     parameters hashed after training, gathered to rank 0.
-Resume (``--resume``, PyTorch only): every rank loads its own checkpoint (model, optimizer state with
-the Ranger compressor's residuals, momentum and counters, the loop's step and byte counters), checks
-that the number of ranks is unchanged, continues at the next epoch and appends to ``metrics.jsonl``
-(a resumed run's ``time`` restarts at 0; its end line holds the whole run's totals).
+Resume (``--resume``): the ranks agree on the latest checkpoint set that every rank holds (a torn set,
+where a rank died while saving, is skipped), every rank loads its own file (model, optimizer state, the
+Ranger compressor's residuals, momentum and counters, the GAN's noise generator, the loop's position and
+byte counters), checks that the number of ranks is unchanged and continues where that save point left
+off. Rank 0 drops the step lines a failed run wrote after that point from ``metrics.jsonl``, appends
+``{"event": "resume", "from_step": S, "dropped_lines": n}`` and appends on from there (a resumed run's
+``time`` restarts at 0; its end line holds the whole run's totals). A damaged or missing file makes
+every rank fail together, naming the file.
 Exit status: 0 on success, 1 on any failure (config, data or training), with the reason on stderr.
 """
 
@@ -42,24 +47,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ranger_hvd.launcher.config import Config, ConfigError, Problem, job_config, read_run_config
+from ranger_hvd.launcher.config import Config, ConfigError, job_config, read_run_config
 
 from .data import DataError, load_dataset
 
-__all__ = ["run_job", "run_config_file", "ConfigError", "DataError", "Config"]
+from .checkpoint import CheckpointError  # noqa: E402
+
+__all__ = ["run_job", "run_config_file", "ConfigError", "DataError", "CheckpointError", "Config"]
 
 
 def run_job(cfg: dict | Config, run_dir: str | Path | None, resume: bool = False) -> dict:
     """Runs one job from a resolved config (plain data, validated here, or the model) on this rank;
     returns the final record (all ranks).
 
-    ``resume``: continue from this rank's ``RUN_DIR/checkpoints/rank{r}.pt`` (PyTorch backend only).
+    ``resume``: continue from the latest checkpoint set every rank holds under ``RUN_DIR/checkpoints``.
     """
     if not isinstance(cfg, Config):
         cfg = job_config(cfg)
-    if resume and cfg.job.backend != "torch":
-        raise ConfigError([Problem("job.backend", "resume is only supported for the torch backend (job.backend "
-                                   f"is {cfg.job.backend}): the TensorFlow jobs write no checkpoints")])
     dataset = load_dataset(cfg.data)   # before any framework import: a missing file fails fast
     if cfg.job.backend == "torch":
         from .torch_jobs import run
@@ -67,7 +71,7 @@ def run_job(cfg: dict | Config, run_dir: str | Path | None, resume: bool = False
         return run(cfg, dataset, run_dir, resume=resume)
     from .tf_jobs import run
 
-    return run(cfg, dataset, run_dir)
+    return run(cfg, dataset, run_dir, resume=resume)
 
 
 def run_config_file(config: str | Path, run_dir: str | Path | None, resume: bool = False) -> dict:

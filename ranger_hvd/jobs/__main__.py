@@ -15,16 +15,17 @@ def main(argv=None) -> int:
     parser.add_argument("--run-dir", default=None,
                         help="where rank 0 writes metrics.jsonl (default: the config's directory)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from RUN_DIR/checkpoints/rank{r}.pt (PyTorch jobs only)")
+                        help="continue from the latest complete checkpoint set under RUN_DIR/checkpoints")
     args = parser.parse_args(argv)
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.config))
 
     from . import ConfigError, DataError, run_config_file
+    from .checkpoint import CheckpointError
 
     rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
     try:
         run_config_file(args.config, run_dir, resume=args.resume)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, CheckpointError) as exc:
         print(f"ranger_hvd.jobs (rank {rank}): error: {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

@@ -109,6 +109,10 @@ def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int,
     from .metrics import MetricsWriter
 
     train = cfg.train
+    if resume_from is not None and rank == 0 and run_dir is not None:
+        from .checkpoint import trim_metrics
+
+        trim_metrics(run_dir, int(resume_from["step"]))   # the failed run's steps after the checkpoint
     writer = MetricsWriter(run_dir, enabled=(rank == 0))
     step, epoch, total_dense, total_sent = 0, 0, 0, 0
     train_time, loss = 0.0, float("nan")
@@ -170,7 +174,7 @@ def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int,
 
         # every rank's parameters, hashed and gathered: they must be identical after training
         digest = digest_arrays(param_arrays())
-        digests = allgather_object(digest)
+        digests = allgather_object(digest, name="ranger_hvd.jobs.param_digests")
         print(f"[ranger_hvd.jobs] rank {rank} param_digest {digest}", flush=True)
         comp_totals = [m.total_sent() for m in meters]
         if all(t is not None for t in comp_totals):

@@ -9,9 +9,11 @@ which Keras 3 variables lack, so for ``none``/``fp16`` the gradients are allredu
 from __future__ import annotations
 
 import os
+import pickle
 
 import numpy as np
 
+from . import checkpoint
 from .common import ByteMeter, Config, log, optimizer_momentum, set_tf_threads_from_env, train_loop
 from .data import Dataset, shard_indices, steps_per_epoch
 
@@ -110,15 +112,41 @@ def broadcast_weights(tf, hvd, variables, tag: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# checkpoints: one pickle of NumPy arrays per rank and save point (see :mod:`ranger_hvd.jobs.checkpoint`)
+
+
+def _write_pickle(path, state: dict) -> None:
+    with open(path, "wb") as fh:
+        pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _read_pickle(path) -> dict:
+    with open(path, "rb") as fh:
+        return pickle.load(fh)
+
+
+def _assign_all(variables, arrays, what: str) -> None:
+    variables = list(variables)
+    if len(variables) != len(arrays):
+        raise checkpoint.CheckpointError(f"cannot resume: the checkpoint holds {len(arrays)} {what} variables, "
+                                     f"this model has {len(variables)}")
+    for v, a in zip(variables, arrays):
+        v.assign(a)
+
+
+# --------------------------------------------------------------------------------------------------
 # the training loop
 
 
-def run(cfg: Config, data: Dataset, run_dir) -> dict:
+def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
     tf, keras = _import_tf()
     import horovod.tensorflow as hvd
 
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
+    # Keras numbers layer names per process ("conv2d", "conv2d_1", ...); starting each job from a clean
+    # slate gives its variables the same paths in every process, which the compressor state is keyed by
+    keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.train.seed)
 
     H, W = data.image_shape
@@ -154,6 +182,34 @@ def run(cfg: Config, data: Dataset, run_dir) -> dict:
     exchanges = [GradExchange(hvd, net.trainable_variables, cfg) for net in nets]
     for net in nets:
         broadcast_weights(tf, hvd, net.weights, net.name)
+
+    resume_from = None
+    if resume:
+        ckpt = checkpoint.load_for_resume(run_dir, rank=rank, size=size, backend="tensorflow", model=cfg.job.model,
+                                          compression=cfg.compression.type, allgather_object=hvd.allgather_object,
+                                          read=_read_pickle)
+        for i, (net, opt, ex) in enumerate(zip(nets, opts, exchanges)):
+            _assign_all(net.weights, ckpt["weights"][i], f"{net.name} weight")
+            _assign_all(opt.variables, ckpt["optimizers"][i], f"{net.name} optimizer")
+            opt.learning_rate = cfg.train.lr       # the config's value wins (e.g. an lr override on resume)
+            if ex.comp is not None:
+                ex.comp.load_state_dict(ckpt["compressors"][i])
+            ex.reset_baseline(ckpt["byte_baselines"][i])
+        if gan:
+            noise.state.assign(ckpt["noise"])
+        resume_from = ckpt["loop"]
+
+    def save(loop_state: dict) -> None:
+        checkpoint.save(run_dir, rank=rank, backend="tensorflow", write=_write_pickle, state={
+            **checkpoint.header(rank=rank, size=size, backend="tensorflow", model=cfg.job.model,
+                                compression=cfg.compression.type),
+            "weights": [[np.asarray(v) for v in net.weights] for net in nets],
+            "optimizers": [[np.asarray(v) for v in opt.variables] for opt in opts],
+            "compressors": [ex.comp.state_dict() if ex.comp is not None else None for ex in exchanges],
+            "byte_baselines": [ex.baseline for ex in exchanges],
+            "noise": noise.state.numpy() if gan else None,
+            "loop": loop_state,
+        })
 
     log(rank, f"tensorflow {cfg.job.model} on {data.name}: {size} ranks, {len(tr)} train samples/rank, "
               f"{n_steps} steps/epoch, compression={cfg.compression.type}"
@@ -220,4 +276,6 @@ def run(cfg: Config, data: Dataset, run_dir) -> dict:
     return train_loop(cfg, backend="tensorflow", dataset=data.name, rank=rank, size=size, n_train=len(tr),
                       n_steps=n_steps, step_fn=step_fn, meters=exchanges, evaluate=evaluate,
                       param_arrays=lambda: [np.asarray(v) for net in nets for v in net.weights],
-                      allgather_object=hvd.allgather_object, run_dir=run_dir)
+                      allgather_object=hvd.allgather_object, run_dir=run_dir,
+                      save_checkpoint=save if cfg.train.checkpoint and run_dir is not None else None,
+                      resume_from=resume_from)

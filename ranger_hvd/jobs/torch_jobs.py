@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from .common import ByteMeter, Config, ConfigError, log, optimizer_momentum, train_loop
+from . import checkpoint
+from .common import ByteMeter, Config, log, optimizer_momentum, train_loop
 from .data import Dataset, shard_indices, steps_per_epoch
 
 
@@ -122,58 +122,18 @@ def _broadcast(hvd, modules, opts):
 
 
 # --------------------------------------------------------------------------------------------------
-# checkpoints: one file per rank (each rank's compressor residuals differ)
-
-CHECKPOINT_FORMAT = 1
-
-
-def checkpoint_path(run_dir, rank: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"rank{rank}.pt"
+# checkpoints: one file per rank and save point (each rank's compressor residuals differ); see
+# :mod:`ranger_hvd.jobs.checkpoint` for the layout and how a complete set is chosen
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Writes ``state`` with torch.save to a temporary file and renames it: a crash mid-write leaves the
-    previous checkpoint intact."""
+def _write_torch(path: Path, state: dict) -> None:
     torch, _, _ = _torch()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    torch.save(state, path)
 
 
-def load_checkpoint(hvd, run_dir, rank: int, size: int, cfg: Config):
-    """This rank's checkpoint; every rank learns whether any rank failed, so all fail together (no rank
-    is left waiting in a collective) with the reason, naming the file."""
+def _read_torch(path: Path) -> dict:
     torch, _, _ = _torch()
-    err, state = None, None
-    path = checkpoint_path(run_dir, rank) if run_dir is not None else None
-    if path is None:
-        err = "resume needs a run directory (--run-dir)"
-    elif not path.is_file():
-        err = f"cannot resume: checkpoint {path} does not exist (was the run saved with train.checkpoint: true?)"
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
-            err = f"cannot resume: checkpoint {path} is unreadable ({type(exc).__name__}: {exc})"
-        else:
-            if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-                err = f"cannot resume: {path} is not a ranger_hvd job checkpoint (format {CHECKPOINT_FORMAT})"
-            elif state.get("size") != size:
-                err = (f"cannot resume: checkpoint {path} was written by a run with {state.get('size')} ranks, "
-                       f"this run has {size} (cluster.np must stay the same)")
-            elif (state.get("model"), state.get("compression")) != (cfg.job.model, cfg.compression.type):
-                err = (f"cannot resume: checkpoint {path} holds model={state.get('model')} "
-                       f"compression={state.get('compression')}, the config says model={cfg.job.model} "
-                       f"compression={cfg.compression.type}")
-    errors = [e for e in hvd.allgather_object(err) if e]
-    if errors:
-        raise ConfigError(err or f"another rank cannot resume: {errors[0]}")
-    return state
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,7 +173,9 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
 
     resume_from = None
     if resume:
-        ckpt = load_checkpoint(hvd, run_dir, rank, size, cfg)
+        ckpt = checkpoint.load_for_resume(run_dir, rank=rank, size=size, backend="torch", model=cfg.job.model,
+                                          compression=cfg.compression.type, allgather_object=hvd.allgather_object,
+                                          read=_read_torch)
         for m, sd in zip(modules, ckpt["modules"]):
             m.load_state_dict(sd)
         for o, sd, base in zip(opts, ckpt["optimizers"], ckpt["byte_baselines"]):
@@ -227,9 +189,9 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         resume_from = ckpt["loop"]
 
     def save(loop_state: dict) -> None:
-        save_checkpoint(checkpoint_path(run_dir, rank), {
-            "format": CHECKPOINT_FORMAT, "rank": rank, "size": size, "model": cfg.job.model,
-            "compression": cfg.compression.type,
+        checkpoint.save(run_dir, rank=rank, backend="torch", write=_write_torch, state={
+            **checkpoint.header(rank=rank, size=size, backend="torch", model=cfg.job.model,
+                                compression=cfg.compression.type),
             "modules": [m.state_dict() for m in modules],
             "optimizers": [o.opt.state_dict() for o in opts],      # ranger: with the compressor state
             "byte_baselines": [o.baseline for o in opts],

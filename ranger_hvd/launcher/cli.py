@@ -111,9 +111,6 @@ def cmd_launch(args) -> int:
         if problem:
             return _usage_error(f"cannot resume: {problem}")
         res = load_config(resume_dir / "config.yaml", args.overrides)
-        if res.config.job.backend != "torch":
-            return _usage_error(f"cannot resume: resume is only supported for the torch backend "
-                                f"(job.backend is {res.config.job.backend})")
     elif args.config is None:
         # as argparse does for a missing positional: usage and message on stderr, SystemExit(2)
         args.launch_parser.error("the following arguments are required: CONFIG (or --resume RUN_DIR)")
@@ -206,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", metavar="KEY=VALUE", nargs="*",
                     help="dotted overrides such as compression.density=0.001 cluster.np=4")
     sp.add_argument("--resume", metavar="RUN_DIR", default=None,
-                    help="continue the run in RUN_DIR from its checkpoints (torch jobs): RUN_DIR/config.yaml "
+                    help="continue the run in RUN_DIR from its latest complete checkpoint set: RUN_DIR/config.yaml "
                          "is the base config (overrides such as train.epochs=N apply on top), metrics.jsonl "
                          "is appended to, summary.json rewritten")
     sp.add_argument("--dry-run", action="store_true", help="print the horovodrun command and its environment; "

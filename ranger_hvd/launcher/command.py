@@ -23,6 +23,7 @@ from typing import Mapping, Optional
 from .config import Resolved, split_list
 
 MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+HOROVOD_STALL_WARNING_S = 60   # horovodrun's own default for --stall-check-warning-time-seconds
 # Always passed when set in the launcher's environment (besides PATH and PYTHONPATH, which are built).
 BASE_ENV = ("HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TMPDIR")
 
@@ -64,6 +65,18 @@ def _join_path(*parts: Optional[str]) -> str:
     return os.pathsep.join(out)
 
 
+def timeline_path(run_dir: str) -> str:
+    return os.path.join(run_dir, "timeline.json")
+
+
+def stall_needs_timeline(res: Resolved) -> bool:
+    """Under Gloo, Horovod 0.28.1's stall inspector never reports, so the launcher finds stalls in
+    Horovod's timeline instead (see :mod:`ranger_hvd.launcher.stall`)."""
+    hv = res.config.horovod
+    return (hv.stall_check and hv.stall_check_shutdown_time_seconds > 0 and not hv.timeline
+            and res.config.cluster.controller == "gloo")
+
+
 def horovod_flags(res: Resolved, run_dir: str) -> list[str]:
     hv = res.config.horovod
     a: list[str] = []
@@ -78,7 +91,7 @@ def horovod_flags(res: Resolved, run_dir: str) -> list[str]:
     if hv.hierarchical_allgather is not None:
         a += ["--hierarchical-allgather" if hv.hierarchical_allgather else "--no-hierarchical-allgather"]
     if hv.timeline:
-        a += ["--timeline-filename", os.path.join(run_dir, "timeline.json")]
+        a += ["--timeline-filename", timeline_path(run_dir)]
         if hv.timeline_mark_cycles:
             a += ["--timeline-mark-cycles"]
     if hv.autotune:
@@ -91,12 +104,15 @@ def horovod_flags(res: Resolved, run_dir: str) -> list[str]:
                 a += [f"--autotune-{key.replace('_', '-')}", str(v)]
         if hv.autotune_gaussian_process_noise is not None:
             a += ["--autotune-gaussian-process-noise", _num(hv.autotune_gaussian_process_noise)]
-    if hv.stall_check is False:
+    if not hv.stall_check:
         a += ["--no-stall-check"]
-    if hv.stall_check_warning_time_seconds is not None:
-        a += ["--stall-check-warning-time-seconds", str(hv.stall_check_warning_time_seconds)]
-    if hv.stall_check_shutdown_time_seconds is not None:
-        a += ["--stall-check-shutdown-time-seconds", str(hv.stall_check_shutdown_time_seconds)]
+    else:
+        if hv.stall_check_warning_time_seconds != HOROVOD_STALL_WARNING_S:
+            a += ["--stall-check-warning-time-seconds", str(hv.stall_check_warning_time_seconds)]
+        if hv.stall_check_shutdown_time_seconds:   # Horovod's default is 0: never shut down
+            a += ["--stall-check-shutdown-time-seconds", str(hv.stall_check_shutdown_time_seconds)]
+            if stall_needs_timeline(res):
+                a += ["--timeline-filename", timeline_path(run_dir)]
     if hv.gloo_timeout_seconds is not None:
         a += ["--gloo-timeout-seconds", str(hv.gloo_timeout_seconds)]
     if hv.thread_affinity is not None:

@@ -24,14 +24,16 @@ def horovodrun_path(cmd: LaunchCommand) -> Optional[str]:
 
 
 def resume_problem(run_dir: Path) -> Optional[str]:
-    """Why RUN_DIR cannot be resumed (None if it can): it needs config.yaml and checkpoints/rank*.pt."""
+    """Why RUN_DIR cannot be resumed (None if it can): it needs config.yaml and checkpoints/step-*/rank*."""
+    from ranger_hvd.jobs.checkpoint import has_any_checkpoint
+
     if not run_dir.is_dir():
         return f"{run_dir} is not a directory"
     if not (run_dir / "config.yaml").is_file():
         return f"{run_dir} has no config.yaml (not a run directory of ranger-hvd launch)"
-    if not any((run_dir / "checkpoints").glob("rank*.pt")):
-        return (f"{run_dir} has no checkpoints/rank*.pt (the run wrote no checkpoint: train.checkpoint false, "
-                f"TensorFlow backend, or it stopped before its first epoch ended)")
+    if not has_any_checkpoint(run_dir):
+        return (f"{run_dir} has no checkpoints/step-*/rank* (the run wrote no checkpoint: train.checkpoint "
+                f"false, or it stopped before its first epoch ended)")
     return None
 
 
@@ -55,5 +57,13 @@ def launch_one(res: Resolved, console: Console, *, stream: bool = False, live: O
     for name in cmd.missing_env:
         console.print(f"[yellow]warning:[/] cluster.env: {name} is not set here, so the ranks do not get it",
                       highlight=False)
-    runnable = LaunchCommand(argv=[exe, *cmd.argv[1:]], env=cmd.env, missing_env=cmd.missing_env)
-    return Supervisor(res, runnable, run_dir, console=console, live=live, stream=stream, resume=resume).run()
+
+    def runnable(with_resume: bool) -> LaunchCommand:
+        c = default_command(res, str(run_dir), resume=with_resume)
+        return LaunchCommand(argv=[exe, *c.argv[1:]], env=c.env, missing_env=c.missing_env)
+
+    if res.config.train.max_restarts:
+        from .restart import run_with_restarts
+
+        return run_with_restarts(res, runnable, run_dir, console=console, live=live, stream=stream, resume=resume)
+    return Supervisor(res, runnable(resume), run_dir, console=console, live=live, stream=stream, resume=resume).run()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+from typing import Optional
 
 from rich.table import Table
 
@@ -14,24 +16,35 @@ from .formatting import fmt_bytes, fmt_value
 
 
 class MetricsTail:
-    """Reads the complete lines appended to metrics.jsonl since the last call."""
+    """Reads the complete lines appended to metrics.jsonl since the last call.
+
+    A resumed job rewrites the file once (dropping the steps a failed run took after its checkpoint)
+    and marks where it continues with an ``{"event": "resume"}`` line: when the file is replaced, it is
+    read again from the start and only the records after the last such line count as this launch's.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.offset = 0
+        self.inode: Optional[int] = None
         self.buf = b""
         self.records: list[dict] = []
 
     def skip_existing(self) -> None:
         """Start after the lines already there (a resumed run appends to its metrics.jsonl)."""
         try:
-            self.offset = self.path.stat().st_size
+            st = self.path.stat()
         except FileNotFoundError:
-            pass
+            return
+        self.offset, self.inode = st.st_size, st.st_ino
 
     def poll(self) -> list[dict]:
         try:
             with open(self.path, "rb") as f:
+                ino = os.fstat(f.fileno()).st_ino
+                if self.inode is not None and ino != self.inode:
+                    self.offset, self.buf, self.records = 0, b"", []
+                self.inode = ino
                 f.seek(self.offset)
                 chunk = f.read()
         except FileNotFoundError:
@@ -39,7 +52,14 @@ class MetricsTail:
         self.offset += len(chunk)
         self.buf += chunk
         *lines, self.buf = self.buf.split(b"\n")
-        new = [rec for rec in map(parse_line, lines) if rec is not None]
+        new: list[dict] = []
+        for rec in map(parse_line, lines):
+            if rec is None:
+                continue
+            if rec.get("event") == "resume":
+                self.records, new = [], []
+                continue
+            new.append(rec)
         self.records.extend(new)
         return new
 

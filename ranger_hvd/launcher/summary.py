@@ -79,6 +79,25 @@ def build_summary(res: Resolved, *, status: str, records: list[dict], started: f
     }
 
 
+def failure_cause(stall, cause, failed_rank: Optional[int], failed_exit: Optional[int],
+                  start_error: Optional[str] = None) -> Optional[str]:
+    """Why a launch failed, in one line: a stall Horovod or the launcher ended, the signal that killed
+    the failed rank, the job's own error line, or why it never started on a host (see stall.py)."""
+    if stall is not None and stall.shutdown:
+        return stall.message()
+    if failed_rank is not None and failed_exit is not None and (failed_exit > 128 or failed_exit < 0):
+        try:
+            name = signal.Signals(failed_exit - 128 if failed_exit > 128 else -failed_exit).name
+            return f"rank {failed_rank} was killed by {name}"
+        except ValueError:
+            pass
+    if cause is not None:
+        return str(cause)
+    if stall is not None:
+        return stall.message()
+    return start_error
+
+
 def print_outcome(console: Console, summary: dict, run_dir: Path, rank_logs: dict) -> None:
     """What happened, in a few lines; for a failure, the failed rank's last stderr lines."""
     c, status = console, summary["status"]
@@ -94,6 +113,8 @@ def print_outcome(console: Console, summary: dict, run_dir: Path, rank_logs: dic
         c.print(f"[yellow]interrupted[/] ({summary['signal']}): every rank stopped; "
                 f"what was written is kept in {run_dir}", highlight=False)
     elif status == "failed":
+        if summary.get("stall") is not None:
+            c.print(f"[red]stalled:[/] {summary['error']}", highlight=False)
         r, code = summary["failed_rank"], summary["failed_rank_exit_code"]
         if r is not None:
             c.print(f"[red]rank {r} failed[/]" + (f" (exit code {code})" if code is not None else "")
@@ -106,6 +127,8 @@ def print_outcome(console: Console, summary: dict, run_dir: Path, rank_logs: dic
         else:
             c.print(f"[red]job failed[/] (horovodrun exit code {summary['horovodrun_exit_code']}); "
                     f"no rank reported a failure. Run directory kept: {run_dir}", highlight=False)
+            if summary.get("error"):
+                c.print(f"[red]cause:[/] {summary['error']}", highlight=False)
             c.print(f"--- last lines of {run_dir / 'horovodrun.log'} ---", highlight=False)
             c.out("\n".join(tail_lines(str(run_dir / "horovodrun.log"), 30)), highlight=False)
     c.print(f"summary: {run_dir / 'summary.json'}", highlight=False)

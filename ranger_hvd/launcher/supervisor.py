@@ -1,5 +1,6 @@
 """Runs horovodrun for one launch: shows live progress, stops every rank on SIGINT/SIGTERM (see
-processes.py), names the rank that failed and writes summary.json."""
+processes.py) or when ranks stall in different collectives (see stall.py), names the rank that failed
+and writes summary.json."""
 
 from __future__ import annotations
 
@@ -13,22 +14,33 @@ import psutil
 from rich.console import Console
 from rich.live import Live
 
-from .command import LaunchCommand
+from .command import LaunchCommand, stall_needs_timeline, timeline_path
 from .config import Resolved
 from .processes import GRACE_S, ProcessTree, become_subreaper, reap_zombies, stop_processes
 from .progress import MetricsTail, progress_line, progress_table
 from .ranklogs import find_failed_rank, rank_log_files, read_tail, read_whole_lines
 from .rundir import write_json
-from .summary import RunResult, build_summary, print_outcome
+from .stall import StallWatch, job_error, start_failure
+from .summary import RunResult, build_summary, failure_cause, print_outcome
 
 POLL_S = 0.25
+STALL_POLL_S = 1.0
+# After Horovod announces a stall shutdown the ranks normally fail at once; past this the launcher
+# stops them itself, so a stall never outlives its limit by more than this.
+STALL_EXIT_GRACE_S = 30.0
 PRINT_EVERY_S = 10.0    # without a live table: a progress line per epoch, or at least this often
 
 
 class Supervisor:
     def __init__(self, res: Resolved, cmd: LaunchCommand, run_dir: Path, console: Optional[Console] = None,
-                 live: Optional[bool] = None, stream: bool = False, resume: bool = False):
+                 live: Optional[bool] = None, stream: bool = False, resume: bool = False,
+                 summary_extra: Optional[dict] = None):
         self.res, self.cmd, self.run_dir = res, cmd, Path(run_dir)
+        self.summary_extra = summary_extra or {}   # merged into summary.json (e.g. the restarts so far)
+        hv = res.config.horovod
+        self.stall = StallWatch(timeline=timeline_path(str(run_dir)) if stall_needs_timeline(res) else None,
+                                size=res.np, limit_s=hv.stall_check_shutdown_time_seconds)
+        self.stopped_for_stall = False
         self.resume = resume   # launch --resume: metrics.jsonl already holds the earlier runs' lines
         self.console = console or Console(stderr=True)
         self.live = self.console.is_terminal if live is None else live
@@ -68,6 +80,8 @@ class Supervisor:
             hvd_exit = proc.returncode
             if self.stop_signal is not None:
                 status = "interrupted"
+            elif self.stopped_for_stall:
+                status = "failed"
             else:
                 status = "success" if hvd_exit == 0 else "failed"
         finally:
@@ -97,6 +111,7 @@ class Supervisor:
             self.console.print(f"run directory: {self.run_dir}")
         try:
             stopping_since = None
+            next_stall_poll = 0.0
             while True:
                 code = proc.poll()
                 new = metrics.poll()
@@ -129,12 +144,31 @@ class Supervisor:
                         proc.kill()
                     proc.wait(timeout=10)
                     break
+                if time.time() >= next_stall_poll:
+                    next_stall_poll = time.time() + STALL_POLL_S
+                    if self._stalled_past_limit():
+                        self.stopped_for_stall = True
+                        self.console.print("[red]stalled collective: stopping every rank[/]", highlight=False)
+                        self.tree.snapshot(root)
+                        stop_processes(self.tree.alive(), grace=GRACE_S)
+                        if proc.poll() is None:
+                            proc.kill()
+                        proc.wait(timeout=10)
+                        break
                 self.tree.snapshot(root)
                 time.sleep(POLL_S)
         finally:
             if live is not None:
                 live.update(progress_table(self.res, self.run_dir, metrics, started, "finished"))
                 live.stop()
+
+    def _stalled_past_limit(self) -> bool:
+        now = time.time()
+        self.stall.poll(rank_log_files(self.run_dir), now)
+        if self.stall.expired:          # found in the timeline (Gloo): nobody else will end the job
+            return True
+        seen = self.stall.shutdown_seen_at
+        return seen is not None and now - seen > STALL_EXIT_GRACE_S
 
     def _finish(self, status: str, hvd_exit: Optional[int], started: float, metrics: MetricsTail,
                 error: Optional[str] = None) -> RunResult:
@@ -143,10 +177,20 @@ class Supervisor:
         if status == "failed":
             log_text = read_tail(str(self.run_dir / "horovodrun.log"), 2_000_000)
             failed_rank, failed_exit = find_failed_rank(log_text, rank_logs)
+        stall = cause = None
+        if status == "failed":
+            stall = self.stall.poll(rank_logs, time.time())
+            cause = job_error(rank_logs, prefer_rank=failed_rank)
+            error = error or failure_cause(stall, cause, failed_rank, failed_exit,
+                                           start_failure(read_tail(str(self.run_dir / "horovodrun.log"), 200_000)))
         summary = build_summary(self.res, status=status, records=metrics.records, started=started,
                                 ended=time.time(), hvd_exit=hvd_exit, failed_rank=failed_rank,
                                 failed_exit=failed_exit, stop_signal=self.stop_signal, error=error,
                                 rank_logs=rank_logs, command=self.cmd.line, resumed=self.resume)
+        summary["stall"] = stall.to_json() if stall is not None else None
+        summary["job_error"] = None if cause is None else {"rank": cause.rank, "message": cause.message,
+                                                           "config": cause.config}
+        summary.update(self.summary_extra)
         write_json(self.run_dir / "summary.json", summary)
         print_outcome(self.console, summary, self.run_dir, rank_logs)
         return RunResult(status=status, exit_code=summary["exit_code"], run_dir=self.run_dir,

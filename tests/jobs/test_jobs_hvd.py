@@ -146,11 +146,11 @@ def test_tensorflow_cnn_rnn_gan(tmp_path):
     assert all(0 < ln["bytes_sent"] < ln["bytes_dense"] for ln in steps)
 
 
-def test_torch_checkpoint_resume_is_bit_for_bit(tmp_path):
+def _check_resume_bit_for_bit(tmp_path: Path, backend: str, ext: str) -> None:
     """Run A: 2 epochs straight. Run B: 1 epoch, then resumed from its per-rank checkpoints to 2 epochs.
-    B must end with A's parameters bit for bit (model, SGD state and the compressor's residuals and
+    B must end with A's parameters bit for bit (model, optimizer state and the compressor's residuals and
     momentum all restored) and the same byte totals. One launch: resume reads everything from disk."""
-    cnn = _cfg("torch", "cnn", "ranger", epochs=2, batch_size=16)
+    cnn = _cfg(backend, "cnn", "ranger", epochs=2, batch_size=16, momentum=0.0)   # DGC momentum only
     cnn["data"]["synthetic_samples"] = 256
     one = {**cnn, "train": {**cnn["train"], "epochs": 1}}
     off = {**cnn, "train": {**cnn["train"], "checkpoint": False}}
@@ -167,6 +167,8 @@ def test_torch_checkpoint_resume_is_bit_for_bit(tmp_path):
     b = read_metrics(tmp_path / "B" / "metrics.jsonl")
     ends_b = [ln for ln in b if ln.get("event") == "end"]
     assert len(ends_b) == 2 and b[-1] is ends_b[1], "one end line per launch, appended"
+    resumes = [ln for ln in b if ln.get("event") == "resume"]
+    assert resumes == [{"event": "resume", "from_step": ends_b[0]["steps"], "dropped_lines": 0}], resumes
     steps_b = [ln for ln in b if "event" not in ln]
     assert {ln["epoch"] for ln in steps_a} == {ln["epoch"] for ln in steps_b} == {0, 1}
     assert [ln["step"] for ln in steps_b] == [ln["step"] for ln in steps_a]
@@ -180,8 +182,23 @@ def test_torch_checkpoint_resume_is_bit_for_bit(tmp_path):
     assert [ln["bytes_sent"] for ln in steps_b] == [ln["bytes_sent"] for ln in steps_a]
     for key in ("bytes_sent_total", "bytes_dense_total", "eval_loss", "eval_accuracy"):
         assert end_b[key] == end_a[key], key
-    assert sorted(p.name for p in (tmp_path / "B" / "checkpoints").iterdir()) == ["rank0.pt", "rank1.pt"]
+    # one directory per save point (end of each epoch), every rank's file in each
+    per_epoch = end_a["steps"] // 2
+    for run in ("A", "B"):
+        sets = sorted(p.name for p in (tmp_path / run / "checkpoints").iterdir())
+        assert sets == [f"step-{per_epoch:08d}", f"step-{2 * per_epoch:08d}"], sets
+        for name in sets:
+            files = sorted(p.name for p in (tmp_path / run / "checkpoints" / name).iterdir())
+            assert files == [f"rank0.{ext}", f"rank1.{ext}"], files
     assert not (tmp_path / "off" / "checkpoints").exists()          # train.checkpoint: false
+
+
+def test_torch_checkpoint_resume_is_bit_for_bit(tmp_path):
+    _check_resume_bit_for_bit(tmp_path, "torch", "pt")
+
+
+def test_tensorflow_checkpoint_resume_is_bit_for_bit(tmp_path):
+    _check_resume_bit_for_bit(tmp_path, "tensorflow", "pkl")
 
 
 def test_resume_errors_name_the_file(tmp_path):
@@ -190,9 +207,9 @@ def test_resume_errors_name_the_file(tmp_path):
 
     cfg = _cfg("torch", "cnn", "ranger")
     cfg["data"]["synthetic_samples"] = 64
-    script = ("import json, sys\nfrom ranger_hvd.jobs import run_job, ConfigError\n"
+    script = ("import json, sys\nfrom ranger_hvd.jobs import run_job, CheckpointError\n"
               "try:\n    run_job(json.loads(sys.argv[1]), sys.argv[2], resume=True)\n"
-              "except ConfigError as e:\n    print('ERR', e)\n")
+              "except CheckpointError as e:\n    print('ERR', e)\n")
     run_dir = tmp_path / "run"
 
     def attempt():
@@ -202,14 +219,13 @@ def test_resume_errors_name_the_file(tmp_path):
         return proc.stdout
 
     out = attempt()
-    assert str(run_dir / "checkpoints" / "rank0.pt") in out and "does not exist" in out
-    (run_dir / "checkpoints").mkdir(parents=True)
-    torch.save({"format": 1, "size": 2, "model": "cnn", "compression": "ranger"},
-               run_dir / "checkpoints" / "rank0.pt")
+    assert str(run_dir / "checkpoints") in out and "step-*/rank0.pt" in out, out
+    ckpt = run_dir / "checkpoints" / "step-00000006" / "rank0.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"format": 2, "rank": 0, "size": 2, "backend": "torch", "model": "cnn", "compression": "ranger",
+                "loop": {"step": 6}}, ckpt)
     out = attempt()
-    assert "2 ranks" in out and "this run has 1" in out and "rank0.pt" in out
-
-    tf = _cfg("tensorflow", "cnn")
-    from ranger_hvd.jobs import ConfigError, run_job
-    with pytest.raises(ConfigError, match="only supported for the torch backend"):
-        run_job(tf, str(run_dir), resume=True)
+    assert "2 ranks" in out and "this run has 1" in out and str(ckpt) in out, out
+    ckpt.write_bytes(b"PK\x03\x04" + b"\0" * 996)         # cut short, as an interrupted copy leaves it
+    out = attempt()
+    assert f"checkpoint {ckpt} is unreadable" in out, out

@@ -14,6 +14,10 @@ RD = "/runs/t/20250101-000000"
 PY = "/venv/bin/python"
 ENVIRON = {"PATH": "/usr/bin:/bin", "HOME": "/home/u", "LANG": "C.UTF-8", "SECRET_TOKEN": "s3cret",
            "FOO": "foo-value", "OMP_NUM_THREADS": "8", "HOROVOD_FUSION_THRESHOLD": "1", "PYTHONPATH": "/extra"}
+# on by default: a stalled job ends after 300 s (the warning time is horovodrun's own default, 60 s);
+# under Gloo the launcher reads stalls from Horovod's timeline
+STALL_MPI = ["--stall-check-shutdown-time-seconds", "300"]
+STALL = [*STALL_MPI, "--timeline-filename", f"{RD}/timeline.json"]
 TAIL = [PY, "-m", "ranger_hvd.jobs", "--config", f"{RD}/config.yaml", "--run-dir", RD]
 
 
@@ -27,7 +31,7 @@ def build(tmp_path, text, overrides=(), uid=1000, environ=ENVIRON):
 def test_local(tmp_path):
     cmd = build(tmp_path, "job: {name: t}\n")
     assert cmd.argv == ["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo",
-                        "--output-filename", f"{RD}/logs", *TAIL]
+                        "--output-filename", f"{RD}/logs", *STALL, *TAIL]
     assert cmd.env == {"PATH": "/venv/bin:/usr/bin:/bin", "PYTHONPATH": "/repo:/extra", "HOME": "/home/u",
                        "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
 
@@ -43,7 +47,7 @@ def test_hosts_ssh_and_nics(tmp_path):
                           "  ssh_identity_file: key\n  network_interfaces: [eth0, eth1]\n  start_timeout: 90\n")
     assert cmd.argv == ["horovodrun", "-np", "3", "-H", "alpha:2,beta.example.com:1", "--gloo",
                         "-p", "2222", "-i", str(tmp_path / "key"), "--network-interfaces", "eth0,eth1",
-                        "--start-timeout", "90", "--output-filename", f"{RD}/logs",
+                        "--start-timeout", "90", "--output-filename", f"{RD}/logs", *STALL,
                         PY, "-m", "ranger_hvd.jobs", "--config", f"{RD}/config.yaml", "--run-dir", RD]
 
 
@@ -52,7 +56,7 @@ def test_hostfile(tmp_path):
     cmd = build(tmp_path, "cluster: {hostfile: hosts, np: 2}\n")
     # horovodrun 0.28.1's own --hostfile parser fails on comments and blank lines: hosts travel as -H
     assert cmd.argv == ["horovodrun", "-np", "2", "-H", "node1:2,node2:1", "--gloo",
-                        "--output-filename", f"{RD}/logs", *TAIL]
+                        "--output-filename", f"{RD}/logs", *STALL, *TAIL]
 
 
 def test_hostfile_np_defaults_to_total_slots(tmp_path):
@@ -64,7 +68,7 @@ def test_hostfile_np_defaults_to_total_slots(tmp_path):
 def test_mpi_as_root_adds_open_mpi_env(tmp_path):
     cmd = build(tmp_path, "cluster: {controller: mpi, mpi_args: '--bind-to none'}\n", uid=0)
     assert cmd.argv == ["horovodrun", "-np", "2", "-H", "localhost:2", "--mpi",
-                        "--output-filename", f"{RD}/logs", "--mpi-args=--bind-to none", *TAIL]
+                        "--output-filename", f"{RD}/logs", *STALL_MPI, "--mpi-args=--bind-to none", *TAIL]
     assert cmd.env["OMPI_ALLOW_RUN_AS_ROOT"] == "1" and cmd.env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
 
 
@@ -120,7 +124,8 @@ horovod:
 def test_issue_example_tunables(tmp_path):
     cmd = build(tmp_path, "horovod: {fusion_threshold_mb: 64, cycle_time_ms: 5, timeline: false, autotune: false, "
                           "log_level: WARNING}\n")
-    assert cmd.argv[8:] == ["--fusion-threshold-mb", "64", "--cycle-time-ms", "5", "--log-level", "WARNING", *TAIL]
+    assert cmd.argv[8:] == ["--fusion-threshold-mb", "64", "--cycle-time-ms", "5", *STALL, "--log-level", "WARNING",
+                            *TAIL]
 
 
 def test_environment_is_minimal(tmp_path):
@@ -155,7 +160,7 @@ def test_dry_run_prints_one_copy_pasteable_line_and_env(tmp_path):
     run_dir = argv[argv.index("--run-dir") + 1]
     assert run_dir.startswith(str(tmp_path / "runs" / "t") + "/")
     assert argv == ["horovodrun", "-np", "2", "-H", "localhost:2", "--mpi", "--output-filename", f"{run_dir}/logs",
-                    "--timeline-filename", f"{run_dir}/timeline.json",
+                    "--timeline-filename", f"{run_dir}/timeline.json", *STALL_MPI,
                     sys.executable, "-m", "ranger_hvd.jobs", "--config", f"{run_dir}/config.yaml",
                     "--run-dir", run_dir]
     env = dict(ln.strip("# ").split("=", 1) for ln in lines[2:] if "=" in ln and not ln.startswith("# run"))
@@ -201,3 +206,29 @@ def test_default_config_dry_run_from_repo(tmp_path):
 def test_sweep_value_split(text, expected):
     from ranger_hvd.launcher.sweep import split_values
     assert split_values(text) == expected
+
+
+def test_stall_limits(tmp_path):
+    """Configurable, on by default; a shutdown shorter than the warning time (which Horovod silently
+    ignores) and limits given with the check off are config errors naming the key."""
+    cmd = build(tmp_path, "horovod: {stall_check_warning_time_seconds: 5, stall_check_shutdown_time_seconds: 12}\n")
+    assert cmd.argv[8:14] == ["--stall-check-warning-time-seconds", "5", "--stall-check-shutdown-time-seconds", "12",
+                              "--timeline-filename", f"{RD}/timeline.json"]
+    cmd = build(tmp_path, "horovod: {stall_check_shutdown_time_seconds: 0}\n")     # warn only
+    assert not any(a.startswith("--stall") or a == "--no-stall-check" for a in cmd.argv)
+    assert "--no-stall-check" in build(tmp_path, "horovod: {stall_check: false}\n").argv
+    from ranger_hvd.launcher.config import ConfigError
+    for text, path in (("horovod: {stall_check_warning_time_seconds: 30, stall_check_shutdown_time_seconds: 10}",
+                        "horovod.stall_check_shutdown_time_seconds"),
+                       ("horovod: {stall_check: false, stall_check_warning_time_seconds: 30}",
+                        "horovod.stall_check_warning_time_seconds")):
+        with pytest.raises(ConfigError) as exc:
+            build(tmp_path, text + "\n")
+        assert [p.path for p in exc.value.problems] == [path], str(exc.value)
+    r = run_cli(["validate", "exp.yaml"], tmp_path)
+    assert r.returncode == 2 and "horovod.stall_check_warning_time_seconds" in r.stderr, r.stderr
+    # the run's config.yaml spells out the default limits; with the check off it must still validate
+    from ranger_hvd.launcher.config import job_config
+    (tmp_path / "off.yaml").write_text("horovod: {stall_check: false}\n")
+    res = load_config(tmp_path / "off.yaml", cwd=tmp_path)
+    assert job_config(res.resolved_dict()).horovod.stall_check is False

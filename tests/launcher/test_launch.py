@@ -217,7 +217,8 @@ def test_real_default_job_end_to_end(tmp_path):
 
     # continue the same run to 2 epochs: same directory, appended metrics, summary rewritten
     before = (run / "metrics.jsonl").read_text()
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["rank0.pt", "rank1.pt"]
+    (ckpt_set,) = (run / "checkpoints").iterdir()          # one epoch: one save point
+    assert ckpt_set.name.startswith("step-") and sorted(p.name for p in ckpt_set.iterdir()) == ["rank0.pt", "rank1.pt"]
     r = run_cli(["launch", "--resume", run, "train.epochs=2"], tmp_path, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     assert list((tmp_path / "runs" / "cnn-digits").iterdir()) == [run]

@@ -73,9 +73,15 @@ def check_horovod(cfg: Config, where: Where) -> list[Problem]:
         if getattr(hv, k) not in (None, False) and not hv.autotune:
             problems.append(Problem(f"horovod.{k}", "only allowed with horovod.autotune: true", where(f"horovod.{k}")))
     for k in ("stall_check_warning_time_seconds", "stall_check_shutdown_time_seconds"):
-        if getattr(hv, k) is not None and hv.stall_check is False:
+        # a resolved config (RUN_DIR/config.yaml) spells out the defaults: only a changed value is pointless
+        if getattr(hv, k) != type(hv).model_fields[k].default and hv.stall_check is False:
             problems.append(Problem(f"horovod.{k}", "has no effect with horovod.stall_check: false",
                                     where(f"horovod.{k}")))
+    if hv.stall_check and 0 < hv.stall_check_shutdown_time_seconds < hv.stall_check_warning_time_seconds:
+        p = "horovod.stall_check_shutdown_time_seconds"
+        problems.append(Problem(p, f"must be 0 (never shut down) or at least horovod.stall_check_warning_time_"
+                                   f"seconds ({hv.stall_check_warning_time_seconds}); Horovod ignores a shorter "
+                                   f"one (got {hv.stall_check_shutdown_time_seconds})", where(p)))
     if hv.mpi_threads_disable is not None and cfg.cluster.controller != "mpi":
         problems.append(Problem("horovod.mpi_threads_disable", "only applies with cluster.controller 'mpi'",
                                 where("horovod.mpi_threads_disable")))

@@ -59,8 +59,10 @@ class TrainSection(Section):
                                                   "compression.momentum keeps DGC's momentum in the compressor)")
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps (null: no cap)")
     log_every: int = Field(1, ge=1, description="write a metrics line every N steps")
-    checkpoint: bool = Field(True, description="every rank saves RUN_DIR/checkpoints/rank{r}.pt after each "
-                                               "epoch (torch jobs; needed by launch --resume)")
+    checkpoint: bool = Field(True, description="every rank saves RUN_DIR/checkpoints/step-S/rank{r}.* after "
+                                               "each epoch (needed by launch --resume and max_restarts)")
+    max_restarts: int = Field(0, ge=0, description="when a rank dies, restart the job up to this many times "
+                                                   "from the last complete checkpoint set")
 
 
 # compression: a config group.  Each member's fields are its options; see groups.py.
@@ -138,9 +140,11 @@ class HorovodSection(Section):
     autotune_steps_per_sample: Optional[int] = Field(None, ge=1)
     autotune_bayes_opt_max_samples: Optional[int] = Field(None, ge=1)
     autotune_gaussian_process_noise: Optional[float] = Field(None, ge=0.0, le=1.0)
-    stall_check: Optional[bool] = None
-    stall_check_warning_time_seconds: Optional[int] = Field(None, ge=1)
-    stall_check_shutdown_time_seconds: Optional[int] = Field(None, ge=0)
+    # On by default: ranks that wait on different collectives end the job (exit 1, the collective named)
+    # instead of spinning forever. Shutdown 0: warn only.
+    stall_check: bool = True
+    stall_check_warning_time_seconds: int = Field(60, ge=1)
+    stall_check_shutdown_time_seconds: int = Field(300, ge=0, description="0: warn only, never shut down")
     gloo_timeout_seconds: Optional[int] = Field(None, ge=1)
     thread_affinity: Optional[int] = Field(None, ge=0)
     mpi_threads_disable: Optional[bool] = None
