@@ -39,7 +39,7 @@ MODES = {
 }
 # What judges a job: (metric in summary.json's final_metrics, higher is better)
 METRICS = {"cnn": ("eval_accuracy", True), "rnn": ("eval_accuracy", True),
-           "gan": ("eval_sample_frechet", False)}
+           "gan": ("eval_fd", False)}
 
 
 def config_epochs(name: str) -> tuple[str, int]:
