@@ -154,6 +154,16 @@ def run(cfg: Config, data: Dataset, run_dir) -> dict:
     exchanges = [GradExchange(hvd, net.trainable_variables, cfg) for net in nets]
     for net in nets:
         broadcast_weights(tf, hvd, net.weights, net.name)
+    quality = None
+    if gan and rank == 0:     # samples are scored on rank 0 (every rank holds the same generator)
+        from .quality import GanSampleQuality
+
+        quality = GanSampleQuality(data, seed=cfg.train.seed, z_dim=z_dim, run_dir=run_dir)
+
+        def generate(z):
+            return np.asarray(gen(tf.constant(z), training=False))
+
+        quality.measure_untrained(generate)
 
     log(rank, f"tensorflow {cfg.job.model} on {data.name}: {size} ranks, {len(tr)} train samples/rank, "
               f"{n_steps} steps/epoch, compression={cfg.compression.type}"
@@ -209,7 +219,8 @@ def run(cfg: Config, data: Dataset, run_dir) -> dict:
         n = max(tot[-1], 1.0)
         if gan:
             return {"eval_d_loss": tot[0] / n, "eval_g_loss": tot[1] / n,
-                    "eval_d_real_acc": tot[2] / n, "eval_d_fake_acc": tot[3] / n}
+                    "eval_d_real_acc": tot[2] / n, "eval_d_fake_acc": tot[3] / n,
+                    **(quality.evaluate(generate, tag) if quality is not None else {})}
         return {"eval_loss": tot[0] / n, "eval_accuracy": tot[1] / n}
 
 
