@@ -35,8 +35,8 @@ Outputs (rank 0 only), all in ``RUN_DIR/metrics.jsonl`` (see :mod:`ranger_hvd.jo
 GAN samples (:mod:`ranger_hvd.jobs.quality`): every evaluation also scores the generator's digits,
 ``eval_fd``, the Fréchet distance between generated and real training images in the feature space of
 a small classifier trained (seeded) on the training images at the start of the run; lower is better.
-Beside it, ``eval_fd_real`` (real held-out images: the floor, near 0) and ``eval_fd_untrained`` (the
-generator before training). Rank 0 also rewrites ``RUN_DIR/samples.png``, a grid of 100 samples.
+The end line adds what to read it against (flat, not in ``metrics``): ``eval_fd_real`` (real held-out
+images: the floor, near 0) and ``eval_fd_untrained`` (the generator before training). Rank 0 also rewrites ``RUN_DIR/samples.png``, a grid of 100 samples.
 Resume (``--resume``, PyTorch only): every rank loads its own checkpoint (model, optimizer state with
 the Ranger compressor's residuals, momentum and counters, the loop's step and byte counters), checks
 that the number of ranks is unchanged, continues at the next epoch and appends to ``metrics.jsonl``

@@ -191,15 +191,16 @@ class GanSampleQuality:
         return self.untrained
 
     def evaluate(self, generate, tag: str = "") -> dict:
-        """``eval_fd`` (this generator), ``eval_fd_real`` (real held-out digits: the floor) and
-        ``eval_fd_untrained`` (the ceiling); rewrites ``RUN_DIR/samples.png`` with the first images."""
+        """``eval_fd`` of this generator; rewrites ``RUN_DIR/samples.png`` with its first images."""
         images = self.images(generate)
         fd = self.scorer.score(images)
         if self.sample_path is not None:
             title = (f"step {tag}: FD {fd:.3g} (real held-out {self.scorer.reference:.3g}"
                      + (f", untrained {self.untrained:.3g})" if self.untrained is not None else ")"))
             save_sample_grid(self.sample_path, images[: self.grid_size], title=title)
-        out = {"eval_fd": fd, "eval_fd_real": self.scorer.reference}
-        if self.untrained is not None:
-            out["eval_fd_untrained"] = self.untrained
-        return out
+        return {"eval_fd": fd}
+
+    def references(self) -> dict:
+        """What ``eval_fd`` is read against, for the end line: ``eval_fd_real`` (real held-out digits, the
+        floor) and ``eval_fd_untrained`` (this run's generator before training)."""
+        return {"eval_fd_real": self.scorer.reference, "eval_fd_untrained": self.untrained}

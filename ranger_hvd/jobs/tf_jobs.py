@@ -231,4 +231,5 @@ def run(cfg: Config, data: Dataset, run_dir) -> dict:
     return train_loop(cfg, backend="tensorflow", dataset=data.name, rank=rank, size=size, n_train=len(tr),
                       n_steps=n_steps, step_fn=step_fn, meters=exchanges, evaluate=evaluate,
                       param_arrays=lambda: [np.asarray(v) for net in nets for v in net.weights],
-                      allgather_object=hvd.allgather_object, run_dir=run_dir)
+                      allgather_object=hvd.allgather_object, run_dir=run_dir,
+                      end_fields=quality.references if quality is not None else None)

@@ -330,5 +330,6 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
                       n_steps=n_steps, step_fn=step_fn, meters=opts, evaluate=evaluate,
                       param_arrays=lambda: [p.detach().cpu().numpy() for m in modules for p in m.parameters()],
                       allgather_object=hvd.allgather_object, run_dir=run_dir,
+                      end_fields=quality.references if quality is not None else None,
                       save_checkpoint=save if cfg.train.checkpoint and run_dir is not None else None,
                       resume_from=resume_from)

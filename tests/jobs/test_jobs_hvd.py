@@ -169,6 +169,8 @@ def test_gan_sample_score_on_both_backends(tmp_path):
         assert {"eval_d_loss", "eval_g_loss", "eval_d_real_acc", "eval_d_fake_acc", *FD_KEYS} <= set(end)
         scored = [ln["step"] for ln in steps if "eval_fd" in ln["metrics"]]
         assert scored == [22, 44], scored                               # every epoch's evaluation
+        # the references are in the end line only (one column each in a report would say nothing)
+        assert not any({"eval_fd_real", "eval_fd_untrained"} & set(ln["metrics"]) for ln in steps + [end])
         fd, real, untrained = (end[k] for k in FD_KEYS)
         assert all(isinstance(v, float) and np.isfinite(v) for v in (fd, real, untrained)), end
         assert fd < 0.8 * untrained, f"{backend}: FD after training {fd}, untrained {untrained}"
@@ -176,8 +178,8 @@ def test_gan_sample_score_on_both_backends(tmp_path):
         assert end["metrics"]["eval_fd"] == fd
         summary = json.loads((run / "summary.json").read_text())
         assert summary["status"] == "success"
-        assert {k: summary["final_metrics"][k] for k in FD_KEYS} == {k: end[k] for k in FD_KEYS}, summary
-        assert summary["end"]["eval_fd"] == fd
+        assert summary["final_metrics"]["eval_fd"] == fd, summary
+        assert {k: summary["end"][k] for k in FD_KEYS} == {k: end[k] for k in FD_KEYS}, summary
         png = (run / "samples.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000, len(png)
         ends[backend] = end

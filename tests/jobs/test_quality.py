@@ -116,9 +116,10 @@ def test_gan_sample_quality_scores_a_generator_and_writes_the_grid(tmp_path, dig
     noise = np.tanh(q.z @ np.random.default_rng(0).standard_normal((32, 64)))
     untrained = q.measure_untrained(lambda z: noise)
     out = q.evaluate(lambda z: real, tag="7")
-    assert set(out) == {"eval_fd", "eval_fd_real", "eval_fd_untrained"}
-    assert out["eval_fd"] == pytest.approx(out["eval_fd_real"], rel=1e-9), out
-    assert out["eval_fd_untrained"] == untrained > 20 * out["eval_fd_real"], out
+    refs = q.references()
+    assert set(out) == {"eval_fd"} and set(refs) == {"eval_fd_real", "eval_fd_untrained"}
+    assert out["eval_fd"] == pytest.approx(refs["eval_fd_real"], rel=1e-9), (out, refs)
+    assert refs["eval_fd_untrained"] == untrained > 20 * refs["eval_fd_real"], refs
     png = (tmp_path / "samples.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000, len(png)
     assert not [p.name for p in tmp_path.iterdir() if p.name != "samples.png"]    # no temporary left
