@@ -28,10 +28,16 @@ Outputs (rank 0 only), all in ``RUN_DIR/metrics.jsonl`` (see :mod:`ranger_hvd.jo
   - no separate result file: the job ends with ONE final line ``{"event": "end", ...}`` holding
     ``steps, epochs, train_time, time, backend, model, dataset, compression, size``,
     the final evaluation both flat (``eval_loss``, ``eval_accuracy``; GAN: ``eval_d_loss``,
-    ``eval_g_loss``, ``eval_d_real_acc``, ``eval_d_fake_acc``) and as ``metrics``, the totals
+    ``eval_g_loss``, ``eval_d_real_acc``, ``eval_d_fake_acc`` and the sample score, see below) and as
+    ``metrics``, the totals
     ``bytes_sent_total``, ``bytes_dense_total``, ``compression_ratio`` (dense / sent), and
     ``param_digest`` / ``param_digests`` (per rank) / ``params_identical``: every rank's
     parameters hashed after training, gathered to rank 0.
+GAN samples (:mod:`ranger_hvd.jobs.quality`): every evaluation also scores the generator's digits,
+``eval_fd``, the Fréchet distance between generated and real training images in the feature space of
+a small classifier trained (seeded) on the training images at the start of the run; lower is better.
+The end line adds what to read it against (flat, not in ``metrics``): ``eval_fd_real`` (real held-out
+images: the floor, near 0) and ``eval_fd_untrained`` (the generator before training). Rank 0 also rewrites ``RUN_DIR/samples.png``, a grid of 100 samples.
 Resume (``--resume``): the ranks agree on the latest checkpoint set that every rank holds (a torn set,
 where a rank died while saving, is skipped), every rank loads its own file (model, optimizer state, the
 Ranger compressor's residuals, momentum and counters, the GAN's noise generator, the loop's position and

@@ -90,7 +90,7 @@ class ByteMeter:
 
 def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int, n_train: int,
                n_steps: int, step_fn, meters, evaluate, param_arrays, allgather_object, run_dir,
-               save_checkpoint=None, resume_from: dict | None = None) -> dict:
+               save_checkpoint=None, resume_from: dict | None = None, end_fields=None) -> dict:
     """The epochs, metrics lines and end record shared by both backends.
 
     ``step_fn(indices) -> (loss, {metric: value})`` runs one optimizer step on this rank's samples at
@@ -102,6 +102,8 @@ def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int,
     backend adds the model and optimizer state. ``resume_from`` is such a ``loop_state`` read back: the
     loop continues at its ``epoch`` / ``batch`` with its counters, so a resumed run takes exactly the
     steps the uninterrupted run would have taken (the batches depend on (seed, epoch, rank) only).
+
+    ``end_fields()``, if given, returns more fields for the end line (the GAN's sample-score references).
     """
     import time
 
@@ -183,6 +185,7 @@ def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int,
             "steps": step, "epochs": epoch + 1, "train_time": round(train_time, 6),
             "backend": backend, "model": cfg.job.model, "dataset": dataset, "compression": cfg.compression.type,
             "size": size, **eval_metrics, "metrics": dict(eval_metrics),
+            **(end_fields() if end_fields is not None else {}),
             "bytes_sent_total": int(total_sent), "bytes_dense_total": int(total_dense),
             "compression_ratio": (total_dense / total_sent) if total_sent else None,
             "param_digest": digest, "param_digests": list(digests),

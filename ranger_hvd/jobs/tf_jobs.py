@@ -182,6 +182,16 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
     exchanges = [GradExchange(hvd, net.trainable_variables, cfg) for net in nets]
     for net in nets:
         broadcast_weights(tf, hvd, net.weights, net.name)
+    quality = None
+    if gan and rank == 0:     # samples are scored on rank 0 (every rank holds the same generator)
+        from .quality import GanSampleQuality
+
+        quality = GanSampleQuality(data, seed=cfg.train.seed, z_dim=z_dim, run_dir=run_dir)
+
+        def generate(z):
+            return np.asarray(gen(tf.constant(z), training=False))
+
+        quality.measure_untrained(generate)
 
     resume_from = None
     if resume:
@@ -265,7 +275,8 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         n = max(tot[-1], 1.0)
         if gan:
             return {"eval_d_loss": tot[0] / n, "eval_g_loss": tot[1] / n,
-                    "eval_d_real_acc": tot[2] / n, "eval_d_fake_acc": tot[3] / n}
+                    "eval_d_real_acc": tot[2] / n, "eval_d_fake_acc": tot[3] / n,
+                    **(quality.evaluate(generate, tag) if quality is not None else {})}
         return {"eval_loss": tot[0] / n, "eval_accuracy": tot[1] / n}
 
 
@@ -278,4 +289,5 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
                       param_arrays=lambda: [np.asarray(v) for net in nets for v in net.weights],
                       allgather_object=hvd.allgather_object, run_dir=run_dir,
                       save_checkpoint=save if cfg.train.checkpoint and run_dir is not None else None,
-                      resume_from=resume_from)
+                      resume_from=resume_from,
+                      end_fields=quality.references if quality is not None else None)

@@ -170,6 +170,18 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         modules = [model]
         opts = [DistOpt(model, "", cfg)]
     _broadcast(hvd, modules, opts)
+    quality = None
+    if gan and rank == 0:     # samples are scored on rank 0 (every rank holds the same generator)
+        from .quality import GanSampleQuality
+
+        quality = GanSampleQuality(data, seed=cfg.train.seed, z_dim=z_dim, run_dir=run_dir)
+
+        def generate(z):
+            gen.eval()
+            with torch.no_grad():
+                return gen(torch.from_numpy(z)).numpy()
+
+        quality.measure_untrained(generate)     # before a resume loads trained weights
 
     resume_from = None
     if resume:
@@ -266,7 +278,8 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         n = max(tot[-1].item(), 1.0)
         if gan:
             return {"eval_d_loss": tot[0].item() / n, "eval_g_loss": tot[1].item() / n,
-                    "eval_d_real_acc": tot[2].item() / n, "eval_d_fake_acc": tot[3].item() / n}
+                    "eval_d_real_acc": tot[2].item() / n, "eval_d_fake_acc": tot[3].item() / n,
+                    **(quality.evaluate(generate, epoch_tag) if quality is not None else {})}
         return {"eval_loss": tot[0].item() / n, "eval_accuracy": tot[1].item() / n}
 
     train_step = gan_step if gan else classifier_step
@@ -279,5 +292,6 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
                       n_steps=n_steps, step_fn=step_fn, meters=opts, evaluate=evaluate,
                       param_arrays=lambda: [p.detach().cpu().numpy() for m in modules for p in m.parameters()],
                       allgather_object=hvd.allgather_object, run_dir=run_dir,
+                      end_fields=quality.references if quality is not None else None,
                       save_checkpoint=save if cfg.train.checkpoint and run_dir is not None else None,
                       resume_from=resume_from)
