@@ -141,6 +141,13 @@ def main(argv=None) -> int:
         ap.error(f"unknown mode or config: {', '.join(unknown)}")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_root = Path(args.runs) / stamp
+    out = Path(args.out)
+    header = (f"# Accuracy against dense at the same epochs\n\nMeasured {datetime.date.today()} on "
+              f"{platform.machine()}, {os.cpu_count()} cores, no GPU; 2 ranks on one machine over "
+              f"Gloo, one thread each. Command: `.venv/bin/python benchmarks/accuracy.py "
+              f"--configs {args.configs} --modes {args.modes} --scales {args.scales}`. Run "
+              f"directories: `{out_root.relative_to(REPO) if out_root.is_relative_to(REPO) else out_root}`."
+              " Wall times include start-up and were taken on a shared machine.\n\n")
     results = {}
     for name in names:
         model, epochs = config_epochs(name)
@@ -152,15 +159,11 @@ def main(argv=None) -> int:
                 metric = METRICS[model][0]
                 print(f"{name} {mode} {epochs * s} epochs: {metric} {r['metrics'].get(metric)} "
                       f"bytes/step {r['bytes_per_step']} ({r['seconds']:.0f} s)", flush=True)
+                # what is measured so far, so that an interrupted sweep still leaves its table
+                done = [n for n in names if n in results]
+                out.write_text(header + table(results, done, modes, scales))
     text = table(results, names, modes, scales)
     print(text)
-    out = Path(args.out)
-    header = (f"# Accuracy against dense at the same epochs\n\nMeasured {datetime.date.today()} on "
-              f"{platform.machine()}, {os.cpu_count()} cores, no GPU; 2 ranks on one machine over "
-              f"Gloo, one thread each. Command: `.venv/bin/python benchmarks/accuracy.py "
-              f"--configs {args.configs} --modes {args.modes} --scales {args.scales}`. Run "
-              f"directories: `{out_root.relative_to(REPO) if out_root.is_relative_to(REPO) else out_root}`."
-              "\n\n")
     out.write_text(header + text)
     plot(results, names, modes, scales, out.with_name("accuracy.png"))
     print(f"wrote {out} and {out.with_name('accuracy.png')}")
