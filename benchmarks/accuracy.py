@@ -12,7 +12,7 @@ reads each run's ``summary.json``. Modes:
 * ``ranger-D-dgc``: top-k at density D with DGC's momentum correction in the compressor.
 
 Writes ``benchmarks/accuracy-results.md`` (the table, with machine and date) and
-``benchmarks/accuracy.png`` (eval metric per mode, one panel per job), and prints the table.
+a PNG of the same name (eval metric per mode, one panel per job), and prints the table.
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ def main(argv=None) -> int:
     text = table(results, names, modes, scales)
     print(text)
     out.write_text(header + text)
-    plot(results, names, modes, scales, out.with_name("accuracy.png"))
-    print(f"wrote {out} and {out.with_name('accuracy.png')}")
+    plot(results, names, modes, scales, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 
