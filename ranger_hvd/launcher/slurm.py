@@ -130,6 +130,11 @@ _REFUSALS = ((re.compile(r"partition", re.I), "cluster.slurm.partition", "partit
               "cluster.slurm.nodes / ntasks_per_node / cpus_per_task", None))
 
 
+# sbatch failing for want of a controller, not because of the job
+_UNREACHABLE = re.compile(r"configuration source|Unable to contact|Connection refused|Zero Bytes were transmitted|"
+                          r"Unable to process configuration", re.I)
+
+
 def culprit(message: str, opts: SlurmOptions) -> str:
     """': cluster.slurm.partition 'gpu'' for sbatch's 'invalid partition specified', '' when unclear."""
     for pattern, path, field in _REFUSALS:
@@ -147,6 +152,8 @@ def check_with_test_only(script_text: str, opts: SlurmOptions) -> None:
     r = _run([require("sbatch"), "--test-only"], input=script_text)   # the script on stdin
     if r.returncode != 0:
         why = " ".join((r.stderr or r.stdout).split()) or f"exit code {r.returncode}"
+        if _UNREACHABLE.search(why):
+            raise SlurmError(f"cannot reach Slurm (sbatch --test-only said: {why}); check SLURM_CONF and slurmctld")
         raise SlurmError(f"Slurm refuses the job{culprit(why, opts)} (sbatch --test-only said: {why})", usage=True)
 
 
