@@ -85,6 +85,11 @@ def test_defaults_and_resolved_config_round_trip(tmp_path):
     (tmp_path / "resolved.yaml").write_text(yaml.safe_dump(res.resolved_dict()))
     again = load_config(tmp_path / "resolved.yaml", cwd=tmp_path)
     assert again.resolved_dict() == res.resolved_dict()
+    # the shipped Slurm config is the default job, only the cluster section differs
+    shipped = load_config(REPO / "configs" / "cnn-digits-slurm.yaml", cwd=tmp_path).resolved_dict()
+    default = load_config(REPO / "configs" / "cnn-digits.yaml", cwd=tmp_path).resolved_dict()
+    assert {k: v for k, v in shipped.items() if k != "cluster"} == {k: v for k, v in default.items() if k != "cluster"}
+    assert shipped["cluster"]["scheduler"] == "slurm" and shipped["cluster"]["np"] == 2
     # np defaults to nodes x tasks per node
     res = load_config(None, ["cluster.scheduler=slurm", "cluster.slurm.nodes=3", "cluster.slurm.ntasks_per_node=4"],
                       cwd=tmp_path)
