@@ -21,7 +21,8 @@ from .config import Resolved
 from .progress import MetricsTail, progress_line
 from .rundir import create_run_dir, planned_run_dir, write_config
 from .slurm import (ACTIVE_STATES, JOB_FILE, OUTPUT_PATTERN, SCRIPT_NAME, SlurmError, check_with_test_only,
-                    default_script, job_state, slurm_options, read_job_file, require, sbatch_argv, submit, write_job_file)
+                    default_script, job_state, read_job_file, require, sbatch_argv, slurm_options, submit,
+                    write_job_file)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 POLL_S = 2.0

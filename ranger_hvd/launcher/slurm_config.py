@@ -57,7 +57,8 @@ def tasks_per_node(opts: SlurmOptions, np_: Optional[int]) -> int:
     return math.ceil(np_ / opts.nodes) if np_ is not None else 1
 
 
-def slurm_problems(opts: SlurmOptions, np_: Optional[int], hosts_set: bool, hostfile_set: bool) -> list[tuple[str, str]]:
+def slurm_problems(opts: SlurmOptions, np_: Optional[int], hosts_set: bool,
+                   hostfile_set: bool) -> list[tuple[str, str]]:
     """Checks the Slurm options against each other and against ``cluster.np``/``hosts``/``hostfile``."""
     out: list[tuple[str, str]] = []
     if hosts_set:
