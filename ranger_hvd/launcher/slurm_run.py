@@ -78,6 +78,9 @@ def run(run_dir: Path, resume: bool, console: Console) -> int:
         return _start_failed(run_dir, console, f"horovodrun not found on PATH ({cmd.env.get('PATH')}) on node "
                                                f"{os.uname().nodename}", slurm, 1)
     runnable = LaunchCommand(argv=[exe, *cmd.argv[1:]], env=cmd.env, missing_env=cmd.missing_env)
+    for name in cmd.missing_env:
+        console.print(f"warning: cluster.env: {name} is not set in the job's environment, so the ranks do not "
+                      f"get it", highlight=False)
     console.print(f"Slurm job {alloc.job_id}: {res.np} ranks on {','.join(slurm['hosts'])}", highlight=False)
     result = Supervisor(res, runnable, run_dir, console=console, live=False, resume=resume).run()
 

@@ -166,6 +166,19 @@ def test_validate_and_sweep_with_slurm(tmp_path):
     assert r.returncode == 2 and "submit each one with ranger-hvd launch" in r.stderr, r.stderr
 
 
+def test_status_of_a_local_run_reads_its_files(tmp_path):
+    run = tmp_path / "runs" / "tiny" / "20260101-120000"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("train: {epochs: 3}\n")
+    (run / "metrics.jsonl").write_text('{"step": 7, "epoch": 2, "loss": 0.25}\n{"event": "end"}\n')
+    (run / "summary.json").write_text('{"status": "failed", "exit_code": 1}\n')
+    r = run_cli(["status", str(run)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    row = next(x for x in r.stdout.splitlines() if "20260101-120000" in x)
+    cells = [c.strip() for c in row.split("\u2502") if c.strip()]
+    assert cells == [str(run), "-", "-", "failed", "epoch 2/3  step 7  loss 0.25"], cells
+
+
 def test_status_names_a_directory_that_is_not_a_run(tmp_path):
     r = run_cli(["status", str(tmp_path)], tmp_path)
     assert r.returncode == 2 and f"{tmp_path} is not a run directory" in r.stderr, r.stderr
