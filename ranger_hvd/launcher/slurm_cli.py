@@ -19,7 +19,8 @@ from ranger_hvd.jobs.metrics import read_metrics
 
 from .config import Resolved
 from .progress import MetricsTail, progress_line
-from .rundir import create_run_dir, planned_run_dir, write_config
+from .ranklogs import tail_lines
+from .rundir import create_run_dir, planned_run_dir, write_config, write_json
 from .slurm import (ACTIVE_STATES, JOB_FILE, OUTPUT_PATTERN, SCRIPT_NAME, SlurmError, check_with_test_only,
                     default_script, job_state, read_job_file, require, sbatch_argv, slurm_options, submit,
                     write_job_file)
@@ -105,11 +106,8 @@ def wait_for_job(run_dir: Path, job_id: str, epochs: int, out: Console, resume: 
                 if fresh:
                     break
                 ended_at = ended_at or time.time()
-                if time.time() - ended_at > SUMMARY_GRACE_S:
-                    out.print(f"[red]Slurm job {job_id} ended ({state or 'unknown state'}) without writing "
-                              f"{summary_path}[/]; see {run_dir / OUTPUT_PATTERN.replace('%j', job_id)}",
-                              highlight=False)
-                    return EXIT_FAILED
+                if not _launcher_ran(run_dir) or time.time() - ended_at > SUMMARY_GRACE_S:
+                    return _ended_without_summary(run_dir, job_id, state, out)
             time.sleep(POLL_S)
     except KeyboardInterrupt:
         out.print(f"stopped waiting; Slurm job {job_id} goes on (scancel {job_id} stops it)", highlight=False)
@@ -120,6 +118,31 @@ def wait_for_job(run_dir: Path, job_id: str, epochs: int, out: Console, resume: 
     out.print(f"[{colour}]{status}[/]: Slurm job {job_id} ({state or 'ended'}); summary: {summary_path}",
               highlight=False)
     return int(summary.get("exit_code", EXIT_FAILED))
+
+
+def _launcher_ran(run_dir: Path) -> bool:
+    """The launcher inside the job replaces command.txt's sbatch line with the horovodrun line it runs."""
+    try:
+        return (run_dir / "command.txt").read_text().startswith("horovodrun")
+    except OSError:
+        return False
+
+
+def _ended_without_summary(run_dir: Path, job_id: str, state: Optional[str], out: Console) -> int:
+    """The job ended before the launcher in it could write summary.json (cancelled while pending, a setup
+    line or module load that failed, a node lost): record that, and show the end of the job's output."""
+    output = run_dir / OUTPUT_PATTERN.replace("%j", job_id)
+    cancelled = (state or "").startswith("CANCELLED")
+    error = (f"Slurm job {job_id} ended ({state or 'state unknown'}) before the launcher in it "
+             f"{'started' if not _launcher_ran(run_dir) else 'wrote summary.json'}; see {output}")
+    write_json(run_dir / "summary.json", {"status": "cancelled" if cancelled else "failed",
+                                          "exit_code": EXIT_FAILED, "error": error, "rank_logs": {},
+                                          "slurm": {"job_id": job_id, "state": state}})
+    out.print(f"[red]{error}[/]", highlight=False)
+    if output.exists():
+        out.print(f"--- last lines of {output} ---", highlight=False)
+        out.out("\n".join(tail_lines(str(output), 20)), highlight=False)
+    return EXIT_FAILED
 
 
 def cmd_status(args) -> int:

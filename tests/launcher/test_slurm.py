@@ -156,3 +156,18 @@ def test_slurm_refusals_exit_2_and_submit_nothing(cluster, tmp_path):
         assert culprit in r.stderr and "nothing was submitted" in r.stderr, (extra, r.stderr)
     assert not out.exists()
     assert cluster.run("squeue", "-h").stdout.strip() == ""
+
+
+def test_job_failing_before_the_launcher_runs_is_recorded(cluster, tmp_path):
+    """A setup line that fails ends the batch script before the launcher starts: --wait says so, exits 1
+    and leaves a summary naming Slurm's state, with the job's output shown."""
+    out = tmp_path / "runs"
+    r = run_cli(["launch", DEFAULT_JOB, *ON_SLURM, "cluster.slurm.setup=['echo setting up; exit 3']",
+                 f"output.dir={out}", "--wait"], tmp_path, timeout=120, env=cluster.env)
+    job_id = job_id_of(r.stdout)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"Slurm job {job_id} ended (FAILED) before the launcher in it started" in r.stdout, r.stdout
+    assert "setting up" in r.stdout, r.stdout     # the end of slurm-JOBID.out
+    run = only_run_dir(out, "cnn-digits")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["slurm"] == {"job_id": job_id, "state": "FAILED"}, summary
