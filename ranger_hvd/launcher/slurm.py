@@ -122,10 +122,10 @@ def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
         raise SlurmError(f"cannot run {argv[0]}: {exc.strerror}") from None
 
 
-# the config keys behind sbatch's refusals
-_REFUSALS = ((re.compile(r"partition", re.I), "cluster.slurm.partition", "partition"),
+# the config keys behind sbatch's refusals, most specific first ("time limit exceeds partition limit")
+_REFUSALS = ((re.compile(r"time limit", re.I), "cluster.slurm.time", "time"),
              (re.compile(r"account", re.I), "cluster.slurm.account", "account"),
-             (re.compile(r"time limit", re.I), "cluster.slurm.time", "time"),
+             (re.compile(r"partition", re.I), "cluster.slurm.partition", "partition"),
              (re.compile(r"node configuration|node count|nodes? (are|is) not available|ntasks", re.I),
               "cluster.slurm.nodes / ntasks_per_node / cpus_per_task", None))
 
@@ -142,7 +142,8 @@ def culprit(message: str, opts: SlurmOptions) -> str:
             if field is None:
                 return (f": {path} ({opts.nodes} node(s) x {opts.ntasks_per_node} task(s)"
                         + (f" x {opts.cpus_per_task} cpu(s)" if opts.cpus_per_task else "") + ")")
-            return f": {path} {getattr(opts, field)!r}"
+            value = getattr(opts, field)
+            return f": {path} {value!r}" if value is not None else f": {path} (not set: the cluster's default)"
     return ""
 
 

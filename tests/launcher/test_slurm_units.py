@@ -226,4 +226,6 @@ def test_signal_meaning_and_refusal_culprits(tmp_path):
     assert culprit("sbatch: error: invalid partition specified: gpu", opts) == ": cluster.slurm.partition 'gpu'"
     assert culprit("allocation failure: Requested node configuration is not available", opts) == \
         ": cluster.slurm.nodes / ntasks_per_node / cpus_per_task (2 node(s) x 2 task(s))"
+    assert culprit("Requested time limit exceeds partition limit", opts) == \
+        ": cluster.slurm.time (not set: the cluster's default)"
     assert culprit("something else", opts) == ""
