@@ -93,7 +93,12 @@ def wait_for_job(run_dir: Path, job_id: str, epochs: int, out: Console, resume: 
     last_state, last_epoch, ended_at = None, None, None
     try:
         while True:
-            state = job_state(job_id)
+            try:
+                state = job_state(job_id)
+            except SlurmError as exc:   # a slow or restarting controller: ask again
+                out.print(f"[yellow]warning:[/] {exc}", highlight=False)
+                time.sleep(POLL_S)
+                continue
             if state != last_state:
                 out.print(f"Slurm job {job_id}: {state or 'no longer known to Slurm'}", highlight=False)
                 last_state = state
@@ -112,6 +117,9 @@ def wait_for_job(run_dir: Path, job_id: str, epochs: int, out: Console, resume: 
     except KeyboardInterrupt:
         out.print(f"stopped waiting; Slurm job {job_id} goes on (scancel {job_id} stops it)", highlight=False)
         return 130
+    steps = [r for r in metrics.poll() if "step" in r]
+    if steps and steps[-1].get("epoch") != last_epoch:
+        out.print(progress_line(steps[-1], epochs), highlight=False)
     summary = json.loads(summary_path.read_text())
     status = summary.get("status")
     colour = "green" if status == "success" else "red"
