@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,9 +20,10 @@ from typing import Optional
 
 from rich.console import Console
 
-from .command import LaunchCommand, default_command
+from .command import default_command
 from .config import ConfigError, load_config
-from .rundir import write_command, write_json
+from .launch import horovodrun_path, run_in_dir
+from .rundir import write_json
 from .slurm import SlurmError, allocation_from_env, job_end_time
 
 EXIT_USAGE = 2
@@ -48,8 +48,6 @@ def ended_by(signal_name: Optional[str], end_time: Optional[float], now: float) 
 
 
 def run(run_dir: Path, resume: bool, console: Console) -> int:
-    from .supervisor import Supervisor
-
     environ = dict(os.environ)
     slurm = {"job_id": environ.get("SLURM_JOB_ID"), "nodelist": environ.get("SLURM_JOB_NODELIST"),
              "partition": environ.get("SLURM_JOB_PARTITION"), "tasks_per_node": environ.get("SLURM_TASKS_PER_NODE")}
@@ -71,18 +69,13 @@ def run(run_dir: Path, resume: bool, console: Console) -> int:
     except SlurmError:
         end_time = None
     res.hosts = alloc.hosts
-    cmd = default_command(res, str(run_dir), resume=resume)
-    write_command(run_dir, cmd)
-    exe = shutil.which(cmd.argv[0], path=cmd.env.get("PATH"))
+    probe = default_command(res, str(run_dir), resume=resume)
+    exe = horovodrun_path(probe)
     if exe is None:
-        return _start_failed(run_dir, console, f"horovodrun not found on PATH ({cmd.env.get('PATH')}) on node "
+        return _start_failed(run_dir, console, f"horovodrun not found on PATH ({probe.env.get('PATH')}) on node "
                                                f"{os.uname().nodename}", slurm, 1)
-    runnable = LaunchCommand(argv=[exe, *cmd.argv[1:]], env=cmd.env, missing_env=cmd.missing_env)
-    for name in cmd.missing_env:
-        console.print(f"warning: cluster.env: {name} is not set in the job's environment, so the ranks do not "
-                      f"get it", highlight=False)
     console.print(f"Slurm job {alloc.job_id}: {res.np} ranks on {','.join(slurm['hosts'])}", highlight=False)
-    result = Supervisor(res, runnable, run_dir, console=console, live=False, resume=resume).run()
+    result = run_in_dir(res, run_dir, exe, console, live=False, resume=resume)
 
     summary = dict(result.summary)
     how = ended_by(summary.get("signal"), end_time, time.time()) if result.status == "interrupted" else None
