@@ -63,7 +63,7 @@ def _warn(res: Resolved) -> None:
 def cmd_validate(args) -> int:
     res = _load(args)
     _warn(res)
-    hosts = ",".join(f"{h}:{s}" for h, s in res.hosts)
+    hosts = ",".join(f"{h}:{s}" for h, s in res.hosts) or "a Slurm allocation"
     print(f"ok: {args.config} is valid (job {res.job_name}: {res.config.job.backend}/{res.config.job.model} on "
           f"{res.config.data.dataset}, {res.np} ranks on {hosts}, {res.config.cluster.controller}, "
           f"compression {res.config.compression.type})")
@@ -117,6 +117,11 @@ def cmd_launch(args) -> int:
     else:
         res = _load(args)
     _warn(res)
+    if res.config.cluster.scheduler == "slurm":
+        from .slurm_cli import launch_slurm
+
+        return launch_slurm(res, dry_run=args.dry_run, wait=args.wait, resume_dir=resume_dir,
+                            out=_out_console(), err=_err_console())
     if args.dry_run:
         if resume_dir is not None:
             _dry_run_resume(res, resume_dir)
@@ -151,6 +156,9 @@ def cmd_sweep(args) -> int:
                 seen.add(w)
                 _err_console().print(f"[yellow]warning:[/] {w}" + ("" if w in everywhere else f" [{' '.join(combo)}]"),
                                      highlight=False)
+    if any(res.config.cluster.scheduler == "slurm" for res in resolved):
+        return _usage_error("sweep runs its combinations here, one after the other: with cluster.scheduler "
+                            "slurm submit each one with ranger-hvd launch instead")
     if args.dry_run:
         for combo, res in zip(combos, resolved):
             print(f"# {' '.join(combo)}")
@@ -170,6 +178,12 @@ def cmd_report(args) -> int:
         _err_console().print(f"[red]ranger-hvd report:[/] {exc}", highlight=False)
         return EXIT_USAGE
     return EXIT_OK
+
+
+def _cmd_status(args) -> int:
+    from .slurm_cli import cmd_status
+
+    return cmd_status(args)
 
 
 def cmd_doctor(args) -> int:
@@ -210,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "start nothing, create nothing")
     sp.add_argument("--stream", action="store_true", help="show the ranks' output instead of the progress table")
     sp.add_argument("--no-live", action="store_true", help="plain progress lines instead of a live table")
+    sp.add_argument("--wait", action="store_true", help="cluster.scheduler slurm: follow the submitted job until "
+                                                        "it ends and exit with its status")
     sp.set_defaults(func=cmd_launch, launch_parser=sp)
 
     sp = sub.add_parser("validate", help="check a config (and overrides) only")
@@ -233,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", metavar="DIR", help="where to write the PNGs and tables (default: RUN_DIR/report "
                                                  "for one run, output.dir/_reports/<timestamp> for several)")
     sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("status", help="state of runs: the Slurm job (for cluster.scheduler slurm), status, progress")
+    sp.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
+    sp.set_defaults(func=_cmd_status)
 
     sp = sub.add_parser("doctor", help="check the environment (Horovod build, frameworks, MPI)", add_help=False)
     sp.add_argument("doctor_args", nargs=argparse.REMAINDER)

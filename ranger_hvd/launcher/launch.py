@@ -41,8 +41,6 @@ def launch_one(res: Resolved, console: Console, *, stream: bool = False, live: O
                resume_dir: Optional[Path] = None) -> Optional[RunResult]:
     """Creates the run directory (or reuses ``resume_dir``, passing ``--resume`` to the job) and runs the
     job; returns its RunResult, or None when horovodrun is not installed (nothing is created then)."""
-    from .supervisor import Supervisor
-
     resume = resume_dir is not None
     probe = default_command(res, str(resume_dir.resolve() if resume else planned_abs_run_dir(res)), resume=resume)
     exe = horovodrun_path(probe)
@@ -51,8 +49,17 @@ def launch_one(res: Resolved, console: Console, *, stream: bool = False, live: O
                       f"build the environment with launch/setup.sh (see ranger-hvd doctor)", highlight=False)
         return None
     run_dir = resume_dir.resolve() if resume else create_run_dir(res).resolve()
-    cmd = default_command(res, str(run_dir), resume=resume)
     write_config(run_dir, res)
+    return run_in_dir(res, run_dir, exe, console, stream=stream, live=live, resume=resume)
+
+
+def run_in_dir(res: Resolved, run_dir: Path, exe: str, console: Console, *, stream: bool = False,
+               live: Optional[bool] = None, resume: bool = False) -> RunResult:
+    """Writes command.txt into ``run_dir`` (which holds config.yaml) and runs the job there with the
+    horovodrun at ``exe``: a local launch, and the launcher inside a Slurm allocation."""
+    from .supervisor import Supervisor
+
+    cmd = default_command(res, str(run_dir), resume=resume)
     write_command(run_dir, cmd)
     for name in cmd.missing_env:
         console.print(f"[yellow]warning:[/] cluster.env: {name} is not set here, so the ranks do not get it",

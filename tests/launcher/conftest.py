@@ -10,6 +10,10 @@ VENV_BIN = Path(sys.executable).parent
 CLI = [sys.executable, "-m", "ranger_hvd.launcher.cli"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slurm: starts a real single-node Slurm cluster (needs root)")
+
+
 def horovod_ready() -> bool:
     return (VENV_BIN / "horovodrun").exists() and (REPO / ".venv" / ".setup-stamp").exists()
 

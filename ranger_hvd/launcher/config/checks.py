@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from ..slurm_config import SlurmOptions, slurm_problems, tasks_per_node
 from .hosts import parse_host_list, parse_hostfile, split_list
 from .problems import Problem
 from .schema import Config
@@ -61,6 +62,11 @@ def check_cluster(cfg: Config, where: Where) -> list[Problem]:
     if cl.mpi_args is not None and cl.controller != "mpi":
         problems.append(Problem("cluster.mpi_args", "only allowed with cluster.controller 'mpi'",
                                 where("cluster.mpi_args")))
+    if cl.slurm is not None and cl.scheduler != "slurm":
+        problems.append(Problem("cluster.slurm", "only allowed with cluster.scheduler 'slurm'", where("cluster.slurm")))
+    if cl.scheduler == "slurm":
+        for p, msg in slurm_problems(cl.slurm or SlurmOptions(), cl.np, cl.hosts is not None, cl.hostfile is not None):
+            problems.append(Problem(p, msg, where(p)))
     return problems
 
 
@@ -114,8 +120,8 @@ def resolve_hosts(cfg: Config, where: Where, cwd: Path) -> tuple[list[tuple[str,
     localhost:np; also checks that the ssh identity file exists."""
     cl, problems = cfg.cluster, []
     hosts: list[tuple[str, int]] = []
-    if cl.hosts is not None and cl.hostfile is not None:
-        pass   # reported by check_cluster
+    if cl.scheduler == "slurm" or (cl.hosts is not None and cl.hostfile is not None):
+        pass   # Slurm: the hosts come from the allocation once the job runs; both given: check_cluster says so
     elif cl.hostfile is not None:
         hosts = parse_hostfile(config_path(cwd, cl.hostfile), "cluster.hostfile", where("cluster.hostfile"), problems)
     elif cl.hosts is not None:
@@ -123,6 +129,8 @@ def resolve_hosts(cfg: Config, where: Where, cwd: Path) -> tuple[list[tuple[str,
     else:
         hosts = [("localhost", cl.np or 2)]
     total = sum(s for _, s in hosts)
+    if cl.scheduler == "slurm":
+        total = (cl.slurm or SlurmOptions()).nodes * tasks_per_node(cl.slurm or SlurmOptions(), cl.np)
     np_ = cl.np if cl.np is not None else total
     if hosts and cl.np is not None and cl.np > total:
         problems.append(Problem("cluster.np", f"{cl.np} ranks do not fit in the {total} slots of the hosts "

@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ValidationError
 
+from ..slurm_config import SlurmOptions, tasks_per_node
 from .checks import SECTION_CHECKS, config_path, resolve_hosts
 from .hosts import split_list
 from .overrides import apply_override, parse_overrides
@@ -54,7 +55,11 @@ class Resolved:
         set, inactive options left out."""
         d = plain_dict(self.config)
         d["cluster"]["np"] = self.np
-        if d["cluster"]["hostfile"] is None:
+        if self.config.cluster.scheduler == "slurm":
+            slurm = self.config.cluster.slurm or SlurmOptions()
+            d["cluster"]["slurm"] = slurm.model_dump(mode="json")
+            d["cluster"]["slurm"]["ntasks_per_node"] = tasks_per_node(slurm, self.np)
+        elif d["cluster"]["hostfile"] is None:
             d["cluster"]["hosts"] = [f"{h}:{s}" for h, s in self.hosts]
         d["job"]["name"] = self.job_name
         if isinstance(d["cluster"]["network_interfaces"], str):
@@ -158,7 +163,8 @@ def load_config(path: Union[str, Path, None], overrides: list[str] = (), *, cwd:
     if cfg.cluster.np is None:
         sources["cluster.np"] = "default (total slots)"
     if cfg.cluster.hosts is None and cfg.cluster.hostfile is None:
-        sources["cluster.hosts"] = "default (localhost:np)"
+        sources["cluster.hosts"] = ("from the Slurm allocation" if cfg.cluster.scheduler == "slurm"
+                                    else "default (localhost:np)")
     if cfg.job.name is None:
         sources["job.name"] = "default (MODEL-DATASET)"
     for opt in inactive:

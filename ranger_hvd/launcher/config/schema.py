@@ -8,12 +8,14 @@ Checks that involve several keys or the file system live in ``checks.py``.
 
 from __future__ import annotations
 
+import typing
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ranger_hvd.core.options import RangerOptions
 
+from ..slurm_config import SlurmOptions
 from .groups import Group
 
 DEFAULT_ENTRY = "ranger_hvd.jobs"
@@ -122,6 +124,9 @@ class ClusterSection(Section):
     start_timeout: Optional[int] = Field(None, ge=1, description="seconds horovodrun waits for the ranks to start")
     env: list[str] = Field(default_factory=list, description="NAME (forwarded) or NAME=VALUE (set) entries")
     mpi_args: Optional[str] = Field(None, min_length=1, description="extra mpirun arguments (controller: mpi)")
+    scheduler: Literal["none", "slurm"] = Field("none", description="slurm: submit with sbatch; hosts come "
+                                                "from the allocation")
+    slurm: Optional[SlurmOptions] = Field(None, description="Slurm job options (scheduler: slurm only)")
 
 
 class HorovodSection(Section):
@@ -190,8 +195,11 @@ def section_model(path: tuple) -> Optional[type[BaseModel]]:
                 return None
             model = group.members[parts.pop(0)]
             continue
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            model = field.annotation
+        # Optional[Model]: the model inside
+        ann = next((a for a in typing.get_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)),
+                   field.annotation)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
         else:
             return None
     return model
