@@ -58,10 +58,13 @@ def run_one(name: str, mode: str, epochs: int, out_root: Path) -> dict:
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     summaries = sorted(out_dir.glob("*/*/summary.json"))
-    if proc.returncode != 0 or not summaries:
-        raise SystemExit(f"{name} {mode} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                         f"{proc.stderr[-3000:]}")
-    summary = json.loads(summaries[-1].read_text())
+    summary = json.loads(summaries[-1].read_text()) if summaries else {}
+    if proc.returncode != 0 or summary.get("status") != "success":
+        # A run that fails (e.g. diverges to NaN) is a result too: the table says how it ended.
+        reason = summary.get("error") or f"exit {proc.returncode}"
+        print(f"{name} {mode} failed: {reason}", file=sys.stderr)
+        return {"failed": str(reason).splitlines()[0][:80], "metrics": {}, "bytes_per_step": None,
+                "seconds": time.monotonic() - started}
     return {"metrics": summary["final_metrics"], "bytes_per_step": summary["bytes_sent_per_step_mean"],
             "seconds": time.monotonic() - started, "run_dir": str(summaries[-1].parent)}
 
@@ -82,6 +85,9 @@ def table(results: dict, names: list[str], modes: list[str], scales: list[int]) 
                 d = results[name]["runs"].get(("dense", s))
                 if r is None:
                     row += " - | - |"
+                    continue
+                if "failed" in r:
+                    row += f" failed: {r['failed']} | |"
                     continue
                 v = r["metrics"].get(metric)
                 dv = d["metrics"].get(metric) if d else None

@@ -55,7 +55,7 @@ def test_resume_usage_errors(tmp_path):
     assert r.returncode == 0 and "--resume" in r.stdout, r.stderr     # TensorFlow jobs resume too
     r = run_cli(["launch"], tmp_path)
     assert r.returncode == 2 and "required: CONFIG" in r.stderr, r.stderr
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 10   # unchanged
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 5   # unchanged
 
 
 def test_resume_dry_run_shows_the_command_and_changes_nothing(tmp_path):
