@@ -13,6 +13,7 @@ Rank 0 writes every rank's figures to ``--json``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import socket
 import time
@@ -112,6 +113,7 @@ def run_torch(args) -> tuple[dict, object]:
         out[mode] = _figures(times, params, kind, comp, before, args.steps,
                              lambda p: p.numel(), lambda p: p.element_size())
         del opt, model
+        gc.collect()
     return out, hvd
 
 
@@ -166,12 +168,16 @@ def run_tf(args) -> tuple[dict, object]:
         out[mode] = _figures(times, variables, kind, comp, before, args.steps,
                              lambda v: int(np.prod(v.shape)), lambda v: v.dtype.size)
         del model, opt, train
+        tf.keras.backend.clear_session()  # drop the previous mode's model and traces
+        gc.collect()
     return out, hvd
 
 
 # ------------------------------------------------------------------------------------------ common
 def _figures(times, params, kind, comp, before, steps, numel, itemsize) -> dict:
     fig = {"times_s": times}
+    print(f"[bench] {kind}{'' if comp is None else ' d=' + str(comp.options.density)}: median "
+          f"{1e3 * sorted(times)[len(times) // 2]:.0f} ms over {len(times)} steps", flush=True)
     if kind == "compute":
         fig["bytes_per_step"] = 0
     elif kind in ("dense", "fp16"):
