@@ -60,6 +60,8 @@ def parse_args(argv):
                    "(default benchmarks/; quick: a new temp dir)")
     p.add_argument("--prefix", default="rbench", help="namespace name prefix (default rbench)")
     p.add_argument("--net", default="10.78.0", help="first three parts of the hosts' addresses (default 10.78.0)")
+    p.add_argument("--append", action="store_true", help="keep the other cells of an existing "
+                   "network-results.json in --out (same hosts, link and model: replaced)")
     p.add_argument("--launch-timeout", type=float, default=1200, help="seconds per horovodrun launch")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -157,6 +159,8 @@ def main(argv=None) -> int:
     start = time.time()
     failed = interrupted = False
     results_json = args.out / "network-results.json"
+    previous = json.loads(results_json.read_text()) if args.append and results_json.exists() else None
+    partial_json = args.out / "network-results.partial.json"  # what is measured so far
     try:
         with tempfile.TemporaryDirectory(prefix="ranger-hvd-bench-state-") as state:
             for count in args.hosts:
@@ -166,7 +170,7 @@ def main(argv=None) -> int:
                         hosts.set_link(link)
                         for model in args.models:
                             console.print(f"[bold]{count} hosts, link {link}, {model}[/bold] ...")
-                            run = {"hosts": count, "link": link, "model": model}
+                            run = {"hosts": count, "link": link, "model": model, "date": meta["date"]}
                             t0 = time.time()
                             try:
                                 raw = launch(hosts, model, args, Path(state) / "worker.json")
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
                                 hosts.set_link(link)
                             run["wall_s"] = time.time() - t0
                             runs.append(run)
-                            results_json.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+                            partial_json.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     except HostsError as exc:
         console.print(f"[red]cannot create the test hosts:[/red] {exc}")
         return 2
@@ -193,9 +197,24 @@ def main(argv=None) -> int:
         meta["command"] += "  (interrupted before the end)"
     if not runs:
         return 130 if interrupted else 1
+    if args.append and previous:
+        keys = {(r["hosts"], r["link"], r["model"]) for r in runs}
+        kept = [r for r in previous["runs"] if (r["hosts"], r["link"], r["model"]) not in keys]
+        if kept:
+            dates = {r["date"] for r in kept}
+            meta["earlier"] = [e for e in previous["meta"].get("earlier", []) if e["date"] in dates]
+            if previous["meta"]["date"] in dates:
+                meta["earlier"].append({k: previous["meta"][k] for k in
+                                        ("date", "command", "machine", "wall_s", "steps", "warmup")})
+            meta["models"] = {**{r["model"]: previous["meta"]["models"][r["model"]] for r in kept},
+                              **meta["models"]}
+        runs = kept + runs
+    order = {link: i for i, link in enumerate(FULL["links"])}
+    runs.sort(key=lambda r: (r["hosts"], order.get(r["link"], len(order)), r["link"], r["model"]))
     results_json.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     report.plot(runs, args.out / "network-results.png", meta)
     (args.out / "network-results.md").write_text(report.markdown(runs, meta, "network-results.png"))
+    partial_json.unlink(missing_ok=True)
     report.print_table(runs)
     console.print(f"results: {args.out / 'network-results.md'}")
     return 130 if interrupted else (1 if failed else 0)

@@ -141,6 +141,8 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
         "",
         f"Run on {meta['date']} by `{meta['command']}` in {meta['wall_s']:.0f} s.",
         f"Machine: {meta['machine']}.",
+        *[f"Cells from an earlier run kept (`--append`): {e['date']}, `{e['command']}`, {e['steps']} timed "
+          f"steps after {e['warmup']} warm-up; machine: {e['machine']}." for e in meta.get("earlier", [])],
         "",
         "Each host is a network namespace on one machine (its own address and sshd); every link is the "
         "host's veth into a bridge, limited with `tc qdisc ... tbf rate RATE burst 1mb latency 50ms` on "
