@@ -111,7 +111,21 @@ def machine() -> tuple[str, int]:
     return f"{cpu}; {os.cpu_count()} logical CPUs; load average {load} at start; {versions}", os.cpu_count()
 
 
-def launch(hosts: TestHosts, model: str, args, json_path: Path) -> dict:
+def _show_progress(log, shown: int, console) -> int:
+    """Prints rank 0's new "[bench]" lines of the launch's output; returns the lines seen so far."""
+    log.flush()
+    log.seek(0)
+    text = log.read()
+    lines = text.splitlines()
+    if text and not text.endswith("\n"):
+        lines.pop()  # a line still being written
+    for line in lines[shown:]:
+        if line.startswith("[0]") and "[bench]" in line:
+            console.print("   " + line.split("[bench]", 1)[1].strip(), highlight=False)
+    return len(lines)
+
+
+def launch(hosts: TestHosts, model: str, args, json_path: Path, console) -> dict:
     """One horovodrun across the hosts: compute-only and every mode for one model."""
     venv_bin = Path(sys.executable).parent
     env = {"PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -124,14 +138,24 @@ def launch(hosts: TestHosts, model: str, args, json_path: Path) -> dict:
             "--modes", ",".join(args.modes), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--json", str(json_path)]
     json_path.unlink(missing_ok=True)
-    proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=args.launch_timeout)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)  # horovodrun and its ssh; ranks go with the hosts
-        proc.wait()
-        raise
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            deadline, shown = time.monotonic() + args.launch_timeout, 0
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"horovodrun did not finish in {args.launch_timeout:.0f} s "
+                                       "(--launch-timeout)")
+                time.sleep(1)
+                shown = _show_progress(log, shown, console)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)  # horovodrun and its ssh; ranks go with the hosts
+            proc.wait()
+            raise
+        _show_progress(log, shown, console)
+        log.seek(0)
+        output = log.read()
     if proc.returncode != 0 or not json_path.exists():
         raise RuntimeError(f"horovodrun exited {proc.returncode}: {output[-3000:]}")
     raw = json.loads(json_path.read_text())
@@ -173,7 +197,7 @@ def main(argv=None) -> int:
                             run = {"hosts": count, "link": link, "model": model, "date": meta["date"]}
                             t0 = time.time()
                             try:
-                                raw = launch(hosts, model, args, Path(state) / "worker.json")
+                                raw = launch(hosts, model, args, Path(state) / "worker.json", console)
                                 run["figures"] = report.summarize(raw)
                                 run["raw"] = raw
                             except RuntimeError as exc:

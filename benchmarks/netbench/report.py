@@ -199,6 +199,10 @@ def plot(runs: list[dict], path, meta: dict) -> None:
         for j, link in enumerate(links):
             ax = axes[i][j]
             cell = [r for r in runs if r["hosts"] == h and r["link"] == link and r.get("figures")]
+            if not cell:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"{h} hosts, link {link}: not measured", ha="center", transform=ax.transAxes)
+                continue
             models = [r["model"] for r in cell]
             modes = list(dict.fromkeys(m for r in cell for m in r["figures"]))
             width = 0.8 / max(1, len(modes))
