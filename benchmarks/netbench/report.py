@@ -164,6 +164,11 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
         "Bytes are what one rank hands to collectives per step (ranger: the compressor's `stats()`; "
         "dense and fp16: numel x itemsize).",
         "",
+        "Within a launch the modes run one after another (compute only first), so when other work "
+        "shares the CPUs its load can change between them: a negative *exchange* means compute-only "
+        "ran under more load than the mode. Compare modes with their spread, and rerun a cell "
+        "(`--append`) when the load was uneven.",
+        "",
         table(HEADER, rows(runs)),
         "",
         f"![step times]({plot_name})",
