@@ -1,0 +1,248 @@
+"""End-to-end benchmark: step time of real models across test hosts with limited links.
+
+Creates N test hosts (network namespaces with sshd, ``launch/netns-hosts.sh``), limits every link
+with ``tc tbf``, runs real ``horovodrun --gloo`` across them (one rank per host, one thread per rank)
+and measures, per step, compute-only time, step time (median, 10th-90th percentile), exchange
+overhead and bytes per rank, for dense fp32, Horovod fp16 and ranger at each density. The hosts are
+removed afterwards, also after a failure, Ctrl-C or SIGTERM. Needs root.
+
+    python benchmarks/bench_network.py            # full grid -> benchmarks/network-results.{md,json,png}
+    python benchmarks/bench_network.py --quick    # 1 small model, 2 hosts, 1 Gbit/s, few steps (~1 min)
+    python benchmarks/bench_network.py --hosts 2 --links 1gbit none --models resnet50
+
+Exit status: 0 when every launch produced figures, 1 when some failed (their error is in the
+results), 2 for bad arguments or when test hosts cannot be created here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from netbench import report  # noqa: E402
+from netbench.hosts import HostsError, TestHosts, interrupt_on_sigterm  # noqa: E402
+from netbench.models import SPECS  # noqa: E402
+from netbench.worker import parse_mode  # noqa: E402
+
+FULL = {"hosts": [2, 3], "links": ["1gbit", "10gbit", "none"],
+        "models": ["resnet50", "lstm-lm", "keras-resnet50"],
+        "modes": ["dense", "fp16", "ranger-0.01", "ranger-0.001"], "steps": 20, "warmup": 3}
+QUICK = {"hosts": [2], "links": ["1gbit"], "models": ["lstm-small"],
+         "modes": ["dense", "fp16", "ranger-0.01", "ranger-0.001"], "steps": 5, "warmup": 2}
+LINK_WORDS = {"none": "none", "1gbit": "1 Gbit/s", "10gbit": "10 Gbit/s"}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--quick", action="store_true", help="the small grid a test runs (default output in a temp dir)")
+    p.add_argument("--hosts", type=int, nargs="+", help=f"host counts (default {FULL['hosts']})")
+    p.add_argument("--links", nargs="+", help=f"tc rates or none (default {FULL['links']})")
+    p.add_argument("--models", nargs="+", help=f"of {sorted(SPECS)} (default {FULL['models']})")
+    p.add_argument("--modes", nargs="+", help=f"dense, fp16, ranger-D (default {FULL['modes']})")
+    p.add_argument("--steps", type=int, help="timed steps per mode (default 20; quick 5)")
+    p.add_argument("--warmup", type=int, help="warm-up steps per mode (default 3; quick 2)")
+    p.add_argument("--out", type=Path, help="directory of network-results.{md,json,png} "
+                   "(default benchmarks/; quick: a new temp dir)")
+    p.add_argument("--prefix", default="rbench", help="namespace name prefix (default rbench)")
+    p.add_argument("--net", default="10.78.0", help="first three parts of the hosts' addresses (default 10.78.0)")
+    p.add_argument("--append", action="store_true", help="keep the other cells of an existing "
+                   "network-results.json in --out (same hosts, link and model: replaced)")
+    p.add_argument("--launch-timeout", type=float, default=1200, help="seconds per horovodrun launch")
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    for key in ("hosts", "links", "models", "modes", "steps", "warmup"):
+        if getattr(args, key) is None:
+            setattr(args, key, base[key])
+    errors = []
+    errors += [f"--hosts {h}: give 2 to 9" for h in args.hosts if not 2 <= h <= 9]
+    errors += [f"--models {m}: not one of {sorted(SPECS)}" for m in args.models if m not in SPECS]
+    for mode in args.modes:
+        try:
+            kind, density = parse_mode(mode)
+            if kind == "compute" or (density is not None and not 0 < density <= 1):
+                raise ValueError
+        except ValueError:
+            errors.append(f"--modes {mode}: give dense, fp16 or ranger-D with 0 < D <= 1")
+    errors += [f"--links {x}: give a tc rate such as 1gbit or 500mbit, or none" for x in args.links
+               if x != "none" and not (x[:1].isdigit() and x.rstrip("0123456789.").endswith("bit"))]
+    if args.steps < 1 or args.warmup < 1:
+        errors.append("--steps and --warmup must be at least 1")
+    if errors:
+        p.error("; ".join(errors))
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="ranger-hvd-bench-")) if args.quick else HERE
+    return args
+
+
+def machine() -> tuple[str, int]:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    import torch
+
+    versions = f"Python {platform.python_version()}, PyTorch {torch.__version__}"
+    try:
+        from importlib.metadata import version
+
+        versions += f", TensorFlow {version('tensorflow')}, Horovod {version('horovod')}"
+    except Exception:
+        pass
+    return f"{cpu}; {os.cpu_count()} logical CPUs; load average {load} at start; {versions}", os.cpu_count()
+
+
+def _show_progress(log, shown: int, console) -> int:
+    """Prints rank 0's new "[bench]" lines of the launch's output; returns the lines seen so far."""
+    log.flush()
+    log.seek(0)
+    text = log.read()
+    lines = text.splitlines()
+    if text and not text.endswith("\n"):
+        lines.pop()  # a line still being written
+    for line in lines[shown:]:
+        if line.startswith("[0]") and "[bench]" in line:
+            console.print("   " + line.split("[bench]", 1)[1].strip(), highlight=False)
+    return len(lines)
+
+
+def launch(hosts: TestHosts, model: str, args, json_path: Path, console) -> dict:
+    """One horovodrun across the hosts: compute-only and every mode for one model."""
+    venv_bin = Path(sys.executable).parent
+    env = {"PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "HOME": os.environ.get("HOME", "/root"), "PYTHONPATH": f"{REPO}:{HERE}",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "TF_USE_LEGACY_KERAS": "1", "HOROVOD_STALL_CHECK_TIME_SECONDS": "120",
+           "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "600"}
+    argv = [*hosts.run_prefix(), str(venv_bin / "horovodrun"), *hosts.horovodrun_args(),
+            "--start-timeout", "120", sys.executable, "-m", "netbench.worker", "--model", model,
+            "--modes", ",".join(args.modes), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--json", str(json_path)]
+    json_path.unlink(missing_ok=True)
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            deadline, shown = time.monotonic() + args.launch_timeout, 0
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"horovodrun did not finish in {args.launch_timeout:.0f} s "
+                                       "(--launch-timeout)")
+                time.sleep(1)
+                shown = _show_progress(log, shown, console)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)  # horovodrun and its ssh; ranks go with the hosts
+            proc.wait()
+            raise
+        _show_progress(log, shown, console)
+        log.seek(0)
+        output = log.read()
+    if proc.returncode != 0 or not json_path.exists():
+        raise RuntimeError(f"horovodrun exited {proc.returncode}: {output[-3000:]}")
+    raw = json.loads(json_path.read_text())
+    expected = hosts.addresses
+    if sorted(raw["addresses"]) != sorted(expected):
+        raise RuntimeError(f"ranks ran at {raw['addresses']}, expected one on each of {expected}")
+    return raw
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    interrupt_on_sigterm()
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    description, cpus = machine()
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python benchmarks/bench_network.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "machine": description, "cpus": cpus, "steps": args.steps, "warmup": args.warmup,
+            "models": {m: f"{SPECS[m].framework}, {SPECS[m].description}; batch: {SPECS[m].input}"
+                       + (f"; {SPECS[m].tensors} tensors" if SPECS[m].tensors else "")
+                       + f", {SPECS[m].params:,} parameters" for m in args.models}}
+    runs: list[dict] = []
+    start = time.time()
+    failed = interrupted = False
+    results_json = args.out / "network-results.json"
+    previous = json.loads(results_json.read_text()) if args.append and results_json.exists() else None
+    partial_json = args.out / "network-results.partial.json"  # what is measured so far
+    try:
+        with tempfile.TemporaryDirectory(prefix="ranger-hvd-bench-state-") as state:
+            for count in args.hosts:
+                hosts = TestHosts(count, Path(state) / f"h{count}", args.prefix, args.net)
+                with hosts:
+                    for link in args.links:
+                        hosts.set_link(link)
+                        for model in args.models:
+                            console.print(f"[bold]{count} hosts, link {link}, {model}[/bold] ...")
+                            run = {"hosts": count, "link": link, "model": model, "date": meta["date"]}
+                            t0 = time.time()
+                            try:
+                                raw = launch(hosts, model, args, Path(state) / "worker.json", console)
+                                run["figures"] = report.summarize(raw)
+                                run["raw"] = raw
+                            except RuntimeError as exc:
+                                failed = True
+                                run["error"] = str(exc)
+                                console.print(f"[red]failed:[/red] {str(exc)[-1500:]}")
+                                hosts.down()      # stray ranks die with their namespaces
+                                hosts.__enter__()
+                                hosts.set_link(link)
+                            run["wall_s"] = time.time() - t0
+                            runs.append(run)
+                            partial_json.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    except HostsError as exc:
+        console.print(f"[red]cannot create the test hosts:[/red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print("[yellow]interrupted: test hosts removed; writing what was measured[/yellow]")
+    meta["wall_s"] = time.time() - start
+    if interrupted:
+        meta["command"] += "  (interrupted before the end)"
+    if not runs:
+        return 130 if interrupted else 1
+    if args.append and previous:
+        keys = {(r["hosts"], r["link"], r["model"]) for r in runs}
+        kept = [r for r in previous["runs"] if (r["hosts"], r["link"], r["model"]) not in keys]
+        if kept:
+            dates = {r["date"] for r in kept}
+            meta["earlier"] = [e for e in previous["meta"].get("earlier", []) if e["date"] in dates]
+            if previous["meta"]["date"] in dates:
+                meta["earlier"].append({k: previous["meta"][k] for k in
+                                        ("date", "command", "machine", "wall_s", "steps", "warmup")})
+            meta["models"] = {**{r["model"]: previous["meta"]["models"][r["model"]] for r in kept},
+                              **meta["models"]}
+        runs = kept + runs
+    order = {link: i for i, link in enumerate(FULL["links"])}
+    runs.sort(key=lambda r: (r["hosts"], order.get(r["link"], len(order)), r["link"], r["model"]))
+    results_json.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    report.plot(runs, args.out / "network-results.png", meta)
+    (args.out / "network-results.md").write_text(report.markdown(runs, meta, "network-results.png"))
+    partial_json.unlink(missing_ok=True)
+    report.print_table(runs)
+    console.print(f"results: {args.out / 'network-results.md'}")
+    return 130 if interrupted else (1 if failed else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

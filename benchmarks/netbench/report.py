@@ -1,0 +1,246 @@
+"""Figures from the ranks' raw timings; the results file, the plot and the printed table.
+
+Step time of one step = the slowest rank's time for it (steps are synchronous, and compute-only is
+limited by the slowest rank as well); a mode's figure is the median over the timed steps, with the
+10th and 90th percentiles as its spread. Exchange overhead = median step - median compute-only step.
+Every ratio compares figures of the same launch (same hosts, link and model, one after another).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+MODE_LABELS = {"compute": "compute only", "dense": "dense fp32", "fp16": "Horovod fp16"}
+
+
+def mode_label(mode: str) -> str:
+    if mode.startswith("ranger-"):
+        return f"ranger d={mode.split('-', 1)[1]}"
+    return MODE_LABELS.get(mode, mode)
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(raw: dict) -> dict:
+    """One launch's raw worker output -> {mode: figures in ms and bytes}, with ratios."""
+    ranks = raw["ranks"]
+    modes = list(ranks[0])
+    out = {}
+    for mode in modes:
+        per_step = [max(r[mode]["times_s"][i] for r in ranks) * 1e3 for i in range(len(ranks[0][mode]["times_s"]))]
+        s = sorted(per_step)
+        fig = {"median_ms": statistics.median(s), "p10_ms": _percentile(s, 0.1), "p90_ms": _percentile(s, 0.9),
+               "steps": len(s), "bytes_per_step": ranks[0][mode]["bytes_per_step"]}
+        if "profile" in ranks[0][mode]:
+            fig["profile"] = ranks[0][mode]["profile"]
+        out[mode] = fig
+    compute = out["compute"]["median_ms"]
+    dense_bytes = out.get("dense", {}).get("bytes_per_step")
+    for mode, fig in out.items():
+        fig["overhead_ms"] = fig["median_ms"] - compute
+        fig["x_compute"] = fig["median_ms"] / compute
+        for base in ("dense", "fp16"):
+            if base in out and mode != "compute":
+                fig[f"x_{base}"] = fig["median_ms"] / out[base]["median_ms"]
+        if dense_bytes and fig["bytes_per_step"]:
+            fig["bytes_reduction"] = dense_bytes / fig["bytes_per_step"]
+    return out
+
+
+def _fmt_bytes(b: float) -> str:
+    return "0" if not b else (f"{b / 1e6:.2f} MB" if b >= 1e5 else f"{b / 1e3:.1f} kB")
+
+
+def _ratio(fig: dict, key: str) -> str:
+    return f"{fig[key]:.2f}x" if key in fig else ""
+
+
+HEADER = ["hosts", "link", "model", "mode", "step ms (median)", "p10-p90 ms", "compute ms", "exchange ms",
+          "step / compute", "step / dense", "step / fp16", "bytes/rank/step", "dense bytes / bytes"]
+
+
+def rows(runs: list[dict]) -> list[list[str]]:
+    out = []
+    for run in runs:
+        if run.get("error"):
+            out.append([str(run["hosts"]), run["link"], run["model"], "FAILED", run["error"][:60]]
+                       + [""] * (len(HEADER) - 5))
+            continue
+        compute = run["figures"]["compute"]["median_ms"]
+        for mode, fig in run["figures"].items():
+            out.append([str(run["hosts"]), run["link"], run["model"], mode_label(mode),
+                        f"{fig['median_ms']:.0f}", f"{fig['p10_ms']:.0f}-{fig['p90_ms']:.0f}", f"{compute:.0f}",
+                        "" if mode == "compute" else f"{fig['overhead_ms']:.0f}",
+                        _ratio(fig, "x_compute") if mode != "compute" else "",
+                        _ratio(fig, "x_dense"), _ratio(fig, "x_fp16"), _fmt_bytes(fig["bytes_per_step"]),
+                        "" if mode == "compute" else (f"{fig['bytes_reduction']:.1f}x" if "bytes_reduction" in fig else "")])
+    return out
+
+
+def profile_rows(runs: list[dict]) -> list[list[str]]:
+    out = []
+    for run in runs:
+        for mode, fig in (run.get("figures") or {}).items():
+            p = fig.get("profile")
+            if not p:
+                continue
+            out.append([str(run["hosts"]), run["link"], run["model"], mode_label(mode),
+                        f"{p['allgathers_per_step']:.0f}", f"{p['dense_allreduces_per_step']:.0f}",
+                        f"{p['elements_selected_per_step']:.0f}",
+                        f"{p['compress_ms_per_step']:.1f}" if "compress_ms_per_step" in p else "n/a (traced)",
+                        f"{p['decompress_ms_per_step']:.1f}" if "decompress_ms_per_step" in p else "n/a (traced)",
+                        f"{fig['overhead_ms']:.0f}"])
+    return out
+
+
+PROFILE_HEADER = ["hosts", "link", "model", "mode", "allgathers/step", "dense allreduces/step",
+                  "elements sent/step", "compress ms/step", "decompress ms/step", "exchange ms"]
+
+
+TARGET_MODELS = ("resnet50", "lstm-lm", "keras-resnet50")  # the benchmark models the targets name
+LARGE_TENSOR_MODEL = "lstm-lm"
+
+
+def targets(runs: list[dict]) -> list[str]:
+    """The issue's targets, each met or missed with its figures (only where the run measured them)."""
+    lines = []
+    for run in runs:
+        f = run.get("figures")
+        if not f or run["hosts"] != 2 or run["model"] not in TARGET_MODELS:
+            continue
+        where = f"{run['model']}, {run['hosts']} hosts, {run['link']}"
+        if run["link"] == "1gbit" and {"ranger-0.001", "fp16"} <= f.keys():
+            r, fp16, comp = f["ranger-0.001"]["median_ms"], f["fp16"]["median_ms"], f["compute"]["median_ms"]
+            ok = r <= fp16 / 3 and r <= 1.5 * comp
+            lines.append(f"- {'met' if ok else 'MISSED'}: {where}: ranger d=0.001 {r:.0f} ms <= fp16/3 "
+                         f"({fp16 / 3:.0f} ms) and <= 1.5x compute ({1.5 * comp:.0f} ms)")
+        if run["link"] in ("10gbit", "none") and {"ranger-0.01", "dense", "fp16"} <= f.keys():
+            r, best = f["ranger-0.01"]["median_ms"], min(f["dense"]["median_ms"], f["fp16"]["median_ms"])
+            lines.append(f"- {'met' if r <= best else 'MISSED'}: {where}: ranger d=0.01 {r:.0f} ms <= "
+                         f"min(dense, fp16) {best:.0f} ms")
+        if "ranger-0.001" in f and "dense" in f and run["model"] == LARGE_TENSOR_MODEL:
+            red = f["ranger-0.001"].get("bytes_reduction", 0)
+            lines.append(f"- {'met' if red >= 250 else 'MISSED'}: {where}: bytes at d=0.001 are 1/{red:.0f} "
+                         f"of dense fp32 (target 1/250 or less)")
+    return lines
+
+
+def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
+    def table(header, body):
+        return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                         + ["| " + " | ".join(r) + " |" for r in body])
+
+    models = "\n".join(f"- `{name}`: {desc}" for name, desc in meta["models"].items())
+    parts = [
+        "# Network benchmark: step time across test hosts",
+        "",
+        f"Run on {meta['date']} by `{meta['command']}` in {meta['wall_s']:.0f} s.",
+        f"Machine: {meta['machine']}.",
+        *[f"Cells from an earlier run kept (`--append`): {e['date']}, `{e['command']}`, {e['steps']} timed "
+          f"steps after {e['warmup']} warm-up; machine: {e['machine']}." for e in meta.get("earlier", [])],
+        "",
+        "Each host is a network namespace on one machine (its own address and sshd); every link is the "
+        "host's veth into a bridge, limited with `tc qdisc ... tbf rate RATE burst 1mb latency 50ms` on "
+        "each host's side (`none`: no limit). Real `horovodrun --gloo` starts one rank per host over "
+        "ssh, one thread per rank, SGD on one fixed synthetic batch per rank. All ranks share this "
+        f"machine's {meta['cpus']} CPU cores, so compute-only time grows with the number of hosts.",
+        "",
+        "Modes: *dense fp32* is `hvd.DistributedOptimizer` (TF: `hvd.DistributedGradientTape`); "
+        "*Horovod fp16* adds `compression=hvd.Compression.fp16`; *ranger d=D* passes "
+        "`compression=RangerCompressor(density=D)` to Horovod's own optimizer or tape (per-rank top-k "
+        "with error feedback, sent through an allgather). *compute only* is the same model, batch and "
+        "optimizer with no exchange, run in the same launch.",
+        "",
+        f"Models ({meta['steps']} timed steps after {meta['warmup']} warm-up steps per mode):",
+        models,
+        "",
+        "Step time of a step is the slowest rank's; figures are medians over the timed steps, spread "
+        "10th-90th percentile. *exchange* = step - compute. Ratios compare figures of one launch. "
+        "Bytes are what one rank hands to collectives per step (ranger: the compressor's `stats()`; "
+        "dense and fp16: numel x itemsize).",
+        "",
+        "Within a launch the modes run one after another (compute only first), so when other work "
+        "shares the CPUs its load can change between them: a negative *exchange* means compute-only "
+        "ran under more load than the mode. Compare modes with their spread, and rerun a cell "
+        "(`--append`) when the load was uneven.",
+        "",
+        table(HEADER, rows(runs)),
+        "",
+        f"![step times]({plot_name})",
+        "",
+        "## Where ranger's exchange time goes",
+        "",
+        "Per step on rank 0: collectives started, entries sent, and (PyTorch) the time spent inside "
+        "`compress` (error feedback, selection, starting the allgather) and `decompress` (waiting for "
+        "the allgather, scatter-add). TF runs the compressor inside a traced function, so its time is "
+        "not separable there.",
+        "",
+        table(PROFILE_HEADER, profile_rows(runs)),
+        "",
+        "## Targets of issue 10 (2 hosts; benchmark models only)",
+        "",
+        *(targets(runs) or ["- none measured in this run"]),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def plot(runs: list[dict], path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hosts = sorted({r["hosts"] for r in runs})
+    links = list(dict.fromkeys(r["link"] for r in runs))
+    fig, axes = plt.subplots(len(hosts), len(links), figsize=(max(7.0, 5.5 * len(links)), 4.4 * len(hosts)),
+                             squeeze=False)
+    for i, h in enumerate(hosts):
+        for j, link in enumerate(links):
+            ax = axes[i][j]
+            cell = [r for r in runs if r["hosts"] == h and r["link"] == link and r.get("figures")]
+            if not cell:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"{h} hosts, link {link}: not measured", ha="center", transform=ax.transAxes)
+                continue
+            models = [r["model"] for r in cell]
+            modes = list(dict.fromkeys(m for r in cell for m in r["figures"]))
+            width = 0.8 / max(1, len(modes))
+            for k, mode in enumerate(modes):
+                xs, ys, lo, hi = [], [], [], []
+                for x, r in enumerate(cell):
+                    f = r["figures"].get(mode)
+                    if f:
+                        xs.append(x + (k - (len(modes) - 1) / 2) * width)
+                        ys.append(f["median_ms"])
+                        lo.append(f["median_ms"] - f["p10_ms"])
+                        hi.append(f["p90_ms"] - f["median_ms"])
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=mode_label(mode))
+            ax.set_xticks(range(len(models)), models)
+            ax.set_ylabel("step time, ms (median; bars p10-p90)")
+            ax.set_title(f"{h} hosts, link {link if link != 'none' else 'not limited'}")
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Step time by exchange mode, one rank per host, Gloo, 1 thread per rank\n"
+                 f"{meta['date']}, all hosts on {meta['cpus']} shared CPU cores", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def print_table(runs: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Step time across test hosts (ms; ratios within one launch)")
+    for h in HEADER:
+        t.add_column(h, overflow="fold")
+    for r in rows(runs):
+        t.add_row(*r)
+    import sys
+
+    Console(width=None if sys.stdout.isatty() else 200).print(t)

@@ -1,0 +1,169 @@
+"""The end-to-end network benchmark (benchmarks/bench_network.py): its quick grid on 2 real test hosts,
+its link limits on 3, teardown after Ctrl-C, and its argument checks. Full runs stay out of the suite.
+
+Needs root, ``ip netns``, ``tc`` and sshd for the ``netns`` tests; skipped with the reason otherwise.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launcher.conftest import REPO, needs_horovod
+
+BENCH = REPO / "benchmarks" / "bench_network.py"
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from netbench.hosts import TestHosts, unusable_reason  # noqa: E402
+
+def _skip_unless_usable(prefix):
+    why = unusable_reason(prefix)
+    if why:
+        pytest.skip(why)
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(f"{entry.name}: {cmd[:200]}")
+    return found
+
+
+def _bench(args, **kw):
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.Popen([sys.executable, str(BENCH), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _expected_ranger_bytes(shapes, density):
+    """Per rank and step: k int32 indices + k fp32 values + a 4-byte token per compressed tensor
+    (2-D or more, >= 1024 entries), the whole fp32 tensor otherwise."""
+    total = 0
+    for shape in shapes:
+        n = math.prod(shape)
+        if len(shape) >= 2 and n >= 1024:
+            total += math.ceil(density * n) * 8 + 4
+        else:
+            total += 4 * n
+    return total
+
+
+@pytest.mark.netns
+@pytest.mark.horovod
+@needs_horovod
+def test_quick_grid_on_two_hosts(tmp_path):
+    _skip_unless_usable("rb10t")
+    from netbench.models import torch_model
+
+    start = time.time()
+    proc = _bench(["--quick", "--out", str(tmp_path), "--prefix", "rb10t", "--net", "10.77.110"])
+    out, _ = proc.communicate(timeout=300)
+    took = time.time() - start
+    assert proc.returncode == 0, out[-5000:]
+    assert not TestHosts(2, tmp_path, "rb10t", "10.77.110").existing(), "test hosts left behind"
+
+    data = json.loads((tmp_path / "network-results.json").read_text())
+    (run,) = data["runs"]
+    assert (run["hosts"], run["link"], run["model"]) == (2, "1gbit", "lstm-small")
+    assert sorted(run["raw"]["addresses"]) == ["10.77.110.11", "10.77.110.12"], run["raw"]["addresses"]
+    figures = run["figures"]
+    assert list(figures) == ["compute", "dense", "fp16", "ranger-0.01", "ranger-0.001"]
+    for mode, fig in figures.items():
+        for rank in run["raw"]["ranks"]:
+            times = rank[mode]["times_s"]
+            assert len(times) == 5 and all(t > 0 for t in times), (mode, times)
+        assert fig["p10_ms"] <= fig["median_ms"] <= fig["p90_ms"], (mode, fig)
+        assert fig["overhead_ms"] == pytest.approx(fig["median_ms"] - figures["compute"]["median_ms"])
+
+    model, _, _ = torch_model("lstm-small")
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    numel = sum(math.prod(s) for s in shapes)
+    assert figures["dense"]["bytes_per_step"] == 4 * numel == 8_752_384, figures["dense"]
+    assert figures["fp16"]["bytes_per_step"] == 2 * numel, figures["fp16"]
+    for d in (0.01, 0.001):
+        fig = figures[f"ranger-{d}"]
+        assert fig["bytes_per_step"] == _expected_ranger_bytes(shapes, d), (d, fig["bytes_per_step"])
+        assert fig["bytes_reduction"] == pytest.approx(4 * numel / fig["bytes_per_step"])
+        prof = fig["profile"]
+        # embedding, LSTM input and hidden weights, decoder weight: one allgather each; 3 biases dense
+        assert (prof["allgathers_per_step"], prof["dense_allreduces_per_step"]) == (4, 3), prof
+        assert prof["compress_ms_per_step"] > 0 and prof["decompress_ms_per_step"] > 0, prof
+
+    md = (tmp_path / "network-results.md").read_text()
+    assert "| 2 | 1gbit | lstm-small | ranger d=0.001 |" in md and "Machine:" in md, md[:2000]
+    assert (tmp_path / "network-results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ranger d=0.001" in out  # the printed table
+    assert took < 240, f"quick run took {took:.0f} s"
+
+
+@pytest.mark.netns
+def test_three_hosts_and_link_limits(tmp_path):
+    _skip_unless_usable("rb10l")
+    hosts = TestHosts(3, tmp_path, "rb10l", "10.77.111")
+    names = ["rb10l-ns1", "rb10l-ns2", "rb10l-ns3"]
+
+    def qdiscs():
+        return [subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", "rhvd0"],
+                               capture_output=True, text=True, check=True).stdout for ns in names]
+
+    with hosts:
+        assert sorted(hosts.existing()) == names
+        # the first host reaches every host's sshd with the key (what horovodrun does)
+        for addr in hosts.addresses:
+            r = subprocess.run([*hosts.run_prefix(), "ssh", "-o", "BatchMode=yes", "-o",
+                                "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-p", "2222",
+                                "-i", str(hosts.key), addr, "cat", "/etc/hosts"],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, (addr, r.stderr)
+            assert f"{addr} {os.uname().nodename}" in r.stdout, (addr, r.stdout)
+        hosts.set_link("10gbit")
+        assert all("tbf" in q and "rate 10Gbit" in q for q in qdiscs()), qdiscs()
+        hosts.set_link("1gbit")
+        assert all("rate 1Gbit" in q for q in qdiscs()), qdiscs()
+        hosts.set_link("none")
+        assert not any("tbf" in q for q in qdiscs()), qdiscs()
+    assert hosts.existing() == []
+
+
+@pytest.mark.netns
+@pytest.mark.horovod
+@needs_horovod
+def test_ctrl_c_removes_hosts_and_ranks(tmp_path):
+    _skip_unless_usable("rb10i")
+    proc = _bench(["--quick", "--out", str(tmp_path), "--prefix", "rb10i", "--net", "10.77.112"],
+                  start_new_session=True)
+    marker = "10.77.112.11:1,10.77.112.12:1"  # in horovodrun's command line
+    deadline = time.time() + 120
+    while not _processes_mentioning(marker) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert _processes_mentioning(marker), "horovodrun never started"
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out, out[-3000:]
+    assert TestHosts(2, tmp_path, "rb10i", "10.77.112").existing() == []
+    assert _processes_mentioning(marker) == []
+    assert _processes_mentioning("netbench.worker --model lstm-small") == []
+
+
+def test_bad_arguments_exit_2_naming_them(tmp_path):
+    proc = _bench(["--models", "resnet50", "vgg99", "--modes", "ranger-2", "--hosts", "1",
+                   "--out", str(tmp_path)])
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    for culprit in ("--models vgg99", "--modes ranger-2", "--hosts 1"):
+        assert culprit in out, out
+    assert list(tmp_path.iterdir()) == []
