@@ -16,6 +16,9 @@ first, as DGC does, touching the full tensor only with read-only reductions:
 5. keep everything above t and, of the entries equal to t, the lowest-indexed ones (a running count
    over the ``== t`` mask), so the set never depends on how ties happen to be ordered.
 
+An estimate of 0 (a mostly-zero tensor, such as an embedding's gradient) would let every entry
+through; then the non-zero entries are the candidates instead (``_mostly_zero``).
+
 The exact path (small tensors, dense selections, failed estimates) relies on one documented property
 of ``tf.math.top_k``: among equal values the lower index comes first.
 
@@ -86,6 +89,24 @@ def _keep_k_lowest_ties(positions: tf.Tensor, mags: tf.Tensor, k) -> tf.Tensor:
     return tf.boolean_mask(positions, keep)
 
 
+def _mostly_zero(flat: tf.Tensor, k) -> tf.Tensor:
+    """The exact selection when the sampled threshold is 0: most entries are zero (an embedding's
+    gradient touches a few rows). The non-zero entries are found in one pass; if there are at least k,
+    the k largest of them; else all of them and, ties to the lower index, the first zeros, which lie
+    within the first k + (non-zeros) positions."""
+    mags = _magnitudes(flat)
+    nonzero = tf.cast(tf.where(mags > 0)[:, 0], tf.int32)
+    count = tf.size(nonzero)
+
+    def pad_with_zeros():
+        window = mags[: k + count]
+        zeros = tf.cast(tf.where(tf.equal(window, 0))[:, 0], tf.int32)[: k - count]
+        return tf.sort(tf.concat([nonzero, zeros], 0))
+
+    return tf.cond(count >= k, lambda: _keep_k_lowest_ties(nonzero, tf.gather(mags, nonzero), k),
+                   pad_with_zeros)
+
+
 def topk_indices(flat: tf.Tensor, k, sample_fraction: float = 0.01) -> tf.Tensor:
     """Indices (int32, ascending) of the k largest |flat|, ties to the lower index.
 
@@ -113,10 +134,15 @@ def topk_indices(flat: tf.Tensor, k, sample_fraction: float = 0.01) -> tf.Tensor
         rank = tf.cast(tf.math.ceil(a * expected + b * tf.sqrt(expected)), tf.int32) + c
         rank = tf.minimum(rank, m)
         estimate = tf.reduce_min(tf.math.top_k(sample, k=rank, sorted=False).values)
-        positions, mags = _candidates(flat, estimate)
-        return tf.cond(tf.size(positions) >= k_t,
-                       lambda: _keep_k_lowest_ties(positions, mags, k_t),
-                       lambda: attempt(rest))
+
+        def from_candidates():
+            positions, mags = _candidates(flat, estimate)
+            return tf.cond(tf.size(positions) >= k_t,
+                           lambda: _keep_k_lowest_ties(positions, mags, k_t),
+                           lambda: attempt(rest))
+
+        # An estimate of 0 (a mostly-zero tensor) would let every entry through.
+        return tf.cond(estimate > 0, from_candidates, lambda: _mostly_zero(flat, k_t))
 
     return attempt(SAMPLE_TRIES)
 

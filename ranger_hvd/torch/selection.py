@@ -13,6 +13,9 @@ but avoids a full sort or a full ``torch.topk``:
 5. keep everything above t and, of the entries equal to t, the lowest-indexed ones (a running count
    over the ``== t`` mask), so the set never depends on how ties happen to be ordered.
 
+An estimate of 0 (a mostly-zero tensor, such as an embedding's gradient) would let every entry through;
+then the non-zero entries are the candidates instead (``_mostly_zero``).
+
 Steps 2 and 3 cost one streaming pass (|x| and a comparison); steps 4 and 5 touch only candidates.
 
 ``random_k_indices`` serves Horovod's own optimizer, which sums compressed tensors elementwise: every
@@ -99,6 +102,20 @@ def _keep_k_lowest_ties(values: torch.Tensor, k: int) -> torch.Tensor:
     return above | (ties & (ties.cumsum(0) <= need))
 
 
+def _mostly_zero(mag: torch.Tensor, k: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """Exact selection when the sampled threshold is 0: most entries are zero (an embedding's
+    gradient touches a few rows), so every entry would pass it. The non-zero entries are found in one
+    pass; if there are at least k, the k largest of them; else all of them and, ties to the lower
+    index, the first zeros, which lie within the first k + (non-zeros) positions."""
+    nonzero = _true_positions(torch.gt(mag, 0, out=mask) if mask is not None else mag > 0)
+    if nonzero.numel() >= k:
+        return nonzero[_keep_k_lowest_ties(mag[nonzero], k)].to(torch.int32)
+    need = k - nonzero.numel()
+    window = mag[: k + nonzero.numel()]
+    zeros = (window == 0).nonzero().view(-1)[:need]
+    return torch.sort(torch.cat([nonzero, zeros])).values.to(torch.int32)
+
+
 def topk_indices(flat: torch.Tensor, k: int, sample_fraction: float = 0.01,
                  scratch: SelectionScratch | None = None) -> torch.Tensor:
     """Indices (int32, ascending) of the k largest |flat|, ties to the lower index.
@@ -122,6 +139,8 @@ def topk_indices(flat: torch.Tensor, k: int, sample_fraction: float = 0.01,
         for a, b, c in SAMPLE_TRIES:
             rank = min(m, int(math.ceil(a * expected + b * math.sqrt(expected))) + c)
             estimate = torch.topk(sample, rank, sorted=False).values.min()
+            if not bool(estimate > 0):
+                return _mostly_zero(mag, k, scratch.mask(n, flat) if scratch is not None else None)
             if mask is None:
                 passed = mag >= estimate
             else:

@@ -328,3 +328,18 @@ def test_dense_tensor_keeps_local_momentum_in_its_own_shape():
     assert first[0] is None and second[0] is None
     assert second[1].shape == (3, 3, 1, 16)
     np.testing.assert_allclose(second[1].numpy(), np.full((3, 3, 1, 16), 1.9, np.float32), rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1000, 200, 3])
+def test_selection_of_a_mostly_zero_tensor(k):
+    # An embedding's gradient: a few rows non-zero, so the sampled threshold is 0. Exact all the same
+    # (all non-zeros, then the lowest-indexed zeros when k exceeds them), eagerly and traced.
+    g = np.zeros(400 * 250, np.float32)
+    rng = np.random.default_rng(k)
+    for row in (3, 77, 301):
+        g[row * 250:(row + 1) * 250] = rng.standard_normal(250)
+    g[77 * 250 + 5] = 0.0
+    want = select(g, k)
+    assert np.array_equal(topk_indices(tf.constant(g), k).numpy(), want)
+    traced = tf.function(lambda x: topk_indices(x, tf.constant(k)))
+    assert np.array_equal(traced(tf.constant(g)).numpy(), want)

@@ -293,3 +293,16 @@ def test_selection_float64_keeps_full_precision():
     for scratch in (None, SelectionScratch()):
         assert np.array_equal(topk_indices(x, 50, 0.01, scratch).numpy(),
                               reference.select(x.numpy(), 50))
+
+
+@pytest.mark.parametrize("k", [1000, 200, 3])
+def test_selection_of_a_mostly_zero_tensor(k):
+    # An embedding's gradient: a few rows non-zero. The sampled threshold is then 0; the selection
+    # must still be exact (all non-zeros, then the lowest-indexed zeros, when k exceeds them).
+    g = torch.zeros(400 * 250)
+    for row in (3, 77, 301):
+        g[row * 250:(row + 1) * 250] = torch.randn(250)
+    g[77 * 250 + 5] = 0.0  # a zero inside a non-zero row
+    for scratch in (None, SelectionScratch()):
+        got = topk_indices(g, k, 0.01, scratch)
+        assert np.array_equal(got.numpy(), reference.select(g.numpy(), k)), (k, scratch)
