@@ -51,22 +51,29 @@ def config_epochs(name: str) -> tuple[str, int]:
 
 
 def run_one(name: str, mode: str, epochs: int, out_root: Path) -> dict:
+    """Launches one run through ranger-hvd and reads what it measured."""
     out_dir = out_root / f"{name}-{mode}-e{epochs}"
     cmd = [str(REPO / ".venv" / "bin" / "ranger-hvd"), "launch", str(REPO / "configs" / f"{name}.yaml"),
            *MODES[mode], f"train.epochs={epochs}", f"output.dir={out_dir}", "train.checkpoint=false"]
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="120")
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    return read_run(out_dir, proc.returncode, time.monotonic() - started)
+
+
+def read_run(out_dir: Path, exit_code: int = 0, seconds: float | None = None) -> dict:
+    """One run's eval metrics, bytes per step and wall time, from its summary.json."""
     summaries = sorted(out_dir.glob("*/*/summary.json"))
     summary = json.loads(summaries[-1].read_text()) if summaries else {}
-    if proc.returncode != 0 or summary.get("status") != "success":
+    seconds = summary.get("duration_s") if seconds is None else seconds
+    if exit_code != 0 or summary.get("status") != "success":
         # A run that fails (e.g. diverges to NaN) is a result too: the table says how it ended.
-        reason = summary.get("error") or f"exit {proc.returncode}"
-        print(f"{name} {mode} failed: {reason}", file=sys.stderr)
+        reason = summary.get("error") or f"exit {exit_code}"
+        print(f"{out_dir.name} failed: {reason}", file=sys.stderr)
         return {"failed": str(reason).splitlines()[0][:80], "metrics": {}, "bytes_per_step": None,
-                "seconds": time.monotonic() - started}
+                "seconds": seconds or 0.0}
     return {"metrics": summary["final_metrics"], "bytes_per_step": summary["bytes_sent_per_step_mean"],
-            "seconds": time.monotonic() - started, "run_dir": str(summaries[-1].parent)}
+            "seconds": seconds, "run_dir": str(summaries[-1].parent)}
 
 
 def table(results: dict, names: list[str], modes: list[str], scales: list[int]) -> str:
@@ -117,19 +124,35 @@ def plot(results: dict, names: list[str], modes: list[str], scales: list[int], p
     for ax, name in zip(axes.flat, names):
         model, base = results[name]["model"], results[name]["epochs"]
         metric, higher = METRICS[model]
+        shown = []
         for j, s in enumerate(scales):
             values = [results[name]["runs"].get((m, s), {}).get("metrics", {}).get(metric) for m in modes]
             xs = [i + j * width for i in range(len(modes))]
             ax.bar(xs, [v if v is not None else 0 for v in values], width, label=f"{base * s} epochs")
+            for x, v in zip(xs, values):   # the figure on each bar; a run that failed says so
+                ax.annotate("failed" if v is None else f"{v:.3f}", (x, v or 0), ha="center",
+                            va="bottom", fontsize=7, rotation=90)
+            shown += [v for v in values if v is not None]
+        if higher and shown:   # accuracies sit near 1: start the axis near the lowest one
+            ax.set_ylim(max(0.0, min(shown) - 0.05), 1.01)
         ax.set_xticks([i + width * (len(scales) - 1) / 2 for i in range(len(modes))])
         ax.set_xticklabels(modes, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{name}: {metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle("Eval metric after the same epochs: dense vs fp16 vs Ranger (2 ranks, Gloo)")
+    fig.suptitle("Eval metric by mode after the same epochs (2 ranks, Gloo)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _runs_to_json(results: dict) -> dict:
+    return {name: {**r, "runs": [[m, s, v] for (m, s), v in r["runs"].items()]}
+            for name, r in results.items()}
+
+
+def _runs_from_json(saved: dict) -> dict:
+    return {name: {**r, "runs": {(m, s): v for m, s, v in r["runs"]}} for name, r in saved.items()}
 
 
 def main(argv=None) -> int:
@@ -139,19 +162,29 @@ def main(argv=None) -> int:
     ap.add_argument("--scales", default="1,3", help="multiples of each config's own epochs")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "accuracy-results.md"))
     ap.add_argument("--runs", default=str(REPO / "runs" / "accuracy"))
+    ap.add_argument("--from-runs", metavar="DIR",
+                    help="tabulate the run directories an earlier sweep left in DIR, running nothing")
+    ap.add_argument("--replot", action="store_true",
+                    help="redraw the PNG from the JSON beside --out, running nothing")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.replot:
+        saved = json.loads(out.with_suffix(".json").read_text())
+        plot(_runs_from_json(saved["results"]), saved["names"], saved["modes"], saved["scales"],
+             out.with_suffix(".png"))
+        return 0
     names, modes = args.configs.split(","), args.modes.split(",")
     scales = [int(s) for s in args.scales.split(",")]
     unknown = [m for m in modes if m not in MODES] + [c for c in names if c not in CONFIGS]
     if unknown:
         ap.error(f"unknown mode or config: {', '.join(unknown)}")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_root = Path(args.runs) / stamp
-    out = Path(args.out)
+    out_root = Path(args.from_runs) if args.from_runs else Path(args.runs) / stamp
     header = (f"# Accuracy against dense at the same epochs\n\nMeasured {datetime.date.today()} on "
               f"{platform.machine()}, {os.cpu_count()} cores, no GPU; 2 ranks on one machine over "
               f"Gloo, one thread each. Command: `.venv/bin/python benchmarks/accuracy.py "
-              f"--configs {args.configs} --modes {args.modes} --scales {args.scales}`. Run "
+              f"--configs {args.configs} --modes {args.modes} --scales {args.scales} "
+              f"--out {out.relative_to(REPO) if out.is_relative_to(REPO) else out}`. Run "
               f"directories: `{out_root.relative_to(REPO) if out_root.is_relative_to(REPO) else out_root}`."
               " Wall times include start-up and were taken on a shared machine.\n\n")
     results = {}
@@ -160,7 +193,8 @@ def main(argv=None) -> int:
         results[name] = {"model": model, "epochs": epochs, "runs": {}}
         for s in scales:
             for mode in modes:
-                r = run_one(name, mode, epochs * s, out_root)
+                r = (read_run(out_root / f"{name}-{mode}-e{epochs * s}") if args.from_runs
+                     else run_one(name, mode, epochs * s, out_root))
                 results[name]["runs"][(mode, s)] = r
                 metric = METRICS[model][0]
                 print(f"{name} {mode} {epochs * s} epochs: {metric} {r['metrics'].get(metric)} "
@@ -171,6 +205,8 @@ def main(argv=None) -> int:
     text = table(results, names, modes, scales)
     print(text)
     out.write_text(header + text)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"names": names, "modes": modes, "scales": scales, "results": _runs_to_json(results)}, indent=1))
     plot(results, names, modes, scales, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

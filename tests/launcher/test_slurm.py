@@ -9,12 +9,12 @@ import json
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
 from .conftest import REPO, needs_horovod, run_cli
 from .slurm_cluster import ClusterUnavailable, SlurmCluster
+from .test_launch import processes_mentioning
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slurm, needs_horovod]
 
@@ -47,17 +47,6 @@ def only_run_dir(out: Path, name: str) -> Path:
     dirs = [p for p in (out / name).iterdir() if p.is_dir()]
     assert len(dirs) == 1, dirs
     return dirs[0]
-
-
-def processes_mentioning(text: str) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if p.info["status"] != psutil.STATUS_ZOMBIE and any(text in c for c in (p.info["cmdline"] or [])):
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return out
 
 
 def test_default_job_runs_through_slurm(cluster, tmp_path):
