@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from machine import cpu_and_load  # noqa: E402
 from netbench import report  # noqa: E402
 from netbench.hosts import HostsError, TestHosts, interrupt_on_sigterm  # noqa: E402
 from netbench.models import SPECS  # noqa: E402
@@ -90,15 +91,6 @@ def parse_args(argv):
 
 
 def machine() -> tuple[str, int]:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     import torch
 
     versions = f"Python {platform.python_version()}, PyTorch {torch.__version__}"
@@ -108,7 +100,7 @@ def machine() -> tuple[str, int]:
         versions += f", TensorFlow {version('tensorflow')}, Horovod {version('horovod')}"
     except Exception:
         pass
-    return f"{cpu}; {os.cpu_count()} logical CPUs; load average {load} at start; {versions}", os.cpu_count()
+    return f"{cpu_and_load()}; {versions}", os.cpu_count()
 
 
 def _show_progress(log, shown: int, console) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
 import platform
 import re
 import statistics
@@ -36,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine import cpu_and_load  # noqa: E402
 from ranger_hvd import core  # noqa: E402
 from ranger_hvd.torch import RangerCompressor, topk_indices  # noqa: E402
 from ranger_hvd.torch.compressor import _payload  # noqa: E402
@@ -63,16 +63,7 @@ def timed(fn, reps: int) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"{cpu}; {os.cpu_count()} logical CPUs; load average {load} at start; "
+    return (f"{cpu_and_load()}; "
             f"Python {platform.python_version()}, PyTorch {torch.__version__}; "
             f"torch.set_num_threads(1)")
 
