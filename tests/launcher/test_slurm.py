@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
