@@ -187,7 +187,7 @@ class RangerCompressor:
         if not self.is_compressed(shape):
             # Horovod 0.28.1 has no bfloat16 collectives: such tensors travel as fp32.
             wire = torch.float32 if dtype == torch.bfloat16 else dtype
-            out = self.compress_dense(name, tensor, torch.empty(0, dtype=wire).element_size())
+            out = self.compress_dense(name, tensor, wire.itemsize)
             return out.to(wire), _Context("dense", shape, dtype)
         values, indices = self.compress_sparse(name, tensor, process_set)
         if self.options.selection == "random":
