@@ -85,8 +85,7 @@ class GradExchange(ByteMeter):
             from ranger_hvd.tensorflow import RangerCompressor
 
             self.comp = RangerCompressor(**cfg.compression.options())
-            if hasattr(self.comp, "build"):
-                self.comp.build(self.variables)   # its state variables exist before tracing
+            self.comp.build(self.variables)   # its state variables exist before tracing
         else:
             itemsize = 2 if self.kind == "fp16" else 4
             self.sent_per_step = itemsize * sum(numels)

@@ -213,12 +213,16 @@ class RangerCompressor:
 
         gathered = hvd.synchronize(ctx.handle)
         self.combine(gathered, ctx.k, out)
-        world = gathered.numel() // (ctx.k * (4 + self.value_dtype.itemsize))
+        world = gathered.numel() // self._row_bytes(ctx.k)
         # 1 after an average, N after a sum (rounded: predivide factors leave float noise).
         reduced = round(float(tensor.reshape(-1)[0]))
         if reduced != world:
             out.mul_(reduced / world)
         return out.view(ctx.shape)
+
+    def _row_bytes(self, k: int) -> int:
+        """Bytes of one rank's payload in the allgather: k int32 indices and k values."""
+        return k * (4 + self.value_dtype.itemsize)
 
     def combine(self, gathered: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
         """Every rank's (indices, values) from the allgather, scatter-added into ``out`` (zeros).
@@ -226,7 +230,7 @@ class RangerCompressor:
         Duplicate indices from different ranks accumulate in rank order, the order of the gathered
         rows, so every rank gets the same bits.
         """
-        rows = gathered.view(-1, k * (4 + self.value_dtype.itemsize))
+        rows = gathered.view(-1, self._row_bytes(k))
         # reshape(-1) copies the column blocks of several rows into one contiguous buffer
         indices = rows[:, : 4 * k].reshape(-1).view(torch.int32)
         values = rows[:, 4 * k:].reshape(-1).view(self.value_dtype)
