@@ -5,6 +5,7 @@ The config is the launcher's schema (:mod:`ranger_hvd.launcher.config`), re-vali
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 
 import numpy as np
@@ -88,14 +89,23 @@ class ByteMeter:
         return self._stat("bytes_sent") - self._base if self.comp is not None else None
 
 
+def lr_at(train, step: int, total_steps: int) -> float:
+    """The learning rate of the step after ``step`` steps (a function of the step only, so a resumed run
+    follows the uninterrupted run's schedule)."""
+    if train.lr_schedule == "constant":
+        return train.lr
+    return train.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
 def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int, n_train: int,
                n_steps: int, step_fn, meters, evaluate, param_arrays, allgather_object, run_dir,
-               save_checkpoint=None, resume_from: dict | None = None, end_fields=None) -> dict:
+               set_lr, save_checkpoint=None, resume_from: dict | None = None, end_fields=None) -> dict:
     """The epochs, metrics lines and end record shared by both backends.
 
     ``step_fn(indices) -> (loss, {metric: value})`` runs one optimizer step on this rank's samples at
     ``indices`` and returns plain floats; ``evaluate(tag)`` the held-out metrics over all ranks;
-    ``param_arrays()`` every parameter as an array, to check that all ranks hold the same model.
+    ``param_arrays()`` every parameter as an array, to check that all ranks hold the same model;
+    ``set_lr(lr)`` sets the optimizers' learning rate before each step (``train.lr_schedule``).
 
     ``save_checkpoint(loop_state)``, if given, is called on every rank after each epoch (and when
     ``max_steps`` stops the run mid-epoch) with the loop's counters (see ``loop_state`` below); the
@@ -111,6 +121,7 @@ def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int,
     from .metrics import MetricsWriter
 
     train = cfg.train
+    total_steps = train.epochs * n_steps   # the schedule spans the planned epochs, whatever max_steps stops
     if resume_from is not None and rank == 0 and run_dir is not None:
         from .checkpoint import trim_metrics
 
@@ -144,6 +155,7 @@ def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int,
             for i, idx in enumerate(batches):
                 if i < start:
                     continue
+                set_lr(lr_at(train, step, total_steps))
                 t0 = time.perf_counter()
                 loss, metrics = step_fn(idx)
                 dt = time.perf_counter() - t0

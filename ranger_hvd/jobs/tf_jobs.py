@@ -283,10 +283,14 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         loss_t, metrics_t = train_step(tf.constant(x_tr[idx]), tf.constant(y_tr[idx]))
         return float(loss_t), {k: float(v) for k, v in metrics_t.items()}   # float() waits for the step
 
+    def set_lr(lr):
+        for opt in opts:
+            opt.learning_rate = lr     # assigns the variable the traced step reads: no retracing
+
     return train_loop(cfg, backend="tensorflow", dataset=data.name, rank=rank, size=size, n_train=len(tr),
                       n_steps=n_steps, step_fn=step_fn, meters=exchanges, evaluate=evaluate,
                       param_arrays=lambda: [np.asarray(v) for net in nets for v in net.weights],
-                      allgather_object=hvd.allgather_object, run_dir=run_dir,
+                      allgather_object=hvd.allgather_object, run_dir=run_dir, set_lr=set_lr,
                       save_checkpoint=save if cfg.train.checkpoint and run_dir is not None else None,
                       resume_from=resume_from,
                       end_fields=quality.references if quality is not None else None)

@@ -288,10 +288,15 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         idx_t = torch.from_numpy(idx)
         return train_step(x_tr[idx_t], y_tr[idx_t])
 
+    def set_lr(lr):
+        for o in opts:
+            for g in o.opt.param_groups:
+                g["lr"] = lr
+
     return train_loop(cfg, backend="torch", dataset=data.name, rank=rank, size=size, n_train=len(tr),
                       n_steps=n_steps, step_fn=step_fn, meters=opts, evaluate=evaluate,
                       param_arrays=lambda: [p.detach().cpu().numpy() for m in modules for p in m.parameters()],
-                      allgather_object=hvd.allgather_object, run_dir=run_dir,
+                      allgather_object=hvd.allgather_object, run_dir=run_dir, set_lr=set_lr,
                       end_fields=quality.references if quality is not None else None,
                       save_checkpoint=save if cfg.train.checkpoint and run_dir is not None else None,
                       resume_from=resume_from)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ranger_hvd.jobs import data as D
-from ranger_hvd.jobs.common import ConfigError, job_config, optimizer_momentum
+from ranger_hvd.jobs.common import ConfigError, job_config, lr_at, optimizer_momentum
 from ranger_hvd.launcher.config import DataSection
 from ranger_hvd.jobs.metrics import MetricsWriter, read_metrics
 from tests.hvdrun import REPO, worker_env
@@ -169,3 +169,16 @@ def test_entry_point_fails_clearly_on_missing_mnist(tmp_path):
     assert proc.returncode == 1
     assert "nodata" in proc.stderr and "mnist" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_lr_schedule_values():
+    constant = job_config({"job": {"backend": "torch", "model": "cnn"}, "train": {"lr": 0.1}}).train
+    assert [lr_at(constant, s, 100) for s in (0, 50, 99)] == [0.1, 0.1, 0.1]
+    cosine = job_config({"job": {"backend": "torch", "model": "cnn"},
+                         "train": {"lr": 0.1, "lr_schedule": "cosine"}}).train
+    assert lr_at(cosine, 0, 100) == 0.1                       # starts at lr
+    assert abs(lr_at(cosine, 50, 100) - 0.05) < 1e-15         # half way: half of it
+    assert abs(lr_at(cosine, 25, 100) - 0.1 * (1 + 2 ** -0.5) / 2) < 1e-15
+    assert lr_at(cosine, 100, 100) == 0.0 and lr_at(cosine, 120, 100) == 0.0   # ends at 0 and stays
+    steps = [lr_at(cosine, s, 100) for s in range(101)]
+    assert all(a > b for a, b in zip(steps, steps[1:]))       # strictly decreasing

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
+from ranger_hvd.jobs.data import load_dataset, steps_per_epoch
 from ranger_hvd.jobs.metrics import read_metrics
+from ranger_hvd.launcher.config import DataSection
 from tests.hvdrun import HOROVODRUN, MPI_ROOT_ENV, REPO, worker_env
 from tests.launcher.conftest import run_cli
 
@@ -189,11 +191,14 @@ def test_gan_sample_score_on_both_backends(tmp_path):
 def _check_resume_bit_for_bit(tmp_path: Path, backend: str, ext: str) -> None:
     """Run A: 2 epochs straight. Run B: 1 epoch, then resumed from its per-rank checkpoints to 2 epochs.
     B must end with A's parameters bit for bit (model, optimizer state and the compressor's residuals and
-    momentum all restored) and the same byte totals. One launch: resume reads everything from disk."""
-    cnn = _cfg(backend, "cnn", "ranger", epochs=2, batch_size=16, momentum=0.0)   # DGC momentum only
+    momentum all restored) and the same byte totals. One launch: resume reads everything from disk.
+    The cosine schedule spans train.epochs, so B's first launch is A's config stopped by max_steps."""
+    cnn = _cfg(backend, "cnn", "ranger", epochs=2, batch_size=16, momentum=0.0,   # DGC momentum only
+               lr_schedule="cosine")
     cnn["data"]["synthetic_samples"] = 256
-    one = {**cnn, "train": {**cnn["train"], "epochs": 1}}
-    off = {**cnn, "train": {**cnn["train"], "checkpoint": False}}
+    n_train = len(load_dataset(DataSection(**cnn["data"])).x_train)
+    one = {**cnn, "train": {**cnn["train"], "max_steps": steps_per_epoch(n_train, 2, 16)}}
+    off = {**cnn, "train": {**cnn["train"], "checkpoint": False, "lr_schedule": "constant"}}
     jobs = [{"config": cnn, "run_dir": str(tmp_path / "A")},
             {"config": one, "run_dir": str(tmp_path / "B")},
             {"config": cnn, "run_dir": str(tmp_path / "B"), "resume": True},
@@ -231,6 +236,9 @@ def _check_resume_bit_for_bit(tmp_path: Path, backend: str, ext: str) -> None:
             files = sorted(p.name for p in (tmp_path / run / "checkpoints" / name).iterdir())
             assert files == [f"rank0.{ext}", f"rank1.{ext}"], files
     assert not (tmp_path / "off" / "checkpoints").exists()          # train.checkpoint: false
+    # the schedule reaches the optimizer: the same run at a constant lr ends elsewhere
+    end_off = read_metrics(tmp_path / "off" / "metrics.jsonl")[-1]
+    assert end_off["param_digest"] != end_a["param_digest"] and end_off["steps"] == end_a["steps"]
 
 
 def test_torch_checkpoint_resume_is_bit_for_bit(tmp_path):

@@ -55,6 +55,8 @@ class TrainSection(Section):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1, description="per rank")
     lr: float = Field(0.05, gt=0.0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: lr * (1 + cos(pi * step / steps of train.epochs)) / 2, from lr to 0")
     seed: int = Field(0, ge=0)
     momentum: Optional[float] = Field(None, ge=0.0, lt=1.0,
                                       description="SGD momentum on the averaged update (null: 0.9, or 0 when "
