@@ -21,6 +21,10 @@ which parameter it is handed. ``compress`` finds the Horovod optimizer that call
 ``self`` holds this compressor) and the parameter whose ``.grad`` is the tensor, and uses the
 optimizer's own name for it; code that calls ``compress`` otherwise must give ``named_parameters``.
 
+**Memory.** Each compressed parameter keeps one reusable output buffer, which becomes its ``.grad``
+after the exchange (zeroed and refilled at its next exchange): one more parameter-sized buffer, in
+exchange for no page-faulting allocation of a full-size gradient per tensor and step.
+
 Tensors that ``core.is_compressed`` rejects (small ones, 1-D ones by default) go through Horovod's
 allreduce whole (with momentum: their local u = m*u + g).
 """
@@ -51,6 +55,7 @@ class _Context:
     indices: torch.Tensor | None = None   # random: the shared coordinates
     handle: Any = None                    # topk: the allgather in flight
     k: int = 0
+    name: str = ""
 
 
 def _payload(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -84,6 +89,7 @@ class RangerCompressor:
         self._ops = TorchOps(self.options, self._stats)
         self.engine = core.ErrorFeedback(self.options, self._ops)
         self._state: dict[str, TensorState] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
         self._params: dict[str, torch.Tensor] = {}
         if named_parameters is not None:
             self.set_named_parameters(named_parameters)
@@ -193,19 +199,19 @@ class RangerCompressor:
         if self.options.selection == "random":
             if values.dtype == torch.bfloat16:
                 values = values.to(torch.float32)
-            return values, _Context("random", shape, dtype, indices=indices)
+            return values, _Context("random", shape, dtype, indices=indices, name=name)
         import horovod.torch as hvd
 
         kwargs = {} if process_set is None else {"process_set": process_set}
         handle = hvd.allgather_async(_payload(indices, values), name=f"ranger.topk.{name}", **kwargs)
         token = torch.ones(1, dtype=torch.float32, device=tensor.device)
-        return token, _Context("topk", shape, dtype, handle=handle, k=indices.numel())
+        return token, _Context("topk", shape, dtype, handle=handle, k=indices.numel(), name=name)
 
     def decompress(self, tensor: torch.Tensor, ctx: _Context) -> torch.Tensor:
         """Horovod's hook: the reduced gradient in the original shape and dtype."""
         if ctx.kind == "dense":
             return tensor.to(ctx.dtype).view(ctx.shape)
-        out = torch.zeros(math.prod(ctx.shape), dtype=ctx.dtype, device=tensor.device)
+        out = self._output(ctx, tensor.device)
         if ctx.kind == "random":
             out[ctx.indices.long()] = tensor.to(ctx.dtype)
             return out.view(ctx.shape)
@@ -219,6 +225,22 @@ class RangerCompressor:
         if reduced != world:
             out.mul_(reduced / world)
         return out.view(ctx.shape)
+
+    def _output(self, ctx: _Context, device) -> torch.Tensor:
+        """The zeroed flat buffer a sparse result is scattered into, reused step after step.
+
+        Horovod makes it the parameter's ``.grad``. A fresh full-size tensor per step would cost its
+        page faults on every step (tens of ms for tens of millions of entries on a CPU); zeroing a
+        warm buffer costs one write pass. The buffer is overwritten at this parameter's next
+        exchange: code that keeps last step's ``.grad`` past it must copy it.
+        """
+        numel = math.prod(ctx.shape)
+        out = self._outputs.get(ctx.name)
+        if out is None or out.numel() != numel or out.dtype != ctx.dtype or out.device != device:
+            out = self._outputs[ctx.name] = torch.zeros(numel, dtype=ctx.dtype, device=device)
+        else:
+            out.zero_()
+        return out
 
     def _row_bytes(self, k: int) -> int:
         """Bytes of one rank's payload in the allgather: k int32 indices and k values."""

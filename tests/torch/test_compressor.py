@@ -246,6 +246,28 @@ def test_horovod_interface_roundtrip_and_bytes():
     assert out.shape == m[0].weight.shape and int((out != 0).sum()) <= 26
 
 
+def test_decompress_reuses_one_zeroed_buffer_per_parameter():
+    # The result becomes the parameter's .grad: one buffer per parameter, zeroed and refilled each
+    # step, so nothing of the previous step's coordinates survives in it.
+    m = _model()
+    comp = RangerCompressor(density=0.01, min_elements=100, named_parameters=m.named_parameters(),
+                            selection="random")
+    comp.world_size = 1
+    outs = []
+    for step in range(3):
+        _grads(m, step)
+        sent, ctx = comp.compress(m[0].weight.grad)
+        expected = torch.zeros(m[0].weight.numel())
+        expected[ctx.indices.long()] = sent
+        out = comp.decompress(sent.clone(), ctx)
+        assert torch.equal(out.reshape(-1), expected), step
+        outs.append(out)
+    assert outs[0].data_ptr() == outs[1].data_ptr() == outs[2].data_ptr()
+    assert comp.is_compressed(m[2].weight.shape)
+    other = comp.decompress(*comp.compress(m[2].weight.grad))
+    assert other.data_ptr() != outs[0].data_ptr()                 # each parameter has its own
+
+
 def test_horovod_interface_unknown_tensor():
     m = _model()
     comp = RangerCompressor(named_parameters=m.named_parameters())
