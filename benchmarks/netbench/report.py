@@ -26,18 +26,31 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def _slowest_rank_ms(ranks: list[dict], mode: str) -> list[float]:
+    """Each timed step's time in ms: the slowest rank's."""
+    return [max(r[mode]["times_s"][i] for r in ranks) * 1e3 for i in range(len(ranks[0][mode]["times_s"]))]
+
+
 def summarize(raw: dict) -> dict:
     """One launch's raw worker output -> {mode: figures in ms and bytes}, with ratios."""
     ranks = raw["ranks"]
-    modes = list(ranks[0])
+    modes = [m for m in ranks[0] if m != "compute-end"]
     out = {}
+    drift = {}
     for mode in modes:
-        per_step = [max(r[mode]["times_s"][i] for r in ranks) * 1e3 for i in range(len(ranks[0][mode]["times_s"]))]
+        per_step = _slowest_rank_ms(ranks, mode)
+        if mode == "compute" and "compute-end" in ranks[0]:
+            # compute only ran first and last: pool both, and keep each half's median to show drift
+            end = _slowest_rank_ms(ranks, "compute-end")
+            drift = {"compute_first_ms": statistics.median(per_step), "compute_last_ms": statistics.median(end)}
+            per_step = per_step + end
         s = sorted(per_step)
         fig = {"median_ms": statistics.median(s), "p10_ms": _percentile(s, 0.1), "p90_ms": _percentile(s, 0.9),
                "steps": len(s), "bytes_per_step": ranks[0][mode]["bytes_per_step"]}
         if "profile" in ranks[0][mode]:
             fig["profile"] = ranks[0][mode]["profile"]
+        if mode == "compute":
+            fig.update(drift)
         out[mode] = fig
     compute = out["compute"]["median_ms"]
     dense_bytes = out.get("dense", {}).get("bytes_per_step")
@@ -73,7 +86,10 @@ def rows(runs: list[dict]) -> list[list[str]]:
             continue
         compute = run["figures"]["compute"]["median_ms"]
         for mode, fig in run["figures"].items():
-            out.append([str(run["hosts"]), run["link"], run["model"], mode_label(mode),
+            label = mode_label(mode)
+            if "compute_first_ms" in fig:
+                label += f" (first {fig['compute_first_ms']:.0f}, last {fig['compute_last_ms']:.0f})"
+            out.append([str(run["hosts"]), run["link"], run["model"], label,
                         f"{fig['median_ms']:.0f}", f"{fig['p10_ms']:.0f}-{fig['p90_ms']:.0f}", f"{compute:.0f}",
                         "" if mode == "compute" else f"{fig['overhead_ms']:.0f}",
                         _ratio(fig, "x_compute") if mode != "compute" else "",
@@ -164,10 +180,11 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
         "Bytes are what one rank hands to collectives per step (ranger: the compressor's `stats()`; "
         "dense and fp16: numel x itemsize).",
         "",
-        "Within a launch the modes run one after another (compute only first), so when other work "
-        "shares the CPUs its load can change between them: a negative *exchange* means compute-only "
-        "ran under more load than the mode. Compare modes with their spread, and rerun a cell "
-        "(`--append`) when the load was uneven.",
+        "Within a launch the modes run one after another, compute only first and again last (its "
+        "figure pools both; the row gives each one's median), so when other work shares the CPUs "
+        "its load can change between them: a negative *exchange* means compute-only ran under more "
+        "load than the mode. Compare modes with their spread, and rerun a cell (`--append`) when "
+        "the load was uneven.",
         "",
         table(HEADER, rows(runs)),
         "",

@@ -3,7 +3,8 @@
     python -m netbench.worker --model resnet50 --modes dense,fp16,ranger-0.01 --steps 10 --warmup 3 \
         --json OUT.json
 
-For each mode the model is built afresh from the same seed (each Horovod optimizer hooks the
+Compute-only runs first and again last ("compute-end"), so that a change of load during the launch
+shows, and the compute figure pools both. For each mode the model is built afresh from the same seed (each Horovod optimizer hooks the
 parameters it is given), wrapped, warmed up, then timed step by step (forward, backward, exchange,
 update). Compute-only runs the same model, batch and optimizer with no wrapper. Bytes per rank per
 step come from the compressor's ``stats()`` for ranger modes and from numel * itemsize otherwise.
@@ -27,6 +28,8 @@ def parse_mode(mode: str) -> tuple[str, float | None]:
     """"dense" / "fp16" / "ranger-D" -> (kind, density)."""
     if mode in ("compute", "dense", "fp16"):
         return mode, None
+    if mode == "compute-end":   # compute only again after the other modes: load drift shows
+        return "compute", None
     if mode.startswith("ranger-"):
         return "ranger", float(mode.split("-", 1)[1])
     raise ValueError(f"unknown mode {mode!r}")
@@ -78,7 +81,7 @@ def run_torch(args) -> tuple[dict, object]:
 
     gen = torch.Generator().manual_seed(1000 + hvd.rank())
     out = {}
-    for mode in ["compute", *args.modes]:
+    for mode in ["compute", *args.modes, "compute-end"]:
         kind, density = parse_mode(mode)
         torch.manual_seed(0)
         model, make_batch, loss_fn = models.torch_model(args.model)
@@ -133,7 +136,7 @@ def run_tf(args) -> tuple[dict, object]:
         hvd.allreduce(tf.zeros(1), name=f"bench.barrier.{tag}")
 
     out = {}
-    for mode in ["compute", *args.modes]:
+    for mode in ["compute", *args.modes, "compute-end"]:
         kind, density = parse_mode(mode)
         tf.keras.utils.set_random_seed(0)
         model, (x, y) = models.tf_model(args.model)

@@ -80,6 +80,10 @@ def test_quick_grid_on_two_hosts(tmp_path):
     assert sorted(run["raw"]["addresses"]) == ["10.77.110.11", "10.77.110.12"], run["raw"]["addresses"]
     figures = run["figures"]
     assert list(figures) == ["compute", "dense", "fp16", "ranger-0.01", "ranger-0.001"]
+    # compute only ran first and last; its figure pools both runs' steps
+    assert figures["compute"]["steps"] == 10 and all(len(r["compute-end"]["times_s"]) == 5
+                                                     for r in run["raw"]["ranks"])
+    assert figures["compute"]["compute_first_ms"] > 0 and figures["compute"]["compute_last_ms"] > 0
     for mode, fig in figures.items():
         for rank in run["raw"]["ranks"]:
             times = rank[mode]["times_s"]
