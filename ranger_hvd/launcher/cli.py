@@ -17,6 +17,7 @@ from rich.console import Console
 from .command import default_command
 from .config import ConfigError, Resolved, load_config, show_text
 from .launch import launch_one, planned_abs_run_dir, resume_problem
+from .preflight import PreflightError
 from .rundir import write_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -97,6 +98,11 @@ def _dry_run_resume(res: Resolved, run_dir: Path, out=None) -> None:
     out.flush()
 
 
+def _preflight_failed(exc: PreflightError) -> int:
+    _err_console().out(f"error: {exc}", highlight=False)   # host names and paths, no rich markup
+    return EXIT_USAGE
+
+
 def cmd_launch(args) -> int:
     resume_dir = None
     if args.resume is not None:
@@ -131,8 +137,11 @@ def cmd_launch(args) -> int:
     console = _out_console()
     if resume_dir is not None:
         write_config(resume_dir, res)   # the config this continuation runs with (overrides applied)
-    result = launch_one(res, console, stream=args.stream, live=False if args.no_live else None,
-                        resume_dir=resume_dir)
+    try:
+        result = launch_one(res, console, stream=args.stream, live=False if args.no_live else None,
+                            resume_dir=resume_dir)
+    except PreflightError as exc:
+        return _preflight_failed(exc)
     if result is None:
         return EXIT_FAILED
     return result.exit_code
@@ -164,8 +173,11 @@ def cmd_sweep(args) -> int:
             print(f"# {' '.join(combo)}")
             _dry_run(res)
         return EXIT_OK
-    return run_sweep(args.config, axes, combos, resolved, launch_one, _out_console(), stream=args.stream,
-                     live=False if args.no_live else None)
+    try:
+        return run_sweep(args.config, axes, combos, resolved, launch_one, _out_console(), stream=args.stream,
+                         live=False if args.no_live else None)
+    except PreflightError as exc:
+        return _preflight_failed(exc)
 
 
 def cmd_report(args) -> int:

@@ -158,8 +158,13 @@ def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[
         argv += ["--start-timeout", str(cl.start_timeout)]
     argv += ["--output-filename", os.path.join(run_dir, "logs")]
     argv += horovod_flags(res, run_dir)
-    if cl.mpi_args is not None:
-        argv += [f"--mpi-args={cl.mpi_args}"]
+    mpi_args = [cl.mpi_args] if cl.mpi_args is not None else []
+    if cl.controller == "mpi" and cl.ssh_known_hosts_file is not None:
+        # mpirun's ssh is Open MPI's plm_rsh_agent; horovodrun already uses plm_rsh_args for -p/-i
+        agent = shlex.join(["ssh", "-o", f"UserKnownHostsFile={cl.ssh_known_hosts_file}"])
+        mpi_args.append(f"-mca plm_rsh_agent {shlex.quote(agent)}")
+    if mpi_args:
+        argv += [f"--mpi-args={' '.join(mpi_args)}"]
     argv += [python, "-m", cfg.job.entry,
              "--config", os.path.join(run_dir, "config.yaml"), "--run-dir", run_dir]
     if resume:

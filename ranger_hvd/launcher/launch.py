@@ -40,7 +40,8 @@ def resume_problem(run_dir: Path) -> Optional[str]:
 def launch_one(res: Resolved, console: Console, *, stream: bool = False, live: Optional[bool] = None,
                resume_dir: Optional[Path] = None) -> Optional[RunResult]:
     """Creates the run directory (or reuses ``resume_dir``, passing ``--resume`` to the job) and runs the
-    job; returns its RunResult, or None when horovodrun is not installed (nothing is created then)."""
+    job; returns its RunResult, or None when horovodrun is not installed (nothing is created then).
+    Raises PreflightError (nothing created) when a remote host cannot run the job (cluster.preflight)."""
     resume = resume_dir is not None
     probe = default_command(res, str(resume_dir.resolve() if resume else planned_abs_run_dir(res)), resume=resume)
     exe = horovodrun_path(probe)
@@ -48,6 +49,12 @@ def launch_one(res: Resolved, console: Console, *, stream: bool = False, live: O
         console.print(f"[red]error:[/] horovodrun not found on PATH ({probe.env.get('PATH')}); "
                       f"build the environment with launch/setup.sh (see ranger-hvd doctor)", highlight=False)
         return None
+    if res.config.cluster.preflight:
+        from .preflight import default_project_root, run_preflight
+
+        checked = run_preflight(res, default_project_root())   # PreflightError: nothing created or started
+        if checked:
+            console.print(f"preflight: {', '.join(checked)} reachable with this environment", highlight=False)
     run_dir = resume_dir.resolve() if resume else create_run_dir(res).resolve()
     write_config(run_dir, res)
     return run_in_dir(res, run_dir, exe, console, stream=stream, live=live, resume=resume)

@@ -138,4 +138,12 @@ def resolve_hosts(cfg: Config, where: Where, cwd: Path) -> tuple[list[tuple[str,
     if cl.ssh_identity_file is not None and not config_path(cwd, cl.ssh_identity_file).is_file():
         problems.append(Problem("cluster.ssh_identity_file", f"file not found: {cl.ssh_identity_file}",
                                 where("cluster.ssh_identity_file")))
+    if cl.ssh_known_hosts_file is not None and not config_path(cwd, cl.ssh_known_hosts_file).is_file():
+        problems.append(Problem("cluster.ssh_known_hosts_file", f"file not found: {cl.ssh_known_hosts_file} "
+                                "(create it, e.g. with ssh-keyscan -p PORT HOST > FILE)",
+                                where("cluster.ssh_known_hosts_file")))
+    elif cl.controller == "mpi" and any(c.isspace() for c in cl.ssh_known_hosts_file or ""):
+        # Open MPI splits its ssh command (plm_rsh_agent) at spaces, quotes or not
+        problems.append(Problem("cluster.ssh_known_hosts_file", "a path with spaces cannot reach mpirun's ssh",
+                                where("cluster.ssh_known_hosts_file")))
     return hosts, np_, problems

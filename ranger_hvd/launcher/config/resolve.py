@@ -1,7 +1,8 @@
 """From a config file and overrides to a validated, resolved config (precedence: default < file <
 override), and back from a run directory's ``config.yaml`` to the models the jobs read.
 
-Relative paths (``cluster.hostfile``, ``cluster.ssh_identity_file``, ``data.dir``, ``output.dir``) are
+Relative paths (``cluster.hostfile``, ``cluster.ssh_identity_file``,
+``cluster.ssh_known_hosts_file``, ``data.dir``, ``output.dir``) are
 taken relative to the working directory and stored absolute in the resolved config.
 """
 
@@ -136,6 +137,7 @@ def _absolutize(cfg: Config, cwd: Path) -> Config:
     out = cfg.model_copy(deep=True)
     out.cluster.hostfile = absolute(cfg.cluster.hostfile)
     out.cluster.ssh_identity_file = absolute(cfg.cluster.ssh_identity_file)
+    out.cluster.ssh_known_hosts_file = absolute(cfg.cluster.ssh_known_hosts_file)
     out.data.dir = absolute(cfg.data.dir)
     out.output.dir = absolute(cfg.output.dir)
     return out

@@ -129,6 +129,10 @@ class ClusterSection(Section):
     scheduler: Literal["none", "slurm"] = Field("none", description="slurm: submit with sbatch; hosts come "
                                                 "from the allocation")
     slurm: Optional[SlurmOptions] = Field(None, description="Slurm job options (scheduler: slurm only)")
+    preflight: bool = Field(True, description="before a multi-host launch, check every remote host's ssh "
+                            "port, login, host key (controller: mpi) and environment; exit 2 naming the host")
+    ssh_known_hosts_file: Optional[str] = Field(None, min_length=1, description="known_hosts file for the "
+                                                "preflight and mpirun's ssh (default: ~/.ssh/known_hosts)")
 
 
 class HorovodSection(Section):
