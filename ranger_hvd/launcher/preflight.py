@@ -122,9 +122,10 @@ def ssh_options(res: Resolved, *, check_host_key: bool) -> list[str]:
 
 
 def remote_script(env: LocalEnv) -> str:
-    """Shell text run on the host: says plainly when the directory or the interpreter is missing."""
+    """Shell text run on the host: says plainly when the interpreter is missing.  Like horovodrun's own
+    remote command it changes to this working directory when that exists there."""
     py, cwd = shlex.quote(env.python), shlex.quote(env.cwd)
-    return (f"cd {cwd} 2>/dev/null || {{ echo '{{\"missing\": \"dir\"}}'; exit 0; }}; "
+    return (f"cd {cwd} >/dev/null 2>&1; "
             f"[ -x {py} ] || {{ echo '{{\"missing\": \"python\"}}'; exit 0; }}; "
             f"PYTHONPATH={shlex.quote(env.project_root)} exec {py} -c {shlex.quote(_REMOTE_PROBE)}")
 
@@ -150,10 +151,7 @@ def ssh_failure(host: str, port: int, stderr: str, res: Resolved) -> str:
 def env_mismatch(host: str, report: dict, env: LocalEnv) -> Optional[str]:
     install = (f"install the environment at {env.project_root} on {host} "
                f"(launch/multihost-ssh.sh sync {host})")
-    missing = report.get("missing")
-    if missing == "dir":
-        return f"the directory {env.cwd} does not exist there: {install}"
-    if missing == "python":
+    if report.get("missing") == "python":
         return f"the interpreter {env.python} does not exist there: {install}"
     if "import_error" in report:
         return f"{env.python} cannot import ranger_hvd and horovod ({report['import_error']}): {install}"
