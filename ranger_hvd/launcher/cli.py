@@ -18,7 +18,6 @@ from .command import default_command
 from .config import ConfigError, Resolved, load_config, show_text
 from .launch import launch_one, planned_abs_run_dir, resume_problem
 from .preflight import PreflightError
-from .rundir import write_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -135,8 +134,7 @@ def cmd_launch(args) -> int:
             _dry_run(res)
         return EXIT_OK
     console = _out_console()
-    if resume_dir is not None:
-        write_config(resume_dir, res)   # the config this continuation runs with (overrides applied)
+    # launch_one writes config.yaml (overrides applied) once the preflight passed
     try:
         result = launch_one(res, console, stream=args.stream, live=False if args.no_live else None,
                             resume_dir=resume_dir)
