@@ -87,13 +87,26 @@ def _dry_run(res: Resolved, out=None) -> None:
     cmd = default_command(res, str(run_dir))
     out.write(cmd.text())
     out.write(f"# run directory (created by a real launch, not by --dry-run): {run_dir}\n")
+    _dry_run_elastic(res, run_dir, out)
     out.flush()
+
+
+def _dry_run_elastic(res: Resolved, run_dir: Path, out) -> None:
+    """The discovery files a real launch writes, in elastic mode."""
+    from .elastic import discovery_script, hosts_file, hosts_text
+
+    el = res.config.cluster.elastic
+    if el is None or el.discovery_script is not None:
+        return
+    out.write(f"# elastic: {discovery_script(res, run_dir)} prints the hosts listed in {hosts_file(run_dir)}:\n")
+    out.write("".join(f"#   {line}\n" for line in hosts_text(res).splitlines() if not line.startswith("#")))
 
 
 def _dry_run_resume(res: Resolved, run_dir: Path, out=None) -> None:
     out = out or sys.stdout
     out.write(default_command(res, str(run_dir), resume=True).text())
     out.write(f"# resumes in {run_dir} (--dry-run changes nothing there)\n")
+    _dry_run_elastic(res, run_dir, out)
     out.flush()
 
 
