@@ -97,6 +97,11 @@ def elastic_problems(cfg: Config, where: Where) -> list[Problem]:
     if cfg.job.backend == "tensorflow" and cfg.job.entry == DEFAULT_ENTRY:
         problems.append(Problem("cluster.elastic", "the TensorFlow reference jobs have no elastic mode (use "
                                 "job.backend 'torch', or leave cluster.elastic null)", where("job.backend")))
+    if cfg.horovod.cycle_time_ms is not None:
+        # measured: the surviving workers segfault in hvd.init() when the job re-initialises after a resize
+        problems.append(Problem("horovod.cycle_time_ms", "cannot be combined with cluster.elastic: with a cycle "
+                                "time, Horovod 0.28.1's workers crash in hvd.init() when an elastic job resizes "
+                                "(set horovod.cycle_time_ms: null)", where("horovod.cycle_time_ms")))
     if cfg.train.max_restarts:
         problems.append(Problem("train.max_restarts", "cannot be combined with cluster.elastic: elastic mode "
                                 "replaces lost workers itself (set train.max_restarts: 0)",
