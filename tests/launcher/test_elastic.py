@@ -156,6 +156,7 @@ def test_elastic_run_survives_a_lost_host(hosts, tmp_path):
     acc, base_acc = end["eval_accuracy"], base_end["eval_accuracy"]
     assert abs(acc - base_acc) <= 0.01, f"eval accuracy {acc:.4f} after losing a host, {base_acc:.4f} undisturbed"
     assert time.time() - t0 < 300, f"the two elastic runs took {time.time() - t0:.0f}s"
+    print(json.dumps(el))
     print(f"elastic: lost host after step {epoch0_end}; accuracy {acc:.4f} vs {base_acc:.4f}; "
           f"lost residual norm {event['lost_residual_norm']:.3f} of {event['residual_norm_all_workers']:.3f}; "
           f"{time.time() - t0:.0f}s")
