@@ -13,8 +13,14 @@ def _state_of(comp):
     return {name: (t["residual"].clone(), t["step"]) for name, t in comp.state_dict()["tensors"].items()}
 
 
-def test_torch_state_commits_and_restores_residuals_steps_and_bytes():
-    hvd.init()
+@pytest.fixture
+def horovod_alone():
+    hvd.init()             # one process, size 1; shut down after so other tests see Horovod as they found it
+    yield
+    hvd.shutdown()
+
+
+def test_torch_state_commits_and_restores_residuals_steps_and_bytes(horovod_alone):
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 32)
     comp = RangerCompressor(density=0.05, min_elements=16)
