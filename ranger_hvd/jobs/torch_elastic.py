@@ -31,10 +31,10 @@ from collections import Counter
 
 import numpy as np
 
+from ranger_hvd.launcher.elastic import RESET_EVENT   # the launcher's summary collects these lines
+
 from .common import digest_arrays, log, lr_at
 from .metrics import MetricsWriter
-
-RESET_EVENT = "elastic_reset"   # the launcher's summary collects these lines
 
 
 def epoch_order(n_train: int, seed: int, epoch: int) -> np.ndarray:
