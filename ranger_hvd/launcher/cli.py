@@ -63,9 +63,12 @@ def _warn(res: Resolved) -> None:
 def cmd_validate(args) -> int:
     res = _load(args)
     _warn(res)
-    hosts = ",".join(f"{h}:{s}" for h, s in res.hosts) or "a Slurm allocation"
+    el = res.config.cluster.elastic
+    hosts = ",".join(f"{h}:{s}" for h, s in res.hosts) or (
+        "the hosts of the discovery script" if el is not None else "a Slurm allocation")
+    ranks = f"{res.np} ranks" + ("" if el is None else f" (elastic: {el.min_np} to {el.max_np or 'all slots'})")
     print(f"ok: {args.config} is valid (job {res.job_name}: {res.config.job.backend}/{res.config.job.model} on "
-          f"{res.config.data.dataset}, {res.np} ranks on {hosts}, {res.config.cluster.controller}, "
+          f"{res.config.data.dataset}, {ranks} on {hosts}, {res.config.cluster.controller}, "
           f"compression {res.config.compression.type})")
     if res.inactive:
         print(f"inactive ({res.inactive[0].reason}), left out of the run's config: "

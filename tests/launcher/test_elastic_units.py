@@ -117,6 +117,8 @@ def test_cli_dry_run_shows_command_and_hosts_creates_nothing(tmp_path):
     assert first.startswith("horovodrun -np 3 --min-np 2 --max-np 3 --host-discovery-script ") and "-H" not in first
     assert "#   a:1\n#   b:1\n#   c:1\n" in r.stdout
     assert tree(tmp_path) == {"exp.yaml"}
+    r = run_cli(["validate", "exp.yaml"], cwd=tmp_path)
+    assert r.returncode == 0 and "3 ranks (elastic: 2 to 3) on a:1,b:1,c:1" in r.stdout, r.stdout
     r = run_cli(["launch", "exp.yaml", "--dry-run", "cluster.controller=mpi"], cwd=tmp_path)
     assert r.returncode == 2 and "cluster.elastic" in r.stderr and "cluster.controller is 'mpi'" in r.stderr
 
