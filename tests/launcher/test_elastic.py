@@ -1,8 +1,9 @@
 """Elastic mode on 3 test hosts (network namespaces with sshd, launch/netns-hosts.sh): the CNN job loses
 host 3 mid-training (taken out of the discovery file, its workers killed with SIGKILL and its sshd
-stopped), continues on hosts 1 and 2 and ends like an undisturbed elastic run.
+stopped), continues on hosts 1 and 2 and ends like an undisturbed elastic run. And on this machine
+alone: a job that starts on 2 workers takes a third one offered mid-run.
 
-Needs root, ``ip netns`` and sshd; skipped otherwise. Deselect with ``-m 'not netns'``.
+The test hosts need root, ``ip netns`` and sshd; skipped otherwise. Deselect with ``-m 'not netns'``.
 """
 
 import json
@@ -18,7 +19,7 @@ import pytest
 from .conftest import REPO, needs_horovod
 from .test_netns import SCRIPT
 
-pytestmark = [pytest.mark.netns, pytest.mark.horovod, needs_horovod]
+pytestmark = [pytest.mark.horovod, needs_horovod]
 
 PREFIX, NET = "rela", "10.79.0"          # unique to this file: other tests use their own
 HOSTS = [f"{NET}.11", f"{NET}.12", f"{NET}.13"]
@@ -113,6 +114,7 @@ def _lose_host3(run: Path, timeout: float = 150) -> int:
     return max(r["step"] for r in recs if r["epoch"] == 0)
 
 
+@pytest.mark.netns
 def test_elastic_run_survives_a_lost_host(hosts, tmp_path):
     t0 = time.time()
     # the undisturbed elastic run, then the one that loses host 3 (same seed and data)
@@ -160,3 +162,41 @@ def test_elastic_run_survives_a_lost_host(hosts, tmp_path):
     print(f"elastic: lost host after step {epoch0_end}; accuracy {acc:.4f} vs {base_acc:.4f}; "
           f"lost residual norm {event['lost_residual_norm']:.3f} of {event['residual_norm_all_workers']:.3f}; "
           f"{time.time() - t0:.0f}s")
+
+
+def test_elastic_run_takes_a_new_worker(tmp_path):
+    """localhost:2 grows to localhost:3 once training runs; commits every 5 steps, so the new worker
+    joins at the first commit after it is up, takes rank 0's state and ends with the same parameters.
+    Synthetic data, 500 steps per epoch on 2 workers, so the run outlasts the new worker's start."""
+    out = tmp_path / "runs"
+    argv = [sys.executable, "-m", "ranger_hvd.launcher.cli", "launch", str(REPO / "configs" / "cnn-digits.yaml"),
+            "cluster.hosts=[localhost:2]", "cluster.np=2", "cluster.elastic.min_np=2", "cluster.elastic.max_np=3",
+            "cluster.elastic.commit_every_steps=5", "horovod.cycle_time_ms=null", "train.epochs=2",
+            "data.dataset=synthetic", "data.synthetic_samples=10000", "train.batch_size=8",
+            "train.checkpoint=false", f"output.dir={out}", "--no-live"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run = _run_dir(out)
+        deadline = time.time() + 120
+        while not any("step" in r for r in _records(run)):
+            assert time.time() < deadline and proc.poll() is None, "training never started"
+            time.sleep(0.1)
+        grown_after = max(r["step"] for r in _records(run) if "step" in r)
+        (run / "elastic" / "hosts").write_text("localhost:3\n")
+        log, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log[-4000:]
+    end = _records(run)[-1]
+    assert end["event"] == "end" and end["size"] == 3 and end["elastic_resets"] == 1, end
+    assert end["params_identical"] is True and len(end["param_digests"]) == 3, end
+    event = json.loads((run / "summary.json").read_text())["elastic"]["events"][0]
+    assert (event["old_size"], event["new_size"], event["hosts_added"], event["hosts_lost"]) == (
+        2, 3, ["localhost"], []), event
+    # a worker offered is taken at a commit, with nothing rolled back
+    assert event["steps_rolled_back"] == 0 and event["resumed_at"]["step"] % 5 == 0, event
+    assert grown_after <= event["resumed_at"]["step"] < end["steps"], (event, grown_after)
+    print(f"elastic: a third worker offered after step {grown_after} joined at step "
+          f"{event['resumed_at']['step']} of {end['steps']}")
