@@ -100,8 +100,10 @@ def test_script_file_problems(tmp_path):
     found = problems(tmp_path, "cluster:\n  elastic: {min_np: 2, discovery_script: nope.sh}\n")
     assert found == [("cluster.elastic.discovery_script", "file not found: nope.sh")]
     (tmp_path / "plain.sh").write_text("echo a:1\n")
-    found = problems(tmp_path, "cluster:\n  elastic: {min_np: 2, discovery_script: plain.sh}\n")
-    assert found == [("cluster.elastic.discovery_script", "plain.sh is not executable (chmod +x it)")]
+    found = problems(tmp_path, "cluster:\n  elastic: {min_np: 2, discovery_script: plain.sh}\n"
+                               "  ssh_identity_file: nokey\n")
+    assert found == [("cluster.elastic.discovery_script", "plain.sh is not executable (chmod +x it)"),
+                     ("cluster.ssh_identity_file", "file not found: nokey")]
 
 
 def test_one_remote_host_needs_the_interface(tmp_path):

@@ -162,14 +162,13 @@ def resolve_hosts(cfg: Config, where: Where, cwd: Path) -> tuple[list[tuple[str,
     hosts: list[tuple[str, int]] = []
     if cl.scheduler == "slurm" or (cl.hosts is not None and cl.hostfile is not None):
         pass   # Slurm: the hosts come from the allocation once the job runs; both given: check_cluster says so
-    elif el is not None and el.discovery_script is not None:
+    elif el is not None and el.discovery_script is not None:   # the script lists the hosts
         script = config_path(cwd, el.discovery_script)
         p = "cluster.elastic.discovery_script"
         if not script.is_file():
             problems.append(Problem(p, f"file not found: {el.discovery_script}", where(p)))
         elif not os.access(script, os.X_OK):
             problems.append(Problem(p, f"{el.discovery_script} is not executable (chmod +x it)", where(p)))
-        return [], cl.np if cl.np is not None else el.min_np, problems
     elif cl.hostfile is not None:
         hosts = parse_hostfile(config_path(cwd, cl.hostfile), "cluster.hostfile", where("cluster.hostfile"), problems)
     elif cl.hosts is not None:
@@ -182,6 +181,8 @@ def resolve_hosts(cfg: Config, where: Where, cwd: Path) -> tuple[list[tuple[str,
     np_ = cl.np if cl.np is not None else total
     if el is not None and cl.np is None and el.max_np is not None:
         np_ = min(total, el.max_np)
+    if el is not None and el.discovery_script is not None and cl.np is None:
+        np_ = el.min_np     # the script's hosts are known only once it runs
     if hosts and cl.np is not None and cl.np > total:
         problems.append(Problem("cluster.np", f"{cl.np} ranks do not fit in the {total} slots of the hosts "
                                 "(np may not exceed the total slots)", where("cluster.np")))
