@@ -11,7 +11,9 @@ set to 0 when the compressor has momentum of its own, max_steps, log_every, chec
 writes ``RUN_DIR/checkpoints/step-SSSSSSSS/rank{r}.pt`` (torch) or ``.pkl`` (TensorFlow) after each
 epoch, keeping its two newest; see :mod:`ranger_hvd.jobs.checkpoint`) and ``compression`` (type
 none | fp16 | ranger, and ranger's options: :class:`ranger_hvd.core.options.RangerOptions`). The
-cluster, horovod and output sections are validated but used only by the launcher.
+cluster, horovod and output sections are validated but used only by the launcher, except
+``cluster.elastic``: with it the PyTorch jobs train under ``hvd.elastic.run`` (see
+:mod:`ranger_hvd.jobs.torch_elastic`).
 
 Models: ``cnn`` two conv layers + MLP head; ``rnn`` a GRU reading the image rows as a sequence;
 ``gan`` an MLP generator and discriminator on the flattened images, both trained through the

@@ -48,6 +48,15 @@ class MetricsWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "a", encoding="utf-8")
 
+    def set_enabled(self, enabled: bool) -> None:
+        """Elastic jobs: the process that is rank 0 now writes (appending), the others stop."""
+        enabled = bool(enabled and self.path is not None)
+        if enabled and self._fh is None:
+            self._fh = open(self.path, "a", encoding="utf-8")
+        elif not enabled:
+            self.close()
+        self.enabled = enabled
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 

@@ -150,13 +150,17 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
     np.random.seed(cfg.train.seed + rank)
 
     H, W = data.image_shape
-    tr = shard_indices(len(data.x_train), rank, size)
-    ev = shard_indices(len(data.x_eval), rank, size, equalize=False)
+    # elastic: every worker holds the whole training set; each step's slice follows the current size
+    elastic = cfg.cluster.elastic is not None
+    tr = np.arange(len(data.x_train)) if elastic else shard_indices(len(data.x_train), rank, size)
     x_tr = torch.from_numpy(data.x_train[tr]).unsqueeze(1)            # (n, 1, H, W)
     y_tr = torch.from_numpy(data.y_train[tr])
-    x_ev = torch.from_numpy(data.x_eval[ev]).unsqueeze(1)
-    y_ev = torch.from_numpy(data.y_eval[ev])
     n_steps = steps_per_epoch(len(data.x_train), size, cfg.train.batch_size)
+
+    def eval_shard():
+        """This rank's held-out samples among the current workers."""
+        ev = shard_indices(len(data.x_eval), hvd.rank(), hvd.size(), equalize=False)
+        return torch.from_numpy(data.x_eval[ev]).unsqueeze(1), torch.from_numpy(data.y_eval[ev])
 
     gan = cfg.job.model == "gan"
     if gan:
@@ -169,9 +173,11 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         model = build_cnn((H, W), data.num_classes) if cfg.job.model == "cnn" else build_rnn((H, W), data.num_classes)
         modules = [model]
         opts = [DistOpt(model, "", cfg)]
-    _broadcast(hvd, modules, opts)
+    if not elastic:       # elastic: TorchState's sync broadcasts rank 0's state
+        _broadcast(hvd, modules, opts)
     quality = None
-    if gan and rank == 0:     # samples are scored on rank 0 (every rank holds the same generator)
+    # samples are scored on rank 0 (every rank holds the same generator); elastic: any worker may become it
+    if gan and (rank == 0 or elastic):
         from .quality import GanSampleQuality
 
         quality = GanSampleQuality(data, seed=cfg.train.seed, z_dim=z_dim, run_dir=run_dir)
@@ -201,6 +207,7 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         resume_from = ckpt["loop"]
 
     def save(loop_state: dict) -> None:
+        rank, size = hvd.rank(), hvd.size()    # elastic: the current ones
         checkpoint.save(run_dir, rank=rank, backend="torch", write=_write_torch, state={
             **checkpoint.header(rank=rank, size=size, backend="torch", model=cfg.job.model,
                                 compression=cfg.compression.type),
@@ -258,11 +265,12 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         """Held-out metrics over every rank's eval shard (one small allreduce of sums)."""
         for m in modules:
             m.eval()
+        x_ev, y_ev = eval_shard()
         with torch.no_grad():
             if gan:
                 real = x_ev.flatten(1) * 2 - 1
                 n = real.shape[0]
-                g = torch.Generator().manual_seed(777 + rank)
+                g = torch.Generator().manual_seed(777 + hvd.rank())
                 fake = gen(torch.randn(n, z_dim, generator=g))
                 dr, df = disc(real), disc(fake)
                 sums = torch.tensor([
@@ -279,7 +287,7 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         if gan:
             return {"eval_d_loss": tot[0].item() / n, "eval_g_loss": tot[1].item() / n,
                     "eval_d_real_acc": tot[2].item() / n, "eval_d_fake_acc": tot[3].item() / n,
-                    **(quality.evaluate(generate, epoch_tag) if quality is not None else {})}
+                    **(quality.evaluate(generate, epoch_tag) if quality is not None and hvd.rank() == 0 else {})}
         return {"eval_loss": tot[0].item() / n, "eval_accuracy": tot[1].item() / n}
 
     train_step = gan_step if gan else classifier_step
@@ -293,6 +301,13 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
             for g in o.opt.param_groups:
                 g["lr"] = lr
 
+    if elastic:
+        from .torch_elastic import run_elastic
+
+        return run_elastic(cfg, dataset=data.name, n_train=len(tr), modules=modules, opts=opts, step_fn=step_fn,
+                           evaluate=evaluate, run_dir=run_dir, resume_from=resume_from, set_lr=set_lr,
+                           end_fields=quality.references if quality is not None else None,
+                           save_checkpoint=save if cfg.train.checkpoint and run_dir is not None else None)
     return train_loop(cfg, backend="torch", dataset=data.name, rank=rank, size=size, n_train=len(tr),
                       n_steps=n_steps, step_fn=step_fn, meters=opts, evaluate=evaluate,
                       param_arrays=lambda: [p.detach().cpu().numpy() for m in modules for p in m.parameters()],

@@ -63,9 +63,12 @@ def _warn(res: Resolved) -> None:
 def cmd_validate(args) -> int:
     res = _load(args)
     _warn(res)
-    hosts = ",".join(f"{h}:{s}" for h, s in res.hosts) or "a Slurm allocation"
+    el = res.config.cluster.elastic
+    hosts = ",".join(f"{h}:{s}" for h, s in res.hosts) or (
+        "the hosts of the discovery script" if el is not None else "a Slurm allocation")
+    ranks = f"{res.np} ranks" + ("" if el is None else f" (elastic: {el.min_np} to {el.max_np or 'all slots'})")
     print(f"ok: {args.config} is valid (job {res.job_name}: {res.config.job.backend}/{res.config.job.model} on "
-          f"{res.config.data.dataset}, {res.np} ranks on {hosts}, {res.config.cluster.controller}, "
+          f"{res.config.data.dataset}, {ranks} on {hosts}, {res.config.cluster.controller}, "
           f"compression {res.config.compression.type})")
     if res.inactive:
         print(f"inactive ({res.inactive[0].reason}), left out of the run's config: "
@@ -87,13 +90,26 @@ def _dry_run(res: Resolved, out=None) -> None:
     cmd = default_command(res, str(run_dir))
     out.write(cmd.text())
     out.write(f"# run directory (created by a real launch, not by --dry-run): {run_dir}\n")
+    _dry_run_elastic(res, run_dir, out)
     out.flush()
+
+
+def _dry_run_elastic(res: Resolved, run_dir: Path, out) -> None:
+    """The discovery files a real launch writes, in elastic mode."""
+    from .elastic import discovery_script, hosts_file, hosts_text
+
+    el = res.config.cluster.elastic
+    if el is None or el.discovery_script is not None:
+        return
+    out.write(f"# elastic: {discovery_script(res, run_dir)} prints the hosts listed in {hosts_file(run_dir)}:\n")
+    out.write("".join(f"#   {line}\n" for line in hosts_text(res).splitlines() if not line.startswith("#")))
 
 
 def _dry_run_resume(res: Resolved, run_dir: Path, out=None) -> None:
     out = out or sys.stdout
     out.write(default_command(res, str(run_dir), resume=True).text())
     out.write(f"# resumes in {run_dir} (--dry-run changes nothing there)\n")
+    _dry_run_elastic(res, run_dir, out)
     out.flush()
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from .config import Resolved, split_list
+from .elastic import elastic_flags
 
 MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 HOROVOD_STALL_WARNING_S = 60   # horovodrun's own default for --stall-check-warning-time-seconds
@@ -73,8 +74,9 @@ def stall_needs_timeline(res: Resolved) -> bool:
     """Under Gloo, Horovod 0.28.1's stall inspector never reports, so the launcher finds stalls in
     Horovod's timeline instead (see :mod:`ranger_hvd.launcher.stall`)."""
     hv = res.config.horovod
+    # Not in elastic mode: after a resize the timeline's collectives have fewer ranks than it expects
     return (hv.stall_check and hv.stall_check_shutdown_time_seconds > 0 and not hv.timeline
-            and res.config.cluster.controller == "gloo")
+            and res.config.cluster.controller == "gloo" and res.config.cluster.elastic is None)
 
 
 def horovod_flags(res: Resolved, run_dir: str) -> list[str]:
@@ -146,8 +148,12 @@ def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[
     cfg = res.config
     cl = cfg.cluster
     run_dir = str(run_dir)
-    argv = ["horovodrun", "-np", str(res.np), "-H", ",".join(f"{h}:{s}" for h, s in res.hosts),
-            "--mpi" if cl.controller == "mpi" else "--gloo"]
+    argv = ["horovodrun", "-np", str(res.np)]
+    if cl.elastic is not None:   # the discovery script lists the hosts
+        argv += elastic_flags(res, run_dir)
+    else:
+        argv += ["-H", ",".join(f"{h}:{s}" for h, s in res.hosts)]
+    argv.append("--mpi" if cl.controller == "mpi" else "--gloo")
     if cl.ssh_port is not None:
         argv += ["-p", str(cl.ssh_port)]
     if cl.ssh_identity_file is not None:

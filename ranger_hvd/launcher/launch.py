@@ -10,6 +10,7 @@ from rich.console import Console
 
 from .command import LaunchCommand, default_command
 from .config import Resolved
+from .elastic import write_discovery_files
 from .rundir import create_run_dir, planned_run_dir, write_command, write_config
 from .summary import RunResult
 
@@ -67,6 +68,7 @@ def run_in_dir(res: Resolved, run_dir: Path, exe: str, console: Console, *, stre
     from .supervisor import Supervisor
 
     cmd = default_command(res, str(run_dir), resume=resume)
+    write_discovery_files(run_dir, res)
     write_command(run_dir, cmd)
     for name in cmd.missing_env:
         console.print(f"[yellow]warning:[/] cluster.env: {name} is not set here, so the ranks do not get it",

@@ -11,6 +11,7 @@ from typing import Optional
 from rich.console import Console
 
 from .config import Resolved
+from .elastic import elastic_summary
 from .formatting import fmt_bytes, fmt_value
 from .ranklogs import tail_lines
 
@@ -76,6 +77,7 @@ def build_summary(res: Resolved, *, status: str, records: list[dict], started: f
         "rank_logs": {str(k): v for k, v in sorted(rank_logs.items())},
         "command": command,
         "resumed": resumed,
+        "elastic": elastic_summary(res, records),
     }
 
 

@@ -275,6 +275,16 @@ class RangerCompressor:
         return {name: float(st.residual.double().norm()) for name, st in self._state.items()
                 if st.residual is not None}
 
+    def step_counters(self) -> dict[str, int]:
+        """Each tensor's exchange count (the warm-up and random-k schedules depend on it)."""
+        return {name: st.step for name, st in self._state.items()}
+
+    def set_step_counters(self, steps: dict[str, int]) -> None:
+        """Sets the exchange counts (a worker that joins an elastic job takes rank 0's), keeping the
+        residuals: every rank must pick the same k for a tensor, or their allgathers do not fit."""
+        for name, step in steps.items():
+            self._state_of(name).step = int(step)
+
     def state_dict(self) -> dict:
         tensors = {}
         for name, st in self._state.items():

@@ -12,7 +12,7 @@ from typing import Callable
 from ..slurm_config import SlurmOptions, slurm_problems, tasks_per_node
 from .hosts import parse_host_list, parse_hostfile, split_list
 from .problems import Problem
-from .schema import Config
+from .schema import DEFAULT_ENTRY, Config
 
 Where = Callable[[str], str]
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -67,6 +67,45 @@ def check_cluster(cfg: Config, where: Where) -> list[Problem]:
     if cl.scheduler == "slurm":
         for p, msg in slurm_problems(cl.slurm or SlurmOptions(), cl.np, cl.hosts is not None, cl.hostfile is not None):
             problems.append(Problem(p, msg, where(p)))
+    if cl.elastic is not None:
+        problems += elastic_problems(cfg, where)
+    return problems
+
+
+def elastic_problems(cfg: Config, where: Where) -> list[Problem]:
+    """What elastic mode cannot be combined with, and its worker bounds (file-free)."""
+    cl, el, problems = cfg.cluster, cfg.cluster.elastic, []
+    if cl.controller != "gloo":
+        problems.append(Problem("cluster.elastic", f"needs cluster.controller 'gloo' (Horovod's elastic mode runs "
+                                f"on Gloo only); cluster.controller is '{cl.controller}'", where("cluster.controller")))
+    if cl.scheduler == "slurm":
+        problems.append(Problem("cluster.elastic", "cannot be combined with cluster.scheduler 'slurm' (the "
+                                "allocation fixes the hosts)", where("cluster.scheduler")))
+    if el.max_np is not None and el.max_np < el.min_np:
+        problems.append(Problem("cluster.elastic.max_np", f"must be at least cluster.elastic.min_np ({el.min_np}); "
+                                f"got {el.max_np}", where("cluster.elastic.max_np")))
+    if cl.np is not None and cl.np < el.min_np:
+        problems.append(Problem("cluster.np", f"{cl.np} is below cluster.elastic.min_np ({el.min_np}): the job "
+                                "starts with np workers and continues with at least min_np", where("cluster.np")))
+    if cl.np is not None and el.max_np is not None and cl.np > el.max_np:
+        problems.append(Problem("cluster.np", f"{cl.np} is above cluster.elastic.max_np ({el.max_np})",
+                                where("cluster.np")))
+    if el.discovery_script is not None and (cl.hosts is not None or cl.hostfile is not None):
+        key = "cluster.hosts" if cl.hosts is not None else "cluster.hostfile"
+        problems.append(Problem(key, "not used with cluster.elastic.discovery_script, which lists the hosts "
+                                "(set one of them to null)", where(key)))
+    if cfg.job.backend == "tensorflow" and cfg.job.entry == DEFAULT_ENTRY:
+        problems.append(Problem("cluster.elastic", "the TensorFlow reference jobs have no elastic mode (use "
+                                "job.backend 'torch', or leave cluster.elastic null)", where("job.backend")))
+    if cfg.horovod.cycle_time_ms is not None:
+        # measured: the surviving workers segfault in hvd.init() when the job re-initialises after a resize
+        problems.append(Problem("horovod.cycle_time_ms", "cannot be combined with cluster.elastic: with a cycle "
+                                "time, Horovod 0.28.1's workers crash in hvd.init() when an elastic job resizes "
+                                "(set horovod.cycle_time_ms: null)", where("horovod.cycle_time_ms")))
+    if cfg.train.max_restarts:
+        problems.append(Problem("train.max_restarts", "cannot be combined with cluster.elastic: elastic mode "
+                                "replaces lost workers itself (set train.max_restarts: 0)",
+                                where("train.max_restarts")))
     return problems
 
 
@@ -119,9 +158,17 @@ def resolve_hosts(cfg: Config, where: Where, cwd: Path) -> tuple[list[tuple[str,
     """(hosts, number of ranks, problems) from cluster.hosts, cluster.hostfile or the default
     localhost:np; also checks that the ssh identity file exists."""
     cl, problems = cfg.cluster, []
+    el = cl.elastic
     hosts: list[tuple[str, int]] = []
     if cl.scheduler == "slurm" or (cl.hosts is not None and cl.hostfile is not None):
         pass   # Slurm: the hosts come from the allocation once the job runs; both given: check_cluster says so
+    elif el is not None and el.discovery_script is not None:   # the script lists the hosts
+        script = config_path(cwd, el.discovery_script)
+        p = "cluster.elastic.discovery_script"
+        if not script.is_file():
+            problems.append(Problem(p, f"file not found: {el.discovery_script}", where(p)))
+        elif not os.access(script, os.X_OK):
+            problems.append(Problem(p, f"{el.discovery_script} is not executable (chmod +x it)", where(p)))
     elif cl.hostfile is not None:
         hosts = parse_hostfile(config_path(cwd, cl.hostfile), "cluster.hostfile", where("cluster.hostfile"), problems)
     elif cl.hosts is not None:
@@ -132,9 +179,21 @@ def resolve_hosts(cfg: Config, where: Where, cwd: Path) -> tuple[list[tuple[str,
     if cl.scheduler == "slurm":
         total = (cl.slurm or SlurmOptions()).nodes * tasks_per_node(cl.slurm or SlurmOptions(), cl.np)
     np_ = cl.np if cl.np is not None else total
+    if el is not None and cl.np is None and el.max_np is not None:
+        np_ = min(total, el.max_np)
+    if el is not None and el.discovery_script is not None and cl.np is None:
+        np_ = el.min_np     # the script's hosts are known only once it runs
     if hosts and cl.np is not None and cl.np > total:
         problems.append(Problem("cluster.np", f"{cl.np} ranks do not fit in the {total} slots of the hosts "
                                 "(np may not exceed the total slots)", where("cluster.np")))
+    if (el is not None and cl.network_interfaces is None and len({h for h, _ in hosts}) == 1
+            and hosts[0][0] not in ("localhost", "127.0.0.1")):
+        problems.append(Problem("cluster.network_interfaces", f"elastic mode on the one host {hosts[0][0]} needs "
+                                "the interface its workers talk over (horovodrun otherwise waits for a second "
+                                "host to find it)", where("cluster.elastic")))
+    if el is not None and hosts and total < el.min_np:
+        problems.append(Problem("cluster.elastic.min_np", f"{el.min_np} workers do not fit in the {total} slots "
+                                "of the hosts", where("cluster.elastic.min_np")))
     if cl.ssh_identity_file is not None and not config_path(cwd, cl.ssh_identity_file).is_file():
         problems.append(Problem("cluster.ssh_identity_file", f"file not found: {cl.ssh_identity_file}",
                                 where("cluster.ssh_identity_file")))

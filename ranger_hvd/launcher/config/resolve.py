@@ -60,7 +60,7 @@ class Resolved:
             slurm = self.config.cluster.slurm or SlurmOptions()
             d["cluster"]["slurm"] = slurm.model_dump(mode="json")
             d["cluster"]["slurm"]["ntasks_per_node"] = tasks_per_node(slurm, self.np)
-        elif d["cluster"]["hostfile"] is None:
+        elif d["cluster"]["hostfile"] is None and self.hosts:   # none: the elastic discovery script lists them
             d["cluster"]["hosts"] = [f"{h}:{s}" for h, s in self.hosts]
         d["job"]["name"] = self.job_name
         if isinstance(d["cluster"]["network_interfaces"], str):
@@ -138,6 +138,8 @@ def _absolutize(cfg: Config, cwd: Path) -> Config:
     out.cluster.hostfile = absolute(cfg.cluster.hostfile)
     out.cluster.ssh_identity_file = absolute(cfg.cluster.ssh_identity_file)
     out.cluster.ssh_known_hosts_file = absolute(cfg.cluster.ssh_known_hosts_file)
+    if out.cluster.elastic is not None:
+        out.cluster.elastic.discovery_script = absolute(cfg.cluster.elastic.discovery_script)
     out.data.dir = absolute(cfg.data.dir)
     out.output.dir = absolute(cfg.output.dir)
     return out

@@ -115,6 +115,24 @@ GROUPS = (COMPRESSION,)
 CompressionSection = Union[NoCompression, Fp16Compression, RangerCompression]
 
 
+class ElasticOptions(Section):
+    """Elastic training: horovodrun keeps the job going while workers leave or join (Gloo only)."""
+
+    min_np: int = Field(..., ge=1, description="fewest workers the job continues with (below: it waits)")
+    max_np: Optional[int] = Field(None, ge=1, description="most workers (null: every discovered slot)")
+    discovery_script: Optional[str] = Field(None, min_length=1, description="executable printing one "
+                                            "host[:slots] line per available host (null: generated in the run "
+                                            "directory from cluster.hosts)")
+    slots_per_host: Optional[int] = Field(None, ge=1, description="slots of a discovered host printed "
+                                          "without ':slots'")
+    reset_limit: Optional[int] = Field(None, ge=0, description="most resizes before the job fails "
+                                       "(null: no limit)")
+    elastic_timeout: Optional[int] = Field(None, ge=1, description="seconds to wait for min_np workers "
+                                           "after a resize (null: horovodrun's 600)")
+    commit_every_steps: Optional[int] = Field(None, ge=1, description="the jobs commit their state every N "
+                                              "steps and at each epoch end (null: each epoch end only)")
+
+
 class ClusterSection(Section):
     np: Optional[int] = Field(None, ge=1, description="number of ranks; default: the total slots")
     hosts: Optional[Union[list[str], str]] = Field(None, description="host:slots entries (or one comma-separated string)")
@@ -126,6 +144,8 @@ class ClusterSection(Section):
     start_timeout: Optional[int] = Field(None, ge=1, description="seconds horovodrun waits for the ranks to start")
     env: list[str] = Field(default_factory=list, description="NAME (forwarded) or NAME=VALUE (set) entries")
     mpi_args: Optional[str] = Field(None, min_length=1, description="extra mpirun arguments (controller: mpi)")
+    elastic: Optional[ElasticOptions] = Field(None, description="elastic mode (controller: gloo): workers may "
+                                              "leave and join; see docs/launcher.md")
     scheduler: Literal["none", "slurm"] = Field("none", description="slurm: submit with sbatch; hosts come "
                                                 "from the allocation")
     slurm: Optional[SlurmOptions] = Field(None, description="Slurm job options (scheduler: slurm only)")
