@@ -201,8 +201,9 @@ def plot(results: dict, names: list[str], modes: list[str], scales: list[int], p
             xs = [i + j * width for i in range(len(modes))]
             ax.bar(xs, [v if v is not None else 0 for v in values], width, label=f"{base * s} epochs",
                    yerr=spreads if any(spreads) else None, capsize=2)
-            for x, v in zip(xs, values):   # the figure on each bar; a run that failed says so
-                ax.annotate("failed" if v is None else f"{v:.3f}", (x, v or 0), ha="center",
+            for x, v, m in zip(xs, values, modes):   # the figure on each bar; say why one is missing
+                missing = "not run" if (m, s) not in results[name]["runs"] else "failed"
+                ax.annotate(missing if v is None else f"{v:.3f}", (x, v or 0), ha="center",
                             va="bottom", fontsize=7, rotation=90)
             shown += [v for v in values if v is not None]
         if higher and shown:   # accuracies sit near 1: start the axis near the lowest one
@@ -213,7 +214,9 @@ def plot(results: dict, names: list[str], modes: list[str], scales: list[int], p
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle("Eval metric by mode after the same epochs (2 ranks, Gloo)")
+    seeds = max((r.get("seeds", 1) for n in names for r in results[n]["runs"].values()), default=1)
+    fig.suptitle("Eval metric by mode after the same epochs (2 ranks, Gloo)"
+                 + (f"; bars: mean over {seeds} seeds, whiskers: stdev" if seeds > 1 else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
