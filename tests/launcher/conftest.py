@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,27 @@ def run_cli(args, cwd, timeout=120, env=None, **kw):
 
 def tree(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in Path(path).rglob("*")}
+
+
+NETNS_SCRIPT = REPO / "launch" / "netns-hosts.sh"
+
+
+def netns_unusable(prefix: str, tools: tuple[str, ...] = ("ip", "ssh")) -> str:
+    """Why test hosts PREFIX-ns1.. cannot be created here ("" when they can)."""
+    if os.geteuid() != 0:
+        return "needs root"
+    missing = [t for t in tools if not shutil.which(t)]
+    if missing or not os.path.exists("/usr/sbin/sshd"):
+        return f"needs /usr/sbin/sshd and {', '.join(tools)} on PATH"
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True)
+    if r.returncode != 0:
+        return "ip netns unavailable"
+    if f"{prefix}-ns1".encode() in r.stdout:
+        return f"{prefix}-ns1 already exists (another run is using these test hosts)"
+    return ""
+
+
+def netns_script(action: str, state: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``launch/netns-hosts.sh ACTION STATE`` with ``env`` (HOSTS, PREFIX, NET) added."""
+    return subprocess.run(["bash", str(NETNS_SCRIPT), action, str(state)], env=dict(os.environ, **(env or {})),
+                          capture_output=True, text=True, timeout=120 if action == "up" else 60)

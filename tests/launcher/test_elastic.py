@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, needs_horovod
-from .test_netns import SCRIPT
+from .conftest import REPO, needs_horovod, netns_script, netns_unusable
 
 pytestmark = [pytest.mark.horovod, needs_horovod]
 
@@ -26,31 +25,18 @@ HOSTS = [f"{NET}.11", f"{NET}.12", f"{NET}.13"]
 ENV = {"HOSTS": "3", "PREFIX": PREFIX, "NET": NET}
 
 
-def _usable() -> str:
-    if os.geteuid() != 0:
-        return "needs root"
-    r = subprocess.run(["ip", "netns", "list"], capture_output=True)
-    if r.returncode != 0:
-        return "ip netns unavailable"
-    if f"{PREFIX}-ns1".encode() in r.stdout:
-        return f"{PREFIX}-ns1 already exists (another run is using these test hosts)"
-    return ""
-
-
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    why = _usable()
+    why = netns_unusable(PREFIX)
     if why:
         pytest.skip(why)
     state = tmp_path_factory.mktemp("netns-elastic")
-    env = dict(os.environ, **ENV)
-    up = subprocess.run(["bash", str(SCRIPT), "up", str(state)], env=env, capture_output=True, text=True,
-                        timeout=120)
+    up = netns_script("up", state, ENV)
     if up.returncode != 0:
-        subprocess.run(["bash", str(SCRIPT), "down", str(state)], env=env, capture_output=True, timeout=60)
+        netns_script("down", state, ENV)
         pytest.skip(f"could not create the test hosts: {up.stderr[-2000:]}")
     yield state
-    subprocess.run(["bash", str(SCRIPT), "down", str(state)], env=env, capture_output=True, timeout=60)
+    netns_script("down", state, ENV)
 
 
 def _launch(hosts_state: Path, out: Path) -> subprocess.Popen:

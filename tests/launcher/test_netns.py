@@ -7,44 +7,27 @@ Needs root, ``ip netns`` and sshd; skipped otherwise.  Deselect with ``-m 'not n
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import REPO, needs_horovod
+from .conftest import REPO, needs_horovod, netns_script, netns_unusable
 
 pytestmark = [pytest.mark.netns, pytest.mark.horovod, needs_horovod]
 
-SCRIPT = REPO / "launch" / "netns-hosts.sh"
-
-
-def _netns_usable() -> str:
-    if os.geteuid() != 0:
-        return "needs root"
-    if not shutil.which("ip") or not os.path.exists("/usr/sbin/sshd") or not shutil.which("ssh"):
-        return "needs iproute2, sshd and ssh"
-    r = subprocess.run(["ip", "netns", "list"], capture_output=True)
-    if r.returncode != 0:
-        return "ip netns unavailable"
-    if b"rhvd-ns1" in r.stdout:
-        return "rhvd-ns1 already exists (another run is using the test hosts)"
-    return ""
-
-
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    why = _netns_usable()
+    why = netns_unusable("rhvd")
     if why:
         pytest.skip(why)
     state = tmp_path_factory.mktemp("netns")
-    up = subprocess.run(["bash", str(SCRIPT), "up", str(state)], capture_output=True, text=True, timeout=120)
+    up = netns_script("up", state)
     if up.returncode != 0:
-        subprocess.run(["bash", str(SCRIPT), "down", str(state)], capture_output=True, timeout=60)
+        netns_script("down", state)
         pytest.skip(f"could not create the test hosts: {up.stderr[-2000:]}")
     yield state
-    subprocess.run(["bash", str(SCRIPT), "down", str(state)], capture_output=True, timeout=60)
+    netns_script("down", state)
 
 
 def test_two_host_real_job(hosts, tmp_path):

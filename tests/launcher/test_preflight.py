@@ -8,7 +8,6 @@ prepared through cluster.ssh_known_hosts_file.
 import json
 import os
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,9 +20,8 @@ from ranger_hvd.launcher.config import load_config
 from ranger_hvd.launcher.preflight import (LocalEnv, PreflightError, check_host, env_mismatch, format_problems,
                                            is_local, run_preflight, ssh_failure, ssh_options)
 
-from .conftest import CLI, REPO, needs_horovod, run_cli
+from .conftest import CLI, REPO, needs_horovod, netns_script, netns_unusable, run_cli
 
-SCRIPT = REPO / "launch" / "netns-hosts.sh"
 CNN = REPO / "configs" / "cnn-digits.yaml"
 PREFIX, NET = "rpre", "10.78.0"
 ENV = LocalEnv(python="/opt/env/bin/python", project_root="/srv/repo", ranger_hvd="0.1.0", horovod="0.28.1",
@@ -112,20 +110,6 @@ def test_dry_run_does_not_ssh(tmp_path):
 
 # ---- real test hosts ----
 
-def _netns_usable() -> str:
-    if os.geteuid() != 0:
-        return "needs root"
-    if not shutil.which("ip") or not os.path.exists("/usr/sbin/sshd") or not shutil.which("ssh-keyscan") \
-            or not shutil.which("unshare"):
-        return "needs iproute2, sshd, ssh-keyscan and unshare"
-    r = subprocess.run(["ip", "netns", "list"], capture_output=True)
-    if r.returncode != 0:
-        return "ip netns unavailable"
-    if f"{PREFIX}-ns1".encode() in r.stdout:
-        return f"{PREFIX}-ns1 already exists (another run is using these test hosts)"
-    return ""
-
-
 def _ns(i: int) -> str:
     return f"{PREFIX}-ns{i}"
 
@@ -157,7 +141,7 @@ def _forget_test_host_keys(path: Path, before: set) -> None:
 def hosts(tmp_path_factory):
     """ns1 starts the launcher; ns2 is healthy; ns3's sshd is stopped; ns4's sshd runs in a private mount
     namespace where the environment (the .venv) is hidden."""
-    why = _netns_usable()
+    why = netns_unusable(PREFIX, ("ip", "ssh", "ssh-keyscan", "unshare"))
     if why:
         pytest.skip(why)
     state = tmp_path_factory.mktemp("netns11pre")
@@ -165,9 +149,8 @@ def hosts(tmp_path_factory):
     # known_hosts; the test removes what it added there
     root_known = Path.home() / ".ssh" / "known_hosts"
     before = set(root_known.read_text().splitlines()) if root_known.exists() else set()
-    env = dict(os.environ, PREFIX=PREFIX, NET=NET, HOSTS="4")
-    up = subprocess.run(["bash", str(SCRIPT), "up", str(state)], env=env, capture_output=True, text=True,
-                        timeout=120)
+    env = {"PREFIX": PREFIX, "NET": NET, "HOSTS": "4"}
+    up = netns_script("up", state, env)
     try:
         if up.returncode != 0:
             pytest.skip(f"could not create the test hosts: {up.stderr[-2000:]}")
@@ -184,7 +167,7 @@ def hosts(tmp_path_factory):
         yield state
     finally:
         _forget_test_host_keys(root_known, before)
-        subprocess.run(["bash", str(SCRIPT), "down", str(state)], env=env, capture_output=True, timeout=60)
+        netns_script("down", state, env)
 
 
 def _launch(state: Path, tmp_path: Path, *overrides, timeout=120):
