@@ -41,6 +41,9 @@ class TensorOps(Protocol):
         """u = m*u + g, stored in the state; returns u."""
     def accumulate(self, state, flat) -> Any:
         """acc = e + flat (e: the residual, or v with momentum). acc may share e's buffer."""
+    def accumulate_topk(self, state, flat, k) -> tuple[Any, Any]:
+        """(acc, ``topk(acc, k)``) with acc from ``accumulate``: one call, so that a backend can
+        fuse the add with the selection's pass over memory."""
     def k_at(self, state, schedule: list[int]) -> Any:
         """k at the state's current step (an int, or a scalar tensor under warm-up)."""
     def topk(self, acc, k) -> Any:
@@ -85,15 +88,14 @@ class ErrorFeedback:
         if limit is not None:
             g = ops.clip(g, limit)
         u = None
+        source = g
         if o.momentum > 0:
-            u = ops.momentum(state, g, o.momentum)
-            acc = ops.accumulate(state, u)
-        else:
-            acc = ops.accumulate(state, g)
+            u = source = ops.momentum(state, g, o.momentum)
         k = ops.k_at(state, self.schedule(numel))
         if o.selection == "topk":
-            indices = ops.topk(acc, k)
+            acc, indices = ops.accumulate_topk(state, source, k)
         else:
+            acc = ops.accumulate(state, source)
             indices = ops.random_k(numel, k, random_k_seed(o.seed, name), state)
         values = ops.gather(acc, indices)
         ops.keep_unsent(state, acc, u, indices, values)

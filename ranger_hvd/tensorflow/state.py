@@ -151,6 +151,10 @@ class TFOps:
     def topk(self, acc: tf.Tensor, k) -> tf.Tensor:
         return topk_indices(acc, k, self.options.sample_fraction)
 
+    def accumulate_topk(self, state, flat: tf.Tensor, k):
+        acc = self.accumulate(state, flat)
+        return acc, self.topk(acc, k)
+
     def random_k(self, numel: int, k, base_seed: int, state) -> tf.Tensor:
         return random_k_indices(numel, k, seed_pair(base_seed, state.step))
 

@@ -18,6 +18,10 @@ then the non-zero entries are the candidates instead (``_mostly_zero``).
 
 Steps 2 and 3 cost one streaming pass (|x| and a comparison); steps 4 and 5 touch only candidates.
 
+``accumulate_topk`` is what the error-feedback step calls: ``e += g`` and the selection on the sum. On
+CPU it folds the add and steps 2-3 into one compiled loop (``cpu_scan``), estimating the threshold from
+the sampled sums before the add; the result is the same set.
+
 ``random_k_indices`` serves Horovod's own optimizer, which sums compressed tensors elementwise: every
 rank must pick the same coordinates without a message, so they come from a seeded generator.
 """
@@ -26,9 +30,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ranger_hvd.core import SAMPLE_TRIES, sample_stride, uses_sampling
+
+from . import cpu_scan
+
 
 class SelectionScratch:
     """Reusable buffers for the magnitudes and the candidate mask.
@@ -40,12 +48,19 @@ class SelectionScratch:
     def __init__(self) -> None:
         self._mag: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
+        self._positions: np.ndarray | None = None
 
     def magnitude(self, n: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         mag = self._mag
         if mag is None or mag.numel() < n or mag.device != like.device or mag.dtype != dtype:
             self._mag = torch.empty(n, dtype=dtype, device=like.device)
         return self._mag[:n]
+
+    def positions(self, n: int) -> np.ndarray:
+        """An int32 array of n slots for the fused screen's candidate positions."""
+        if self._positions is None or self._positions.size < n:
+            self._positions = np.empty(n, dtype=np.int32)
+        return self._positions[:n]
 
     def mask(self, n: int, like: torch.Tensor) -> torch.Tensor:
         if self._mask is None or self._mask.numel() < n or self._mask.device != like.device:
@@ -116,6 +131,13 @@ def _mostly_zero(mag: torch.Tensor, k: int, mask: torch.Tensor | None) -> torch.
     return torch.sort(torch.cat([nonzero, zeros])).values.to(torch.int32)
 
 
+def _sample_rank(attempt: tuple[float, float, int], k: int, m: int, n: int) -> int:
+    """Rank in a sample of m (out of n) magnitudes at which to read the threshold estimate."""
+    a, b, c = attempt
+    expected = k * m / n  # rank of the true threshold inside the sample
+    return min(m, int(math.ceil(a * expected + b * math.sqrt(expected))) + c)
+
+
 def topk_indices(flat: torch.Tensor, k: int, sample_fraction: float = 0.01,
                  scratch: SelectionScratch | None = None) -> torch.Tensor:
     """Indices (int32, ascending) of the k largest |flat|, ties to the lower index.
@@ -134,10 +156,9 @@ def topk_indices(flat: torch.Tensor, k: int, sample_fraction: float = 0.01,
     if uses_sampling(n, k, sample_fraction):
         sample = mag[::stride]
         m = sample.numel()
-        expected = k * m / n  # rank of the true threshold inside the sample
         mask = scratch.mask(n, flat) if scratch is not None else None
-        for a, b, c in SAMPLE_TRIES:
-            rank = min(m, int(math.ceil(a * expected + b * math.sqrt(expected))) + c)
+        for attempt in SAMPLE_TRIES:
+            rank = _sample_rank(attempt, k, m, n)
             estimate = torch.topk(sample, rank, sorted=False).values.min()
             if not bool(estimate > 0):
                 return _mostly_zero(mag, k, scratch.mask(n, flat) if scratch is not None else None)
@@ -154,6 +175,53 @@ def topk_indices(flat: torch.Tensor, k: int, sample_fraction: float = 0.01,
     # Whole-tensor exact selection: small tensors, dense selections, or an estimate that failed.
     keep = _keep_k_lowest_ties(mag, k)
     return keep.nonzero().view(-1).to(torch.int32)
+
+
+def accumulate_topk(residual: torch.Tensor, grad: torch.Tensor, k: int,
+                    sample_fraction: float = 0.01,
+                    scratch: SelectionScratch | None = None) -> torch.Tensor:
+    """``residual += grad`` in place, then the top-k indices of the sum (as :func:`topk_indices`).
+
+    On CPU, for float32/float64, the add and the candidate screen share one pass over memory
+    (``cpu_scan``): the threshold is estimated first from the sampled sums, which are the same
+    numbers the add will produce. If the estimate let fewer than k or far too many through, the
+    residual already holds the sum and the ordinary selection runs on it.
+    """
+    n = residual.numel()
+    if not 0 < k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if not _fused_ok(residual, grad, k, sample_fraction):
+        return topk_indices(residual.add_(grad), k, sample_fraction, scratch)
+    stride = sample_stride(sample_fraction)
+    # acc[::stride], bit-for-bit what the add will leave there (one rounding, same precision)
+    sample = (residual[::stride] + grad[::stride]).abs_()
+    rank = _sample_rank(SAMPLE_TRIES[0], k, sample.numel(), n)
+    estimate = float(torch.topk(sample, rank, sorted=False).values.min())
+    if not estimate > 0:  # mostly zeros: the ordinary path finds the non-zero entries
+        return topk_indices(residual.add_(grad), k, sample_fraction, scratch)
+    room = scratch.positions(_screen_room(k, stride, n)) if scratch is not None else \
+        np.empty(_screen_room(k, stride, n), dtype=np.int32)
+    count = cpu_scan.accumulate_and_screen(residual.numpy(), grad.numpy(), estimate, room)
+    if not k <= count <= room.size:
+        return topk_indices(residual, k, sample_fraction, scratch)
+    # Every entry at or above the estimate is a candidate and at least k are: as in topk_indices.
+    return torch.from_numpy(cpu_scan.select_candidates(residual.numpy(), room[:count], k))
+
+
+def _screen_room(k: int, stride: int, n: int) -> int:
+    """Candidate slots for the fused screen: the first estimate lets about k + 3*sqrt(k*stride)
+    through; four times k plus a margin for small k keeps a retry rare without a full-size buffer."""
+    return min(n, 4 * k + 64 * stride)
+
+
+def _fused_ok(residual: torch.Tensor, grad: torch.Tensor, k: int, sample_fraction: float) -> bool:
+    return (residual.device.type == "cpu" and grad.device == residual.device
+            and residual.dtype in (torch.float32, torch.float64) and grad.dtype == residual.dtype
+            and residual.dim() == 1 and grad.dim() == 1
+            and residual.is_contiguous() and grad.is_contiguous()
+            and not residual.requires_grad and not grad.requires_grad
+            and residual.numel() < 2 ** 31 and uses_sampling(residual.numel(), k, sample_fraction)
+            and cpu_scan.available())
 
 
 def random_k_indices(n: int, k: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from ranger_hvd import core
 
-from .selection import SelectionScratch, random_k_indices, topk_indices
+from .selection import SelectionScratch, accumulate_topk, random_k_indices, topk_indices
 
 ACCEPTED_GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -81,6 +81,11 @@ class TorchOps:
     def accumulate(self, state: TensorState, flat: torch.Tensor) -> torch.Tensor:
         state.residual = _fit(state.residual, flat, self.name, "residual")
         return state.residual.add_(flat)
+
+    def accumulate_topk(self, state: TensorState, flat: torch.Tensor, k: int):
+        state.residual = _fit(state.residual, flat, self.name, "residual")
+        indices = accumulate_topk(state.residual, flat, k, self.options.sample_fraction, self.scratch)
+        return state.residual, indices
 
     def k_at(self, state: TensorState, schedule: list[int]) -> int:
         return schedule[min(state.step, len(schedule) - 1)]

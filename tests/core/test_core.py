@@ -184,6 +184,10 @@ class _ListOps:
     def topk(self, acc, k):
         return select(acc, k)
 
+    def accumulate_topk(self, state, g, k):
+        acc = self.accumulate(state, g)
+        return acc, self.topk(acc, k)
+
     def random_k(self, numel, k, base, state):
         return np.sort(np.random.default_rng([base, state["step"]]).choice(numel, k, replace=False))
 

@@ -16,7 +16,8 @@ import torch
 from ranger_hvd import core
 from ranger_hvd.core import OptionsError, reference
 from ranger_hvd.torch import NonFiniteGradientError, RangerCompressor, random_k_indices, topk_indices
-from ranger_hvd.torch.selection import SelectionScratch
+from ranger_hvd.torch import cpu_scan
+from ranger_hvd.torch.selection import SelectionScratch, accumulate_topk
 
 
 def _inputs(rng: np.random.Generator):
@@ -39,6 +40,10 @@ def _inputs(rng: np.random.Generator):
     decoy = rng.standard_normal(n).astype(np.float32)
     decoy[::100] = 1000.0
     out.append(("sample_sees_decoys", decoy))
+    # The sample sees only tiny values: the estimate is far too low and lets nearly all through.
+    tiny = rng.standard_normal(n).astype(np.float32) + 10.0
+    tiny[::100] = 1e-6
+    out.append(("sample_sees_tiny", tiny))
     # Magnitude ties with both signs, and signed zeros.
     signs = np.tile(np.array([3, -3, 0, -0.0, 1, -1], np.float32), n // 6 + 1)[:n]
     out.append(("signed_ties", signs))
@@ -60,6 +65,44 @@ def test_selection_equals_reference(use_scratch):
             assert got.dtype == torch.int32
             want = reference.select(x, k)
             assert np.array_equal(got.numpy(), want), f"{name}: n={n} k={k}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_accumulate_topk_sums_in_place_and_selects_like_reference(dtype, monkeypatch):
+    """The fused CPU pass: the residual becomes e + g bit for bit (one rounding in the tensor's
+    precision, as torch's add), and the indices are the reference top-k of that sum."""
+    assert cpu_scan.available(), "numba (a dependency of the torch extra) must import"
+    screens = []
+    real = cpu_scan.accumulate_and_screen
+    monkeypatch.setattr(cpu_scan, "accumulate_and_screen",
+                        lambda *a: screens.append(real(*a)) or screens[-1])
+    rng = np.random.default_rng(11)
+    scratch = SelectionScratch()
+    for name, x in _inputs(rng):
+        n = x.size
+        for k in sorted({1, max(1, n // 1000), max(1, n // 100), max(1, n // 10)}):
+            e = (rng.standard_normal(n) * 0.3).astype(dtype)
+            g = x.astype(dtype)
+            want_acc = e + g
+            residual = torch.from_numpy(e.copy())
+            got = accumulate_topk(residual, torch.from_numpy(g), k, 0.01, scratch)
+            assert got.dtype == torch.int32
+            assert np.array_equal(residual.numpy(), want_acc), f"{name}: n={n} k={k}"
+            assert np.array_equal(got.numpy(), reference.select(want_acc, k)), f"{name}: n={n} k={k}"
+    # Large sampled tensors went through the fused pass, including ones whose estimate failed
+    # (fewer than k candidates, or more than its room) and fell back to the ordinary selection.
+    assert len(screens) >= 20
+    assert any(c > 0 for c in screens)
+
+
+def test_cpu_scan_counts_past_its_room():
+    residual = np.array([0, 5, -1, 7, 0, -9, 2, 8], np.float32)
+    grad = np.full(8, 0.5, np.float32)
+    out = np.full(2, -1, np.int32)
+    count = cpu_scan.accumulate_and_screen(residual, grad, 5.0, out)
+    # |acc| >= 5 at 1 (5.5), 3 (7.5), 5 (8.5), 7 (8.5): four, of which the first two fit.
+    assert count == 4 and out.tolist() == [1, 3]
+    assert residual.tolist() == [0.5, 5.5, -0.5, 7.5, 0.5, -8.5, 2.5, 8.5]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -104,6 +147,23 @@ def test_error_feedback_matches_reference_bitwise(momentum, extra):
         assert np.array_equal(st.residual.numpy(), ref.residual), step
         if momentum:
             assert np.array_equal(st.velocity.numpy(), ref.velocity), step
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_error_feedback_matches_reference_on_sampled_tensors(momentum):
+    """Tensors large enough for the sampled, fused CPU selection still follow the reference bit for
+    bit over many steps, while the residual grows heavy tails."""
+    rng = np.random.default_rng(4)
+    comp = RangerCompressor(density=0.01, momentum=momentum, min_elements=1)
+    comp.world_size = 2
+    ref = reference.ReferenceCompressor(300 * 200, comp.options, world_size=2)
+    for step in range(12):
+        g = rng.standard_normal(60_000).astype(np.float32) * (5.0 if step % 4 == 0 else 1.0)
+        values, indices = comp.compress_sparse("w", torch.from_numpy(g.reshape(300, 200)))
+        ref_idx, ref_values = ref.step(g)
+        assert np.array_equal(indices.numpy(), ref_idx), step
+        assert np.array_equal(values.numpy(), ref_values), step
+        assert np.array_equal(comp._state["w"].residual.numpy(), ref.residual), step
 
 
 def test_conservation_invariant_single_rank():
