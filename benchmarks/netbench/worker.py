@@ -1,20 +1,20 @@
-"""What every rank runs under horovodrun: compute-only steps, then each exchange mode, timed per step.
+"""What every rank runs under horovodrun: compute-only steps and each exchange mode, interleaved.
 
     python -m netbench.worker --model resnet50 --modes dense,fp16,ranger-0.01 --steps 10 --warmup 3 \
         --json OUT.json
 
-Compute-only runs first and again last ("compute-end"), so that a change of load during the launch
-shows, and the compute figure pools both. For each mode the model is built afresh from the same seed (each Horovod optimizer hooks the
-parameters it is given), wrapped, warmed up, then timed step by step (forward, backward, exchange,
-update). Compute-only runs the same model, batch and optimizer with no wrapper. Bytes per rank per
-step come from the compressor's ``stats()`` for ranger modes and from numel * itemsize otherwise.
-Rank 0 writes every rank's figures to ``--json``.
+Every mode gets its own model, built from the same seed (each Horovod optimizer hooks the parameters
+it is given), its own optimizer and wrapper; compute-only is the same model, batch and optimizer with
+no wrapper. After each mode's warm-up steps, the timed steps are interleaved: each round times one
+step of every mode, in an order that rotates from round to round, so a change of load during the
+launch (other work, memory pressure, clocks) reaches every mode alike and the ratios stay fair. Every
+timed step starts after a barrier. Bytes per rank per step come from the compressor's ``stats()`` for
+ranger modes and from numel * itemsize otherwise. Rank 0 writes every rank's figures to ``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import socket
 import time
@@ -28,23 +28,33 @@ def parse_mode(mode: str) -> tuple[str, float | None]:
     """"dense" / "fp16" / "ranger-D" -> (kind, density)."""
     if mode in ("compute", "dense", "fp16"):
         return mode, None
-    if mode == "compute-end":   # compute only again after the other modes: load drift shows
-        return "compute", None
     if mode.startswith("ranger-"):
         return "ranger", float(mode.split("-", 1)[1])
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def _timed(step, warmup: int, steps: int, barrier) -> list[float]:
-    for _ in range(warmup):
-        step()
-    barrier()  # every rank starts the timed steps together
-    times = []
+def interleaved(steps_by_mode: dict, warmup: int, steps: int, barrier, on_warm=None) -> dict:
+    """({mode: seconds per timed step}, {mode: each timed step's start, s after the first}):
+    ``warmup`` untimed steps of each mode, then ``steps`` rounds of one timed step per mode, the
+    order rotated by one each round."""
+    for step in steps_by_mode.values():
+        for _ in range(warmup):
+            step()
+    if on_warm is not None:
+        on_warm()
+    times = {mode: [] for mode in steps_by_mode}
+    starts = {mode: [] for mode in steps_by_mode}
+    order = list(steps_by_mode)
+    origin = time.perf_counter()
     for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
+        for mode in order:
+            barrier(mode)  # every rank starts each timed step together
+            start = time.perf_counter()
+            steps_by_mode[mode]()
+            times[mode].append(time.perf_counter() - start)
+            starts[mode].append(start - origin)
+        order = order[1:] + order[:1]
+    return times, starts
 
 
 # ----------------------------------------------------------------------------------------- PyTorch
@@ -80,18 +90,21 @@ def run_torch(args) -> tuple[dict, object]:
         hvd.allreduce(torch.zeros(1), name=f"bench.barrier.{tag}")
 
     gen = torch.Generator().manual_seed(1000 + hvd.rank())
-    out = {}
-    for mode in ["compute", *args.modes, "compute-end"]:
+    inputs = targets = None  # one fixed batch per rank, shared by every mode
+    runners = {}
+    for mode in ["compute", *args.modes]:
         kind, density = parse_mode(mode)
         torch.manual_seed(0)
         model, make_batch, loss_fn = models.torch_model(args.model)
-        inputs, targets = make_batch(gen)
+        if inputs is None:
+            inputs, targets = make_batch(gen)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         comp = None
         if kind != "compute":
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-            named = list(model.named_parameters())
+            # names of their own per mode: no two modes' collectives can ever be confused
+            named = [(f"{mode}/{n}", p) for n, p in model.named_parameters()]
             if kind == "dense":
                 opt = hvd.DistributedOptimizer(opt, named_parameters=named)
             elif kind == "fp16":
@@ -100,24 +113,25 @@ def run_torch(args) -> tuple[dict, object]:
                 comp = TimedCompressor(density=density)
                 opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
 
-        def step():
+        def step(model=model, opt=opt, loss_fn=loss_fn):
             opt.zero_grad()
             loss_fn(model(inputs), targets).backward()
             opt.step()
 
-        before = None
-        if comp is not None:
-            for _ in range(args.warmup):
-                step()
-            before = (comp.stats(), comp.compress_s, comp.decompress_s)
-            times = _timed(step, 0, args.steps, lambda: barrier(mode))
-        else:
-            times = _timed(step, args.warmup, args.steps, lambda: barrier(mode))
-        out[mode] = _figures(times, params, kind, comp, before, args.steps,
-                             lambda p: p.numel(), lambda p: p.element_size())
-        del opt, model
-        gc.collect()
-    return out, hvd
+        runners[mode] = (step, params, kind, comp)
+
+    before = {}
+
+    def on_warm():
+        for mode, (_, _, _, comp) in runners.items():
+            if comp is not None:
+                before[mode] = (comp.stats(), comp.compress_s, comp.decompress_s)
+
+    times, starts = interleaved({m: r[0] for m, r in runners.items()}, args.warmup, args.steps,
+                                barrier, on_warm)
+    return {mode: _figures(times[mode], starts[mode], params, kind, comp, before.get(mode), args.steps,
+                           lambda p: p.numel(), lambda p: p.element_size())
+            for mode, (_, params, kind, comp) in runners.items()}, hvd
 
 
 # -------------------------------------------------------------------------------------- TensorFlow
@@ -135,8 +149,8 @@ def run_tf(args) -> tuple[dict, object]:
     def barrier(tag):
         hvd.allreduce(tf.zeros(1), name=f"bench.barrier.{tag}")
 
-    out = {}
-    for mode in ["compute", *args.modes, "compute-end"]:
+    runners = {}
+    for mode in ["compute", *args.modes]:
         kind, density = parse_mode(mode)
         tf.keras.utils.set_random_seed(0)
         model, (x, y) = models.tf_model(args.model)
@@ -149,36 +163,44 @@ def run_tf(args) -> tuple[dict, object]:
         wrap = {"compute": None,
                 "dense": lambda t: hvd.DistributedGradientTape(t),
                 "fp16": lambda t: hvd.DistributedGradientTape(t, compression=hvd.Compression.fp16),
-                "ranger": lambda t: hvd.DistributedGradientTape(t, compression=comp)}[kind]
+                "ranger": lambda t, comp=comp: hvd.DistributedGradientTape(t, compression=comp)}[kind]
         if kind != "compute":
             hvd.broadcast_variables(model.variables, root_rank=0)
 
-        @tf.function
-        def train(x, y):
-            with tf.GradientTape() as tape:
-                loss = loss_fn(y, model(x, training=True))
-            grads = (tape if wrap is None else wrap(tape)).gradient(loss, variables)
-            opt.apply_gradients(zip(grads, variables))
-            return loss
+        def make_train(model, variables, opt, loss_fn, wrap):
+            @tf.function
+            def train(x, y):
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(y, model(x, training=True))
+                grads = (tape if wrap is None else wrap(tape)).gradient(loss, variables)
+                opt.apply_gradients(zip(grads, variables))
+                return loss
+            return train
 
-        def step():
+        train = make_train(model, variables, opt, loss_fn, wrap)
+
+        def step(train=train, x=x, y=y):
             train(x, y).numpy()  # waits for the step to finish
 
-        for _ in range(args.warmup):
-            step()
-        before = (comp.stats(), 0.0, 0.0) if comp is not None else None
-        times = _timed(step, 0, args.steps, lambda: barrier(mode))
-        out[mode] = _figures(times, variables, kind, comp, before, args.steps,
-                             lambda v: int(np.prod(v.shape)), lambda v: v.dtype.size)
-        del model, opt, train
-        tf.keras.backend.clear_session()  # drop the previous mode's model and traces
-        gc.collect()
-    return out, hvd
+        runners[mode] = (step, variables, kind, comp)
+
+    before = {}
+
+    def on_warm():
+        for mode, (_, _, _, comp) in runners.items():
+            if comp is not None:
+                before[mode] = (comp.stats(), 0.0, 0.0)
+
+    times, starts = interleaved({m: r[0] for m, r in runners.items()}, args.warmup, args.steps,
+                                barrier, on_warm)
+    return {mode: _figures(times[mode], starts[mode], variables, kind, comp, before.get(mode),
+                           args.steps, lambda v: int(np.prod(v.shape)), lambda v: v.dtype.size)
+            for mode, (_, variables, kind, comp) in runners.items()}, hvd
 
 
 # ------------------------------------------------------------------------------------------ common
-def _figures(times, params, kind, comp, before, steps, numel, itemsize) -> dict:
-    fig = {"times_s": times}
+def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize) -> dict:
+    fig = {"times_s": times, "starts_s": starts}
     print(f"[bench] {kind}{'' if comp is None else ' d=' + str(comp.options.density)}: median "
           f"{1e3 * sorted(times)[len(times) // 2]:.0f} ms over {len(times)} steps", flush=True)
     if kind == "compute":
