@@ -34,23 +34,13 @@ def _slowest_rank_ms(ranks: list[dict], mode: str) -> list[float]:
 def summarize(raw: dict) -> dict:
     """One launch's raw worker output -> {mode: figures in ms and bytes}, with ratios."""
     ranks = raw["ranks"]
-    modes = [m for m in ranks[0] if m != "compute-end"]
     out = {}
-    drift = {}
-    for mode in modes:
-        per_step = _slowest_rank_ms(ranks, mode)
-        if mode == "compute" and "compute-end" in ranks[0]:
-            # compute only ran first and last: pool both, and keep each half's median to show drift
-            end = _slowest_rank_ms(ranks, "compute-end")
-            drift = {"compute_first_ms": statistics.median(per_step), "compute_last_ms": statistics.median(end)}
-            per_step = per_step + end
-        s = sorted(per_step)
+    for mode in ranks[0]:
+        s = sorted(_slowest_rank_ms(ranks, mode))
         fig = {"median_ms": statistics.median(s), "p10_ms": _percentile(s, 0.1), "p90_ms": _percentile(s, 0.9),
                "steps": len(s), "bytes_per_step": ranks[0][mode]["bytes_per_step"]}
         if "profile" in ranks[0][mode]:
             fig["profile"] = ranks[0][mode]["profile"]
-        if mode == "compute":
-            fig.update(drift)
         out[mode] = fig
     compute = out["compute"]["median_ms"]
     dense_bytes = out.get("dense", {}).get("bytes_per_step")
@@ -87,8 +77,6 @@ def rows(runs: list[dict]) -> list[list[str]]:
         compute = run["figures"]["compute"]["median_ms"]
         for mode, fig in run["figures"].items():
             label = mode_label(mode)
-            if "compute_first_ms" in fig:
-                label += f" (first {fig['compute_first_ms']:.0f}, last {fig['compute_last_ms']:.0f})"
             out.append([str(run["hosts"]), run["link"], run["model"], label,
                         f"{fig['median_ms']:.0f}", f"{fig['p10_ms']:.0f}-{fig['p90_ms']:.0f}", f"{compute:.0f}",
                         "" if mode == "compute" else f"{fig['overhead_ms']:.0f}",
@@ -132,15 +120,16 @@ def targets(runs: list[dict]) -> list[str]:
         where = f"{run['model']}, {run['hosts']} hosts, {run['link']}"
         if run["link"] == "1gbit" and {"ranger-0.001", "fp16"} <= f.keys():
             r, fp16, comp = f["ranger-0.001"]["median_ms"], f["fp16"]["median_ms"], f["compute"]["median_ms"]
-            ok = r <= fp16 / 3 and r <= 1.5 * comp
-            line = (f"- {'met' if ok else 'MISSED'}: {where}: ranger d=0.001 {r:.0f} ms <= fp16/3 "
-                    f"({fp16 / 3:.0f} ms) and <= 1.5x compute ({1.5 * comp:.0f} ms)")
+            line = (f"- {'met' if r <= fp16 / 3 else 'MISSED'}: {where}: ranger d=0.001 {r:.0f} ms "
+                    f"<= fp16/3 ({fp16 / 3:.0f} ms)")
             if comp > fp16 / 3:
                 # no exchange can make a step shorter than its compute: say so, and compare exchanges
                 line += (f"; fp16/3 is below compute alone ({comp:.0f} ms), so no exchange can meet "
                          f"it here: ranger's exchange is {r - comp:.0f} ms against fp16's "
                          f"{fp16 - comp:.0f} ms ({(r - comp) / (fp16 - comp):.2f}x)")
             lines.append(line)
+            lines.append(f"- {'met' if r <= 1.5 * comp else 'MISSED'}: {where}: ranger d=0.001 "
+                         f"{r:.0f} ms <= 1.5x compute ({1.5 * comp:.0f} ms)")
         if run["link"] in ("10gbit", "none") and {"ranger-0.01", "dense", "fp16"} <= f.keys():
             r, best = f["ranger-0.01"]["median_ms"], min(f["dense"]["median_ms"], f["fp16"]["median_ms"])
             lines.append(f"- {'met' if r <= best else 'MISSED'}: {where}: ranger d=0.01 {r:.0f} ms <= "
@@ -188,9 +177,9 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
         "",
         "Within a launch every mode has its own model and optimizer; after each one's warm-up the "
         "timed steps are interleaved, one step of every mode per round in an order that rotates, "
-        "so a change of load during the launch reaches every mode alike. (Cells from launches "
-        "before 2026-11-27 22:30 UTC ran the modes one after another, compute only first and last; "
-        "their compute row shows both medians.)",
+        "so a change of load during the launch reaches every mode alike. Compute only has no "
+        "collective to wait at, so its step figure (the slower rank's) is the mean of two ranks' "
+        "maxima, a little above either rank's own median.",
         "",
         table(HEADER, rows(runs)),
         "",
