@@ -72,9 +72,14 @@ def _kernels():
     import numba
 
     # Compiled once per dtype on first call; cache=True keeps the machine code on disk (next to this
-    # file), so later processes, every rank of a job included, load it instead of compiling.
-    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
-    return jit(_accumulate_screen), jit(_select_candidates)
+    # file, else in the user's cache), so later processes, every rank of a job included, load it
+    # instead of compiling. Where no cache directory is writable, each process compiles (~1 s).
+    try:
+        jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+        return jit(_accumulate_screen), jit(_select_candidates)
+    except RuntimeError:   # numba: "cannot cache function ...: no locator available"
+        jit = numba.njit(nogil=True, cache=False, boundscheck=False)
+        return jit(_accumulate_screen), jit(_select_candidates)
 
 
 @functools.cache

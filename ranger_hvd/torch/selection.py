@@ -39,10 +39,10 @@ from . import cpu_scan
 
 
 class SelectionScratch:
-    """Reusable buffers for the magnitudes and the candidate mask.
+    """Reusable buffers for the magnitudes, the candidate mask and the fused pass's positions.
 
     A fresh allocation of a large tensor costs page faults comparable to the pass itself, so the
-    compressor keeps one magnitude buffer and one mask buffer, sized for the largest tensor so far.
+    compressor keeps one buffer of each, sized for the largest request so far.
     """
 
     def __init__(self) -> None:
@@ -220,6 +220,7 @@ def _fused_ok(residual: torch.Tensor, grad: torch.Tensor, k: int, sample_fractio
             and residual.dim() == 1 and grad.dim() == 1
             and residual.is_contiguous() and grad.is_contiguous()
             and not residual.requires_grad and not grad.requires_grad
+            and not residual.is_neg() and not grad.is_neg()   # lazy views .numpy() refuses
             and residual.numel() < 2 ** 31 and uses_sampling(residual.numel(), k, sample_fraction)
             and cpu_scan.available())
 
