@@ -1,6 +1,6 @@
 """One pass over memory for the error-feedback step on CPU: ``e += g`` and the candidate screen.
 
-Without it a compressed tensor costs five streaming passes on CPU: the residual add, |acc|, the
+Without it a compressed tensor costs four streaming passes on CPU: the residual add, |acc|, the
 comparison with the sampled threshold, and ``nonzero`` over the mask (the slowest: several ns per
 entry). :func:`accumulate_and_screen` does all of them in a single loop compiled by numba: each entry is
 read and written once, and its position is appended to the candidate list when |acc| reaches the
@@ -21,9 +21,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-
-DTYPES = (np.float32, np.float64)
-
 
 def _accumulate_screen(residual, grad, threshold, out):
     n = residual.shape[0]
