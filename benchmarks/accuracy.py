@@ -193,7 +193,7 @@ def plot(results: dict, names: list[str], modes: list[str], scales: list[int], p
     for ax, name in zip(axes.flat, names):
         model, base = results[name]["model"], results[name]["epochs"]
         metric, higher = METRICS[model]
-        shown = []
+        shown, labels = [], []
         for j, s in enumerate(scales):
             cells = [results[name]["runs"].get((m, s), {}).get("metrics", {}) for m in modes]
             values = [c.get(metric) for c in cells]
@@ -203,11 +203,14 @@ def plot(results: dict, names: list[str], modes: list[str], scales: list[int], p
                    yerr=spreads if any(spreads) else None, capsize=2)
             for x, v, m in zip(xs, values, modes):   # the figure on each bar; say why one is missing
                 missing = "not run" if (m, s) not in results[name]["runs"] else "failed"
-                ax.annotate(missing if v is None else f"{v:.3f}", (x, v or 0), ha="center",
-                            va="bottom", fontsize=7, rotation=90)
+                labels.append((x, missing if v is None else f"{v:.3f}", v is None))
             shown += [v for v in values if v is not None]
         if higher and shown:   # accuracies sit near 1: start the axis near the lowest one
             ax.set_ylim(max(0.0, min(shown) - 0.05), 1.01)
+        bottom = ax.get_ylim()[0]
+        for x, text, missing in labels:   # inside the bar's foot, clear of the whiskers
+            ax.annotate(text, (x, bottom), xytext=(0, 3), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=7, rotation=90, color="black" if missing else "white")
         ax.set_xticks([i + width * (len(scales) - 1) / 2 for i in range(len(modes))])
         ax.set_xticklabels(modes, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{name}: {metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
