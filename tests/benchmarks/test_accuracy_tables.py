@@ -1,0 +1,99 @@
+"""The accuracy sweep's arithmetic: seeds averaged, failures kept, targets judged at their edges.
+
+benchmarks/accuracy.py turns run directories into the committed tables; these tests feed it
+summary.json files written here and check what it concludes, so a claim in the table cannot come from
+a wrong mean, a dropped failure or an off-by-one comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+import pytest
+
+from tests.launcher.conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import accuracy  # noqa: E402
+
+
+def _summary(run_dir, status="success", **fields):
+    path = run_dir / "cnn-digits" / "20261127-000000" / "summary.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"status": status, **fields}))
+    return path
+
+
+def test_read_run_takes_metrics_bytes_and_time_from_summary(tmp_path):
+    path = _summary(tmp_path, final_metrics={"eval_accuracy": 0.97}, bytes_sent_per_step_mean=12072.0,
+                    duration_s=11.5)
+    run = accuracy.read_run(tmp_path)
+    assert run == {"metrics": {"eval_accuracy": 0.97}, "bytes_per_step": 12072.0, "seconds": 11.5,
+                   "run_dir": str(path.parent)}
+
+
+def test_read_run_keeps_a_failed_run_with_its_reason(tmp_path):
+    _summary(tmp_path, status="failed", error="NonFiniteGradientError: non-finite gradient\nmore")
+    run = accuracy.read_run(tmp_path, exit_code=1, seconds=3.0)
+    assert run["failed"] == "NonFiniteGradientError: non-finite gradient"
+    assert run["metrics"] == {} and run["bytes_per_step"] is None
+    # no summary at all (the launch never started): the exit code is the reason
+    assert accuracy.read_run(tmp_path / "missing", exit_code=2)["failed"] == "exit 2"
+
+
+def test_combine_is_the_mean_and_sample_stdev_over_seeds():
+    values = [0.95, 0.97, 0.99]
+    runs = [{"metrics": {"eval_accuracy": v, "eval_loss": 1 - v}, "bytes_per_step": 100.0,
+             "seconds": 10.0 + i, "run_dir": f"r{i}"} for i, v in enumerate(values)]
+    cell = accuracy.combine(runs)
+    assert cell["metrics"]["eval_accuracy"] == pytest.approx(statistics.fmean(values))
+    assert cell["metrics"]["eval_accuracy_std"] == pytest.approx(0.02)  # sample, not population
+    assert cell["metrics"]["eval_accuracy_each"] == values
+    assert cell["seeds"] == 3 and cell["seconds"] == pytest.approx(11.0)
+    assert cell["run_dirs"] == ["r0", "r1", "r2"]
+
+
+def test_combine_reports_a_cell_failed_if_any_seed_failed():
+    runs = [{"metrics": {"eval_accuracy": 0.9}, "bytes_per_step": 1.0, "seconds": 1.0, "run_dir": "a"},
+            {"failed": "diverged", "metrics": {}, "bytes_per_step": None, "seconds": 1.0}]
+    cell = accuracy.combine(runs)
+    assert cell["failed"] == "diverged" and cell["failed_seeds"] == 1 and cell["seeds"] == 2
+
+
+def _results(model, dense, ranger, scale):
+    cell = lambda v: {"metrics": {accuracy.METRICS[model][0]: v}, "bytes_per_step": 1.0,  # noqa: E731
+                      "seconds": 1.0, "seeds": 1}
+    return {"cnn-x": {"model": model, "epochs": 5,
+                    "runs": {("dense", scale): cell(dense), ("ranger-0.01", scale): cell(ranger)}}}
+
+
+@pytest.mark.parametrize("dense, ranger, met", [
+    (0.9700, 0.9600, "yes"),     # exactly the allowed 1 point
+    (0.9700, 0.9599, "no"),      # just past it
+    (0.9600, 0.9700, "yes"),     # ahead of dense
+])
+def test_targets_judge_accuracy_gaps_in_points(dense, ranger, met):
+    lines = accuracy.targets(_results("cnn", dense, ranger, 1), ["cnn-x"]).splitlines()
+    (row,) = [line for line in lines if line.startswith("| cnn-x |")]
+    assert row.endswith(f"| {met} |"), row
+    assert "within 1.0 pt of dense" in row and "at 5 ep" in row
+
+
+@pytest.mark.parametrize("dense, ranger, met", [(5.0, 5.5, "yes"), (5.0, 5.51, "no"), (5.0, 4.0, "yes")])
+def test_targets_judge_gan_scores_as_a_ratio_to_dense(dense, ranger, met):
+    lines = accuracy.targets(_results("gan", dense, ranger, 3), ["cnn-x"]).splitlines()
+    (row,) = [line for line in lines if line.startswith("| cnn-x |")]
+    assert row.endswith(f"| {met} |"), row
+    assert "at 15 ep" in row and "1.10x" in row
+
+
+def test_table_shows_spread_only_over_several_seeds_and_the_gap_to_dense():
+    results = _results("cnn", 0.97, 0.96, 1)
+    results["cnn-x"]["runs"][("ranger-0.01", 1)] |= {"seeds": 3}
+    results["cnn-x"]["runs"][("ranger-0.01", 1)]["metrics"]["eval_accuracy_std"] = 0.0123
+    text = accuracy.table(results, ["cnn-x"], ["dense", "ranger-0.01"], [1])
+    assert "| dense | 0.9700 | +0.0 pt |" in text
+    assert "| ranger-0.01 | 0.9600 ± 0.0123 | -1.0 pt |" in text
