@@ -120,18 +120,8 @@ def run_torch(args) -> tuple[dict, object]:
 
         runners[mode] = (step, params, kind, comp)
 
-    before = {}
-
-    def on_warm():
-        for mode, (_, _, _, comp) in runners.items():
-            if comp is not None:
-                before[mode] = (comp.stats(), comp.compress_s, comp.decompress_s)
-
-    times, starts = interleaved({m: r[0] for m, r in runners.items()}, args.warmup, args.steps,
-                                barrier, on_warm)
-    return {mode: _figures(times[mode], starts[mode], params, kind, comp, before.get(mode), args.steps,
-                           lambda p: p.numel(), lambda p: p.element_size())
-            for mode, (_, params, kind, comp) in runners.items()}, hvd
+    return measure(runners, args, barrier, lambda c: (c.stats(), c.compress_s, c.decompress_s),
+                   lambda p: p.numel(), lambda p: p.element_size()), hvd
 
 
 # -------------------------------------------------------------------------------------- TensorFlow
@@ -184,21 +174,29 @@ def run_tf(args) -> tuple[dict, object]:
 
         runners[mode] = (step, variables, kind, comp)
 
+    # the TF compressor runs inside the traced step: its time is not separable
+    return measure(runners, args, barrier, lambda c: (c.stats(), 0.0, 0.0),
+                   lambda v: int(np.prod(v.shape)), lambda v: v.dtype.size), hvd
+
+
+# ------------------------------------------------------------------------------------------ common
+def measure(runners: dict, args, barrier, snapshot, numel, itemsize) -> dict:
+    """Each mode's figures: ``runners`` maps mode -> (step, parameters, kind, compressor or None);
+    ``snapshot(compressor)`` is (stats, compress s, decompress s) when the warm-up is over."""
     before = {}
 
     def on_warm():
         for mode, (_, _, _, comp) in runners.items():
             if comp is not None:
-                before[mode] = (comp.stats(), 0.0, 0.0)
+                before[mode] = snapshot(comp)
 
     times, starts = interleaved({m: r[0] for m, r in runners.items()}, args.warmup, args.steps,
                                 barrier, on_warm)
-    return {mode: _figures(times[mode], starts[mode], variables, kind, comp, before.get(mode),
-                           args.steps, lambda v: int(np.prod(v.shape)), lambda v: v.dtype.size)
-            for mode, (_, variables, kind, comp) in runners.items()}, hvd
+    return {mode: _figures(times[mode], starts[mode], params, kind, comp, before.get(mode), args.steps,
+                           numel, itemsize)
+            for mode, (_, params, kind, comp) in runners.items()}
 
 
-# ------------------------------------------------------------------------------------------ common
 def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize) -> dict:
     fig = {"times_s": times, "starts_s": starts}
     print(f"[bench] {kind}{'' if comp is None else ' d=' + str(comp.options.density)}: median "
