@@ -178,8 +178,8 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
         "Within a launch every mode has its own model and optimizer; after each one's warm-up the "
         "timed steps are interleaved, one step of every mode per round in an order that rotates, "
         "so a change of load during the launch reaches every mode alike. Compute only has no "
-        "collective to wait at, so its step figure (the slower rank's) is the mean of two ranks' "
-        "maxima, a little above either rank's own median.",
+        "collective to wait at; its figure, the slower rank's time of each step, sits a little "
+        "above either rank's own median and is the step no synchronous exchange could beat.",
         "",
         table(HEADER, rows(runs)),
         "",
