@@ -199,8 +199,8 @@ def accumulate_topk(residual: torch.Tensor, grad: torch.Tensor, k: int,
     estimate = float(torch.topk(sample, rank, sorted=False).values.min())
     if not estimate > 0:  # mostly zeros: the ordinary path finds the non-zero entries
         return topk_indices(residual.add_(grad), k, sample_fraction, scratch)
-    room = scratch.positions(_screen_room(k, stride, n)) if scratch is not None else \
-        np.empty(_screen_room(k, stride, n), dtype=np.int32)
+    slots = _screen_room(k, stride, n)
+    room = scratch.positions(slots) if scratch is not None else np.empty(slots, dtype=np.int32)
     count = cpu_scan.accumulate_and_screen(residual.numpy(), grad.numpy(), estimate, room)
     if not k <= count <= room.size:
         return topk_indices(residual, k, sample_fraction, scratch)

@@ -129,41 +129,38 @@ def test_selection_rejects_bad_k():
         topk_indices(torch.ones(10), 11)
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-@pytest.mark.parametrize("extra", [{}, {"warmup_steps": 4, "warmup_start_density": 0.5},
-                                   {"clip_norm": 5.0}])
-def test_error_feedback_matches_reference_bitwise(momentum, extra):
-    rng = np.random.default_rng(3)
-    comp = RangerCompressor(density=0.03, momentum=momentum, min_elements=1, **extra)
+def _assert_follows_reference(shape, steps, spike_every, spike, seed, **options):
+    """Steps a compressor and core.reference side by side on the same gradients (every
+    ``spike_every``-th one ``spike`` times larger): indices, values, residual and velocity bit for bit."""
+    rng = np.random.default_rng(seed)
+    comp = RangerCompressor(min_elements=1, **options)
     comp.world_size = 2
-    ref = reference.ReferenceCompressor(40 * 50, comp.options, world_size=2)
-    for step in range(15):
-        g = rng.standard_normal(2000).astype(np.float32) * (10.0 if step % 5 == 0 else 1.0)
-        values, indices = comp.compress_sparse("w", torch.from_numpy(g.reshape(40, 50)))
+    n = math.prod(shape)
+    ref = reference.ReferenceCompressor(n, comp.options, world_size=2)
+    for step in range(steps):
+        g = rng.standard_normal(n).astype(np.float32) * (spike if step % spike_every == 0 else 1.0)
+        values, indices = comp.compress_sparse("w", torch.from_numpy(g.reshape(shape)))
         ref_idx, ref_values = ref.step(g)
         assert np.array_equal(indices.numpy(), ref_idx), step
         assert np.array_equal(values.numpy(), ref_values), step
         st = comp._state["w"]
         assert np.array_equal(st.residual.numpy(), ref.residual), step
-        if momentum:
+        if comp.options.momentum:
             assert np.array_equal(st.velocity.numpy(), ref.velocity), step
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("extra", [{}, {"warmup_steps": 4, "warmup_start_density": 0.5},
+                                   {"clip_norm": 5.0}])
+def test_error_feedback_matches_reference_bitwise(momentum, extra):
+    _assert_follows_reference((40, 50), 15, 5, 10.0, seed=3, density=0.03, momentum=momentum, **extra)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_error_feedback_matches_reference_on_sampled_tensors(momentum):
     """Tensors large enough for the sampled, fused CPU selection still follow the reference bit for
     bit over many steps, while the residual grows heavy tails."""
-    rng = np.random.default_rng(4)
-    comp = RangerCompressor(density=0.01, momentum=momentum, min_elements=1)
-    comp.world_size = 2
-    ref = reference.ReferenceCompressor(300 * 200, comp.options, world_size=2)
-    for step in range(12):
-        g = rng.standard_normal(60_000).astype(np.float32) * (5.0 if step % 4 == 0 else 1.0)
-        values, indices = comp.compress_sparse("w", torch.from_numpy(g.reshape(300, 200)))
-        ref_idx, ref_values = ref.step(g)
-        assert np.array_equal(indices.numpy(), ref_idx), step
-        assert np.array_equal(values.numpy(), ref_values), step
-        assert np.array_equal(comp._state["w"].residual.numpy(), ref.residual), step
+    _assert_follows_reference((300, 200), 12, 4, 5.0, seed=4, density=0.01, momentum=momentum)
 
 
 def test_conservation_invariant_single_rank():
