@@ -8,7 +8,7 @@ launcher (``ranger-hvd launch``, 2 ranks, Gloo) at the config's own epochs and a
 reads each run's ``summary.json``. Modes:
 
 * ``dense``: Horovod's fp32 allreduce; ``fp16``: Horovod's fp16 compression;
-* ``ranger-D``: top-k at density D with error feedback, SGD momentum 0.9 on the averaged update;
+* ``ranger-D`` (any 0 < D <= 1, e.g. ``ranger-0.03``): top-k at density D with error feedback, SGD momentum 0.9 on the averaged update;
 * ``ranger-D-dgc``: top-k at density D with DGC's momentum correction in the compressor, at the momentum
   the config gives the optimizer (which then runs without momentum); not run for configs without
   momentum (the GANs), where it would be ``ranger-D`` itself.
@@ -32,16 +32,31 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["cnn-digits", "cnn-digits-tf", "rnn-digits", "rnn-digits-tf", "gan-digits", "gan-digits-tf"]
-MODES = {
-    "dense": ["compression.type=none"],
-    "fp16": ["compression.type=fp16"],
-    "ranger-0.01": ["compression.type=ranger", "compression.density=0.01"],
-    "ranger-0.01-dgc": ["compression.type=ranger", "compression.density=0.01", "compression.momentum=CONFIG",
-                        "train.momentum=0"],
-    "ranger-0.001": ["compression.type=ranger", "compression.density=0.001"],
-    "ranger-0.001-dgc": ["compression.type=ranger", "compression.density=0.001", "compression.momentum=CONFIG",
-                        "train.momentum=0"],
-}
+DEFAULT_MODES = ["dense", "fp16", "ranger-0.01", "ranger-0.01-dgc", "ranger-0.001", "ranger-0.001-dgc"]
+FIXED_MODES = {"dense": ["compression.type=none"], "fp16": ["compression.type=fp16"]}
+
+
+def mode_spec(mode: str) -> list[str] | None:
+    """The config overrides of a mode name (``compression.momentum=CONFIG`` stands for the config's own
+    momentum), or None if the name means nothing: ``dense``, ``fp16``, ``ranger-D`` or ``ranger-D-dgc``
+    with 0 < D <= 1."""
+    if mode in FIXED_MODES:
+        return FIXED_MODES[mode]
+    parts = mode.split("-")
+    if parts[0] != "ranger" or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "dgc"):
+        return None
+    try:
+        density = float(parts[1])
+    except ValueError:
+        return None
+    if not 0.0 < density <= 1.0:
+        return None
+    spec = ["compression.type=ranger", f"compression.density={parts[1]}"]
+    if len(parts) == 3:
+        spec += ["compression.momentum=CONFIG", "train.momentum=0"]
+    return spec
+
+
 # What judges a job: (metric in summary.json's final_metrics, higher is better)
 METRICS = {"cnn": ("eval_accuracy", True), "rnn": ("eval_accuracy", True),
            "gan": ("eval_fd", False)}
@@ -59,11 +74,12 @@ def config_epochs(name: str) -> tuple[str, int, float]:
 
 def mode_overrides(mode: str, momentum: float) -> list[str] | None:
     """The overrides of a mode for a config whose optimizer uses ``momentum`` (None: not applicable)."""
-    if "compression.momentum=CONFIG" not in MODES[mode]:
-        return MODES[mode]
+    spec = mode_spec(mode)
+    if "compression.momentum=CONFIG" not in spec:
+        return spec
     if momentum == 0:
         return None
-    return [x.replace("CONFIG", str(momentum)) for x in MODES[mode]]
+    return [x.replace("CONFIG", str(momentum)) for x in spec]
 
 
 def run_one(name: str, overrides: list[str], mode: str, epochs: int, seed: int, extra: list[str],
@@ -226,6 +242,58 @@ def plot(results: dict, names: list[str], modes: list[str], scales: list[int], p
     fig.savefig(path, dpi=110)
 
 
+def density_png(out: Path) -> Path:
+    return out.with_name(out.stem + "-curve.png")
+
+
+def swept_densities(modes: list[str]) -> list[float]:
+    """The densities of the plain ``ranger-D`` modes, ascending."""
+    return sorted(float(m.split("-")[1]) for m in modes if m.startswith("ranger-") and not m.endswith("-dgc"))
+
+
+def plot_density(results: dict, names: list[str], modes: list[str], scale: int, path: Path) -> None:
+    """The eval metric against the density (log axis), dense as a line with its stdev as a band and
+    the accuracy issue's bar (1 point below dense; GAN: 1.1x dense's score) dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_density = {float(m.split("-")[1]): m for m in modes if m.startswith("ranger-") and not m.endswith("-dgc")}
+    cols = 2 if len(names) in (2, 4) else min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        model, base = results[name]["model"], results[name]["epochs"]
+        metric, higher = METRICS[model]
+        points = [(d, results[name]["runs"].get((m, scale), {}).get("metrics", {})) for d, m in sorted(by_density.items())]
+        points = [(d, c[metric], c.get(metric + "_std", 0.0)) for d, c in points if metric in c]
+        if points:
+            xs, ys, es = zip(*points)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label="Ranger (top-k + error feedback)")
+        dense = results[name]["runs"].get(("dense", scale), {}).get("metrics", {})
+        if metric in dense:
+            dv, ds = dense[metric], dense.get(metric + "_std", 0.0)
+            ax.axhline(dv, color="black", lw=1, label="dense fp32")
+            ax.axhspan(dv - ds, dv + ds, color="black", alpha=0.08)
+            bar = dv - 0.01 if higher else 1.10 * dv
+            ax.axhline(bar, color="tab:red", ls="--", lw=1,
+                       label="target: dense - 1 pt" if higher else "target: 1.1x dense")
+        ax.set_xscale("log")
+        ax.set_xlabel("density d (fraction of entries sent per step)")
+        ax.set_ylabel(f"{metric} ({'higher' if higher else 'lower'} is better)")
+        ax.set_title(f"{name}, {base * scale} epochs", fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    seeds = max((r.get("seeds", 1) for n in names for r in results[n]["runs"].values()), default=1)
+    fig.suptitle("Eval metric against density after the same epochs as dense"
+                 + (f" (mean over {seeds} seeds, whiskers and band: stdev)" if seeds > 1 else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _runs_to_json(results: dict) -> dict:
     return {name: {**r, "runs": [[m, s, v] for (m, s), v in r["runs"].items()]}
             for name, r in results.items()}
@@ -238,7 +306,8 @@ def _runs_from_json(saved: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                    help="dense, fp16, ranger-D (any density D) and ranger-D-dgc, comma-separated")
     ap.add_argument("--scales", default="1,3", help="multiples of each config's own epochs")
     ap.add_argument("--seeds", default="0", help="train.seed values; each cell is their mean ± stdev")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -253,13 +322,15 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if args.replot:
         saved = json.loads(out.with_suffix(".json").read_text())
-        plot(_runs_from_json(saved["results"]), saved["names"], saved["modes"], saved["scales"],
-             out.with_suffix(".png"))
+        results = _runs_from_json(saved["results"])
+        plot(results, saved["names"], saved["modes"], saved["scales"], out.with_suffix(".png"))
+        if len(swept_densities(saved["modes"])) >= 3:
+            plot_density(results, saved["names"], saved["modes"], saved["scales"][0], density_png(out))
         return 0
     names, modes = args.configs.split(","), args.modes.split(",")
     scales = [int(s) for s in args.scales.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    unknown = [m for m in modes if m not in MODES] + [c for c in names if c not in CONFIGS]
+    unknown = [m for m in modes if mode_spec(m) is None] + [c for c in names if c not in CONFIGS]
     if unknown:
         ap.error(f"unknown mode or config: {', '.join(unknown)}")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -300,6 +371,9 @@ def main(argv=None) -> int:
         {"names": names, "modes": modes, "scales": scales, "results": _runs_to_json(results)}, indent=1))
     plot(results, names, modes, scales, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+    if len(swept_densities(modes)) >= 3:      # a density sweep: the metric against d tells more
+        plot_density(results, names, modes, scales[0], density_png(out))
+        print(f"wrote {density_png(out)}")
     return 0
 
 

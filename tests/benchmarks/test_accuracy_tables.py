@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,25 @@ def test_table_shows_spread_only_over_several_seeds_and_the_gap_to_dense():
     text = accuracy.table(results, ["cnn-x"], ["dense", "ranger-0.01"], [1])
     assert "| dense | 0.9700 | +0.0 pt |" in text
     assert "| ranger-0.01 | 0.9600 ± 0.0123 | -1.0 pt |" in text
+
+
+def test_mode_names_carry_any_density_and_the_dgc_variant_takes_the_configs_momentum():
+    assert accuracy.mode_overrides("ranger-0.03", 0.9) == ["compression.type=ranger", "compression.density=0.03"]
+    assert accuracy.mode_overrides("ranger-0.3-dgc", 0.9) == [
+        "compression.type=ranger", "compression.density=0.3", "compression.momentum=0.9", "train.momentum=0"]
+    assert accuracy.mode_overrides("ranger-0.3-dgc", 0.0) is None      # no momentum to move: not run
+    assert accuracy.mode_overrides("dense", 0.9) == ["compression.type=none"]
+
+
+@pytest.mark.parametrize("name", ["ranger", "ranger-0", "ranger-1.5", "ranger-x", "ranger-0.1-sgd", "topk-0.1",
+                                  "ranger-0.1-dgc-dgc"])
+def test_mode_names_that_mean_nothing_are_refused(name):
+    assert accuracy.mode_spec(name) is None
+    with pytest.raises(SystemExit):
+        accuracy.main(["--modes", f"dense,{name}", "--configs", "cnn-digits"])
+
+
+def test_a_density_sweep_is_read_from_the_plain_ranger_modes_only():
+    modes = ["dense", "ranger-0.1", "ranger-0.01-dgc", "fp16", "ranger-0.001", "ranger-0.03"]
+    assert accuracy.swept_densities(modes) == [0.001, 0.03, 0.1]
+    assert accuracy.density_png(Path("benchmarks/x.md")) == Path("benchmarks/x-curve.png")
