@@ -63,6 +63,8 @@ def parse_args(argv):
     p.add_argument("--net", default="10.78.0", help="first three parts of the hosts' addresses (default 10.78.0)")
     p.add_argument("--append", action="store_true", help="keep the other cells of an existing "
                    "network-results.json in --out (same hosts, link and model: replaced)")
+    p.add_argument("--no-pin", action="store_true", help="let the scheduler place the ranks (default: "
+                   "each rank on its own core, rank r on core r mod cores, as on separate hosts)")
     p.add_argument("--launch-timeout", type=float, default=1200, help="seconds per horovodrun launch")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -128,7 +130,7 @@ def launch(hosts: TestHosts, model: str, args, json_path: Path, console) -> dict
     argv = [*hosts.run_prefix(), str(venv_bin / "horovodrun"), *hosts.horovodrun_args(),
             "--start-timeout", "120", sys.executable, "-m", "netbench.worker", "--model", model,
             "--modes", ",".join(args.modes), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--json", str(json_path)]
+            "--json", str(json_path), *([] if args.no_pin else ["--pin"])]
     json_path.unlink(missing_ok=True)
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
@@ -168,6 +170,7 @@ def main(argv=None) -> int:
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python benchmarks/bench_network.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "machine": description, "cpus": cpus, "steps": args.steps, "warmup": args.warmup,
+            "pinned": not args.no_pin,
             "models": {m: f"{SPECS[m].framework}, {SPECS[m].description}; batch: {SPECS[m].input}"
                        + (f"; {SPECS[m].tensors} tensors" if SPECS[m].tensors else "")
                        + f", {SPECS[m].params:,} parameters" for m in args.models}}
@@ -221,7 +224,8 @@ def main(argv=None) -> int:
             meta["earlier"] = [e for e in previous["meta"].get("earlier", []) if e["date"] in dates]
             if previous["meta"]["date"] in dates:
                 meta["earlier"].append({k: previous["meta"][k] for k in
-                                        ("date", "command", "machine", "wall_s", "steps", "warmup")})
+                                        ("date", "command", "machine", "wall_s", "steps", "warmup", "pinned")
+                                        if k in previous["meta"]})
             meta["models"] = {**{r["model"]: previous["meta"]["models"][r["model"]] for r in kept},
                               **meta["models"]}
         runs = kept + runs

@@ -153,13 +153,18 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
         f"Run on {meta['date']} by `{meta['command']}` in {meta['wall_s']:.0f} s.",
         f"Machine: {meta['machine']}.",
         *[f"Cells from an earlier run kept (`--append`): {e['date']}, `{e['command']}`, {e['steps']} timed "
-          f"steps after {e['warmup']} warm-up; machine: {e['machine']}." for e in meta.get("earlier", [])],
+          f"steps after {e['warmup']} warm-up; ranks {'pinned' if e.get('pinned') else 'not pinned'}; "
+          f"machine: {e['machine']}." for e in meta.get("earlier", [])],
         "",
         "Each host is a network namespace on one machine (its own address and sshd); every link is the "
         "host's veth into a bridge, limited with `tc qdisc ... tbf rate RATE burst 1mb latency 50ms` on "
         "each host's side (`none`: no limit). Real `horovodrun --gloo` starts one rank per host over "
         "ssh, one thread per rank, SGD on one fixed synthetic batch per rank. All ranks share this "
-        f"machine's {meta['cpus']} CPU cores, so compute-only time grows with the number of hosts.",
+        f"machine's {meta['cpus']} CPU cores, so compute-only time grows with the number of hosts. "
+        + ("Each rank and its threads are pinned to one core (rank r on core r mod cores), as a host has "
+           "its own CPU; `--no-pin` leaves the placement to the scheduler."
+           if meta.get("pinned") else "The scheduler placed the ranks (`--no-pin`): they may share a core "
+           "or move between cores, which hosts would not."),
         "",
         "Modes: *dense fp32* is `hvd.DistributedOptimizer` (TF: `hvd.DistributedGradientTape`); "
         "*Horovod fp16* adds `compression=hvd.Compression.fp16`; *ranger d=D* passes "

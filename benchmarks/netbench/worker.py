@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import time
 
@@ -222,6 +223,19 @@ def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize) 
     return fig
 
 
+def pin_to_core(rank: int) -> int:
+    """Binds this process, and every thread it starts from now on (Horovod's, Gloo's, the
+    framework's), to one core: the rank-th of the cores it may use, modulo their number.
+
+    The test hosts share one machine; real hosts each have their own cores. Pinned, two ranks on two
+    cores never take turns on one core or migrate between them, as two hosts would not.
+    """
+    allowed = sorted(os.sched_getaffinity(0))
+    core = allowed[rank % len(allowed)]
+    os.sched_setaffinity(0, {core})
+    return core
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, choices=sorted(models.SPECS))
@@ -229,18 +243,23 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--json", required=True)
+    p.add_argument("--pin", action="store_true",
+                   help="run on one core, rank r on the r-th allowed core (mod their number)")
     args = p.parse_args(argv)
     for mode in args.modes:
         parse_mode(mode)
+    if args.pin:
+        pin_to_core(int(os.environ["HOROVOD_RANK"]))
     spec = models.SPECS[args.model]
     figures, hvd = (run_torch if spec.framework == "torch" else run_tf)(args)
     gathered = hvd.allgather_object(figures, name="bench.figures")
     # each test host maps the machine's hostname to its own address: proof of where each rank ran
     addresses = hvd.allgather_object(socket.gethostbyname(socket.gethostname()), name="bench.addresses")
+    cores = hvd.allgather_object(sorted(os.sched_getaffinity(0)), name="bench.cores")
     if hvd.rank() == 0:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "size": hvd.size(), "ranks": gathered,
-                       "addresses": addresses}, f)
+                       "addresses": addresses, "cores": cores}, f)
 
 
 if __name__ == "__main__":

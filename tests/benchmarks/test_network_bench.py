@@ -78,6 +78,11 @@ def test_quick_grid_on_two_hosts(tmp_path):
     (run,) = data["runs"]
     assert (run["hosts"], run["link"], run["model"]) == (2, "1gbit", "lstm-small")
     assert sorted(run["raw"]["addresses"]) == ["10.77.110.11", "10.77.110.12"], run["raw"]["addresses"]
+    # each rank ran pinned to one core, the two on different cores where the machine has two
+    cores = run["raw"]["cores"]
+    assert all(len(c) == 1 for c in cores), cores
+    assert len({c[0] for c in cores}) == min(2, len(os.sched_getaffinity(0))), cores
+    assert data["meta"]["pinned"] is True
     figures = run["figures"]
     assert list(figures) == ["compute", "dense", "fp16", "ranger-0.01", "ranger-0.001"]
     # the timed steps were interleaved: round r of every mode ran after round r-1 of every mode
