@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 
 from machine import cpu_and_load  # noqa: E402
 from netbench import report  # noqa: E402
-from netbench.hosts import HostsError, TestHosts, interrupt_on_sigterm  # noqa: E402
+from netbench.hosts import HostsError, TestHosts, interrupt_on_signals  # noqa: E402
 from netbench.models import SPECS  # noqa: E402
 from netbench.worker import parse_mode  # noqa: E402
 
@@ -161,7 +161,7 @@ def launch(hosts: TestHosts, model: str, args, json_path: Path, console) -> dict
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    interrupt_on_sigterm()
+    interrupt_on_signals()
     from rich.console import Console
 
     console = Console(stderr=True)

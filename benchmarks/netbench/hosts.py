@@ -1,7 +1,7 @@
 """Test hosts for the benchmark: ``launch/netns-hosts.sh`` driven from Python, torn down on any exit.
 
 ``TestHosts`` is a context manager: ``up`` on entry, ``down`` on exit, including after an exception,
-Ctrl-C (KeyboardInterrupt) or SIGTERM (turned into KeyboardInterrupt by :func:`interrupt_on_sigterm`).
+Ctrl-C or SIGTERM (both turned into KeyboardInterrupt by :func:`interrupt_on_signals`).
 ``down`` also kills whatever still runs inside the namespaces (ranks of a job that was cut short).
 """
 
@@ -39,12 +39,18 @@ def unusable_reason(prefix: str) -> str:
     return ""
 
 
-def interrupt_on_sigterm() -> None:
-    """SIGTERM raises KeyboardInterrupt, so ``finally`` blocks (teardown) run as on Ctrl-C."""
+def interrupt_on_signals() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt, so ``finally`` blocks (teardown) run.
+
+    SIGINT is set explicitly: a process started in the background by a non-interactive shell
+    (``cmd &`` in a script, as CI may do) inherits SIGINT as ignored, and Python then installs no
+    handler, so Ctrl-C or ``kill -INT`` would leave the hosts and ranks running.
+    """
 
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
+    signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
 
