@@ -223,7 +223,7 @@ def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize) 
     return fig
 
 
-def pin_to_core(rank: int) -> int:
+def pin_to_core(rank: int) -> None:
     """Binds this process, and every thread it starts from now on (Horovod's, Gloo's, the
     framework's), to one core: the rank-th of the cores it may use, modulo their number.
 
@@ -231,9 +231,7 @@ def pin_to_core(rank: int) -> int:
     cores never take turns on one core or migrate between them, as two hosts would not.
     """
     allowed = sorted(os.sched_getaffinity(0))
-    core = allowed[rank % len(allowed)]
-    os.sched_setaffinity(0, {core})
-    return core
+    os.sched_setaffinity(0, {allowed[rank % len(allowed)]})
 
 
 def main(argv=None) -> None:
