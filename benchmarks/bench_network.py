@@ -41,9 +41,9 @@ from netbench.worker import parse_mode  # noqa: E402
 
 FULL = {"hosts": [2, 3], "links": ["1gbit", "10gbit", "none"],
         "models": ["resnet50", "lstm-lm", "keras-resnet50"],
-        "modes": ["dense", "fp16", "ranger-0.01", "ranger-0.001"], "steps": 20, "warmup": 3}
+        "modes": ["dense", "fp16", "floor", "ranger-0.01", "ranger-0.001"], "steps": 20, "warmup": 3}
 QUICK = {"hosts": [2], "links": ["1gbit"], "models": ["lstm-small"],
-         "modes": ["dense", "fp16", "ranger-0.01", "ranger-0.001"], "steps": 5, "warmup": 2}
+         "modes": ["dense", "fp16", "floor", "ranger-0.01", "ranger-0.001"], "steps": 6, "warmup": 2}
 LINK_WORDS = {"none": "none", "1gbit": "1 Gbit/s", "10gbit": "10 Gbit/s"}
 
 
@@ -54,8 +54,8 @@ def parse_args(argv):
     p.add_argument("--hosts", type=int, nargs="+", help=f"host counts (default {FULL['hosts']})")
     p.add_argument("--links", nargs="+", help=f"tc rates or none (default {FULL['links']})")
     p.add_argument("--models", nargs="+", help=f"of {sorted(SPECS)} (default {FULL['models']})")
-    p.add_argument("--modes", nargs="+", help=f"dense, fp16, ranger-D (default {FULL['modes']})")
-    p.add_argument("--steps", type=int, help="timed steps per mode (default 20; quick 5)")
+    p.add_argument("--modes", nargs="+", help=f"dense, fp16, floor, ranger-D (default {FULL['modes']})")
+    p.add_argument("--steps", type=int, help="timed steps per mode (default 20; quick 6)")
     p.add_argument("--warmup", type=int, help="warm-up steps per mode (default 3; quick 2)")
     p.add_argument("--out", type=Path, help="directory of network-results.{md,json,png} "
                    "(default benchmarks/; quick: a new temp dir)")
@@ -65,6 +65,8 @@ def parse_args(argv):
                    "network-results.json in --out (same hosts, link and model: replaced)")
     p.add_argument("--no-pin", action="store_true", help="let the scheduler place the ranks (default: "
                    "each rank on its own core, rank r on core r mod cores, as on separate hosts)")
+    p.add_argument("--cycle-time-ms", type=float, help="Horovod's cycle time, the same for every mode "
+                   "(horovodrun --cycle-time-ms; default: Horovod's own)")
     p.add_argument("--launch-timeout", type=float, default=1200, help="seconds per horovodrun launch")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -80,9 +82,11 @@ def parse_args(argv):
             if kind == "compute" or (density is not None and not 0 < density <= 1):
                 raise ValueError
         except ValueError:
-            errors.append(f"--modes {mode}: give dense, fp16 or ranger-D with 0 < D <= 1")
+            errors.append(f"--modes {mode}: give dense, fp16, floor or ranger-D with 0 < D <= 1")
     errors += [f"--links {x}: give a tc rate such as 1gbit or 500mbit, or none" for x in args.links
                if x != "none" and not (x[:1].isdigit() and x.rstrip("0123456789.").endswith("bit"))]
+    if args.cycle_time_ms is not None and not args.cycle_time_ms > 0:
+        errors.append(f"--cycle-time-ms {args.cycle_time_ms:g}: give a time above 0")
     if args.steps < 1 or args.warmup < 1:
         errors.append("--steps and --warmup must be at least 1")
     if errors:
@@ -128,7 +132,9 @@ def launch(hosts: TestHosts, model: str, args, json_path: Path, console) -> dict
            "TF_USE_LEGACY_KERAS": "1", "HOROVOD_STALL_CHECK_TIME_SECONDS": "120",
            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "600"}
     argv = [*hosts.run_prefix(), str(venv_bin / "horovodrun"), *hosts.horovodrun_args(),
-            "--start-timeout", "120", sys.executable, "-m", "netbench.worker", "--model", model,
+            "--start-timeout", "120",
+            *([] if args.cycle_time_ms is None else ["--cycle-time-ms", str(args.cycle_time_ms)]),
+            sys.executable, "-m", "netbench.worker", "--model", model,
             "--modes", ",".join(args.modes), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--json", str(json_path), *([] if args.no_pin else ["--pin"])]
     json_path.unlink(missing_ok=True)
@@ -170,7 +176,7 @@ def main(argv=None) -> int:
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python benchmarks/bench_network.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "machine": description, "cpus": cpus, "steps": args.steps, "warmup": args.warmup,
-            "pinned": not args.no_pin,
+            "pinned": not args.no_pin, "cycle_time_ms": args.cycle_time_ms,
             "models": {m: f"{SPECS[m].framework}, {SPECS[m].description}; batch: {SPECS[m].input}"
                        + (f"; {SPECS[m].tensors} tensors" if SPECS[m].tensors else "")
                        + f", {SPECS[m].params:,} parameters" for m in args.models}}

@@ -26,8 +26,8 @@ LR = 0.001
 
 
 def parse_mode(mode: str) -> tuple[str, float | None]:
-    """"dense" / "fp16" / "ranger-D" -> (kind, density)."""
-    if mode in ("compute", "dense", "fp16"):
+    """"dense" / "fp16" / "floor" / "ranger-D" -> (kind, density)."""
+    if mode in ("compute", "dense", "fp16", "floor"):
         return mode, None
     if mode.startswith("ranger-"):
         return "ranger", float(mode.split("-", 1)[1])
@@ -56,6 +56,27 @@ def interleaved(steps_by_mode: dict, warmup: int, steps: int, barrier, on_warm=N
             starts[mode].append(start - origin)
         order = order[1:] + order[:1]
     return times, starts
+
+
+class TokensOnly:
+    """The least a ``compression=`` plug-in can hand Horovod's hook: one entry of each gradient (its
+    first) goes to Horovod's allreduce, and a zero gradient comes back. No selection, no payload, so
+    the step time it adds is the cost of the hook itself: one collective per parameter, each
+    negotiated by Horovod's background thread. Every compressor that goes through the hook, ranger's
+    included, pays at least this. (The parameters do not move; only time is measured.)
+
+    The token is taken from the gradient, and TensorFlow's zero gradient is filled with 0 * (the
+    reduced token), so that a traced graph cannot prune the backward pass or the allreduce as unused.
+    """
+
+    def __init__(self, first, zeros_like):
+        self._first, self._zeros_like = first, zeros_like
+
+    def compress(self, tensor):
+        return self._first(tensor), (tensor.shape, tensor.dtype)
+
+    def decompress(self, tensor, ctx):
+        return self._zeros_like(tensor, *ctx)
 
 
 # ----------------------------------------------------------------------------------------- PyTorch
@@ -110,6 +131,16 @@ def run_torch(args) -> tuple[dict, object]:
                 opt = hvd.DistributedOptimizer(opt, named_parameters=named)
             elif kind == "fp16":
                 opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=hvd.Compression.fp16)
+            elif kind == "floor":
+                zeros = {}   # one reusable zero gradient per shape, as ranger keeps its output buffers
+
+                def zero_grad(token, shape, dtype, zeros=zeros):
+                    if (shape, dtype) not in zeros:   # allocated once: a fresh one would page-fault
+                        zeros[shape, dtype] = torch.zeros(shape, dtype=dtype)
+                    return zeros[shape, dtype]
+
+                floor = TokensOnly(lambda t: t.reshape(-1)[:1].clone(), zero_grad)
+                opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=floor)
             else:
                 comp = TimedCompressor(density=density)
                 opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
@@ -151,9 +182,12 @@ def run_tf(args) -> tuple[dict, object]:
         comp = None
         if kind == "ranger":
             comp = RangerCompressor(density=density, variables=variables)
+        floor = TokensOnly(lambda t: tf.reshape(t, [-1])[:1],
+                           lambda token, shape, dtype: tf.fill(shape, tf.cast(token[0], dtype) * 0))
         wrap = {"compute": None,
                 "dense": lambda t: hvd.DistributedGradientTape(t),
                 "fp16": lambda t: hvd.DistributedGradientTape(t, compression=hvd.Compression.fp16),
+                "floor": lambda t, floor=floor: hvd.DistributedGradientTape(t, compression=floor),
                 "ranger": lambda t, comp=comp: hvd.DistributedGradientTape(t, compression=comp)}[kind]
         if kind != "compute":
             hvd.broadcast_variables(model.variables, root_rank=0)
@@ -206,6 +240,8 @@ def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize) 
         fig["bytes_per_step"] = 0
     elif kind in ("dense", "fp16"):
         fig["bytes_per_step"] = sum(numel(p) * (2 if kind == "fp16" else itemsize(p)) for p in params)
+    elif kind == "floor":
+        fig["bytes_per_step"] = 4 * len(params)   # one fp32 token per parameter
     else:
         now, (then, c0, d0) = comp.stats(), before
         per = {key: (now[key] - then[key]) / steps for key in

@@ -21,6 +21,9 @@ BENCH = REPO / "benchmarks" / "bench_network.py"
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from netbench.hosts import TestHosts, unusable_reason  # noqa: E402
+from bench_network import QUICK  # noqa: E402
+
+STEPS = QUICK["steps"]  # timed steps of the quick grid: one round per mode at least, so each leads once
 
 def _skip_unless_usable(prefix):
     why = unusable_reason(prefix)
@@ -84,18 +87,18 @@ def test_quick_grid_on_two_hosts(tmp_path):
     assert len({c[0] for c in cores}) == min(2, len(os.sched_getaffinity(0))), cores
     assert data["meta"]["pinned"] is True
     figures = run["figures"]
-    assert list(figures) == ["compute", "dense", "fp16", "ranger-0.01", "ranger-0.001"]
+    assert list(figures) == ["compute", "dense", "fp16", "floor", "ranger-0.01", "ranger-0.001"]
     # the timed steps were interleaved: round r of every mode ran after round r-1 of every mode
     for rank in run["raw"]["ranks"]:
-        rounds = [sorted(rank[mode]["starts_s"][r] for mode in figures) for r in range(5)]
+        rounds = [sorted(rank[mode]["starts_s"][r] for mode in figures) for r in range(STEPS)]
         assert all(a[-1] < b[0] for a, b in zip(rounds, rounds[1:])), rounds
         # and the order rotated: each mode ran first in some round
-        firsts = {min(figures, key=lambda m: rank[m]["starts_s"][r]) for r in range(5)}
+        firsts = {min(figures, key=lambda m: rank[m]["starts_s"][r]) for r in range(STEPS)}
         assert firsts == set(figures), firsts
     for mode, fig in figures.items():
         for rank in run["raw"]["ranks"]:
             times = rank[mode]["times_s"]
-            assert len(times) == 5 and all(t > 0 for t in times), (mode, times)
+            assert len(times) == STEPS and all(t > 0 for t in times), (mode, times)
         assert fig["p10_ms"] <= fig["median_ms"] <= fig["p90_ms"], (mode, fig)
         assert fig["overhead_ms"] == pytest.approx(fig["median_ms"] - figures["compute"]["median_ms"])
 
@@ -104,6 +107,7 @@ def test_quick_grid_on_two_hosts(tmp_path):
     numel = sum(math.prod(s) for s in shapes)
     assert figures["dense"]["bytes_per_step"] == 4 * numel == 8_752_384, figures["dense"]
     assert figures["fp16"]["bytes_per_step"] == 2 * numel, figures["fp16"]
+    assert figures["floor"]["bytes_per_step"] == 4 * len(shapes), figures["floor"]  # one token each
     for d in (0.01, 0.001):
         fig = figures[f"ranger-{d}"]
         assert fig["bytes_per_step"] == _expected_ranger_bytes(shapes, d), (d, fig["bytes_per_step"])
@@ -115,6 +119,7 @@ def test_quick_grid_on_two_hosts(tmp_path):
 
     md = (tmp_path / "network-results.md").read_text()
     assert "| 2 | 1gbit | lstm-small | ranger d=0.001 |" in md and "Machine:" in md, md[:2000]
+    assert "| 2 | 1gbit | lstm-small | hook floor |" in md, md[:3000]
     assert (tmp_path / "network-results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ranger d=0.001" in out  # the printed table
     assert took < 240, f"quick run took {took:.0f} s"
