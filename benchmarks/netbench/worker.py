@@ -293,7 +293,9 @@ def main(argv=None) -> None:
     if hvd.rank() == 0:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "size": hvd.size(), "ranks": gathered,
-                       "addresses": addresses, "cores": cores}, f)
+                       "addresses": addresses, "cores": cores,
+                       # what horovodrun handed the ranks (unset: Horovod's default)
+                       "cycle_time_env": os.environ.get("HOROVOD_CYCLE_TIME")}, f)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def test_quick_grid_on_two_hosts(tmp_path):
     from netbench.models import torch_model
 
     start = time.time()
-    proc = _bench(["--quick", "--out", str(tmp_path), "--prefix", "rb10t", "--net", "10.77.110"])
+    proc = _bench(["--quick", "--out", str(tmp_path), "--prefix", "rb10t", "--net", "10.77.110",
+                   "--cycle-time-ms", "5"])
     out, _ = proc.communicate(timeout=300)
     took = time.time() - start
     assert proc.returncode == 0, out[-5000:]
@@ -86,6 +87,8 @@ def test_quick_grid_on_two_hosts(tmp_path):
     assert all(len(c) == 1 for c in cores), cores
     assert len({c[0] for c in cores}) == min(2, len(os.sched_getaffinity(0))), cores
     assert data["meta"]["pinned"] is True
+    # the cycle time reached every rank through horovodrun, and the results say so
+    assert data["meta"]["cycle_time_ms"] == 5 and float(run["raw"]["cycle_time_env"]) == 5, run["raw"]
     figures = run["figures"]
     assert list(figures) == ["compute", "dense", "fp16", "floor", "ranger-0.01", "ranger-0.001"]
     # the timed steps were interleaved: round r of every mode ran after round r-1 of every mode
@@ -195,9 +198,9 @@ def test_ctrl_c_removes_hosts_and_ranks(tmp_path):
 
 def test_bad_arguments_exit_2_naming_them(tmp_path):
     proc = _bench(["--models", "resnet50", "vgg99", "--modes", "ranger-2", "--hosts", "1",
-                   "--out", str(tmp_path)])
+                   "--cycle-time-ms", "0", "--out", str(tmp_path)])
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2, out
-    for culprit in ("--models vgg99", "--modes ranger-2", "--hosts 1"):
+    for culprit in ("--models vgg99", "--modes ranger-2", "--hosts 1", "--cycle-time-ms 0"):
         assert culprit in out, out
     assert list(tmp_path.iterdir()) == []
