@@ -218,12 +218,17 @@ class RangerCompressor:
         import horovod.torch as hvd
 
         gathered = hvd.synchronize(ctx.handle)
-        self.combine(gathered, ctx.k, out)
         world = gathered.numel() // self._row_bytes(ctx.k)
-        # 1 after an average, N after a sum (rounded: predivide factors leave float noise).
-        reduced = round(float(tensor.reshape(-1)[0]))
-        if reduced != world:
-            out.mul_(reduced / world)
+        # The token: 1 after an average, N after a sum (rounded: predivide factors leave float noise).
+        scale = round(float(tensor.reshape(-1)[0])) / world
+        # Scaling each value by a power of two before the scatter-add gives the same bits as scaling
+        # the sum after it (exact in float32/64 above their subnormal range) and spares a pass over
+        # the whole buffer; any other factor (3 ranks, half precision) scales the buffer afterwards.
+        early = scale == 1.0 or (out.dtype in (torch.float32, torch.float64)
+                                 and math.frexp(scale)[0] == 0.5)
+        self.combine(gathered, ctx.k, out, scale if early else 1.0)
+        if not early:
+            out.mul_(scale)
         return out.view(ctx.shape)
 
     def _output(self, ctx: _Context, device) -> torch.Tensor:
@@ -246,8 +251,10 @@ class RangerCompressor:
         """Bytes of one rank's payload in the allgather: k int32 indices and k values."""
         return k * (4 + self.value_dtype.itemsize)
 
-    def combine(self, gathered: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
-        """Every rank's (indices, values) from the allgather, scatter-added into ``out`` (zeros).
+    def combine(self, gathered: torch.Tensor, k: int, out: torch.Tensor,
+                scale: float = 1.0) -> torch.Tensor:
+        """Every rank's (indices, values) from the allgather, each value times ``scale``,
+        scatter-added into ``out`` (zeros).
 
         Duplicate indices from different ranks accumulate in rank order, the order of the gathered
         rows, so every rank gets the same bits.
@@ -256,7 +263,7 @@ class RangerCompressor:
         # reshape(-1) copies the column blocks of several rows into one contiguous buffer
         indices = rows[:, : 4 * k].reshape(-1).view(torch.int32)
         values = rows[:, 4 * k:].reshape(-1).view(self.value_dtype)
-        return out.index_add_(0, indices, values.to(out.dtype))
+        return out.index_add_(0, indices, values.to(out.dtype), alpha=scale)
 
     # ------------------------------------------------------------------ accounting and state
     def end_step(self) -> None:

@@ -385,3 +385,29 @@ def test_selection_of_a_mostly_zero_tensor(k):
     for scratch in (None, SelectionScratch()):
         got = topk_indices(g, k, 0.01, scratch)
         assert np.array_equal(got.numpy(), reference.select(g.numpy(), k)), (k, scratch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scaling_values_before_the_scatter_gives_the_bits_of_scaling_the_sum(dtype):
+    """decompress scales each value by 1/N before the scatter-add when 1/N is a power of two: the
+    result must be bit for bit what scaling the summed buffer afterwards gives (as Horovod's average
+    of a dense tensor does), duplicate indices across ranks included."""
+    from ranger_hvd.torch.compressor import _payload
+    comp = RangerCompressor(density=0.1, min_elements=1)
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for _ in range(4):  # four ranks whose index sets overlap
+        indices = torch.sort(torch.randperm(300, generator=gen)[:120]).values.to(torch.int32)
+        rows.append(_payload(indices, torch.randn(120, generator=gen)))
+    gathered = torch.cat(rows)
+    for ranks, scale in ((2, 0.5), (4, 0.25)):
+        part = torch.cat(rows[:ranks])
+        later = comp.combine(part, 120, torch.zeros(300, dtype=dtype)).mul_(scale)
+        early = comp.combine(part, 120, torch.zeros(300, dtype=dtype), scale)
+        assert torch.equal(early.view(torch.int64 if dtype == torch.float64 else torch.int32),
+                           later.view(torch.int64 if dtype == torch.float64 else torch.int32))
+    # 1/3 does not commute with the sum's rounding (close, not always equal): decompress scales the
+    # summed buffer for such factors
+    third_later = comp.combine(gathered[: 3 * 960], 120, torch.zeros(300, dtype=dtype)).mul_(1 / 3)
+    third_early = comp.combine(gathered[: 3 * 960], 120, torch.zeros(300, dtype=dtype), 1 / 3)
+    torch.testing.assert_close(third_early, third_later)
