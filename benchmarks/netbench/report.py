@@ -178,8 +178,8 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
         "*Horovod fp16* adds `compression=hvd.Compression.fp16`; *ranger d=D* passes "
         "`compression=RangerCompressor(density=D)` to Horovod's own optimizer or tape (per-rank top-k "
         "with error feedback, sent through an allgather). *hook floor* passes a compressor that does "
-        "nothing: one 1-element fp32 tensor per parameter goes to Horovod's allreduce and a zero "
-        "gradient comes back, so its exchange time is what Horovod's per-parameter hook costs by "
+        "nothing: each gradient's first entry goes to Horovod's allreduce and a zero gradient comes "
+        "back, so its exchange time is what Horovod's per-parameter hook costs by "
         "itself, a floor for every `compression=` plug-in (`netbench/worker.py`, `TokensOnly`). "
         "*compute only* is the same model, batch and optimizer with no exchange, run in the same "
         "launch.",

@@ -399,7 +399,6 @@ def test_scaling_values_before_the_scatter_gives_the_bits_of_scaling_the_sum(dty
     for _ in range(4):  # four ranks whose index sets overlap
         indices = torch.sort(torch.randperm(300, generator=gen)[:120]).values.to(torch.int32)
         rows.append(_payload(indices, torch.randn(120, generator=gen)))
-    gathered = torch.cat(rows)
     for ranks, scale in ((2, 0.5), (4, 0.25)):
         part = torch.cat(rows[:ranks])
         later = comp.combine(part, 120, torch.zeros(300, dtype=dtype)).mul_(scale)
@@ -408,6 +407,7 @@ def test_scaling_values_before_the_scatter_gives_the_bits_of_scaling_the_sum(dty
                            later.view(torch.int64 if dtype == torch.float64 else torch.int32))
     # 1/3 does not commute with the sum's rounding (close, not always equal): decompress scales the
     # summed buffer for such factors
-    third_later = comp.combine(gathered[: 3 * 960], 120, torch.zeros(300, dtype=dtype)).mul_(1 / 3)
-    third_early = comp.combine(gathered[: 3 * 960], 120, torch.zeros(300, dtype=dtype), 1 / 3)
+    three = torch.cat(rows[:3])
+    third_later = comp.combine(three, 120, torch.zeros(300, dtype=dtype)).mul_(1 / 3)
+    third_early = comp.combine(three, 120, torch.zeros(300, dtype=dtype), 1 / 3)
     torch.testing.assert_close(third_early, third_later)
