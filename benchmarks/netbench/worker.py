@@ -241,7 +241,7 @@ def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize) 
     elif kind in ("dense", "fp16"):
         fig["bytes_per_step"] = sum(numel(p) * (2 if kind == "fp16" else itemsize(p)) for p in params)
     elif kind == "floor":
-        fig["bytes_per_step"] = 4 * len(params)   # one fp32 token per parameter
+        fig["bytes_per_step"] = sum(itemsize(p) for p in params)   # one entry of each gradient
     else:
         now, (then, c0, d0) = comp.stats(), before
         per = {key: (now[key] - then[key]) / steps for key in
