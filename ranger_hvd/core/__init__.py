@@ -21,6 +21,7 @@ from .rules import (
     num_selected,
     numel_of,
     random_k_seed,
+    sample_rank,
     sample_stride,
     sparse_bytes,
     sparse_counts,
@@ -33,6 +34,6 @@ __all__ = [
     "INDEX_ITEMSIZE", "VALUE_ITEMSIZE", "OptionsError", "RangerOptions", "make_options",
     "COUNTERS", "SAMPLE_TRIES", "SAMPLING_MIN_NUMEL", "TOKEN_BYTES", "CompressionStats",
     "clip_threshold", "dense_counts", "dense_fp32_bytes", "density_at", "is_compressed", "k_schedule",
-    "num_selected", "numel_of", "random_k_seed", "sample_stride", "sparse_bytes", "sparse_counts",
+    "num_selected", "numel_of", "random_k_seed", "sample_rank", "sample_stride", "sparse_bytes", "sparse_counts",
     "stats_dict", "uses_sampling",
 ]

@@ -1,16 +1,20 @@
-"""One pass over memory for the error-feedback step on CPU: ``e += g`` and the candidate screen.
+"""One pass over memory for the error-feedback step on CPU: ``acc = e + g`` and the candidate screen.
 
-Without it a compressed tensor costs four streaming passes on CPU: the residual add, |acc|, the
-comparison with the sampled threshold, and ``nonzero`` over the mask (the slowest: several ns per
-entry). :func:`accumulate_and_screen` does all of them in a single loop compiled by numba: each entry is
-read and written once, and its position is appended to the candidate list when |acc| reaches the
-threshold. The append is branch-free (write the position, advance the count by the comparison), so
-the loop does not stall on mispredicted branches whatever the threshold lets through.
+Without it a compressed tensor costs several streaming passes on CPU: the residual add, |acc|, the
+comparison with the sampled threshold, and listing the positions that pass (the slowest: several ns
+per entry). :func:`accumulate_and_screen` does all of them in a single loop compiled by numba: each
+entry is read and written once, and its position is appended to the candidate list when |acc|
+reaches the threshold. The append is branch-free (write the position, advance the count by the
+comparison), so the loop does not stall on mispredicted branches whatever the threshold lets through.
 
-The loop adds in the tensor's own precision, as ``torch.add_`` does, so the residual it leaves is
-bit-for-bit the same. :func:`select_candidates` then keeps the exact top k of the candidates in one
-more compiled loop (a k-th value by introselect, then one ordered pass for the ties), instead of
-several tensor operations with their own allocations.
+The loop adds in the tensors' own precision, as ``torch.add_`` and ``tf.add`` do, so the sum it
+leaves is bit-for-bit theirs. :func:`select_candidates` then keeps the exact top k of the candidates
+in one more compiled loop (a k-th value by introselect, then one ordered pass for the ties), instead
+of several tensor operations with their own allocations.
+
+Both backends use these loops on NumPy views of their CPU tensors: PyTorch's selection adds in
+place (``torch/selection.py``), TensorFlow's runs :func:`accumulate_select`, the whole selection in
+NumPy, inside its traced step (``tensorflow/cpu_path.py``).
 
 numba is imported and the loops compiled (and cached on disk) on first use; ``available`` says
 whether this process can use them at all.
@@ -22,7 +26,9 @@ import functools
 
 import numpy as np
 
-def _accumulate_screen(residual, grad, threshold, out):
+from .rules import SAMPLE_TRIES, sample_rank, sample_stride
+
+def _accumulate_screen(residual, grad, threshold, out, acc):
     n = residual.shape[0]
     room = out.shape[0]
     count = 0
@@ -30,14 +36,14 @@ def _accumulate_screen(residual, grad, threshold, out):
     # While there is room: write every position, keep it by advancing the count.
     while i < n and count < room:
         a = residual[i] + grad[i]
-        residual[i] = a
+        acc[i] = a
         out[count] = i
         count += abs(a) >= threshold
         i += 1
     # Out of room (the threshold let too many through): finish the sum, only count.
     while i < n:
         a = residual[i] + grad[i]
-        residual[i] = a
+        acc[i] = a
         count += abs(a) >= threshold
         i += 1
     return count
@@ -90,15 +96,15 @@ def available() -> bool:
 
 
 def accumulate_and_screen(residual: np.ndarray, grad: np.ndarray, threshold: float,
-                          out: np.ndarray) -> int:
-    """``residual += grad`` in place, and the ascending positions i with |residual[i]| >= threshold
-    (after the add) written to ``out`` while it has room.
+                          out: np.ndarray, acc: np.ndarray | None = None) -> int:
+    """``acc = residual + grad`` (by default ``acc`` is ``residual``: the add is in place), and the
+    ascending positions i with |acc[i]| >= threshold written to ``out`` while it has room.
 
     Returns the number of such positions; if it exceeds ``len(out)``, only the first ``len(out)``
-    are in ``out`` (the sum is complete either way). Both arrays are 1-D, contiguous and of the same
+    are in ``out`` (the sum is complete either way). The arrays are 1-D, contiguous and of one
     dtype (float32 or float64); ``out`` is int32.
     """
-    return int(_kernels()[0](residual, grad, threshold, out))
+    return int(_kernels()[0](residual, grad, threshold, out, residual if acc is None else acc))
 
 
 def select_candidates(residual: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
@@ -111,3 +117,40 @@ def select_candidates(residual: np.ndarray, candidates: np.ndarray, k: int) -> n
     kept = _kernels()[1](residual, candidates, k, out)
     assert kept == k, (kept, k)
     return out
+
+
+def accumulate_select(residual: np.ndarray, grad: np.ndarray, k: int, sample_fraction: float,
+                      acc: np.ndarray) -> np.ndarray:
+    """``acc = residual + grad`` and the ascending int32 positions of the k largest |acc|, ties to
+    the lower position: the set of ``core.reference.select(acc, k)``, in one pass over memory.
+
+    The steps of the selection (``torch/selection.py`` documents them) in NumPy: a threshold
+    estimated from the sampled sums, the fused add and screen, the exact top k among the
+    candidates. Where the estimate lets fewer than k through it is lowered once, then every entry
+    is a candidate. An estimate of 0 (mostly zeros, such as an embedding's gradient) screens for
+    the non-zero entries; if fewer than k, the first zeros complete the set. ``grad`` holds no NaN.
+    """
+    n = residual.shape[0]
+    tiny = np.nextafter(residual.dtype.type(0), residual.dtype.type(1))  # |x| >= tiny: x != 0
+    stride = sample_stride(sample_fraction)
+    sample = np.abs(residual[::stride] + grad[::stride])  # the sums the add will produce there
+    m = sample.shape[0]
+
+    def estimate(attempt) -> float:
+        rank = sample_rank(attempt, k, m, n)
+        return float(np.partition(sample, m - rank)[m - rank])  # the rank-th largest
+
+    first = estimate(SAMPLE_TRIES[0])
+    # No buffer is touched beyond the count, so room for every entry costs only address space.
+    positions = np.empty(n, dtype=np.int32)
+    count = accumulate_and_screen(residual, grad, first if first > 0 else tiny, positions, acc)
+    if count >= k:
+        return select_candidates(acc, positions[:count], k)
+    if not first > 0:  # fewer non-zero entries than k: all of them, then zeros by position
+        zeros = np.flatnonzero(acc[:k + count] == 0)[:k - count].astype(np.int32)
+        return np.sort(np.concatenate([positions[:count], zeros]))
+    wider = estimate(SAMPLE_TRIES[-1])
+    candidates = np.flatnonzero(np.abs(acc) >= wider).astype(np.int32) if wider > 0 else positions[:0]
+    if candidates.shape[0] < k:
+        candidates = np.arange(n, dtype=np.int32)
+    return select_candidates(acc, candidates, k)

@@ -84,6 +84,13 @@ def sample_stride(sample_fraction: float) -> int:
     return max(1, int(round(1.0 / sample_fraction)))
 
 
+def sample_rank(attempt: tuple[float, float, int], k: int, m: int, n: int) -> int:
+    """Rank in a sample of m (out of n) magnitudes at which to read the threshold estimate."""
+    a, b, c = attempt
+    expected = k * m / n  # rank of the true threshold inside the sample
+    return min(m, int(math.ceil(a * expected + b * math.sqrt(expected))) + c)
+
+
 def uses_sampling(numel: int, k: int | None, sample_fraction: float) -> bool:
     """Whether the sampled threshold is worth it (large tensor, sparse selection). k=None: unknown yet."""
     return (numel >= SAMPLING_MIN_NUMEL and sample_stride(sample_fraction) > 1

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from ranger_hvd import core
 
+from . import cpu_path
 from .selection import random_k_indices, seed_pair, topk_indices
 
 
@@ -152,17 +153,29 @@ class TFOps:
         return topk_indices(acc, k, self.options.sample_fraction)
 
     def accumulate_topk(self, state, flat: tf.Tensor, k):
+        """On CPU, for large float tensors, one compiled pass (``cpu_path``) whose ``acc`` is a
+        ``cpu_path.Selected``: the new residual and the sent values; else TF ops on acc."""
+        residual = tf.convert_to_tensor(state.residual)
+        if flat.dtype == residual.dtype and cpu_path.usable(residual.dtype, int(flat.shape[0]), k,
+                                                             self.options.sample_fraction):
+            return cpu_path.accumulate_topk(tf.reshape(residual, [-1]), flat, k,
+                                            self.options.sample_fraction)
         acc = self.accumulate(state, flat)
         return acc, self.topk(acc, k)
 
     def random_k(self, numel: int, k, base_seed: int, state) -> tf.Tensor:
         return random_k_indices(numel, k, seed_pair(base_seed, state.step))
 
-    def gather(self, acc: tf.Tensor, indices: tf.Tensor) -> tf.Tensor:
+    def gather(self, acc, indices: tf.Tensor) -> tf.Tensor:
+        if isinstance(acc, cpu_path.Selected):
+            return acc.values
         return tf.gather(acc, indices)
 
     def keep_unsent(self, state, acc, u, indices, values) -> None:
-        _assign_flat(state.residual, _zero_at(acc, indices, [values]))
+        if isinstance(acc, cpu_path.Selected):  # already zeroed where sent
+            _assign_flat(state.residual, acc.residual)
+        else:
+            _assign_flat(state.residual, _zero_at(acc, indices, [values]))
         if u is not None:
             _assign_flat(state.velocity, _zero_at(u, indices, [values]))
 

@@ -33,9 +33,7 @@ import math
 import numpy as np
 import torch
 
-from ranger_hvd.core import SAMPLE_TRIES, sample_stride, uses_sampling
-
-from . import cpu_scan
+from ranger_hvd.core import SAMPLE_TRIES, cpu_scan, sample_rank, sample_stride, uses_sampling
 
 
 class SelectionScratch:
@@ -131,13 +129,6 @@ def _mostly_zero(mag: torch.Tensor, k: int, mask: torch.Tensor | None) -> torch.
     return torch.sort(torch.cat([nonzero, zeros])).values.to(torch.int32)
 
 
-def _sample_rank(attempt: tuple[float, float, int], k: int, m: int, n: int) -> int:
-    """Rank in a sample of m (out of n) magnitudes at which to read the threshold estimate."""
-    a, b, c = attempt
-    expected = k * m / n  # rank of the true threshold inside the sample
-    return min(m, int(math.ceil(a * expected + b * math.sqrt(expected))) + c)
-
-
 def topk_indices(flat: torch.Tensor, k: int, sample_fraction: float = 0.01,
                  scratch: SelectionScratch | None = None) -> torch.Tensor:
     """Indices (int32, ascending) of the k largest |flat|, ties to the lower index.
@@ -158,7 +149,7 @@ def topk_indices(flat: torch.Tensor, k: int, sample_fraction: float = 0.01,
         m = sample.numel()
         mask = scratch.mask(n, flat) if scratch is not None else None
         for attempt in SAMPLE_TRIES:
-            rank = _sample_rank(attempt, k, m, n)
+            rank = sample_rank(attempt, k, m, n)
             estimate = torch.topk(sample, rank, sorted=False).values.min()
             if not bool(estimate > 0):
                 return _mostly_zero(mag, k, scratch.mask(n, flat) if scratch is not None else None)
@@ -195,7 +186,7 @@ def accumulate_topk(residual: torch.Tensor, grad: torch.Tensor, k: int,
     stride = sample_stride(sample_fraction)
     # acc[::stride], bit-for-bit what the add will leave there (one rounding, same precision)
     sample = (residual[::stride] + grad[::stride]).abs_()
-    rank = _sample_rank(SAMPLE_TRIES[0], k, sample.numel(), n)
+    rank = sample_rank(SAMPLE_TRIES[0], k, sample.numel(), n)
     estimate = float(torch.topk(sample, rank, sorted=False).values.min())
     if not estimate > 0:  # mostly zeros: the ordinary path finds the non-zero entries
         return topk_indices(residual.add_(grad), k, sample_fraction, scratch)

@@ -103,6 +103,43 @@ def test_error_feedback_equals_reference(opts):
                 np.testing.assert_array_equal(comp.slots[0].velocity.numpy(), ref.velocity)
 
 
+@pytest.mark.parametrize("opts", [
+    dict(density=0.01),
+    dict(density=0.002, momentum=0.9),
+    dict(density=0.01, warmup_steps=3, warmup_start_density=0.2),  # k is a tensor: warm-up
+])
+def test_large_tensors_take_the_compiled_cpu_pass_and_equal_reference(opts, monkeypatch):
+    """Tensors large enough for a sampled threshold run ``cpu_path`` (one compiled pass through
+    tf.numpy_function): same indices, values, residual and velocity bits as the reference, eagerly
+    and traced, including a mostly-zero gradient (an embedding's) and a k that changes per step."""
+    from ranger_hvd.core import cpu_scan, num_selected
+    calls = []
+    real = cpu_scan.accumulate_select
+    monkeypatch.setattr(cpu_scan, "accumulate_select", lambda *a: calls.append(a[2]) or real(*a))
+    comp = RangerCompressor(min_elements=100, **opts)
+    comp.world_size = 2
+    shape = (250, 120)
+    ref = ReferenceCompressor(30000, comp.options, world_size=2)
+    var = tf.Variable(tf.zeros(shape))
+    traced = tf.function(comp.compress_variable)
+    rng = np.random.default_rng(4)
+    for t in range(6):
+        g = rng.standard_normal(shape).astype(np.float32)
+        if t == 2:
+            g[:, :] = 0
+            g[7, :] = rng.standard_normal(120)  # one row of an embedding
+        idx, vals = (traced if t % 2 else comp.compress_variable)(var, tf.constant(g))
+        ridx, rvals = ref.step(g)
+        np.testing.assert_array_equal(idx.numpy(), ridx)
+        np.testing.assert_array_equal(vals.numpy(), rvals)
+        np.testing.assert_array_equal(comp.residual_of(var).numpy().ravel(), ref.residual)
+        if ref.options.momentum > 0:
+            np.testing.assert_array_equal(comp.slots[0].velocity.numpy(), ref.velocity)
+    assert len(calls) == 6, calls
+    if opts.get("warmup_steps"):
+        assert calls[0] > calls[-1] == num_selected(30000, 0.01), calls
+
+
 def test_conservation_inside_one_rank():
     comp = RangerCompressor(density=0.02, min_elements=100)
     comp.world_size = 1

@@ -14,49 +14,18 @@ import pytest
 import torch
 
 from ranger_hvd import core
-from ranger_hvd.core import OptionsError, reference
+from ranger_hvd.core import OptionsError, cpu_scan, reference
 from ranger_hvd.torch import NonFiniteGradientError, RangerCompressor, random_k_indices, topk_indices
-from ranger_hvd.torch import cpu_scan
 from ranger_hvd.torch.selection import SelectionScratch, accumulate_topk
 
-
-def _inputs(rng: np.random.Generator):
-    """(name, array) pairs: random, heavily tied, and built to defeat the sampled estimate."""
-    out = []
-    for n in (1, 7, 100, 4096, 20_000, 100_003):
-        out.append((f"normal{n}", rng.standard_normal(n).astype(np.float32)))
-        out.append((f"ints{n}", rng.integers(-3, 4, n).astype(np.float32)))
-    n = 50_000
-    out.append(("zeros", np.zeros(n, np.float32)))
-    out.append(("constant", np.full(n, -2.5, np.float32)))
-    few = np.zeros(n, np.float32)
-    few[rng.integers(0, n, 7)] = 1.0
-    out.append(("few_nonzero", few))
-    # The strided sample sees only zeros: the estimate is 0 and every entry is a candidate.
-    hidden = rng.standard_normal(n).astype(np.float32)
-    hidden[::100] = 0.0
-    out.append(("sample_sees_zeros", hidden))
-    # The sample sees only huge values: the estimate is far too high and selection must fall back.
-    decoy = rng.standard_normal(n).astype(np.float32)
-    decoy[::100] = 1000.0
-    out.append(("sample_sees_decoys", decoy))
-    # The sample sees only tiny values: the estimate is far too low and lets nearly all through.
-    tiny = rng.standard_normal(n).astype(np.float32) + 10.0
-    tiny[::100] = 1e-6
-    out.append(("sample_sees_tiny", tiny))
-    # Magnitude ties with both signs, and signed zeros.
-    signs = np.tile(np.array([3, -3, 0, -0.0, 1, -1], np.float32), n // 6 + 1)[:n]
-    out.append(("signed_ties", signs))
-    ramp = np.arange(n, dtype=np.float32)[::-1].copy()  # strictly decreasing: the answer is a prefix
-    out.append(("ramp", ramp))
-    return out
+from ..core.inputs import selection_inputs
 
 
 @pytest.mark.parametrize("use_scratch", [False, True])
 def test_selection_equals_reference(use_scratch):
     rng = np.random.default_rng(0)
     scratch = SelectionScratch() if use_scratch else None
-    for name, x in _inputs(rng):
+    for name, x in selection_inputs(rng):
         n = x.size
         ks = sorted({min(n, k) for k in (1, 2, max(1, n // 1000), max(1, n // 100),
                                           max(1, n // 10), n // 2 or 1, n, int(rng.integers(1, n + 1)))})
@@ -78,7 +47,7 @@ def test_accumulate_topk_sums_in_place_and_selects_like_reference(dtype, monkeyp
                         lambda *a: screens.append(real(*a)) or screens[-1])
     rng = np.random.default_rng(11)
     scratch = SelectionScratch()
-    for name, x in _inputs(rng):
+    for name, x in selection_inputs(rng):
         n = x.size
         for k in sorted({1, max(1, n // 1000), max(1, n // 100), max(1, n // 10)}):
             e = (rng.standard_normal(n) * 0.3).astype(dtype)
