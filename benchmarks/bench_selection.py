@@ -139,7 +139,7 @@ into the zeroed gradient), the per-tensor cost of `ranger_hvd.torch.DistributedO
 
 Reading: *clone* allocates a fresh tensor, so on large tensors it includes the page faults of new
 memory. On CPU, `compress_sparse` folds the error-feedback add into the selection's candidate pass
-(`ranger_hvd/torch/cpu_scan.py`), so the full top-k compress + combine costs about what *select*
+(`ranger_hvd/core/cpu_scan.py`), so the full top-k compress + combine costs about what *select*
 alone does, and `torch.topk` alone costs several times more. Small tensors are dominated by fixed
 per-call costs.
 {TORCH_END}"""
