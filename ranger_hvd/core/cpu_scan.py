@@ -87,7 +87,7 @@ def _kernels():
 
 @functools.cache
 def available() -> bool:
-    """Whether numba imports here (it is a dependency of the torch extra; this guards odd installs)."""
+    """Whether numba imports here (a dependency of both backends' extras; this guards odd installs)."""
     try:
         _kernels()
     except ImportError:

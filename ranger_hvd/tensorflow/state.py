@@ -155,10 +155,12 @@ class TFOps:
     def accumulate_topk(self, state, flat: tf.Tensor, k):
         """On CPU, for large float tensors, one compiled pass (``cpu_path``) whose ``acc`` is a
         ``cpu_path.Selected``: the new residual and the sent values; else TF ops on acc."""
-        residual = tf.convert_to_tensor(state.residual)
-        if flat.dtype == residual.dtype and cpu_path.usable(residual.dtype, int(flat.shape[0]), k,
-                                                             self.options.sample_fraction):
-            return cpu_path.accumulate_topk(tf.reshape(residual, [-1]), flat, k,
+        dtype = tf.as_dtype(state.residual.dtype)
+        # Read the residual only on this path: a read held across the fallback's assign_add would
+        # make that in-place add copy the whole buffer first.
+        if flat.dtype == dtype and cpu_path.usable(dtype, int(flat.shape[0]), k,
+                                                   self.options.sample_fraction):
+            return cpu_path.accumulate_topk(_read_flat(state.residual), flat, k,
                                             self.options.sample_fraction)
         acc = self.accumulate(state, flat)
         return acc, self.topk(acc, k)
