@@ -25,7 +25,9 @@ stamp_inputs() {
 }
 stamp=$(stamp_inputs | sha256sum | cut -c1-16)
 if [ -f "$venv/.setup-stamp" ] && [ "$(cat "$venv/.setup-stamp")" = "$stamp" ] \
-   && command -v mpirun >/dev/null && [ -x "$venv/bin/horovodrun" ]; then
+   && command -v mpirun >/dev/null && [ -x "$venv/bin/horovodrun" ] \
+   && grep -qsF "'$root/ranger_hvd'" "$venv"/lib/python3*/site-packages/__editable___ranger_hvd_*finder.py; then
+  # (the last test: the editable install is this checkout's, not one of a moved or borrowed .venv)
   exit 0
 fi
 started=$(date +%s)
