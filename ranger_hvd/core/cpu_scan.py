@@ -14,7 +14,10 @@ of several tensor operations with their own allocations.
 
 Both backends use these loops on NumPy views of their CPU tensors: PyTorch's selection adds in
 place (``torch/selection.py``), TensorFlow's runs :func:`accumulate_select`, the whole selection in
-NumPy, inside its traced step (``tensorflow/cpu_path.py``).
+NumPy, inside its traced step (``tensorflow/cpu_path.py``). The same loop counts NaN and Inf in the
+gradient as it reads it, so TensorFlow's finiteness check needs no pass of its own (PyTorch adds in
+place, so it must check before). TensorFlow's decompress also scatter-adds the gathered pairs here
+(:func:`scatter_add`), as its own scatters cost 30-150 ns per pair.
 
 numba is imported and the loops compiled (and cached on disk) on first use; ``available`` says
 whether this process can use them at all.
@@ -32,21 +35,26 @@ def _accumulate_screen(residual, grad, threshold, out, acc):
     n = residual.shape[0]
     room = out.shape[0]
     count = 0
+    non_finite = 0  # x - x is 0 for every finite x and NaN for NaN and +-Inf
     i = 0
     # While there is room: write every position, keep it by advancing the count.
     while i < n and count < room:
-        a = residual[i] + grad[i]
+        x = grad[i]
+        a = residual[i] + x
         acc[i] = a
         out[count] = i
         count += abs(a) >= threshold
+        non_finite += not (x - x == 0)
         i += 1
     # Out of room (the threshold let too many through): finish the sum, only count.
     while i < n:
-        a = residual[i] + grad[i]
+        x = grad[i]
+        a = residual[i] + x
         acc[i] = a
         count += abs(a) >= threshold
+        non_finite += not (x - x == 0)
         i += 1
-    return count
+    return count, non_finite
 
 
 def _select_candidates(residual, candidates, k, out):
@@ -70,6 +78,22 @@ def _select_candidates(residual, candidates, k, out):
     return w
 
 
+def _scatter_add(indices, values, factor, out):
+    n = out.shape[0]
+    for i in range(n):
+        out[i] = 0
+    for j in range(indices.shape[0]):
+        i = indices[j]
+        if i < 0 or i >= n:
+            return j
+        out[i] += values[j] * factor
+    return -1
+
+
+class NonFiniteGradient(ValueError):
+    """The gradient handed to :func:`accumulate_select` holds NaN or Inf (``check_finite=True``)."""
+
+
 @functools.cache
 def _kernels():
     import numba
@@ -79,10 +103,10 @@ def _kernels():
     # instead of compiling. Where no cache directory is writable, each process compiles (~1 s).
     try:
         jit = numba.njit(nogil=True, cache=True, boundscheck=False)
-        return jit(_accumulate_screen), jit(_select_candidates)
+        return jit(_accumulate_screen), jit(_select_candidates), jit(_scatter_add)
     except RuntimeError:   # numba: "cannot cache function ...: no locator available"
         jit = numba.njit(nogil=True, cache=False, boundscheck=False)
-        return jit(_accumulate_screen), jit(_select_candidates)
+        return jit(_accumulate_screen), jit(_select_candidates), jit(_scatter_add)
 
 
 @functools.cache
@@ -104,7 +128,7 @@ def accumulate_and_screen(residual: np.ndarray, grad: np.ndarray, threshold: flo
     are in ``out`` (the sum is complete either way). The arrays are 1-D, contiguous and of one
     dtype (float32 or float64); ``out`` is int32.
     """
-    return int(_kernels()[0](residual, grad, threshold, out, residual if acc is None else acc))
+    return int(_kernels()[0](residual, grad, threshold, out, residual if acc is None else acc)[0])
 
 
 def select_candidates(residual: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
@@ -120,15 +144,19 @@ def select_candidates(residual: np.ndarray, candidates: np.ndarray, k: int) -> n
 
 
 def accumulate_select(residual: np.ndarray, grad: np.ndarray, k: int, sample_fraction: float,
-                      acc: np.ndarray) -> np.ndarray:
+                      acc: np.ndarray, check_finite: bool = False) -> np.ndarray:
     """``acc = residual + grad`` and the ascending int32 positions of the k largest |acc|, ties to
     the lower position: the set of ``core.reference.select(acc, k)``, in one pass over memory.
+
+    With ``check_finite`` a ``grad`` holding NaN or Inf raises :class:`NonFiniteGradient` once the
+    pass is over; it is counted within the pass, at no extra read. ``acc`` must then be a buffer of
+    its own, so that the residual is left as it was. Unchecked, NaN makes the selection arbitrary.
 
     The steps of the selection (``torch/selection.py`` documents them) in NumPy: a threshold
     estimated from the sampled sums, the fused add and screen, the exact top k among the
     candidates. Where the estimate lets fewer than k through it is lowered once, then every entry
     is a candidate. An estimate of 0 (mostly zeros, such as an embedding's gradient) screens for
-    the non-zero entries; if fewer than k, the first zeros complete the set. ``grad`` holds no NaN.
+    the non-zero entries; if fewer than k, the first zeros complete the set.
     """
     n = residual.shape[0]
     tiny = np.nextafter(residual.dtype.type(0), residual.dtype.type(1))  # |x| >= tiny: x != 0
@@ -143,7 +171,11 @@ def accumulate_select(residual: np.ndarray, grad: np.ndarray, k: int, sample_fra
     first = estimate(SAMPLE_TRIES[0])
     # No buffer is touched beyond the count, so room for every entry costs only address space.
     positions = np.empty(n, dtype=np.int32)
-    count = accumulate_and_screen(residual, grad, first if first > 0 else tiny, positions, acc)
+    if check_finite and np.may_share_memory(acc, residual):
+        raise ValueError("accumulate_select: check_finite needs an acc that is not the residual")
+    count, non_finite = _kernels()[0](residual, grad, first if first > 0 else tiny, positions, acc)
+    if check_finite and non_finite:
+        raise NonFiniteGradient(f"{non_finite} of the gradient's {n} entries are NaN or Inf")
     if count >= k:
         return select_candidates(acc, positions[:count], k)
     if not first > 0:  # fewer non-zero entries than k: all of them, then zeros by position
@@ -154,3 +186,17 @@ def accumulate_select(residual: np.ndarray, grad: np.ndarray, k: int, sample_fra
     if candidates.shape[0] < k:
         candidates = np.arange(n, dtype=np.int32)
     return select_candidates(acc, candidates, k)
+
+
+def scatter_add(indices: np.ndarray, values: np.ndarray, factor, out: np.ndarray) -> None:
+    """``out = 0``, then ``out[indices[j]] += values[j] * factor`` for j = 0, 1, ... in that order.
+
+    Each entry's sum is formed in the order of the pairs, from +0.0, in ``out``'s dtype, as
+    TensorFlow's ``scatter_nd`` and ``unsorted_segment_sum`` form it on CPU, at a few ns per pair
+    instead of their 30-150. ``factor`` has ``values``' dtype; 1 leaves each value as it is. The
+    indices arrive from other ranks, so each is checked: one outside ``out`` raises ValueError.
+    """
+    bad = _kernels()[2](indices, values, values.dtype.type(factor), out)
+    if bad >= 0:
+        raise ValueError(f"pair {bad} has index {int(indices[bad])}, outside a tensor of "
+                         f"{out.shape[0]} entries")

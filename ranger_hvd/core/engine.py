@@ -41,9 +41,11 @@ class TensorOps(Protocol):
         """u = m*u + g, stored in the state; returns u."""
     def accumulate(self, state, flat) -> Any:
         """acc = e + flat (e: the residual, or v with momentum). acc may share e's buffer."""
-    def accumulate_topk(self, state, flat, k) -> tuple[Any, Any]:
+    def accumulate_topk(self, state, flat, k, check_name: str | None) -> tuple[Any, Any]:
         """(acc, ``topk(acc, k)``) with acc from ``accumulate``: one call, so that a backend can
-        fuse the add with the selection's pass over memory."""
+        fuse the add with the selection's pass over memory. With ``check_name`` it first does what
+        ``ensure_finite`` does (a fused pass may check while it reads, if a failure leaves the
+        state untouched)."""
     def k_at(self, state, schedule: list[int]) -> Any:
         """k at the state's current step (an int, or a scalar tensor under warm-up)."""
     def topk(self, acc, k) -> Any:
@@ -82,9 +84,13 @@ class ErrorFeedback:
         o, ops = self.options, self.ops
         numel = numel_of(shape)
         g = ops.flatten(grad)
-        if o.check_finite:
-            g = ops.ensure_finite(g, name, state)
         limit = clip_threshold(o, world_size)
+        # Where g reaches the selection unchanged, its finiteness check moves into that call, which
+        # a backend may fuse with its pass over memory (a separate check is one more pass).
+        check_in_selection = (o.check_finite and limit is None and o.momentum == 0
+                              and o.selection == "topk")
+        if o.check_finite and not check_in_selection:
+            g = ops.ensure_finite(g, name, state)
         if limit is not None:
             g = ops.clip(g, limit)
         u = None
@@ -93,7 +99,8 @@ class ErrorFeedback:
             u = source = ops.momentum(state, g, o.momentum)
         k = ops.k_at(state, self.schedule(numel))
         if o.selection == "topk":
-            acc, indices = ops.accumulate_topk(state, source, k)
+            acc, indices = ops.accumulate_topk(state, source, k,
+                                               name if check_in_selection else None)
         else:
             acc = ops.accumulate(state, source)
             indices = ops.random_k(numel, k, random_k_seed(o.seed, name), state)

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from ranger_hvd import core
 
-from . import _hvd
+from . import _hvd, cpu_path
 
 # Largest output for which unsorted_segment_sum may replace scatter_nd (its per-entry counters would
 # no longer fit in cache; measured 3x slower than scatter_nd on 25M entries).
@@ -100,8 +100,13 @@ def finish(reduced: tf.Tensor, ctx: Context, value_dtype: str) -> tf.Tensor:
         two = tf.constant(2.0, tf.float64)
         early = tf.equal(scale, tf.pow(two, tf.round(tf.math.log(scale) / tf.math.log(two))))
         factor = tf.cast(scale, ctx.dtype)
-        out = tf.cond(early, lambda: _scatter_add(indices, values * factor, numel),
-                      lambda: _scatter_add(indices, values, numel) * factor)
+        if cpu_path.scatter_usable(ctx.dtype, numel):  # the same bits, without TF's scatter
+            one = tf.ones([], ctx.dtype)
+            out = tf.cond(early, lambda: cpu_path.scatter_add(indices, values, numel, factor),
+                          lambda: cpu_path.scatter_add(indices, values, numel, one) * factor)
+        else:
+            out = tf.cond(early, lambda: _scatter_add(indices, values * factor, numel),
+                          lambda: _scatter_add(indices, values, numel) * factor)
     else:
         out = _scatter_add(indices, values, numel)
         out = tf.cond(tf.equal(scale, 1.0), lambda: out, lambda: out * tf.cast(scale, ctx.dtype))

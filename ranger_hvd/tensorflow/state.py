@@ -104,6 +104,11 @@ def _zero_at(fresh: tf.Tensor, idx: tf.Tensor, after) -> tf.Tensor:
         return tf.raw_ops.InplaceUpdate(x=fresh, i=idx, v=tf.zeros(tf.shape(idx), fresh.dtype))
 
 
+def _non_finite_message(name: str) -> str:
+    return (f"ranger_hvd: non-finite gradient for variable '{name}' (NaN or Inf); it would poison "
+            f"the error-feedback residual")
+
+
 class TFOps:
     """The primitives of ``core.TensorOps`` on TF tensors; bytes go to an int64 counter variable."""
 
@@ -119,9 +124,7 @@ class TFOps:
         # check_numerics; only when it is not finite (an overflow of large finite values can also
         # cause that) does the exact elementwise check run and raise.
         return tf.cond(tf.math.is_finite(tf.reduce_sum(g)), lambda: tf.identity(g),
-                       lambda: tf.debugging.check_numerics(
-                           g, f"ranger_hvd: non-finite gradient for variable '{name}' (NaN or Inf); "
-                              f"it would poison the error-feedback residual"))
+                       lambda: tf.debugging.check_numerics(g, _non_finite_message(name)))
 
     def clip(self, g: tf.Tensor, limit: float) -> tf.Tensor:
         norm = tf.norm(tf.cast(g, tf.float64))
@@ -152,16 +155,20 @@ class TFOps:
     def topk(self, acc: tf.Tensor, k) -> tf.Tensor:
         return topk_indices(acc, k, self.options.sample_fraction)
 
-    def accumulate_topk(self, state, flat: tf.Tensor, k):
+    def accumulate_topk(self, state, flat: tf.Tensor, k, check_name: str | None):
         """On CPU, for large float tensors, one compiled pass (``cpu_path``) whose ``acc`` is a
-        ``cpu_path.Selected``: the new residual and the sent values; else TF ops on acc."""
+        ``cpu_path.Selected``: the new residual and the sent values, with the finiteness check
+        counted in the same pass; else TF ops on acc."""
         dtype = tf.as_dtype(state.residual.dtype)
         # Read the residual only on this path: a read held across the fallback's assign_add would
         # make that in-place add copy the whole buffer first.
         if flat.dtype == dtype and cpu_path.usable(dtype, int(flat.shape[0]), k,
                                                    self.options.sample_fraction):
-            return cpu_path.accumulate_topk(_read_flat(state.residual), flat, k,
-                                            self.options.sample_fraction)
+            return cpu_path.accumulate_topk(
+                _read_flat(state.residual), flat, k, self.options.sample_fraction,
+                None if check_name is None else _non_finite_message(check_name))
+        if check_name is not None:
+            flat = self.ensure_finite(flat, check_name, state)
         acc = self.accumulate(state, flat)
         return acc, self.topk(acc, k)
 

@@ -82,7 +82,12 @@ class TorchOps:
         state.residual = _fit(state.residual, flat, self.name, "residual")
         return state.residual.add_(flat)
 
-    def accumulate_topk(self, state: TensorState, flat: torch.Tensor, k: int):
+    def accumulate_topk(self, state: TensorState, flat: torch.Tensor, k: int,
+                        check_name: str | None):
+        # The add is in place, so the check must come first: a NaN found mid-pass would already
+        # have reached the residual.
+        if check_name is not None:
+            self.ensure_finite(flat, check_name, state)
         state.residual = _fit(state.residual, flat, self.name, "residual")
         indices = accumulate_topk(state.residual, flat, k, self.options.sample_fraction, self.scratch)
         return state.residual, indices

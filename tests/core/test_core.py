@@ -184,7 +184,9 @@ class _ListOps:
     def topk(self, acc, k):
         return select(acc, k)
 
-    def accumulate_topk(self, state, g, k):
+    def accumulate_topk(self, state, g, k, check_name):
+        if check_name is not None:
+            self.ensure_finite(g, check_name, state)
         acc = self.accumulate(state, g)
         return acc, self.topk(acc, k)
 

@@ -45,3 +45,57 @@ def test_a_mostly_zero_sum_with_fewer_non_zeros_than_k_takes_the_first_zeros():
     assert np.array_equal(got, want)
     # both non-zeros (the subnormal included), then the 198 lowest-indexed zeros
     assert got.tolist() == list(range(199)) + [39_999]  # 5 among them, 17000 (zero) not
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_the_pass_counts_non_finite_gradient_entries_and_spares_the_residual(bad):
+    n = 50_000
+    rng = np.random.default_rng(5)
+    e = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+    e_before = e.copy()
+    g[[3, 49_999]] = bad
+    with pytest.raises(cpu_scan.NonFiniteGradient, match="2 of the gradient's 50000 entries"):
+        cpu_scan.accumulate_select(e, g, 500, 0.01, np.empty(n, np.float32), check_finite=True)
+    assert np.array_equal(e, e_before)
+    # Unchecked, the call completes (its selection is then unspecified).
+    assert cpu_scan.accumulate_select(e, g, 500, 0.01, np.empty(n, np.float32)).shape == (500,)
+    # A residual that would take the sum in place cannot be spared: refused before any write.
+    with pytest.raises(ValueError, match="not the residual"):
+        cpu_scan.accumulate_select(e, g, 500, 0.01, e, check_finite=True)
+    assert np.array_equal(e, e_before)
+    # Largest finite values and subnormals are finite.
+    g = np.full(n, np.finfo(np.float32).max, np.float32)
+    g[::2] = 1e-42
+    cpu_scan.accumulate_select(np.zeros(n, np.float32), g, 500, 0.01, np.empty(n, np.float32),
+                               check_finite=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("factor", [1.0, 0.5, 0.25])
+def test_scatter_add_sums_each_entry_in_pair_order(dtype, factor):
+    """Bit for bit what adding the pairs one by one from +0.0 gives (``np.add.at`` is unbuffered,
+    in pair order): repeated indices (3 ranks choosing overlapping entries), -0.0 values."""
+    rng = np.random.default_rng(6)
+    n = 30_000
+    idx = np.concatenate([np.sort(rng.choice(n, 4000, replace=False)) for _ in range(3)])
+    idx = idx.astype(np.int32)
+    vals = (rng.standard_normal(idx.size) * np.exp(rng.uniform(-20, 20, idx.size))).astype(dtype)
+    vals[::97] = -0.0
+    out = np.full(n, np.nan, dtype)
+    cpu_scan.scatter_add(idx, vals, factor, out)
+    want = np.zeros(n, dtype)
+    np.add.at(want, idx, vals * dtype(factor))
+    assert want.dtype == out.dtype
+    assert np.array_equal(out.view(np.uint8), want.view(np.uint8))  # bits, signs of zero included
+    # An entry reached only by -0.0 holds +0.0 (+0.0 + -0.0), as after TF's scatter into zeros.
+    out = np.full(8, np.nan, dtype)
+    cpu_scan.scatter_add(np.array([4, 4], np.int32), np.array([-0.0, -0.0], dtype), factor, out)
+    assert np.array_equal(out, np.zeros(8)) and not np.signbit(out).any()
+
+
+@pytest.mark.parametrize("index", [-1, 1000, 2 ** 31 - 1])
+def test_scatter_add_refuses_an_index_outside_the_tensor(index):
+    idx = np.array([0, 5, index, 7], np.int32)
+    with pytest.raises(ValueError, match=f"pair 2 has index {index}, outside a tensor of 1000"):
+        cpu_scan.scatter_add(idx, np.ones(4, np.float32), 1.0, np.empty(1000, np.float32))

@@ -115,7 +115,10 @@ def test_large_tensors_take_the_compiled_cpu_pass_and_equal_reference(opts, monk
     from ranger_hvd.core import cpu_scan, num_selected
     calls = []
     real = cpu_scan.accumulate_select
-    monkeypatch.setattr(cpu_scan, "accumulate_select", lambda *a: calls.append(a[2]) or real(*a))
+    checks = []
+    monkeypatch.setattr(cpu_scan, "accumulate_select",
+                        lambda *a, **kw: calls.append(a[2]) or checks.append(kw["check_finite"])
+                        or real(*a, **kw))
     comp = RangerCompressor(min_elements=100, **opts)
     comp.world_size = 2
     shape = (250, 120)
@@ -136,6 +139,8 @@ def test_large_tensors_take_the_compiled_cpu_pass_and_equal_reference(opts, monk
         if ref.options.momentum > 0:
             np.testing.assert_array_equal(comp.slots[0].velocity.numpy(), ref.velocity)
     assert len(calls) == 6, calls
+    # g reaches the pass unchanged only without momentum: then the pass does the finiteness check.
+    assert checks == [not opts.get("momentum")] * 6
     if opts.get("warmup_steps"):
         assert calls[0] > calls[-1] == num_selected(30000, 0.01), calls
 
@@ -271,6 +276,83 @@ def test_non_finite_gradient_names_the_variable_and_spares_the_residual():
     with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite gradient for variable"):
         DistributedGradientTape(tape, compression=RangerCompressor(min_elements=100)).gradient(
             loss, model.trainable_variables)
+
+
+def test_non_finite_gradient_on_the_compiled_pass_names_the_variable_and_spares_the_state():
+    """A tensor large enough for the compiled pass: the check is counted inside that pass (no pass
+    of its own), eagerly and traced, and the residual stays as it was (eagerly the step too; a
+    traced step's counter does not wait for the check, as with TF's own check)."""
+    comp = RangerCompressor(density=0.01, min_elements=100)
+    comp.world_size = 2
+    var = tf.Variable(tf.zeros((200, 150)), name="big")
+    rng = np.random.default_rng(8)
+    comp.compress_variable(var, rng.standard_normal((200, 150)).astype(np.float32))
+    before, step = comp.residual_of(var).numpy(), int(comp.slots[0].step.numpy())
+    for bad in (np.nan, np.inf):
+        g = rng.standard_normal((200, 150)).astype(np.float32)
+        g[199, 149] = bad
+        for run in (comp.compress_variable, tf.function(comp.compress_variable)):
+            with pytest.raises(tf.errors.InvalidArgumentError,
+                               match=r"non-finite gradient for variable 'big' .*1 of the "
+                                     r"gradient's 30000 entries"):
+                run(var, tf.constant(g))
+            np.testing.assert_array_equal(comp.residual_of(var).numpy(), before)
+            if run is comp.compress_variable:
+                assert int(comp.slots[0].step.numpy()) == step
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_decompress_through_the_compiled_scatter_gives_the_bits_of_tf_scatter(dtype, ranks,
+                                                                             monkeypatch):
+    """``exchange.finish`` on a large tensor adds the gathered pairs in the compiled loop: the same
+    bits as TF's own scatter (2 ranks scale each value first, 3 ranks scale the sum), and a
+    corrupt index is refused, naming it."""
+    from ranger_hvd.tensorflow import cpu_path, exchange
+    numel, k = 300 * 400, 1200
+    rng = np.random.default_rng(9)
+    idx = np.concatenate([np.sort(rng.choice(numel, k, replace=False)) for _ in range(ranks)])
+    vals = rng.standard_normal(idx.size).astype(dtype.as_numpy_dtype)
+    packed = exchange._pack(tf.constant(idx, tf.int32), tf.constant(vals), tf.float32)
+    ctx = exchange.Context("topk", (300, 400), dtype, gathered=packed, k=k)
+    token = tf.ones([1])  # an average: the sum scaled by 1/ranks
+    assert cpu_path.scatter_usable(dtype, numel)
+    fast = exchange.finish(token, ctx, "float32").numpy()
+    monkeypatch.setattr(cpu_path, "scatter_usable", lambda *a: False)
+    slow = exchange.finish(token, ctx, "float32").numpy()
+    assert fast.shape == (300, 400) and fast.dtype == dtype.as_numpy_dtype
+    np.testing.assert_array_equal(fast.view(np.uint8), slow.view(np.uint8))
+    want = np.zeros(numel)
+    np.add.at(want, idx, vals.astype(np.float32).astype(np.float64))
+    np.testing.assert_allclose(fast.ravel(), want / ranks, rtol=1e-6)
+    monkeypatch.undo()
+    idx[5] = numel
+    bad = exchange.Context("topk", (300, 400), dtype, k=k,
+                           gathered=exchange._pack(tf.constant(idx, tf.int32), tf.constant(vals),
+                                                            tf.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"index {numel}, outside a tensor"):
+        exchange.finish(token, bad, "float32")
+
+
+def test_compiled_outputs_reuse_buffers_only_once_tensorflow_lets_go(monkeypatch):
+    """Outputs of the compiled calls are rewritten in later steps only when no tensor uses them: a
+    held output keeps its values however many calls follow; released ones are reused instead of
+    a new buffer per call."""
+    from ranger_hvd.tensorflow import cpu_path
+    allocated = []
+    real = cpu_path._aligned_empty
+    monkeypatch.setattr(cpu_path, "_aligned_empty", lambda *a: allocated.append(a) or real(*a))
+    numel = 1 << 17
+    idx = tf.constant(np.arange(0, numel, 64, dtype=np.int32))
+    scatter = tf.function(lambda v: cpu_path.scatter_add(idx, v, numel, tf.constant(1.0)))
+    held = scatter(tf.fill([idx.shape[0]], 7.0))
+    for t in range(6):
+        out = scatter(tf.fill([idx.shape[0]], float(t)))
+        assert float(tf.reduce_max(out)) == t and float(tf.reduce_sum(out)) == t * idx.shape[0]
+        del out
+    np.testing.assert_array_equal(held.numpy()[::64], 7.0)
+    assert float(tf.reduce_sum(held)) == 7.0 * idx.shape[0]
+    assert len(allocated) <= 2, len(allocated)  # 7 calls: the held buffer and one reused
 
 
 def test_tape_bytes_in_one_process():
