@@ -147,8 +147,10 @@ def scatter_add(indices: tf.Tensor, values: tf.Tensor, numel: int, factor: tf.Te
             raise _InvalidArgument(f"ranger_hvd: gathered top-k pairs: {exc}") from None
         return out
 
-    # Stateful: a stateless call on constant inputs may be folded into a constant of the graph,
-    # which would keep a buffer this call later rewrites.
+    # Stateless: a traced function runs its stateful ops in program order, so a stateful scatter
+    # would hold back the next tensor's compress until this tensor's allgather is done (measured:
+    # Keras ResNet50's step 0.8 s instead of 0.55 s). A folded constant would be a copy, so the
+    # reused buffers stay safe.
     out = tf.numpy_function(scatter, [indices, values, tf.cast(factor, values.dtype)],
-                            values.dtype, stateful=True)
+                            values.dtype, stateful=False)
     return tf.ensure_shape(out, [numel])

@@ -334,6 +334,23 @@ def test_decompress_through_the_compiled_scatter_gives_the_bits_of_tf_scatter(dt
         exchange.finish(token, bad, "float32")
 
 
+def test_compiled_scatter_is_stateless_so_it_does_not_serialize_the_exchange():
+    """A stateful op in a traced function waits for every stateful op before it (Horovod's
+    collectives included): decompress must not be one, or each tensor waits for the last one's
+    exchange."""
+    from ranger_hvd.tensorflow import cpu_path, exchange
+    numel = 1 << 17
+    packed = exchange._pack(tf.constant([3, 9], tf.int32), tf.constant([1.0, 2.0]), tf.float32)
+    ctx = exchange.Context("topk", (numel,), tf.float32, gathered=packed, k=2)
+    assert cpu_path.scatter_usable(tf.float32, numel)
+    graph = tf.function(lambda t: exchange.finish(t, ctx, "float32")).get_concrete_function(
+        tf.TensorSpec([1], tf.float32)).graph
+    ops = {op.type for op in graph.get_operations()}
+    for fn in graph._functions.values():  # the tf.cond branches
+        ops |= {node.op for node in fn.definition.node_def}
+    assert "PyFuncStateless" in ops and "PyFunc" not in ops, ops
+
+
 def test_compiled_outputs_reuse_buffers_only_once_tensorflow_lets_go(monkeypatch):
     """Outputs of the compiled calls are rewritten in later steps only when no tensor uses them: a
     held output keeps its values however many calls follow; released ones are reused instead of
