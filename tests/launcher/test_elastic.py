@@ -140,9 +140,11 @@ def test_elastic_run_survives_a_lost_host(hosts, tmp_path):
     # rolled back to the commit at the end of epoch 0, then epoch 1 again on 2 workers
     assert event["resumed_at"] == {"epoch": 1, "pos": 0, "step": epoch0_end}, (event, epoch0_end)
     assert 0.0 < event["lost_residual_norm"] <= event["residual_norm_all_workers"], event
-    # the run after the loss ends as well as the undisturbed one
+    # the run after the loss ends as well as the undisturbed one: within 2 points (7 of 359 eval
+    # samples), since 2 workers see other batches than 3 and the seed-to-seed stdev of these jobs is
+    # up to 1.1 points (README); 1 point failed once on 0.983 against 0.994
     acc, base_acc = end["eval_accuracy"], base_end["eval_accuracy"]
-    assert abs(acc - base_acc) <= 0.01, f"eval accuracy {acc:.4f} after losing a host, {base_acc:.4f} undisturbed"
+    assert abs(acc - base_acc) <= 0.02, f"eval accuracy {acc:.4f} after losing a host, {base_acc:.4f} undisturbed"
     assert time.time() - t0 < 300, f"the two elastic runs took {time.time() - t0:.0f}s"
     print(json.dumps(el))
     print(f"elastic: lost host after step {epoch0_end}; accuracy {acc:.4f} vs {base_acc:.4f}; "
