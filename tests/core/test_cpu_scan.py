@@ -99,3 +99,34 @@ def test_scatter_add_refuses_an_index_outside_the_tensor(index):
     idx = np.array([0, 5, index, 7], np.int32)
     with pytest.raises(ValueError, match=f"pair 2 has index {index}, outside a tensor of 1000"):
         cpu_scan.scatter_add(idx, np.ones(4, np.float32), 1.0, np.empty(1000, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 4095, 4096, 12293])
+@pytest.mark.parametrize("rate", [0.0, 0.002, 0.05, 0.4, 1.0])
+def test_the_screen_lists_what_a_plain_scan_lists_within_its_room(dtype, n, rate):
+    """Few hits, many, and a list that fills up: the same positions, count, NaN count and sums as
+    NumPy, and nothing written past the list's room (the branch-free append writes one position
+    ahead), in place or into a separate buffer."""
+    rng = np.random.default_rng(n + int(rate * 1000))
+    residual = rng.standard_normal(n).astype(dtype)
+    grad = rng.standard_normal(n).astype(dtype)
+    grad[n // 2] = np.nan
+    acc_ref = residual + grad
+    finite = np.abs(acc_ref[np.isfinite(acc_ref)])
+    threshold = float(np.quantile(finite, 1 - rate)) if rate > 0 and finite.size else 1e9
+    listed = np.flatnonzero(np.abs(acc_ref) >= threshold).astype(np.int32)
+    for room in sorted({n, len(listed), max(len(listed) - 1, 0), len(listed) // 3, 0}):
+        guard = np.full(room + 8, -7, dtype=np.int32)
+        acc = np.empty_like(residual)
+        count, non_finite = cpu_scan._kernels()[0](residual, grad, threshold, guard[:room], acc)
+        assert (count, non_finite) == (len(listed), 1)
+        kept = min(room, count)
+        np.testing.assert_array_equal(guard[:kept], listed[:kept])
+        assert (guard[room:] == -7).all(), f"room {room}: wrote past the list"
+        assert acc.tobytes() == acc_ref.tobytes()
+        in_place = residual.copy()
+        out = np.empty(room, dtype=np.int32)
+        assert cpu_scan.accumulate_and_screen(in_place, grad, threshold, out) == len(listed)
+        assert in_place.tobytes() == acc_ref.tobytes()
+        np.testing.assert_array_equal(out[:kept], listed[:kept])
