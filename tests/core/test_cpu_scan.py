@@ -106,8 +106,8 @@ def test_scatter_add_refuses_an_index_outside_the_tensor(index):
 @pytest.mark.parametrize("rate", [0.0, 0.002, 0.05, 0.4, 1.0])
 def test_the_screen_lists_what_a_plain_scan_lists_within_its_room(dtype, n, rate):
     """Few hits, many, and a list that fills up: the same positions, count, NaN count and sums as
-    NumPy, and nothing written past the list's room (the branch-free append writes one position
-    ahead), in place or into a separate buffer."""
+    NumPy, and nothing written past the list's room (a branch-free append writes each position
+    before it knows whether to keep it), in place or into a separate buffer."""
     rng = np.random.default_rng(n + int(rate * 1000))
     residual = rng.standard_normal(n).astype(dtype)
     grad = rng.standard_normal(n).astype(dtype)
