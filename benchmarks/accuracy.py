@@ -8,10 +8,15 @@ launcher (``ranger-hvd launch``, 2 ranks, Gloo) at the config's own epochs and a
 reads each run's ``summary.json``. Modes:
 
 * ``dense``: Horovod's fp32 allreduce; ``fp16``: Horovod's fp16 compression;
-* ``ranger-D`` (any 0 < D <= 1, e.g. ``ranger-0.03``): top-k at density D with error feedback, SGD momentum 0.9 on the averaged update;
-* ``ranger-D-dgc``: top-k at density D with DGC's momentum correction in the compressor, at the momentum
-  the config gives the optimizer (which then runs without momentum); not run for configs without
-  momentum (the GANs), where it would be ``ranger-D`` itself.
+* ``ranger-D`` (any 0 < D <= 1, e.g. ``ranger-0.03``): top-k at density D with error feedback, the job's
+  momentum applied by SGD to the averaged update;
+* ``ranger-D-dgc``: top-k at density D with DGC's momentum correction in the compressor, at the job's
+  momentum (the optimizer then runs without); not run for jobs without momentum (the GANs), where it
+  would be ``ranger-D`` itself.
+
+The job's momentum is the config's, wherever the config keeps it (``train.momentum``, or
+``compression.momentum`` for a config that ships DGC's); every mode says where it goes, so each mode
+means the same thing whatever the config's own choice.
 
 Writes ``benchmarks/accuracy-results.md`` (the table, with machine and date) and
 a PNG of the same name (eval metric per mode, one panel per job), and prints the table.
@@ -33,7 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["cnn-digits", "cnn-digits-tf", "rnn-digits", "rnn-digits-tf", "gan-digits", "gan-digits-tf"]
 DEFAULT_MODES = ["dense", "fp16", "ranger-0.01", "ranger-0.01-dgc", "ranger-0.001", "ranger-0.001-dgc"]
-FIXED_MODES = {"dense": ["compression.type=none"], "fp16": ["compression.type=fp16"]}
+FIXED_MODES = {"dense": ["compression.type=none", "train.momentum=CONFIG"],
+               "fp16": ["compression.type=fp16", "train.momentum=CONFIG"]}
 
 
 def _ranger_mode(mode: str) -> tuple[float, bool] | None:
@@ -49,9 +55,8 @@ def _ranger_mode(mode: str) -> tuple[float, bool] | None:
 
 
 def mode_spec(mode: str) -> list[str] | None:
-    """The config overrides of a mode name (``compression.momentum=CONFIG`` stands for the config's own
-    momentum), or None if the name means nothing: ``dense``, ``fp16``, ``ranger-D`` or ``ranger-D-dgc``
-    with 0 < D <= 1."""
+    """The config overrides of a mode name (``CONFIG`` stands for the job's momentum), or None if the
+    name means nothing: ``dense``, ``fp16``, ``ranger-D`` or ``ranger-D-dgc`` with 0 < D <= 1."""
     if mode in FIXED_MODES:
         return FIXED_MODES[mode]
     parsed = _ranger_mode(mode)
@@ -59,8 +64,8 @@ def mode_spec(mode: str) -> list[str] | None:
         return None
     spec = ["compression.type=ranger", f"compression.density={mode.split('-')[1]}"]
     if parsed[1]:
-        spec += ["compression.momentum=CONFIG", "train.momentum=0"]
-    return spec
+        return spec + ["compression.momentum=CONFIG", "train.momentum=0"]
+    return spec + ["compression.momentum=0", "train.momentum=CONFIG"]
 
 
 # What judges a job: (metric in summary.json's final_metrics, higher is better)
@@ -74,16 +79,16 @@ def config_epochs(name: str) -> tuple[str, int, float]:
     from ranger_hvd.launcher.config import load_config
 
     cfg = load_config(REPO / "configs" / f"{name}.yaml", [], cwd=REPO).config
-    momentum = 0.9 if cfg.train.momentum is None else cfg.train.momentum
+    momentum = cfg.compression.compressor_momentum  # a config that ships DGC's keeps it there
+    if not momentum:
+        momentum = 0.9 if cfg.train.momentum is None else cfg.train.momentum
     return cfg.job.model, cfg.train.epochs, momentum
 
 
 def mode_overrides(mode: str, momentum: float) -> list[str] | None:
     """The overrides of a mode for a config whose optimizer uses ``momentum`` (None: not applicable)."""
     spec = mode_spec(mode)
-    if "compression.momentum=CONFIG" not in spec:
-        return spec
-    if momentum == 0:
+    if "compression.momentum=CONFIG" in spec and momentum == 0:
         return None
     return [x.replace("CONFIG", str(momentum)) for x in spec]
 

@@ -100,12 +100,36 @@ def test_table_shows_spread_only_over_several_seeds_and_the_gap_to_dense():
     assert "| ranger-0.01 | 0.9600 ± 0.0123 | -1.0 pt |" in text
 
 
-def test_mode_names_carry_any_density_and_the_dgc_variant_takes_the_configs_momentum():
-    assert accuracy.mode_overrides("ranger-0.03", 0.9) == ["compression.type=ranger", "compression.density=0.03"]
+def test_mode_names_carry_any_density_and_each_mode_says_where_the_jobs_momentum_goes():
+    assert accuracy.mode_overrides("ranger-0.03", 0.9) == [
+        "compression.type=ranger", "compression.density=0.03", "compression.momentum=0", "train.momentum=0.9"]
     assert accuracy.mode_overrides("ranger-0.3-dgc", 0.9) == [
         "compression.type=ranger", "compression.density=0.3", "compression.momentum=0.9", "train.momentum=0"]
     assert accuracy.mode_overrides("ranger-0.3-dgc", 0.0) is None      # no momentum to move: not run
-    assert accuracy.mode_overrides("dense", 0.9) == ["compression.type=none"]
+    assert accuracy.mode_overrides("ranger-0.3", 0.0)[-2:] == ["compression.momentum=0", "train.momentum=0.0"]
+    assert accuracy.mode_overrides("dense", 0.9) == ["compression.type=none", "train.momentum=0.9"]
+    assert accuracy.mode_overrides("fp16", 0.5) == ["compression.type=fp16", "train.momentum=0.5"]
+
+
+@pytest.mark.parametrize("name", accuracy.CONFIGS)
+@pytest.mark.parametrize("mode", ["dense", "fp16", "ranger-0.01", "ranger-0.01-dgc"])
+def test_every_mode_puts_the_jobs_momentum_in_one_place_on_every_shipped_config(name, mode):
+    """The modes mean the same on every config, whether it ships momentum in the optimizer or DGC's in
+    the compressor: the launcher accepts the overrides and the momentum ends where the mode says."""
+    from ranger_hvd.launcher.config import load_config
+
+    model, _, momentum = accuracy.config_epochs(name)
+    overrides = accuracy.mode_overrides(mode, momentum)
+    if overrides is None:
+        assert mode.endswith("-dgc") and momentum == 0
+        return
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", overrides, cwd=REPO).config
+    inside, outside = cfg.compression.compressor_momentum, cfg.train.momentum
+    if mode.endswith("-dgc"):
+        assert (inside, outside) == (momentum, 0)
+    else:
+        assert (inside, outside) == (0, momentum)
+    assert momentum == (0.0 if model == "gan" else 0.9)
 
 
 @pytest.mark.parametrize("name", ["ranger", "ranger-0", "ranger-1.5", "ranger-x", "ranger-0.1-sgd", "topk-0.1",
