@@ -74,19 +74,18 @@ METRICS = {"cnn": ("eval_accuracy", True), "rnn": ("eval_accuracy", True),
 
 
 def config_epochs(name: str) -> tuple[str, int, float]:
-    """(model, epochs, the optimizer's momentum) of a reference config."""
+    """(model, epochs, the job's momentum: the compressor's where the config ships DGC's, else the
+    optimizer's) of a reference config."""
     sys.path.insert(0, str(REPO))
+    from ranger_hvd.jobs.common import optimizer_momentum
     from ranger_hvd.launcher.config import load_config
 
     cfg = load_config(REPO / "configs" / f"{name}.yaml", [], cwd=REPO).config
-    momentum = cfg.compression.compressor_momentum  # a config that ships DGC's keeps it there
-    if not momentum:
-        momentum = 0.9 if cfg.train.momentum is None else cfg.train.momentum
-    return cfg.job.model, cfg.train.epochs, momentum
+    return cfg.job.model, cfg.train.epochs, cfg.compression.compressor_momentum or optimizer_momentum(cfg)
 
 
 def mode_overrides(mode: str, momentum: float) -> list[str] | None:
-    """The overrides of a mode for a config whose optimizer uses ``momentum`` (None: not applicable)."""
+    """The overrides of a mode for a job whose momentum is ``momentum`` (None: not applicable)."""
     spec = mode_spec(mode)
     if "compression.momentum=CONFIG" in spec and momentum == 0:
         return None
