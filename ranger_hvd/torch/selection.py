@@ -192,7 +192,7 @@ def accumulate_topk(residual: torch.Tensor, grad: torch.Tensor, k: int,
         return topk_indices(residual.add_(grad), k, sample_fraction, scratch)
     slots = _screen_room(k, stride, n)
     room = scratch.positions(slots) if scratch is not None else np.empty(slots, dtype=np.int32)
-    count = cpu_scan.accumulate_and_screen(residual.numpy(), grad.numpy(), estimate, room)
+    count = cpu_scan.accumulate_and_screen(residual.numpy(), grad.numpy(), estimate, room, expected=k)
     if not k <= count <= room.size:
         return topk_indices(residual, k, sample_fraction, scratch)
     # Every entry at or above the estimate is a candidate and at least k are: as in topk_indices.

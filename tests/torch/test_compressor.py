@@ -44,7 +44,7 @@ def test_accumulate_topk_sums_in_place_and_selects_like_reference(dtype, monkeyp
     screens = []
     real = cpu_scan.accumulate_and_screen
     monkeypatch.setattr(cpu_scan, "accumulate_and_screen",
-                        lambda *a: screens.append(real(*a)) or screens[-1])
+                        lambda *a, **kw: screens.append(real(*a, **kw)) or screens[-1])
     rng = np.random.default_rng(11)
     scratch = SelectionScratch()
     for name, x in selection_inputs(rng):
