@@ -234,6 +234,23 @@ def select_candidates(residual: np.ndarray, candidates: np.ndarray, k: int) -> n
     return out
 
 
+def select_among_non_zeros(acc: np.ndarray, non_zeros: np.ndarray, k: int) -> np.ndarray:
+    """The k largest |acc| (ascending int32 positions, ties to the lower one) when ``non_zeros``
+    lists, ascending, every non-zero entry of acc: the k largest of them, or if fewer than k all of
+    them and then the zeros with the lowest positions (which lie among the first k + len(non_zeros)).
+    """
+    count = non_zeros.shape[0]
+    if count >= k:
+        return select_candidates(acc, non_zeros, k)
+    zeros = np.flatnonzero(acc[:k + count] == 0)[:k - count].astype(np.int32)
+    return np.sort(np.concatenate([non_zeros, zeros]))
+
+
+def non_zero_threshold(dtype) -> float:
+    """The smallest positive value of ``dtype``: |x| reaches it exactly when x is not zero."""
+    return float(np.nextafter(np.dtype(dtype).type(0), np.dtype(dtype).type(1)))
+
+
 def accumulate_select(residual: np.ndarray, grad: np.ndarray, k: int, sample_fraction: float,
                       acc: np.ndarray, check_finite: bool = False) -> np.ndarray:
     """``acc = residual + grad`` and the ascending int32 positions of the k largest |acc|, ties to
@@ -250,7 +267,6 @@ def accumulate_select(residual: np.ndarray, grad: np.ndarray, k: int, sample_fra
     the non-zero entries; if fewer than k, the first zeros complete the set.
     """
     n = residual.shape[0]
-    tiny = np.nextafter(residual.dtype.type(0), residual.dtype.type(1))  # |x| >= tiny: x != 0
     stride = sample_stride(sample_fraction)
     sample = np.abs(residual[::stride] + grad[::stride])  # the sums the add will produce there
     m = sample.shape[0]
@@ -264,16 +280,17 @@ def accumulate_select(residual: np.ndarray, grad: np.ndarray, k: int, sample_fra
     positions = np.empty(n, dtype=np.int32)
     if check_finite and np.may_share_memory(acc, residual):
         raise ValueError("accumulate_select: check_finite needs an acc that is not the residual")
-    # the estimate lets about k through; screening for the non-zero entries, nobody knows how many
-    count, non_finite = _screen(residual, grad, first if first > 0 else tiny, positions, acc,
-                                k if first > 0 else None)
+    if first > 0:  # the estimate lets about k through
+        count, non_finite = _screen(residual, grad, first, positions, acc, k)
+    else:  # most sampled sums are zero: screen for the non-zero entries, about as many as sampled
+        count, non_finite = _screen(residual, grad, non_zero_threshold(residual.dtype), positions, acc,
+                                    int(np.count_nonzero(sample)) * stride)
     if check_finite and non_finite:
         raise NonFiniteGradient(f"{non_finite} of the gradient's {n} entries are NaN or Inf")
+    if not first > 0:
+        return select_among_non_zeros(acc, positions[:count], k)
     if count >= k:
         return select_candidates(acc, positions[:count], k)
-    if not first > 0:  # fewer non-zero entries than k: all of them, then zeros by position
-        zeros = np.flatnonzero(acc[:k + count] == 0)[:k - count].astype(np.int32)
-        return np.sort(np.concatenate([positions[:count], zeros]))
     wider = estimate(SAMPLE_TRIES[-1])
     candidates = np.flatnonzero(np.abs(acc) >= wider).astype(np.int32) if wider > 0 else positions[:0]
     if candidates.shape[0] < k:

@@ -176,7 +176,8 @@ def accumulate_topk(residual: torch.Tensor, grad: torch.Tensor, k: int,
     On CPU, for float32/float64, the add and the candidate screen share one pass over memory
     (``cpu_scan``): the threshold is estimated first from the sampled sums, which are the same
     numbers the add will produce. If the estimate let fewer than k or far too many through, the
-    residual already holds the sum and the ordinary selection runs on it.
+    residual already holds the sum and the ordinary selection runs on it. An estimate of 0 (most
+    sampled sums are zero) screens for the non-zero entries instead.
     """
     n = residual.numel()
     if not 0 < k <= n:
@@ -188,15 +189,23 @@ def accumulate_topk(residual: torch.Tensor, grad: torch.Tensor, k: int,
     sample = (residual[::stride] + grad[::stride]).abs_()
     rank = sample_rank(SAMPLE_TRIES[0], k, sample.numel(), n)
     estimate = float(torch.topk(sample, rank, sorted=False).values.min())
-    if not estimate > 0:  # mostly zeros: the ordinary path finds the non-zero entries
-        return topk_indices(residual.add_(grad), k, sample_fraction, scratch)
     slots = _screen_room(k, stride, n)
     room = scratch.positions(slots) if scratch is not None else np.empty(slots, dtype=np.int32)
-    count = cpu_scan.accumulate_and_screen(residual.numpy(), grad.numpy(), estimate, room, expected=k)
+    acc = residual.numpy()
+    if not estimate > 0:
+        # Mostly zeros (an embedding's gradient touches a few rows): the pass lists the non-zero
+        # entries of the sum, about as many as the sample holds times the stride.
+        expected = int(torch.count_nonzero(sample)) * stride
+        count = cpu_scan.accumulate_and_screen(acc, grad.numpy(), cpu_scan.non_zero_threshold(acc.dtype),
+                                               room, expected=expected)
+        if count > room.size:
+            return topk_indices(residual, k, sample_fraction, scratch)
+        return torch.from_numpy(cpu_scan.select_among_non_zeros(acc, room[:count], k))
+    count = cpu_scan.accumulate_and_screen(acc, grad.numpy(), estimate, room, expected=k)
     if not k <= count <= room.size:
         return topk_indices(residual, k, sample_fraction, scratch)
     # Every entry at or above the estimate is a candidate and at least k are: as in topk_indices.
-    return torch.from_numpy(cpu_scan.select_candidates(residual.numpy(), room[:count], k))
+    return torch.from_numpy(cpu_scan.select_candidates(acc, room[:count], k))
 
 
 def _screen_room(k: int, stride: int, n: int) -> int:

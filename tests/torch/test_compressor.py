@@ -64,6 +64,45 @@ def test_accumulate_topk_sums_in_place_and_selects_like_reference(dtype, monkeyp
     assert any(c > 0 for c in screens)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_accumulate_topk_on_mostly_zero_sums_screens_for_the_non_zeros(dtype, monkeypatch):
+    """An embedding's gradient touches a few rows, so the sampled estimate is 0: the fused pass then
+    lists the sum's non-zero entries. Fewer than k: all of them, then the first zeros; more: the k
+    largest; too many for the pass's room: the ordinary selection on the completed sum. Always the
+    reference set and e + g bit for bit, subnormals and -0.0 included."""
+    rows, width = 400, 128  # 51,200 entries; k = 512 at d = 0.01
+    n = rows * width
+    thresholds = []
+    real = cpu_scan.accumulate_and_screen
+    monkeypatch.setattr(cpu_scan, "accumulate_and_screen",
+                        lambda *a, **kw: thresholds.append(a[2]) or real(*a, **kw))
+    rng = np.random.default_rng(12)
+    scratch = SelectionScratch()
+    cases = {"two rows": (2, 0, 512), "two rows, k below them": (2, 0, 100),
+             "rows in e and g": (3, 2, 512), "too many for the room": (0, 0, 512)}
+    for name, (grad_rows, residual_rows, k) in cases.items():
+        e = np.zeros((rows, width), dtype)
+        g = np.zeros((rows, width), dtype)
+        g[rng.choice(rows, grad_rows, replace=False)] = rng.standard_normal((grad_rows, width))
+        e[rng.choice(rows, residual_rows, replace=False)] = rng.standard_normal((residual_rows, width))
+        g[0, :2] = [-0.0, 0.0]
+        g[-1, -1] = 1e-42 if dtype == np.float32 else 1e-310  # subnormal, last: zeros fill from the front
+        e, g = e.ravel(), g.ravel()
+        if name == "too many for the room":  # non-zero everywhere but where the sample looks
+            g[:] = rng.standard_normal(n)
+            g[::100] = 0
+        want = e + g
+        residual = torch.from_numpy(e.copy())
+        thresholds.clear()
+        got = accumulate_topk(residual, torch.from_numpy(g), k, 0.01, scratch)
+        assert residual.numpy().tobytes() == want.tobytes(), name
+        assert np.array_equal(got.numpy(), reference.select(want, k)), name
+        assert thresholds == [cpu_scan.non_zero_threshold(dtype)], (name, thresholds)
+        if (want != 0).sum() <= k:
+            assert got[-1] == n - 1, f"{name}: the subnormal counts as non-zero"
+    assert (want != 0).sum() > 4 * 512 + 64 * 100, "the last case overflows the room (4k + 64 * stride)"
+
+
 def test_cpu_scan_counts_past_its_room():
     residual = np.array([0, 5, -1, 7, 0, -9, 2, 8], np.float32)
     grad = np.full(8, 0.5, np.float32)
