@@ -17,6 +17,8 @@ MODE_LABELS = {"compute": "compute only", "dense": "dense fp32", "fp16": "Horovo
 def mode_label(mode: str) -> str:
     if mode.startswith("ranger-"):
         return f"ranger d={mode.split('-', 1)[1]}"
+    if mode.startswith("hook-"):
+        return f"ranger hook d={mode.split('-', 1)[1]}"
     return MODE_LABELS.get(mode, mode)
 
 
@@ -103,7 +105,7 @@ def profile_rows(runs: list[dict]) -> list[list[str]]:
     return out
 
 
-PROFILE_HEADER = ["hosts", "link", "model", "mode", "allgathers/step", "dense allreduces/step",
+PROFILE_HEADER = ["hosts", "link", "model", "mode", "compressed tensors/step", "dense tensors/step",
                   "elements sent/step", "compress ms/step", "decompress ms/step", "exchange ms"]
 
 
@@ -175,9 +177,13 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
            "or move between cores, which hosts would not."),
         "",
         "Modes: *dense fp32* is `hvd.DistributedOptimizer` (TF: `hvd.DistributedGradientTape`); "
-        "*Horovod fp16* adds `compression=hvd.Compression.fp16`; *ranger d=D* passes "
-        "`compression=RangerCompressor(density=D)` to Horovod's own optimizer or tape (per-rank top-k "
-        "with error feedback, sent through an allgather). *hook floor* passes a compressor that does "
+        "*Horovod fp16* adds `compression=hvd.Compression.fp16`; *ranger d=D* is ranger_hvd's own "
+        "entry point (per-rank top-k with error feedback, sent through an allgather): on PyTorch "
+        "Horovod's optimizer with `compression=RangerCompressor(density=D)`, on TF "
+        "`ranger_hvd.tensorflow.DistributedGradientTape`, which batches each step's tensors into one "
+        "grouped allgather and one grouped allreduce. *ranger hook d=D* passes "
+        "`compression=RangerCompressor(density=D)` to Horovod's own optimizer or tape (one allgather "
+        "and one token allreduce per tensor; on PyTorch the same path as *ranger*). *hook floor* passes a compressor that does "
         "nothing: each gradient's first entry goes to Horovod's allreduce and a zero gradient comes "
         "back, so its exchange time is what Horovod's per-parameter hook costs by "
         "itself, a floor for every `compression=` plug-in (`netbench/worker.py`, `TokensOnly`). "
@@ -204,7 +210,9 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
         "",
         "## Where ranger's exchange time goes",
         "",
-        "Per step on rank 0: collectives started, entries sent, and (PyTorch) the time spent inside "
+        "Per step on rank 0: compressed and dense tensors (one allgather and one allreduce each "
+        "through Horovod's hook; ranger_hvd's TF tape groups them into one of each), entries sent, "
+        "and (PyTorch) the time spent inside "
         "`compress` (error feedback, selection, starting the allgather) and `decompress` (waiting for "
         "the allgather, scatter-add). TF runs the compressor inside a traced function, so its time is "
         "not separable there.",

@@ -26,11 +26,18 @@ LR = 0.001
 
 
 def parse_mode(mode: str) -> tuple[str, float | None]:
-    """"dense" / "fp16" / "floor" / "ranger-D" -> (kind, density)."""
+    """"dense" / "fp16" / "floor" / "ranger-D" / "hook-D" -> (kind, density).
+
+    ``ranger-D`` is ranger_hvd's own entry point (PyTorch: Horovod's optimizer with
+    ``compression=RangerCompressor``; TensorFlow: ``ranger_hvd.tensorflow.DistributedGradientTape``,
+    which batches a step into one allgather and one allreduce); ``hook-D`` is always Horovod's own
+    optimizer or tape with ``compression=RangerCompressor`` (on PyTorch the same path as
+    ``ranger-D``)."""
     if mode in ("compute", "dense", "fp16", "floor"):
         return mode, None
-    if mode.startswith("ranger-"):
-        return "ranger", float(mode.split("-", 1)[1])
+    for kind in ("ranger", "hook"):
+        if mode.startswith(kind + "-"):
+            return kind, float(mode.split("-", 1)[1])
     raise ValueError(f"unknown mode {mode!r}")
 
 
@@ -164,6 +171,7 @@ def run_tf(args) -> tuple[dict, object]:
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     import horovod.tensorflow as hvd
+    from ranger_hvd.tensorflow import DistributedGradientTape as RangerTape
     from ranger_hvd.tensorflow import RangerCompressor
 
     hvd.init()
@@ -180,15 +188,18 @@ def run_tf(args) -> tuple[dict, object]:
         opt = tf.keras.optimizers.SGD(LR)
         loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=False)
         comp = None
-        if kind == "ranger":
-            comp = RangerCompressor(density=density, variables=variables)
+        if kind == "ranger":   # ranger_hvd's tape keys its state by variable
+            comp = RangerCompressor(density=density, name=f"bench_{mode}")
+        elif kind == "hook":   # Horovod's tape hands the compressor tensors in this order
+            comp = RangerCompressor(density=density, variables=variables, name=f"bench_{mode}")
         floor = TokensOnly(lambda t: tf.reshape(t, [-1])[:1],
                            lambda token, shape, dtype: tf.fill(shape, tf.cast(token[0], dtype) * 0))
         wrap = {"compute": None,
                 "dense": lambda t: hvd.DistributedGradientTape(t),
                 "fp16": lambda t: hvd.DistributedGradientTape(t, compression=hvd.Compression.fp16),
                 "floor": lambda t, floor=floor: hvd.DistributedGradientTape(t, compression=floor),
-                "ranger": lambda t, comp=comp: hvd.DistributedGradientTape(t, compression=comp)}[kind]
+                "hook": lambda t, comp=comp: hvd.DistributedGradientTape(t, compression=comp),
+                "ranger": lambda t, comp=comp: RangerTape(t, compression=comp)}[kind]
         if kind != "compute":
             hvd.broadcast_variables(model.variables, root_rank=0)
 

@@ -134,10 +134,11 @@ def _keep_from_cut(mags, candidates, cut, k, out):
     return w
 
 
-def _scatter_add(indices, values, factor, out):
+def _scatter_add(indices, values, factor, out, clear):
     n = out.shape[0]
-    for i in range(n):
-        out[i] = 0
+    if clear:
+        for i in range(n):
+            out[i] = 0
     for j in range(indices.shape[0]):
         i = indices[j]
         if i < 0 or i >= n:
@@ -307,15 +308,18 @@ def accumulate_select(residual: np.ndarray, grad: np.ndarray, k: int, sample_fra
     return select_candidates(acc, candidates, k)
 
 
-def scatter_add(indices: np.ndarray, values: np.ndarray, factor, out: np.ndarray) -> None:
+def scatter_add(indices: np.ndarray, values: np.ndarray, factor, out: np.ndarray,
+                zeroed: bool = False) -> None:
     """``out = 0``, then ``out[indices[j]] += values[j] * factor`` for j = 0, 1, ... in that order.
 
     Each entry's sum is formed in the order of the pairs, from +0.0, in ``out``'s dtype, as
     TensorFlow's ``scatter_nd`` and ``unsorted_segment_sum`` form it on CPU, at a few ns per pair
     instead of their 30-150. ``factor`` has ``values``' dtype; 1 leaves each value as it is. The
-    indices arrive from other ranks, so each is checked: one outside ``out`` raises ValueError.
+    indices arrive from other ranks, so each is checked: one outside ``out`` raises ValueError
+    (the pairs before it are then added). ``zeroed``: the caller guarantees ``out`` holds +0.0
+    everywhere, and the pass that clears it is skipped.
     """
-    bad = _kernels().scatter(indices, values, values.dtype.type(factor), out)
+    bad = _kernels().scatter(indices, values, values.dtype.type(factor), out, not zeroed)
     if bad >= 0:
         raise ValueError(f"pair {bad} has index {int(indices[bad])}, outside a tensor of "
                          f"{out.shape[0]} entries")

@@ -26,7 +26,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from .options import RangerOptions
-from .rules import (clip_threshold, dense_counts, k_schedule, numel_of, random_k_seed, sparse_counts)
+from .rules import (COUNTERS, clip_threshold, dense_counts, k_schedule, numel_of, random_k_seed,
+                    sparse_counts)
 
 
 class TensorOps(Protocol):
@@ -46,6 +47,11 @@ class TensorOps(Protocol):
         fuse the add with the selection's pass over memory. With ``check_name`` it first does what
         ``ensure_finite`` does (a fused pass may check while it reads, if a failure leaves the
         state untouched)."""
+    def accumulate_topk_many(self, states: list, flats: list, ks: list,
+                             check_names: list) -> list[tuple[Any, Any]]:
+        """Optional: ``accumulate_topk`` of several tensors, in order, in one call, so that a backend
+        can run all of their selections at once. Without it the engine calls ``accumulate_topk``
+        for each."""
     def k_at(self, state, schedule: list[int]) -> Any:
         """k at the state's current step (an int, or a scalar tensor under warm-up)."""
     def topk(self, acc, k) -> Any:
@@ -76,39 +82,63 @@ class ErrorFeedback:
             table = self._schedules[numel] = k_schedule(numel, self.options)
         return table
 
-    def sparse_step(self, state, grad, name: str, shape, world_size: int):
+    def sparse_step(self, state, grad, name: str, shape, world_size: int, token: bool = True):
         """One step of a compressed tensor on this rank: returns (indices, values, k).
 
         ``values`` are acc[indices] in the gradient's dtype; the caller casts them for the wire.
+        ``token``: whether the exchange also hands Horovod a 1-element token for this tensor (Horovod's
+        ``compression=`` hook does; a batched exchange does not), which the byte counters include.
         """
+        return self.sparse_steps([state], [grad], [name], [shape], world_size, token)[0]
+
+    def sparse_steps(self, states, grads, names, shapes, world_size: int, token: bool = True):
+        """:meth:`sparse_step` of several tensors, each with its own state: the same math tensor by
+        tensor, with the top-k selections of all of them in one backend call
+        (``accumulate_topk_many``), which a backend may run as one. Returns a list of
+        (indices, values, k); the byte counters get one record for all of them."""
         o, ops = self.options, self.ops
-        numel = numel_of(shape)
-        g = ops.flatten(grad)
-        limit = clip_threshold(o, world_size)
         # Where g reaches the selection unchanged, its finiteness check moves into that call, which
         # a backend may fuse with its pass over memory (a separate check is one more pass).
+        limit = clip_threshold(o, world_size)
         check_in_selection = (o.check_finite and limit is None and o.momentum == 0
                               and o.selection == "topk")
-        if o.check_finite and not check_in_selection:
-            g = ops.ensure_finite(g, name, state)
-        if limit is not None:
-            g = ops.clip(g, limit)
-        u = None
-        source = g
-        if o.momentum > 0:
-            u = source = ops.momentum(state, g, o.momentum)
-        k = ops.k_at(state, self.schedule(numel))
+        sources, velocities, ks = [], [], []
+        for state, grad, name, shape in zip(states, grads, names, shapes):
+            g = ops.flatten(grad)
+            if o.check_finite and not check_in_selection:
+                g = ops.ensure_finite(g, name, state)
+            if limit is not None:
+                g = ops.clip(g, limit)
+            u = None
+            if o.momentum > 0:
+                u = g = ops.momentum(state, g, o.momentum)
+            sources.append(g)
+            velocities.append(u)
+            ks.append(ops.k_at(state, self.schedule(numel_of(shape))))
         if o.selection == "topk":
-            acc, indices = ops.accumulate_topk(state, source, k,
-                                               name if check_in_selection else None)
+            checks = [name if check_in_selection else None for name in names]
+            many = getattr(ops, "accumulate_topk_many", None)
+            selected = (many(states, sources, ks, checks) if many is not None and len(states) > 1 else
+                        [ops.accumulate_topk(*args) for args in zip(states, sources, ks, checks)])
         else:
-            acc = ops.accumulate(state, source)
-            indices = ops.random_k(numel, k, random_k_seed(o.seed, name), state)
-        values = ops.gather(acc, indices)
-        ops.keep_unsent(state, acc, u, indices, values)
-        ops.advance(state)
-        ops.count(sparse_counts(numel, k, o.value_dtype, with_indices=o.selection == "topk"))
-        return indices, values, k
+            selected = []
+            for state, g, k, name, shape in zip(states, sources, ks, names, shapes):
+                acc = ops.accumulate(state, g)
+                selected.append((acc, ops.random_k(numel_of(shape), k, random_k_seed(o.seed, name),
+                                                   state)))
+        out, counts = [], [0] * len(COUNTERS)
+        for state, (acc, indices), u, k, shape in zip(states, selected, velocities, ks, shapes):
+            values = ops.gather(acc, indices)
+            ops.keep_unsent(state, acc, u, indices, values)
+            ops.advance(state)
+            record = sparse_counts(numel_of(shape), k, o.value_dtype,
+                                   with_indices=o.selection == "topk",
+                                   with_token=token and o.selection == "topk")
+            counts = [a + b for a, b in zip(counts, record)]
+            out.append((indices, values, k))
+        if out:
+            ops.count(counts)
+        return out
 
     def dense_step(self, state, grad, name: str, wire_itemsize: int):
         """A tensor that travels whole: the gradient, or with momentum its local u = m*u + g.

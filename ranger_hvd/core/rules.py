@@ -109,15 +109,17 @@ TOKEN_BYTES = 4
 N for a sum) tells the receiving side which reduction Horovod was asked for."""
 
 
-def sparse_bytes(k, value_dtype: str, with_indices: bool = True):
+def sparse_bytes(k, value_dtype: str, with_indices: bool = True, with_token: bool | None = None):
     """Bytes one rank hands to collectives for k selected entries.
 
-    Top-k (``with_indices``): k values and k int32 indices in the allgather, plus the 4-byte token.
-    Random-k: k values only, in Horovod's allreduce. ``k`` may be an int or a framework scalar.
+    Top-k (``with_indices``): k values and k int32 indices in the allgather, plus the 4-byte token
+    where the exchange sends one (``with_token``, by default with the indices). Random-k: k values
+    only, in Horovod's allreduce. ``k`` may be an int or a framework scalar.
     """
+    token = TOKEN_BYTES if (with_indices if with_token is None else with_token) else 0
     if with_indices:
-        return k * (VALUE_ITEMSIZE[value_dtype] + INDEX_ITEMSIZE) + TOKEN_BYTES
-    return k * VALUE_ITEMSIZE[value_dtype]
+        return k * (VALUE_ITEMSIZE[value_dtype] + INDEX_ITEMSIZE) + token
+    return k * VALUE_ITEMSIZE[value_dtype] + token
 
 
 def dense_fp32_bytes(numel: int) -> int:
@@ -130,9 +132,11 @@ COUNTERS = ("bytes_sent", "bytes_dense", "tensors_sparse", "tensors_dense",
 """The order of the byte counters; backends that count inside a traced graph keep them as one vector."""
 
 
-def sparse_counts(numel: int, k, value_dtype: str, with_indices: bool = True) -> list:
+def sparse_counts(numel: int, k, value_dtype: str, with_indices: bool = True,
+                  with_token: bool | None = None) -> list:
     """What one sparse tensor adds to each of ``COUNTERS`` (k may be a framework scalar)."""
-    return [sparse_bytes(k, value_dtype, with_indices), dense_fp32_bytes(numel), 1, 0, k, numel, 0]
+    return [sparse_bytes(k, value_dtype, with_indices, with_token), dense_fp32_bytes(numel), 1, 0, k,
+            numel, 0]
 
 
 def dense_counts(numel: int, itemsize: int) -> list:

@@ -73,6 +73,7 @@ class _Buffers:
     def __init__(self, n: int, dtype):
         self.n, self.dtype = n, np.dtype(dtype)
         self._arrays: list[np.ndarray] = []
+        self._written: dict[int, np.ndarray] = {}  # id of a kept array -> where it is not zero
 
     def take(self) -> np.ndarray:
         arrays = self._arrays
@@ -84,6 +85,25 @@ class _Buffers:
         if len(arrays) < self.keep:
             arrays.append(fresh)
         return fresh
+
+    def take_zeroed(self) -> np.ndarray:
+        """A buffer of +0.0 everywhere. A reused one is cleared only where its last user wrote
+        (:meth:`wrote`): a decompress output is zero but for its N * k pairs, and TensorFlow never
+        writes into a buffer it adopted from NumPy (it does not own the memory), so clearing those
+        entries restores it without a pass over the whole tensor."""
+        out = self.take()
+        written = self._written.pop(id(out), None)
+        if written is None:  # fresh, or its last use is unknown
+            out.fill(0)
+        else:
+            out[written] = 0
+        return out
+
+    def wrote(self, out: np.ndarray, indices: np.ndarray) -> None:
+        """Records that ``out`` (from :meth:`take_zeroed`) is zero except at ``indices`` (an array
+        nobody else will change). Only kept buffers are recorded: a discarded one's id may return."""
+        if any(a is out for a in self._arrays):
+            self._written[id(out)] = indices
 
 
 def usable(residual_dtype: tf.DType, numel: int, k, sample_fraction: float) -> bool:
@@ -125,6 +145,50 @@ def accumulate_topk(residual: tf.Tensor, grad: tf.Tensor, k, sample_fraction: fl
     return Selected(acc, tf.ensure_shape(values, [size])), tf.ensure_shape(idx, [size])
 
 
+def accumulate_topk_many(residuals: list, grads: list, ks: list, sample_fraction: float,
+                         check_messages: list) -> list:
+    """:func:`accumulate_topk` of several tensors in one ``numpy_function`` (one call into Python
+    per step instead of one per tensor): a list of (:class:`Selected`, indices), in order.
+
+    The k may be ints or scalar tensors. A non-finite gradient raises for the first tensor that
+    holds one, with its message, before any later tensor is touched; the residuals are left as
+    they were (each acc is a new buffer).
+    """
+    sizes = [int(r.shape[0]) for r in residuals]
+    buffers = [_Buffers(n, r.dtype.as_numpy_dtype) for n, r in zip(sizes, residuals)]
+    count = len(residuals)
+
+    @tf.autograph.experimental.do_not_convert
+    def step(*arrays):
+        es, gs, k_now = arrays[:count], arrays[count:2 * count], arrays[2 * count]
+        accs, indices, values = [], [], []
+        for j in range(count):
+            acc = buffers[j].take()
+            message = check_messages[j]
+            try:
+                idx = cpu_scan.accumulate_select(es[j], gs[j], int(k_now[j]), sample_fraction, acc,
+                                                 check_finite=message is not None)
+            except cpu_scan.NonFiniteGradient as exc:
+                raise _InvalidArgument(f"{message} ({exc})") from None
+            values.append(acc[idx])
+            acc[idx] = 0
+            accs.append(acc)
+            indices.append(idx)
+        return accs + indices + values
+
+    k_vector = tf.stack([tf.convert_to_tensor(k, tf.int32) for k in ks])
+    outs = tf.numpy_function(step, [*residuals, *grads, k_vector],
+                             [r.dtype for r in residuals] + [tf.int32] * count
+                             + [r.dtype for r in residuals], stateful=True)
+    result = []
+    for j, (n, k) in enumerate(zip(sizes, ks)):
+        size = k if isinstance(k, int) else None
+        acc = tf.ensure_shape(outs[j], [n])
+        idx = tf.ensure_shape(outs[count + j], [size])
+        result.append((Selected(acc, tf.ensure_shape(outs[2 * count + j], [size])), idx))
+    return result
+
+
 def scatter_usable(dtype: tf.DType, numel: int) -> bool:
     """Whether :func:`scatter_add` applies: float32/64 on a CPU, numba here. Below 2^16 entries
     TensorFlow's own scatter costs about as much as the call into Python."""
@@ -140,11 +204,12 @@ def scatter_add(indices: tf.Tensor, values: tf.Tensor, numel: int, factor: tf.Te
 
     @tf.autograph.experimental.do_not_convert
     def scatter(idx: np.ndarray, vals: np.ndarray, f: np.ndarray) -> np.ndarray:
-        out = buffers.take()
+        out = buffers.take_zeroed()
         try:
-            cpu_scan.scatter_add(idx, vals, f, out)
+            cpu_scan.scatter_add(idx, vals, f, out, zeroed=True)
         except ValueError as exc:  # a corrupt payload from some rank
             raise _InvalidArgument(f"ranger_hvd: gathered top-k pairs: {exc}") from None
+        buffers.wrote(out, idx.copy())  # idx is TensorFlow's memory
         return out
 
     # Stateless: a traced function runs its stateful ops in program order, so a stateful scatter
@@ -154,3 +219,31 @@ def scatter_add(indices: tf.Tensor, values: tf.Tensor, numel: int, factor: tf.Te
     out = tf.numpy_function(scatter, [indices, values, tf.cast(factor, values.dtype)],
                             values.dtype, stateful=False)
     return tf.ensure_shape(out, [numel])
+
+
+def scatter_add_pairs_many(gathered: list, numels: list, dtypes: list, factor: float) -> list:
+    """For each gathered [N * k, 2] int32 tensor of fp32 value bits and indices (``exchange``'s
+    packing), a flat tensor of numel entries of its dtype: zeros with ``value * factor`` added at
+    each index in the order of the rows, all in one ``numpy_function``: per tensor the bits of
+    :func:`scatter_add`. An index outside a tensor raises InvalidArgumentError."""
+    buffers = [_Buffers(n, d.as_numpy_dtype) for n, d in zip(numels, dtypes)]
+
+    @tf.autograph.experimental.do_not_convert
+    def scatter(*pairs_list):
+        outs = []
+        for pairs, buffer in zip(pairs_list, buffers):
+            out = buffer.take_zeroed()
+            values = np.ascontiguousarray(pairs[:, 0]).view(np.float32).astype(out.dtype, copy=False)
+            indices = pairs[:, 1].copy()  # a copy of our own: kept to clear these entries next time
+            try:
+                cpu_scan.scatter_add(indices, values, out.dtype.type(factor), out, zeroed=True)
+            except ValueError as exc:  # a corrupt payload from some rank
+                raise _InvalidArgument(f"ranger_hvd: gathered top-k pairs: {exc}") from None
+            buffer.wrote(out, indices)
+            outs.append(out)
+        return outs
+
+    # Stateless, as scatter_add: nothing else waits on it in program order.
+    outs = tf.numpy_function(scatter, list(gathered), list(dtypes), stateful=False)
+    return [tf.ensure_shape(o, [n]) for o, n in zip(outs, numels)]
+

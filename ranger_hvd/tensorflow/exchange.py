@@ -16,6 +16,7 @@ every path computes the same bits.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -75,6 +76,53 @@ def start(engine: core.ErrorFeedback, slot, grad, world_size: int, gather_name: 
                                            k=k)
 
 
+def start_topk_many(engine: core.ErrorFeedback, slots: list, grads: list, world_size: int,
+                    gather_name: str, process_set=None) -> list[Context]:
+    """The top-k exchange of several compressed tensors at once, for callers that see a whole
+    step's gradients (ranger_hvd's tape): their error-feedback steps with one batched selection,
+    then every rank's packed pairs of all of them through one grouped allgather, which Horovod
+    negotiates once instead of once per tensor. No token goes with them: the caller knows the
+    reduction and passes its factor to :func:`finish_topk_many`. Returns one Context per tensor."""
+    grads = [tf.cast(g, slot.dtype) if tf.convert_to_tensor(g).dtype != slot.dtype else
+             tf.convert_to_tensor(g) for slot, g in zip(slots, grads)]
+    steps = engine.sparse_steps(slots, grads, [s.tensor_name for s in slots],
+                                [s.shape for s in slots], world_size, token=False)
+    wire = WIRE_DTYPES[engine.options.value_dtype]
+    packed = [_pack(idx, values, wire) for idx, values, _ in steps]
+    kwargs = {"process_set": process_set} if process_set is not None else {}
+    gathered = _hvd.module().grouped_allgather(packed, name=gather_name, ignore_name_scope=True,
+                                               **kwargs)
+    return [Context("topk", s.shape, s.dtype, gathered=g, k=k)
+            for s, g, (_, _, k) in zip(slots, gathered, steps)]
+
+
+def finish_topk_many(contexts: list[Context], value_dtype: str, scale: float) -> list[tf.Tensor]:
+    """The gradients of :func:`start_topk_many`'s tensors: each rank's pairs scatter-added, times
+    ``scale`` (1/N for an average, 1 for a sum), the bits :func:`finish` gives. The tensors that
+    take the compiled scatter go through one call into Python together."""
+    out = [None] * len(contexts)
+    batch = [j for j, ctx in enumerate(contexts)
+             if value_dtype == "float32" and cpu_path.scatter_usable(ctx.dtype, core.numel_of(ctx.shape))]
+    for j, ctx in enumerate(contexts):
+        if j not in batch:
+            out[j] = _combine(ctx, value_dtype, tf.constant(scale, tf.float64))
+    if batch:
+        early = _power_of_two(scale)
+        flats = cpu_path.scatter_add_pairs_many(
+            [contexts[j].gathered for j in batch], [core.numel_of(contexts[j].shape) for j in batch],
+            [contexts[j].dtype for j in batch], scale if early else 1.0)
+        for j, flat in zip(batch, flats):
+            ctx = contexts[j]
+            if not early:
+                flat = flat * tf.constant(scale, ctx.dtype)
+            out[j] = tf.reshape(flat, ctx.shape)
+    return out
+
+
+def _power_of_two(x: float) -> bool:
+    return x > 0 and math.frexp(x)[0] == 0.5
+
+
 def finish(reduced: tf.Tensor, ctx: Context, value_dtype: str) -> tf.Tensor:
     """The reduced gradient, in the original shape and dtype."""
     if ctx.kind == "dense":
@@ -87,13 +135,18 @@ def finish(reduced: tf.Tensor, ctx: Context, value_dtype: str) -> tf.Tensor:
         return tf.reshape(tf.raw_ops.SparseToDense(sparse_indices=ctx.indices, output_shape=[numel],
                                                    sparse_values=values,
                                                    default_value=tf.zeros([], ctx.dtype)), ctx.shape)
-    values, indices = _unpack(ctx.gathered, WIRE_DTYPES[value_dtype])
-    values = tf.cast(values, ctx.dtype)
     # The gathered rows are N ranks times k pairs; the token is 1 after an average and N after a sum
     # (rounded: predivide factors leave float noise).
     world = tf.cast(tf.shape(ctx.gathered)[0], tf.float64) / tf.cast(ctx.k, tf.float64)
     token = tf.round(tf.cast(tf.reshape(reduced, [-1])[0], tf.float64))
-    scale = token / world
+    return _combine(ctx, value_dtype, token / world)
+
+
+def _combine(ctx: Context, value_dtype: str, scale: tf.Tensor) -> tf.Tensor:
+    """Every rank's pairs of a top-k tensor added into zeros, times ``scale`` (a float64 scalar)."""
+    numel = core.numel_of(ctx.shape)
+    values, indices = _unpack(ctx.gathered, WIRE_DTYPES[value_dtype])
+    values = tf.cast(values, ctx.dtype)
     if ctx.dtype in (tf.float32, tf.float64):
         # A power of two times each value gives the bits of the same factor times their sum (exact
         # above the subnormal range), so averages over 2, 4, 8... ranks need no pass over the output.

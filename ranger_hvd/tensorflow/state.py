@@ -172,6 +172,28 @@ class TFOps:
         acc = self.accumulate(state, flat)
         return acc, self.topk(acc, k)
 
+    def accumulate_topk_many(self, states, flats, ks, check_names):
+        """``accumulate_topk`` of several tensors: those that take the compiled CPU pass all in one
+        call into Python (``cpu_path.accumulate_topk_many``), the others one by one."""
+        out = [None] * len(states)
+        batch = []
+        for j, (state, flat, k) in enumerate(zip(states, flats, ks)):
+            dtype = tf.as_dtype(state.residual.dtype)
+            if flat.dtype == dtype and cpu_path.usable(dtype, int(flat.shape[0]), k,
+                                                       self.options.sample_fraction):
+                batch.append(j)
+            else:
+                out[j] = self.accumulate_topk(state, flat, k, check_names[j])
+        if batch:
+            selected = cpu_path.accumulate_topk_many(
+                [_read_flat(states[j].residual) for j in batch], [flats[j] for j in batch],
+                [ks[j] for j in batch], self.options.sample_fraction,
+                [None if check_names[j] is None else _non_finite_message(check_names[j])
+                 for j in batch])
+            for j, result in zip(batch, selected):
+                out[j] = result
+        return out
+
     def random_k(self, numel: int, k, base_seed: int, state) -> tf.Tensor:
         return random_k_indices(numel, k, seed_pair(base_seed, state.step))
 

@@ -9,11 +9,12 @@ Wrap a tape as with Horovod::
 
 For each variable with a gradient, in the order of ``sources`` (the same on every rank):
 
-the compressor's state is keyed by the variable, and the exchange is the one Horovod's own tape runs
-with a ``RangerCompressor`` (``exchange.start``, ``hvd.allreduce``, ``exchange.finish``): compressed
-tensors send this rank's top-k through an allgather and a 1-element token through the allreduce;
-small and 1-D tensors go through the allreduce whole. Collective names follow the compressor's tag
-and the variable's slot, the same on every rank.
+the compressor's state is keyed by the variable, and each tensor's math is the one Horovod's own tape
+runs with a ``RangerCompressor`` (``exchange.py``), batched over the step: the small and 1-D tensors
+in one grouped allreduce, the top-k selections of all compressed tensors in one call, their pairs
+in one grouped allgather, and their scatter-adds in one call. Horovod negotiates two collectives per
+step instead of two per tensor. Collective names follow the compressor's tag and the variable list,
+the same on every rank.
 
 Horovod's own tape keys its bookkeeping by ``variable.ref()``, which Keras 3 variables lack; this tape
 calls Horovod's collectives directly and works with tf.Variables and Keras 3 variables alike. In eager
@@ -35,18 +36,41 @@ _UNSUPPORTED = {"device_dense": "", "device_sparse": "", "num_groups": 0, "group
 
 
 def _exchange(comp: RangerCompressor, variables, grads, op, predivide: float, process_set):
+    """One step's exchange of every gradient in two collectives whatever the number of tensors: one
+    grouped allreduce of the dense (and random-k) tensors, issued first so that it travels while the
+    selection runs, and one grouped allgather of the top-k tensors' pairs; Horovod negotiates each
+    once. (Buckets of 8 or 25 MB, last layers first, to start collectives during backpropagation
+    were 11-14 ms slower per step on Keras ResNet50, 2 ranks on localhost with one core each.)"""
     hvd = _hvd.module()
+    process_set = process_set or comp.process_set
     kwargs = {"process_set": process_set} if process_set is not None else {}
     scales = ({"prescale_factor": 1.0 / predivide, "postscale_factor": predivide}
               if op == hvd.Average else {})
-    out = []
-    for variable, grad in zip(variables, grads):
-        carried, ctx = comp.start_variable(variable, grad, process_set)
-        name = f"RangerAllreduce_{safe_name(comp.tag)}_{comp.slot_for(variable).index}"
-        reduced = hvd.allreduce(carried, op=op, name=name, ignore_name_scope=True, **scales, **kwargs)
-        out.append(tf.cast(exchange.finish(reduced, ctx, comp.options.value_dtype), grad.dtype))
+    world = comp.world() if process_set is None else process_set.size()
+    slots = [comp.slot_for(v) for v in variables]
+    # Names carry the first slot and the count: the same on every rank, distinct per variable list.
+    tag = f"{safe_name(comp.tag)}_{slots[0].index}_{len(slots)}" if slots else safe_name(comp.tag)
+    topk = comp.options.selection == "topk"
+    sparse = [j for j, s in enumerate(slots) if s.compressed and topk]
+    rest = [j for j, s in enumerate(slots) if not (s.compressed and topk)]
+    out = [None] * len(slots)
+    if rest:
+        started = [exchange.start(comp.engine, slots[j], grads[j], world, "", process_set)
+                   for j in rest]
+        reduced = hvd.grouped_allreduce([carried for carried, _ in started], op=op,
+                                        name=f"RangerAllreduce_{tag}", ignore_name_scope=True,
+                                        **scales, **kwargs)
+        for j, r, (_, ctx) in zip(rest, reduced, started):
+            out[j] = exchange.finish(r, ctx, comp.options.value_dtype)
+    if sparse:
+        contexts = exchange.start_topk_many(comp.engine, [slots[j] for j in sparse],
+                                            [grads[j] for j in sparse], world,
+                                            f"RangerTopk_{tag}", process_set)
+        scale = 1.0 / world if op == hvd.Average else 1.0
+        for j, g in zip(sparse, exchange.finish_topk_many(contexts, comp.options.value_dtype, scale)):
+            out[j] = g
     comp.end_step()
-    return out
+    return [tf.cast(o, g.dtype) for o, g in zip(out, grads)]
 
 
 class DistributedGradientTape:
@@ -57,7 +81,7 @@ class DistributedGradientTape:
     ``gradient_predivide_factor`` (Average only), ``process_set``. ``tf.IndexedSlices`` gradients are
     made dense first (as ``sparse_as_dense=True``). ``device_dense``, ``device_sparse``,
     ``num_groups``/``groups`` and ``scale_local_gradients=False`` have no meaning here and raise
-    when set (each tensor has its own collectives; Horovod fuses those that are ready together).
+    when set (this tape already groups each step into one allgather and one allreduce).
     """
 
     def __init__(self, gradtape, device_dense='', device_sparse='', compression=None,

@@ -197,10 +197,22 @@ def test_ctrl_c_removes_hosts_and_ranks(tmp_path):
 
 
 def test_bad_arguments_exit_2_naming_them(tmp_path):
-    proc = _bench(["--models", "resnet50", "vgg99", "--modes", "ranger-2", "--hosts", "1",
-                   "--cycle-time-ms", "0", "--out", str(tmp_path)])
+    proc = _bench(["--models", "resnet50", "vgg99", "--modes", "ranger-2", "hook-0", "hook-0.01",
+                   "--hosts", "1", "--cycle-time-ms", "0", "--out", str(tmp_path)])
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2, out
-    for culprit in ("--models vgg99", "--modes ranger-2", "--hosts 1", "--cycle-time-ms 0"):
+    for culprit in ("--models vgg99", "--modes ranger-2", "--modes hook-0", "--hosts 1",
+                    "--cycle-time-ms 0"):
         assert culprit in out, out
+    assert "--modes hook-0.01" not in out, out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_modes_name_the_entry_point():
+    from netbench.report import mode_label
+    from netbench.worker import parse_mode
+    assert parse_mode("ranger-0.01") == ("ranger", 0.01) and parse_mode("hook-0.001") == ("hook", 0.001)
+    assert mode_label("ranger-0.01") == "ranger d=0.01"
+    assert mode_label("hook-0.001") == "ranger hook d=0.001"
+    with pytest.raises(ValueError):
+        parse_mode("topk-0.01")

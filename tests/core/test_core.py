@@ -227,3 +227,53 @@ def test_engine_equals_reference(opts):
         assert np.array_equal(state["e"], ref.residual)
         expected_counts = [a + b for a, b in zip(expected_counts, sparse_counts(600, k, "float32"))]
     assert ops.counts == expected_counts and state["step"] == 8
+
+
+@pytest.mark.parametrize("opts", [dict(density=0.05), dict(density=0.05, momentum=0.9),
+                                  dict(density=0.02, warmup_steps=3, clip_norm=5.0),
+                                  dict(density=0.05, selection="random")])
+def test_batched_engine_steps_equal_one_tensor_at_a_time(opts):
+    """``sparse_steps`` over three tensors of different sizes does what three ``sparse_step``
+    calls do (and top-k what the reference does), through the batched selection where the backend
+    has one; the counters get one record, without tokens when the exchange sends none."""
+    from ranger_hvd.core import ErrorFeedback, sparse_counts
+    options = make_options(min_elements=10, **opts)
+    topk = options.selection == "topk"
+    calls = []
+
+    class BatchedOps(_ListOps):
+        def accumulate_topk_many(self, states, gs, ks, checks):
+            calls.append(len(states))
+            return [self.accumulate_topk(*args) for args in zip(states, gs, ks, checks)]
+
+    shapes = [(20, 30), (700,), (9, 50)]
+    names = [f"w{j}" for j in range(3)]
+
+    def fresh():
+        return [{"e": np.zeros(int(np.prod(s)), np.float32), "u": np.zeros(int(np.prod(s)), np.float32),
+                 "step": 0} for s in shapes]
+
+    batched, single = BatchedOps(), _ListOps()
+    engine, engine1 = ErrorFeedback(options, batched), ErrorFeedback(options, single)
+    states, states1 = fresh(), fresh()
+    refs = [ReferenceCompressor(int(np.prod(s)), options, world_size=2) for s in shapes]
+    rng = np.random.default_rng(4)
+    expected = [0] * 7
+    for _ in range(6):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        out = engine.sparse_steps(states, grads, names, shapes, world_size=2, token=False)
+        for j, ((idx, values, k), g, shape) in enumerate(zip(out, grads, shapes)):
+            idx1, values1, k1 = engine1.sparse_step(states1[j], g, names[j], shape, world_size=2)
+            assert np.array_equal(idx, idx1) and np.array_equal(values, values1) and k == k1
+            assert np.array_equal(states[j]["e"], states1[j]["e"])
+            if topk:
+                ridx, rvalues = refs[j].step(g)
+                assert np.array_equal(idx, ridx) and np.array_equal(values, rvalues)
+            expected = [a + b for a, b in zip(expected, sparse_counts(
+                int(np.prod(shape)), k, "float32", topk, with_token=False))]
+    assert batched.counts == expected
+    assert [s["step"] for s in states] == [6, 6, 6]
+    assert calls == ([3] * 6 if topk else [])
+    # one at a time with tokens, as Horovod's hook sends them: 4 bytes more per top-k tensor and step
+    assert single.counts[0] == expected[0] + (6 * 3 * 4 if topk else 0)
+    assert single.counts[1:] == expected[1:]

@@ -92,6 +92,16 @@ def test_scatter_add_sums_each_entry_in_pair_order(dtype, factor):
     out = np.full(8, np.nan, dtype)
     cpu_scan.scatter_add(np.array([4, 4], np.int32), np.array([-0.0, -0.0], dtype), factor, out)
     assert np.array_equal(out, np.zeros(8)) and not np.signbit(out).any()
+    # zeroed=True trusts the caller's zeros and adds into them: the same bits; what it does not
+    # clear stays (the NaN planted where no pair goes)
+    out = np.zeros(n, dtype)
+    out[1] = np.nan
+    idx_free = idx[idx != 1]
+    cpu_scan.scatter_add(idx_free, vals[idx != 1], factor, out, zeroed=True)
+    want = np.zeros(n, dtype)
+    np.add.at(want, idx_free, vals[idx != 1] * dtype(factor))
+    want[1] = np.nan
+    assert np.array_equal(out.view(np.uint8), want.view(np.uint8))
 
 
 @pytest.mark.parametrize("index", [-1, 1000, 2 ** 31 - 1])

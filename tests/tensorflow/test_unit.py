@@ -380,8 +380,8 @@ def test_tape_bytes_in_one_process():
             loss = tf.reduce_sum(model(tf.ones((4, 100))) ** 2)
         DistributedGradientTape(tape, compression=comp).gradient(loss, model.trainable_variables)
     s = comp.stats()
-    # k = 50 of 5000, bf16 values, int32 indices and the 4-byte token; the bias dense
-    assert s["bytes_sent"] == 3 * (50 * (2 + 4) + 4 + 50 * 4)
+    # k = 50 of 5000, bf16 values and int32 indices (this tape sends no token); the bias dense
+    assert s["bytes_sent"] == 3 * (50 * (2 + 4) + 50 * 4)
     assert s["bytes_dense"] == 3 * 4 * (5000 + 50)
     assert s["steps"] == 3
 
@@ -479,3 +479,95 @@ def test_selection_of_a_mostly_zero_tensor(k):
     assert np.array_equal(topk_indices(tf.constant(g), k).numpy(), want)
     traced = tf.function(lambda x: topk_indices(x, tf.constant(k)))
     assert np.array_equal(traced(tf.constant(g)).numpy(), want)
+
+
+@pytest.mark.parametrize("ranks,op", [(2, "average"), (3, "average"), (3, "sum")])
+def test_batched_decompress_gives_the_bits_of_one_tensor_at_a_time(ranks, op):
+    """``finish_topk_many`` (one call into Python for every large tensor) against ``finish`` with
+    the token Horovod's hook reduces, tensor by tensor: a large fp32 and fp64 tensor through the
+    compiled scatter, a small one through TF's, with 1/2 (exact) and 1/3 (scaled after the sum)."""
+    from ranger_hvd.tensorflow import exchange
+    rng = np.random.default_rng(ranks)
+    contexts = []
+    for shape, dtype, k in [((300, 400), tf.float32, 1200), ((70000,), tf.float64, 700),
+                            ((40, 50), tf.float32, 20)]:
+        numel = int(np.prod(shape))
+        idx = np.concatenate([np.sort(rng.choice(numel, k, replace=False)) for _ in range(ranks)])
+        vals = rng.standard_normal(idx.size).astype(np.float32)
+        packed = exchange._pack(tf.constant(idx, tf.int32), tf.constant(vals), tf.float32)
+        contexts.append(exchange.Context("topk", shape, dtype, gathered=packed, k=k))
+    token = tf.ones([1]) if op == "average" else tf.fill([1], float(ranks))
+    scale = 1.0 / ranks if op == "average" else 1.0
+    batched = tf.function(lambda: exchange.finish_topk_many(contexts, "float32", scale))()
+    for ctx, got in zip(contexts, batched):
+        want = exchange.finish(token, ctx, "float32").numpy()
+        assert got.shape == ctx.shape and got.dtype == ctx.dtype
+        np.testing.assert_array_equal(got.numpy().view(np.uint8), want.view(np.uint8))
+        assert np.count_nonzero(want) > 0
+
+
+def test_batched_selection_gives_the_bits_of_one_tensor_at_a_time():
+    """``accumulate_topk_many`` (one call into Python for every large tensor) leaves the residuals
+    and picks the indices and values that ``accumulate_topk`` does tensor by tensor, k a tensor or
+    an int; a NaN in the second gradient raises naming it and leaves every residual as it was."""
+    from ranger_hvd.tensorflow import cpu_path
+    rng = np.random.default_rng(5)
+    sizes, ks = [100_000, 250_000, 70_000], [100, tf.constant(2500), 70]
+    residuals = [tf.constant(rng.standard_normal(n).astype(np.float32)) for n in sizes]
+    grads = [tf.constant(rng.standard_normal(n).astype(np.float32)) for n in sizes]
+    messages = [f"tensor {j}" for j in range(3)]
+    many = tf.function(lambda: [(s.residual, s.values, i) for s, i in cpu_path.accumulate_topk_many(
+        residuals, grads, ks, 0.01, messages)])()
+    for j in range(3):
+        one, idx = cpu_path.accumulate_topk(residuals[j], grads[j], ks[j], 0.01, messages[j])
+        for got, want in zip(many[j], (one.residual, one.values, idx)):
+            np.testing.assert_array_equal(got.numpy().view(np.uint8), want.numpy().view(np.uint8))
+        acc = residuals[j].numpy() + grads[j].numpy()
+        np.testing.assert_array_equal(many[j][2].numpy(), select(acc, int(ks[j])))
+    poisoned = list(grads)
+    poisoned[1] = tf.tensor_scatter_nd_update(grads[1], [[7]], [np.nan])
+    before = [r.numpy().copy() for r in residuals]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="tensor 1"):
+        tf.function(lambda: [s.residual for s, _ in cpu_path.accumulate_topk_many(
+            residuals, poisoned, ks, 0.01, messages)])()
+    for r, b in zip(residuals, before):
+        np.testing.assert_array_equal(r.numpy(), b)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_reused_decompress_outputs_are_cleared_where_their_last_pairs_went(batched, monkeypatch):
+    """Decompress outputs are cleared only where their previous pairs went: step after step, with
+    index sets that change (and one payload refused for a bad index, after which that buffer is
+    cleared whole), every output is exactly the scatter into zeros and no old entry survives."""
+    from ranger_hvd.tensorflow import cpu_path, exchange
+    numel, k = 1 << 17, 500
+    rng = np.random.default_rng(11)
+    ctx_spec = tf.TensorSpec([2 * k, 2], tf.int32)
+
+    def one(packed):
+        ctx = exchange.Context("topk", (numel,), tf.float32, gathered=packed, k=k)
+        if batched:
+            return exchange.finish_topk_many([ctx], "float32", 0.5)[0]
+        return exchange.finish(tf.ones([1]), ctx, "float32")
+
+    decompress = tf.function(one, input_signature=[ctx_spec])
+    assert cpu_path.scatter_usable(tf.float32, numel)
+    real = cpu_path._aligned_empty  # new buffers hold garbage, not the kernel's zero pages
+    monkeypatch.setattr(cpu_path, "_aligned_empty", lambda *a: np.copyto(b := real(*a), np.nan) or b)
+    held = []
+    for step in range(8):
+        idx = np.concatenate([np.sort(rng.choice(numel, k, replace=False)) for _ in range(2)])
+        vals = rng.standard_normal(2 * k).astype(np.float32)
+        if step == 4:
+            bad = idx.copy()
+            bad[k + 3] = numel  # the second rank's fourth pair: after some pairs were added
+            with pytest.raises(tf.errors.InvalidArgumentError, match="outside a tensor"):
+                decompress(exchange._pack(tf.constant(bad, tf.int32), tf.constant(vals), tf.float32))
+        out = decompress(exchange._pack(tf.constant(idx, tf.int32), tf.constant(vals), tf.float32))
+        want = np.zeros(numel, np.float32)
+        np.add.at(want, idx, vals * np.float32(0.5))
+        np.testing.assert_array_equal(out.numpy().view(np.uint8), want.view(np.uint8))
+        if step == 2:
+            held.append((out, want))  # held across later steps: its buffer is not reused
+    for out, want in held:
+        np.testing.assert_array_equal(out.numpy(), want)
