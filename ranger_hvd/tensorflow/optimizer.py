@@ -8,10 +8,11 @@ The origin document's example runs with only its import changed::
 
 and so does ``model.compile(optimizer=Ranger(...)); model.fit(...)``.
 
-With N > 1 ranks, each step of each variable (inside ``apply_gradients``) runs the exchange every
-TensorFlow entry point shares (``exchange.py``): the error-feedback step of ``core.ErrorFeedback``,
-this rank's top-k through an allgather (small and 1-D variables: a plain allreduce), and every rank
-scatter-adds all ranks' pairs and divides by N. Then the update:
+With N > 1 ranks, each step (inside ``apply_gradients``) runs the exchange every TensorFlow entry
+point shares (``exchange.py``), batched over the step's variables as ranger_hvd's tape batches it:
+the error-feedback step of ``core.ErrorFeedback`` for each, every rank's top-k through one grouped
+allgather (small and 1-D variables: one grouped allreduce), and every rank scatter-adds all ranks'
+pairs and divides by N. Then the update, variable by variable:
 
 * ``momentum_mode="global"`` (default): Keras SGD's momentum rule (and Nesterov) on the averaged
   sparse update, as PowerSGD and EF-SGD apply momentum after aggregation;
@@ -129,30 +130,38 @@ class Ranger(keras.optimizers.Optimizer):
         else:
             self.assign_add(variable, velocity)
 
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """Keras hands the whole step's gradients here before its per-variable ``update_step``
+        loop: with N > 1 ranks they are exchanged here, all at once (``exchange.step``: one
+        grouped allreduce, one selection call, one grouped allgather), and ``update_step`` applies
+        the averages."""
+        if self.world_size > 1:
+            indices = [self._get_variable_index(v) for v in trainable_variables]
+            slots = [self._ranger_slots[i] for i in indices]
+            grads = [tf.cast(g, v.dtype) for g, v in zip(grads, trainable_variables)]
+            # the same on every rank: the optimizer's name and the first index and count
+            tag = safe_name(f"{self.name}_{indices[0] if indices else 0}_{len(indices)}")
+            grads = exchange.step(self._ranger_engine, slots, grads, self.world_size, tag)
+        super()._backend_update_step(grads, trainable_variables, learning_rate)
+
     def update_step(self, gradient, variable, learning_rate):
         i = self._get_variable_index(variable)
         lr = tf.cast(learning_rate, variable.dtype)
         g = tf.cast(gradient, variable.dtype)
         velocity = self.ranger_velocities[i]
-        slot = self._ranger_slots[i]
         if self.world_size == 1:
+            slot = self._ranger_slots[i]
             g = self._ranger_engine.ops.ensure_finite(g, slot.tensor_name, slot) \
                 if self.options.check_finite else g
             self._sgd(variable, g, lr, velocity)
             return
         if self.broadcast_initial:
             self._adopt_root_value(variable, i)
-        hvd = _hvd.module()
-        tag = safe_name(f"{self.name}_{i}")
-        carried, ctx = exchange.start(self._ranger_engine, slot, g, self.world_size,
-                                      f"RangerTopk_{tag}")
-        reduced = hvd.allreduce(carried, op=hvd.Average, name=f"RangerAllreduce_{tag}",
-                                ignore_name_scope=True)
-        average = exchange.finish(reduced, ctx, self.options.value_dtype)
+        # g is already the average over ranks (_backend_update_step)
         if self.momentum_mode == "dgc":
-            self.assign_sub(variable, average * lr)
+            self.assign_sub(variable, g * lr)
         else:
-            self._sgd(variable, average, lr, velocity)
+            self._sgd(variable, g, lr, velocity)
     def _adopt_root_value(self, variable, i):
         """On the first step, replace the variable by the root rank's value (one broadcast)."""
         hvd = _hvd.module()

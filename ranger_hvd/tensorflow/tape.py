@@ -36,41 +36,16 @@ _UNSUPPORTED = {"device_dense": "", "device_sparse": "", "num_groups": 0, "group
 
 
 def _exchange(comp: RangerCompressor, variables, grads, op, predivide: float, process_set):
-    """One step's exchange of every gradient in two collectives whatever the number of tensors: one
-    grouped allreduce of the dense (and random-k) tensors, issued first so that it travels while the
-    selection runs, and one grouped allgather of the top-k tensors' pairs; Horovod negotiates each
-    once. (Buckets of 8 or 25 MB, last layers first, to start collectives during backpropagation
-    were 11-14 ms slower per step on Keras ResNet50, 2 ranks on localhost with one core each.)"""
     hvd = _hvd.module()
     process_set = process_set or comp.process_set
-    kwargs = {"process_set": process_set} if process_set is not None else {}
-    scales = ({"prescale_factor": 1.0 / predivide, "postscale_factor": predivide}
-              if op == hvd.Average else {})
     world = comp.world() if process_set is None else process_set.size()
     slots = [comp.slot_for(v) for v in variables]
     # Names carry the first slot and the count: the same on every rank, distinct per variable list.
     tag = f"{safe_name(comp.tag)}_{slots[0].index}_{len(slots)}" if slots else safe_name(comp.tag)
-    topk = comp.options.selection == "topk"
-    sparse = [j for j, s in enumerate(slots) if s.compressed and topk]
-    rest = [j for j, s in enumerate(slots) if not (s.compressed and topk)]
-    out = [None] * len(slots)
-    if rest:
-        started = [exchange.start(comp.engine, slots[j], grads[j], world, "", process_set)
-                   for j in rest]
-        reduced = hvd.grouped_allreduce([carried for carried, _ in started], op=op,
-                                        name=f"RangerAllreduce_{tag}", ignore_name_scope=True,
-                                        **scales, **kwargs)
-        for j, r, (_, ctx) in zip(rest, reduced, started):
-            out[j] = exchange.finish(r, ctx, comp.options.value_dtype)
-    if sparse:
-        contexts = exchange.start_topk_many(comp.engine, [slots[j] for j in sparse],
-                                            [grads[j] for j in sparse], world,
-                                            f"RangerTopk_{tag}", process_set)
-        scale = 1.0 / world if op == hvd.Average else 1.0
-        for j, g in zip(sparse, exchange.finish_topk_many(contexts, comp.options.value_dtype, scale)):
-            out[j] = g
+    out = exchange.step(comp.engine, slots, grads, world, tag, average=op == hvd.Average,
+                        predivide=predivide, process_set=process_set)
     comp.end_step()
-    return [tf.cast(o, g.dtype) for o, g in zip(out, grads)]
+    return out
 
 
 class DistributedGradientTape:
