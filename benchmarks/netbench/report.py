@@ -140,9 +140,10 @@ def targets(runs: list[dict]) -> list[str]:
             if "floor" in f:
                 # what any compressor through Horovod's hook pays before it selects or sends anything
                 floor, comp = f["floor"]["median_ms"], f["compute"]["median_ms"]
-                line += (f"; the hook floor is {floor:.0f} ms: of ranger's {r - comp:.0f} ms exchange, "
-                         f"{floor - comp:.0f} ms is the hook's own cost and {r - floor:.0f} ms its work, "
-                         f"against dense's {f['dense']['median_ms'] - floor:.0f} ms above the floor")
+                line += (f"; the hook floor is {floor:.0f} ms ({floor - comp:.0f} ms over compute, what "
+                         f"Horovod's per-tensor hook costs): ranger's exchange is {r - comp:.0f} ms, "
+                         f"{r - floor:.0f} ms above the floor, against dense's "
+                         f"{f['dense']['median_ms'] - floor:.0f} ms above it")
             lines.append(line)
         if "ranger-0.001" in f and "dense" in f and run["model"] == LARGE_TENSOR_MODEL:
             red = f["ranger-0.001"].get("bytes_reduction", 0)
@@ -235,6 +236,9 @@ def plot(runs: list[dict], path, meta: dict) -> None:
 
     hosts = sorted({r["hosts"] for r in runs})
     links = list(dict.fromkeys(r["link"] for r in runs))
+    # one colour per mode in every panel, whichever modes a panel has
+    colours = {m: f"C{i % 10}" for i, m in
+               enumerate(dict.fromkeys(m for r in runs for m in (r.get("figures") or {})))}
     fig, axes = plt.subplots(len(hosts), len(links), figsize=(max(7.0, 5.5 * len(links)), 4.4 * len(hosts)),
                              squeeze=False)
     for i, h in enumerate(hosts):
@@ -257,7 +261,8 @@ def plot(runs: list[dict], path, meta: dict) -> None:
                         ys.append(f["median_ms"])
                         lo.append(f["median_ms"] - f["p10_ms"])
                         hi.append(f["p90_ms"] - f["median_ms"])
-                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=mode_label(mode))
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=mode_label(mode),
+                       color=colours[mode])
             ax.set_xticks(range(len(models)), models)
             ax.set_ylabel("step time, ms (median; bars p10-p90)")
             ax.set_title(f"{h} hosts, link {link if link != 'none' else 'not limited'}")
