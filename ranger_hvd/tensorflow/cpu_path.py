@@ -246,4 +246,3 @@ def scatter_add_pairs_many(gathered: list, numels: list, dtypes: list, factor: f
     # Stateless, as scatter_add: nothing else waits on it in program order.
     outs = tf.numpy_function(scatter, list(gathered), list(dtypes), stateful=False)
     return [tf.ensure_shape(o, [n]) for o, n in zip(outs, numels)]
-
