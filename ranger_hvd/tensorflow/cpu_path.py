@@ -122,27 +122,7 @@ def accumulate_topk(residual: tf.Tensor, grad: tf.Tensor, k, sample_fraction: fl
     With ``check_message``, a gradient holding NaN or Inf raises InvalidArgumentError with that
     message, found within the pass; the residual is left untouched (acc is a new buffer).
     """
-    n = int(residual.shape[0])
-    buffers = _Buffers(n, residual.dtype.as_numpy_dtype)
-
-    # Not converted by autograph: its loops would hold references to the buffers.
-    @tf.autograph.experimental.do_not_convert
-    def step(e: np.ndarray, g: np.ndarray, k_now) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        acc = buffers.take()
-        try:
-            idx = cpu_scan.accumulate_select(e, g, int(k_now), sample_fraction, acc,
-                                             check_finite=check_message is not None)
-        except cpu_scan.NonFiniteGradient as exc:
-            raise _InvalidArgument(f"{check_message} ({exc})") from None
-        values = acc[idx]
-        acc[idx] = 0
-        return acc, idx, values
-
-    acc, idx, values = tf.numpy_function(step, [residual, grad, tf.convert_to_tensor(k, tf.int32)],
-                                         [residual.dtype, tf.int32, residual.dtype], stateful=True)
-    size = k if isinstance(k, int) else None
-    acc = tf.ensure_shape(acc, [n])
-    return Selected(acc, tf.ensure_shape(values, [size])), tf.ensure_shape(idx, [size])
+    return accumulate_topk_many([residual], [grad], [k], sample_fraction, [check_message])[0]
 
 
 def accumulate_topk_many(residuals: list, grads: list, ks: list, sample_fraction: float,
@@ -158,6 +138,7 @@ def accumulate_topk_many(residuals: list, grads: list, ks: list, sample_fraction
     buffers = [_Buffers(n, r.dtype.as_numpy_dtype) for n, r in zip(sizes, residuals)]
     count = len(residuals)
 
+    # Not converted by autograph: its loops would hold references to the buffers.
     @tf.autograph.experimental.do_not_convert
     def step(*arrays):
         es, gs, k_now = arrays[:count], arrays[count:2 * count], arrays[2 * count]
@@ -196,6 +177,18 @@ def scatter_usable(dtype: tf.DType, numel: int) -> bool:
             and not tf.config.list_logical_devices("GPU") and cpu_scan.available())
 
 
+def _scatter_into(buffers: _Buffers, indices: np.ndarray, values: np.ndarray, factor) -> np.ndarray:
+    """A zeroed buffer of ``buffers`` with the pairs added (``cpu_scan.scatter_add``); ``indices``
+    must be an array of the caller's own, kept to clear those entries when the buffer returns."""
+    out = buffers.take_zeroed()
+    try:
+        cpu_scan.scatter_add(indices, values, factor, out, zeroed=True)
+    except ValueError as exc:  # a corrupt payload from some rank
+        raise _InvalidArgument(f"ranger_hvd: gathered top-k pairs: {exc}") from None
+    buffers.wrote(out, indices)
+    return out
+
+
 def scatter_add(indices: tf.Tensor, values: tf.Tensor, numel: int, factor: tf.Tensor) -> tf.Tensor:
     """A flat tensor of numel entries: zeros, with ``values * factor`` added at ``indices`` in the
     order of the pairs (``cpu_scan.scatter_add``), the bits of ``tf.scatter_nd`` on the same
@@ -204,13 +197,7 @@ def scatter_add(indices: tf.Tensor, values: tf.Tensor, numel: int, factor: tf.Te
 
     @tf.autograph.experimental.do_not_convert
     def scatter(idx: np.ndarray, vals: np.ndarray, f: np.ndarray) -> np.ndarray:
-        out = buffers.take_zeroed()
-        try:
-            cpu_scan.scatter_add(idx, vals, f, out, zeroed=True)
-        except ValueError as exc:  # a corrupt payload from some rank
-            raise _InvalidArgument(f"ranger_hvd: gathered top-k pairs: {exc}") from None
-        buffers.wrote(out, idx.copy())  # idx is TensorFlow's memory
-        return out
+        return _scatter_into(buffers, idx.copy(), vals, f)  # idx is TensorFlow's memory
 
     # Stateless: a traced function runs its stateful ops in program order, so a stateful scatter
     # would hold back the next tensor's compress until this tensor's allgather is done (measured:
@@ -232,15 +219,9 @@ def scatter_add_pairs_many(gathered: list, numels: list, dtypes: list, factor: f
     def scatter(*pairs_list):
         outs = []
         for pairs, buffer in zip(pairs_list, buffers):
-            out = buffer.take_zeroed()
-            values = np.ascontiguousarray(pairs[:, 0]).view(np.float32).astype(out.dtype, copy=False)
-            indices = pairs[:, 1].copy()  # a copy of our own: kept to clear these entries next time
-            try:
-                cpu_scan.scatter_add(indices, values, out.dtype.type(factor), out, zeroed=True)
-            except ValueError as exc:  # a corrupt payload from some rank
-                raise _InvalidArgument(f"ranger_hvd: gathered top-k pairs: {exc}") from None
-            buffer.wrote(out, indices)
-            outs.append(out)
+            values = np.ascontiguousarray(pairs[:, 0]).view(np.float32).astype(buffer.dtype,
+                                                                               copy=False)
+            outs.append(_scatter_into(buffer, pairs[:, 1].copy(), values, buffer.dtype.type(factor)))
         return outs
 
     # Stateless, as scatter_add: nothing else waits on it in program order.

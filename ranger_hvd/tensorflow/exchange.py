@@ -58,13 +58,16 @@ def _unpack(gathered: tf.Tensor, wire):
     return tf.bitcast(gathered[:, 0], wire), tf.bitcast(gathered[:, 1:], tf.int32)
 
 
+def _in_slot_dtype(grad, slot) -> tf.Tensor:
+    grad = tf.convert_to_tensor(grad)
+    return grad if grad.dtype == slot.dtype else tf.cast(grad, slot.dtype)
+
+
 def start(engine: core.ErrorFeedback, slot, grad, world_size: int, gather_name: str,
           process_set=None):
     """The error-feedback step of one tensor: (tensor for Horovod's allreduce, Context)."""
     options = engine.options
-    grad = tf.convert_to_tensor(grad)
-    if grad.dtype != slot.dtype:
-        grad = tf.cast(grad, slot.dtype)
+    grad = _in_slot_dtype(grad, slot)
     if not slot.compressed:
         out = engine.dense_step(slot, grad, slot.tensor_name, grad.dtype.size)
         return out, Context("dense", slot.shape, slot.dtype)
@@ -122,8 +125,7 @@ def start_topk_many(engine: core.ErrorFeedback, slots: list, grads: list, world_
     then every rank's packed pairs of all of them through one grouped allgather, which Horovod
     negotiates once instead of once per tensor. No token goes with them: the caller knows the
     reduction and passes its factor to :func:`finish_topk_many`. Returns one Context per tensor."""
-    grads = [tf.cast(g, slot.dtype) if tf.convert_to_tensor(g).dtype != slot.dtype else
-             tf.convert_to_tensor(g) for slot, g in zip(slots, grads)]
+    grads = [_in_slot_dtype(g, slot) for slot, g in zip(slots, grads)]
     steps = engine.sparse_steps(slots, grads, [s.tensor_name for s in slots],
                                 [s.shape for s in slots], world_size, token=False)
     wire = WIRE_DTYPES[engine.options.value_dtype]

@@ -155,15 +155,19 @@ class TFOps:
     def topk(self, acc: tf.Tensor, k) -> tf.Tensor:
         return topk_indices(acc, k, self.options.sample_fraction)
 
+    def _compiled(self, state, flat: tf.Tensor, k) -> bool:
+        """Whether this tensor's step takes the compiled CPU pass (``cpu_path``)."""
+        dtype = tf.as_dtype(state.residual.dtype)
+        return flat.dtype == dtype and cpu_path.usable(dtype, int(flat.shape[0]), k,
+                                                       self.options.sample_fraction)
+
     def accumulate_topk(self, state, flat: tf.Tensor, k, check_name: str | None):
         """On CPU, for large float tensors, one compiled pass (``cpu_path``) whose ``acc`` is a
         ``cpu_path.Selected``: the new residual and the sent values, with the finiteness check
         counted in the same pass; else TF ops on acc."""
-        dtype = tf.as_dtype(state.residual.dtype)
         # Read the residual only on this path: a read held across the fallback's assign_add would
         # make that in-place add copy the whole buffer first.
-        if flat.dtype == dtype and cpu_path.usable(dtype, int(flat.shape[0]), k,
-                                                   self.options.sample_fraction):
+        if self._compiled(state, flat, k):
             return cpu_path.accumulate_topk(
                 _read_flat(state.residual), flat, k, self.options.sample_fraction,
                 None if check_name is None else _non_finite_message(check_name))
@@ -178,9 +182,7 @@ class TFOps:
         out = [None] * len(states)
         batch = []
         for j, (state, flat, k) in enumerate(zip(states, flats, ks)):
-            dtype = tf.as_dtype(state.residual.dtype)
-            if flat.dtype == dtype and cpu_path.usable(dtype, int(flat.shape[0]), k,
-                                                       self.options.sample_fraction):
+            if self._compiled(state, flat, k):
                 batch.append(j)
             else:
                 out[j] = self.accumulate_topk(state, flat, k, check_names[j])
