@@ -87,8 +87,9 @@ def step(engine: core.ErrorFeedback, slots: list, grads: list, world_size: int, 
     """The exchange of a whole step for callers that see every gradient at once (ranger_hvd's tape
     and ``Ranger``), in two collectives whatever the number of tensors: one grouped allreduce of
     the dense (and random-k) tensors and one grouped allgather of the top-k tensors' pairs
-    (:func:`start_topk_many`); Horovod negotiates each once instead of once per tensor. Returns the gradients averaged (or summed)
-    over ranks, in order. ``tag`` names the collectives and must be the same on every rank.
+    (:func:`start_topk_many`); Horovod negotiates each once instead of once per tensor. Returns
+    the gradients averaged (or summed) over ranks, in order. ``tag`` names the collectives and must
+    be the same on every rank.
 
     (Measured on Keras ResNet50, 2 ranks on localhost with one core each: buckets of 8 or 25 MB,
     last layers first, to start collectives during backpropagation were 11-14 ms slower per step;
@@ -142,10 +143,11 @@ def finish_topk_many(contexts: list[Context], value_dtype: str, scale: float) ->
     ``scale`` (1/N for an average, 1 for a sum), the bits :func:`finish` gives. The tensors that
     take the compiled scatter go through one call into Python together."""
     out = [None] * len(contexts)
-    batch = [j for j, ctx in enumerate(contexts)
-             if value_dtype == "float32" and cpu_path.scatter_usable(ctx.dtype, core.numel_of(ctx.shape))]
+    batch = []
     for j, ctx in enumerate(contexts):
-        if j not in batch:
+        if value_dtype == "float32" and cpu_path.scatter_usable(ctx.dtype, core.numel_of(ctx.shape)):
+            batch.append(j)
+        else:
             out[j] = _combine(ctx, value_dtype, tf.constant(scale, tf.float64))
     if batch:
         early = _power_of_two(scale)

@@ -162,6 +162,7 @@ class Ranger(keras.optimizers.Optimizer):
             self.assign_sub(variable, g * lr)
         else:
             self._sgd(variable, g, lr, velocity)
+
     def _adopt_root_value(self, variable, i):
         """On the first step, replace the variable by the root rank's value (one broadcast)."""
         hvd = _hvd.module()
