@@ -10,7 +10,8 @@ optimizers all hand each gradient to :meth:`ErrorFeedback.sparse_step` (compress
     m > 0:  u = m*u + g ;  acc = v + u                   DGC momentum correction
     S   = top-k of |acc| (or k shared random coordinates), k from the warm-up schedule
     send  (S, acc[S])
-    e   = acc with acc[S] = 0    (m > 0: v = acc, v[S] = 0 and u[S] = 0: momentum factor masking)
+    e   = acc with acc[S] = 0    (m > 0: v = acc, v[S] = 0 and u[S] = 0: momentum factor masking,
+                                  unless momentum_masking is off: then u runs on unmasked)
     count the bytes handed to the collectives
 
 ``core/reference.py`` is the same rule in NumPy; the backends are tested against it.
@@ -60,7 +61,8 @@ class TensorOps(Protocol):
         """k distinct ascending indices drawn from (base_seed, the state's step)."""
     def gather(self, acc, indices) -> Any: ...
     def keep_unsent(self, state, acc, u, indices, values) -> None:
-        """e (or v) = acc with acc[indices] = 0; with momentum also u[indices] = 0 (after ``values``)."""
+        """e (or v) = acc with acc[indices] = 0; unless ``u`` is None (no momentum, or no masking)
+        also u[indices] = 0 (after ``values``)."""
     def advance(self, state) -> None:
         """The state's step += 1."""
     def count(self, increments: list) -> None:
@@ -129,7 +131,7 @@ class ErrorFeedback:
         out, counts = [], [0] * len(COUNTERS)
         for state, (acc, indices), u, k, shape in zip(states, selected, velocities, ks, shapes):
             values = ops.gather(acc, indices)
-            ops.keep_unsent(state, acc, u, indices, values)
+            ops.keep_unsent(state, acc, u if o.momentum_masking else None, indices, values)
             ops.advance(state)
             record = sparse_counts(numel_of(shape), k, o.value_dtype,
                                    with_indices=o.selection == "topk",

@@ -29,6 +29,11 @@ class RangerOptions(BaseModel):
         (acc = residual + g). With m > 0 it keeps u = m*u + g and v = v + u, sends the top-k of v and
         zeroes u and v where it sent (momentum factor masking); the optimizer must then run without
         momentum of its own, as the momentum already lives here.
+    momentum_masking
+        With m > 0: whether a coordinate's u is zeroed when it is sent (DGC's factor masking, the
+        default). ``False`` keeps u running, so the residual is plain error feedback on the local
+        momentum (Zheng et al. 2019, dist-EF-SGDM): everything the momentum produces is sent in time,
+        exactly once. Ignored with m = 0.
     min_elements
         Tensors with fewer elements are sent dense: their indices would cost more than they save.
     compress_1d
@@ -60,6 +65,7 @@ class RangerOptions(BaseModel):
 
     density: float = Field(0.01, gt=0.0, le=1.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    momentum_masking: bool = True
     min_elements: int = Field(1024, ge=1)
     compress_1d: bool = False
     warmup_steps: int = Field(0, ge=0)

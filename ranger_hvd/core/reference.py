@@ -7,7 +7,8 @@ One rank, one tensor, one step (all arrays flattened):
     m > 0:  u = m*u + g ;  acc = v + u     DGC momentum correction (v plays the residual's part)
     S   = top_k(|acc|)                     k = max(1, ceil(d*n)); ties go to the lower index
     send  (S ascending, acc[S])
-    e = acc with acc[S] = 0                (m > 0: v = acc, then u[S] = 0 and v[S] = 0: factor masking)
+    e = acc with acc[S] = 0                (m > 0: v = acc, then u[S] = 0 and v[S] = 0: factor masking;
+                                            without masking u runs on and v is error feedback on it)
 
 Invariant (m = 0): sum of everything sent + e == sum of every g, exactly up to float rounding; nothing is
 lost, only delayed.  After the exchange every rank adds all ranks' (indices, values) into one zero
@@ -60,7 +61,7 @@ class ReferenceCompressor:
         values = acc[idx].copy()
         acc[idx] = 0
         self.residual = acc
-        if m > 0:
+        if m > 0 and self.options.momentum_masking:
             self.velocity[idx] = 0
         self.step_count += 1
         return idx, values

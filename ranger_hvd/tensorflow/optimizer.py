@@ -17,7 +17,9 @@ pairs and divides by N. Then the update, variable by variable:
 * ``momentum_mode="global"`` (default): Keras SGD's momentum rule (and Nesterov) on the averaged
   sparse update, as PowerSGD and EF-SGD apply momentum after aggregation;
 * ``momentum_mode="dgc"``: DGC's momentum correction lives in the compressor (u = m*u + g, v = v + u,
-  send the top-k of v, zero u and v where sent) and the update is w = w - lr * average.
+  send the top-k of v, zero u and v where sent) and the update is w = w - lr * average;
+* ``momentum_mode="local"``: the same without DGC's factor masking (u is never zeroed): v is error
+  feedback on each rank's momentum (Zheng et al. 2019).
 
 With one process nothing is exchanged and Ranger steps exactly like ``keras.optimizers.SGD(
 learning_rate, momentum, nesterov)`` (the same formula with the same order of operations, so the same
@@ -44,7 +46,9 @@ from ranger_hvd import core
 from . import _hvd, exchange
 from .state import OptimizerSlot, TFOps, safe_name, variable_name
 
-_OPTION_NAMES = set(core.RangerOptions.model_fields) - {"density", "momentum", "min_elements"}
+# momentum_masking follows momentum_mode; the other options pass through
+_OPTION_NAMES = (set(core.RangerOptions.model_fields)
+                 - {"density", "momentum", "momentum_masking", "min_elements"})
 
 
 class Ranger(keras.optimizers.Optimizer):
@@ -55,8 +59,8 @@ class Ranger(keras.optimizers.Optimizer):
         momentum: m in [0, 1).
         density: fraction of each compressed tensor sent per step.
         min_elements: smaller tensors go dense.
-        momentum_mode: ``"global"`` (momentum on the averaged update) or ``"dgc"`` (DGC momentum
-            correction in the compressor).
+        momentum_mode: ``"global"`` (momentum on the averaged update), ``"dgc"`` (DGC momentum
+            correction in the compressor) or ``"local"`` (momentum in the compressor, no masking).
         nesterov: Nesterov momentum (``"global"`` only).
         root_rank: whose initial weights every rank adopts on the first step.
         broadcast_initial: set False to skip that broadcast.
@@ -76,14 +80,18 @@ class Ranger(keras.optimizers.Optimizer):
                              "give one of them")
         if learning_rate is None:
             learning_rate = 0.01 if lr is None else lr
-        if momentum_mode not in ("global", "dgc"):
-            raise ValueError(f"momentum_mode must be 'global' or 'dgc', got {momentum_mode!r}")
-        if nesterov and momentum_mode == "dgc":
-            raise ValueError("nesterov=True needs momentum_mode='global': DGC's momentum correction "
-                             "has no Nesterov form")
+        if momentum_mode not in ("global", "dgc", "local"):
+            raise ValueError(f"momentum_mode must be 'global', 'dgc' or 'local', got {momentum_mode!r}")
+        if "momentum_masking" in kwargs:
+            raise ValueError("Ranger takes no momentum_masking=...: momentum_mode chooses it ('dgc' "
+                             "masks, 'local' does not)")
+        if nesterov and momentum_mode != "global":
+            raise ValueError(f"nesterov=True needs momentum_mode='global': momentum in the compressor "
+                             f"({momentum_mode!r}) has no Nesterov form")
         ranger_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_NAMES}
-        in_compressor = momentum if momentum_mode == "dgc" else 0.0
+        in_compressor = 0.0 if momentum_mode == "global" else momentum
         options = core.make_options(density=density, momentum=in_compressor,
+                                    momentum_masking=momentum_mode != "local",
                                     min_elements=min_elements, **ranger_kwargs)
         if not 0.0 <= float(momentum) < 1.0:
             raise core.OptionsError(f"invalid Ranger option: momentum must be in [0, 1) (got {momentum!r})")
@@ -112,10 +120,10 @@ class Ranger(keras.optimizers.Optimizer):
         self.ranger_counters = self.add_variable(shape=(len(core.COUNTERS),), dtype="int64",
                                                  name="ranger_counters")
         self._ranger_engine = core.ErrorFeedback(self.options, TFOps(self.options, self.ranger_counters))
-        dgc = self.momentum_mode == "dgc"
+        in_compressor = self.momentum_mode != "global"     # the velocity lives in the compressor
         self._ranger_slots = [
             OptimizerSlot(i, names[i], v.shape, v.dtype, compressed[i], self.ranger_residuals[i],
-                          self.ranger_velocities[i] if dgc else None, self.iterations)
+                          self.ranger_velocities[i] if in_compressor else None, self.iterations)
             for i, v in enumerate(variables)]
 
     def _sgd(self, variable, g, lr, velocity):
@@ -158,7 +166,7 @@ class Ranger(keras.optimizers.Optimizer):
         if self.broadcast_initial:
             self._adopt_root_value(variable, i)
         # g is already the average over ranks (_backend_update_step)
-        if self.momentum_mode == "dgc":
+        if self.momentum_mode != "global":
             self.assign_sub(variable, g * lr)
         else:
             self._sgd(variable, g, lr, velocity)
@@ -191,6 +199,7 @@ class Ranger(keras.optimizers.Optimizer):
         config = super().get_config()
         opts = self.options.model_dump()
         opts.pop("momentum")
+        opts.pop("momentum_masking")     # follows momentum_mode
         config.update({"momentum": self.momentum, "density": opts.pop("density"),
                        "min_elements": opts.pop("min_elements"), "root_rank": self.root_rank,
                        "broadcast_initial": self.broadcast_initial,

@@ -91,6 +91,16 @@ def test_targets_judge_gan_scores_as_a_ratio_to_dense(dense, ranger, met):
     assert "at 15 ep" in row and "1.10x" in row
 
 
+def test_targets_judge_each_place_of_the_momentum_measured():
+    results = _results("cnn", 0.9700, 0.9500, 1)
+    runs = results["cnn-x"]["runs"]
+    runs[("ranger-0.01-local", 1)] = {**runs[("ranger-0.01", 1)], "metrics": {"eval_accuracy": 0.9650}}
+    rows = [line for line in accuracy.targets(results, ["cnn-x"]).splitlines() if line.startswith("| cnn-x |")]
+    assert len(rows) == 2      # no -dgc run, no line for it
+    assert rows[0].startswith("| cnn-x | ranger-0.01 at") and rows[0].endswith("| no |")
+    assert rows[1].startswith("| cnn-x | ranger-0.01-local at") and rows[1].endswith("| yes |")
+
+
 def test_table_shows_spread_only_over_several_seeds_and_the_gap_to_dense():
     results = _results("cnn", 0.97, 0.96, 1)
     results["cnn-x"]["runs"][("ranger-0.01", 1)] |= {"seeds": 3}
@@ -104,7 +114,12 @@ def test_mode_names_carry_any_density_and_each_mode_says_where_the_jobs_momentum
     assert accuracy.mode_overrides("ranger-0.03", 0.9) == [
         "compression.type=ranger", "compression.density=0.03", "compression.momentum=0", "train.momentum=0.9"]
     assert accuracy.mode_overrides("ranger-0.3-dgc", 0.9) == [
-        "compression.type=ranger", "compression.density=0.3", "compression.momentum=0.9", "train.momentum=0"]
+        "compression.type=ranger", "compression.density=0.3", "compression.momentum=0.9",
+        "compression.momentum_masking=true", "train.momentum=0"]
+    assert accuracy.mode_overrides("ranger-0.01-local", 0.9) == [
+        "compression.type=ranger", "compression.density=0.01", "compression.momentum=0.9",
+        "compression.momentum_masking=false", "train.momentum=0"]
+    assert accuracy.mode_overrides("ranger-0.01-local", 0.0) is None
     assert accuracy.mode_overrides("ranger-0.3-dgc", 0.0) is None      # no momentum to move: not run
     assert accuracy.mode_overrides("ranger-0.3", 0.0)[-2:] == ["compression.momentum=0", "train.momentum=0.0"]
     assert accuracy.mode_overrides("dense", 0.9) == ["compression.type=none", "train.momentum=0.9"]
@@ -112,7 +127,7 @@ def test_mode_names_carry_any_density_and_each_mode_says_where_the_jobs_momentum
 
 
 @pytest.mark.parametrize("name", accuracy.CONFIGS)
-@pytest.mark.parametrize("mode", ["dense", "fp16", "ranger-0.01", "ranger-0.01-dgc"])
+@pytest.mark.parametrize("mode", ["dense", "fp16", "ranger-0.01", "ranger-0.01-dgc", "ranger-0.01-local"])
 def test_every_mode_puts_the_jobs_momentum_in_one_place_on_every_shipped_config(name, mode):
     """The modes mean the same on every config, whether it ships momentum in the optimizer or DGC's in
     the compressor: the launcher accepts the overrides and the momentum ends where the mode says."""
@@ -121,19 +136,20 @@ def test_every_mode_puts_the_jobs_momentum_in_one_place_on_every_shipped_config(
     model, _, momentum = accuracy.config_epochs(name)
     overrides = accuracy.mode_overrides(mode, momentum)
     if overrides is None:
-        assert mode.endswith("-dgc") and momentum == 0
+        assert mode.endswith(("-dgc", "-local")) and momentum == 0
         return
     cfg = load_config(REPO / "configs" / f"{name}.yaml", overrides, cwd=REPO).config
     inside, outside = cfg.compression.compressor_momentum, cfg.train.momentum
-    if mode.endswith("-dgc"):
+    if mode.endswith(("-dgc", "-local")):
         assert (inside, outside) == (momentum, 0)
+        assert cfg.compression.momentum_masking is mode.endswith("-dgc")
     else:
         assert (inside, outside) == (0, momentum)
     assert momentum == (0.0 if model == "gan" else 0.9)
 
 
 @pytest.mark.parametrize("name", ["ranger", "ranger-0", "ranger-1.5", "ranger-x", "ranger-0.1-sgd", "topk-0.1",
-                                  "ranger-0.1-dgc-dgc"])
+                                  "ranger-0.1-dgc-dgc", "ranger-0.1-global", "ranger-0.1-local-dgc"])
 def test_mode_names_that_mean_nothing_are_refused(name):
     assert accuracy.mode_spec(name) is None
     with pytest.raises(SystemExit):

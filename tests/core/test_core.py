@@ -130,6 +130,36 @@ def test_reference_momentum_correction_and_factor_masking():
     np.testing.assert_allclose(values, [2.9, 0.95], rtol=1e-6)
 
 
+def test_reference_momentum_without_masking_is_error_feedback_on_the_momentum():
+    """momentum_masking=False: u runs on as plain momentum (never zeroed), and everything sent plus
+    the residual equals the sum of every u: error feedback on the local momentum, nothing lost."""
+    rng = np.random.default_rng(5)
+    opts = make_options(density=0.02, momentum=0.9, momentum_masking=False, min_elements=1)
+    comp = ReferenceCompressor(300, opts)
+    u = np.zeros(300, np.float32)
+    sent, total_u = np.zeros(300, np.float64), np.zeros(300, np.float64)
+    for _ in range(40):
+        g = rng.standard_normal(300).astype(np.float32)
+        u = np.float32(0.9) * u + g
+        total_u += u
+        idx, values = comp.step(g)
+        assert len(idx) == 6
+        sent[idx] += values
+        assert np.array_equal(comp.velocity, u)          # not masked where sent
+        assert not comp.residual[idx].any()              # the residual gave up what it sent
+    np.testing.assert_allclose(sent + comp.residual, total_u, rtol=0, atol=1e-3)
+    # with masking (the default) the same gradients leave a different velocity
+    masked = ReferenceCompressor(300, make_options(density=0.02, momentum=0.9, min_elements=1))
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        masked.step(rng.standard_normal(300).astype(np.float32))
+    assert not np.array_equal(masked.velocity, comp.velocity)
+
+
+def test_momentum_masking_is_on_by_default():
+    assert make_options().momentum_masking is True
+
+
 def test_density_one_without_momentum_sends_the_gradient():
     rng = np.random.default_rng(1)
     comp = ReferenceCompressor(64, make_options(density=1.0, min_elements=1))
@@ -209,6 +239,7 @@ class _ListOps:
 
 
 @pytest.mark.parametrize("opts", [dict(density=0.05), dict(density=0.05, momentum=0.9),
+                                  dict(density=0.05, momentum=0.9, momentum_masking=False),
                                   dict(density=0.02, warmup_steps=3, clip_norm=5.0)])
 def test_engine_equals_reference(opts):
     from ranger_hvd.core import ErrorFeedback, sparse_counts
@@ -225,6 +256,8 @@ def test_engine_equals_reference(opts):
         ridx, rvalues = ref.step(g)
         assert np.array_equal(idx, ridx) and np.array_equal(values, rvalues)
         assert np.array_equal(state["e"], ref.residual)
+        if options.momentum:
+            assert np.array_equal(state["u"], ref.velocity)
         expected_counts = [a + b for a, b in zip(expected_counts, sparse_counts(600, k, "float32"))]
     assert ops.counts == expected_counts and state["step"] == 8
 

@@ -123,6 +123,16 @@ def test_ranger_custom_loop_broadcasts_and_agrees(main_reports):
         assert r["c_equiv_maxdiff"] == 0.0
 
 
+def test_ranger_momentum_in_the_compressor_follows_reference(main_reports):
+    """momentum_mode 'dgc' (factor masking) and 'local' (none) on two ranks: the weights are the
+    reference replay's, and the two modes really differ."""
+    for r in main_reports:
+        dgc, local = r["c_compressor_momentum_dgc"], r["c_compressor_momentum_local"]
+        for got in (dgc, local):
+            assert got["moved"] > 0.05 and got["maxdiff"] < 1e-6, got
+        assert dgc["weights"] != local["weights"]
+
+
 def test_ranger_keras3_compile_fit_on_two_ranks(main_reports):
     r0, r1 = main_reports
     assert r0["c_fit_crc"] == r1["c_fit_crc"]

@@ -77,6 +77,7 @@ def test_random_k_is_a_pure_function_of_the_seed():
 @pytest.mark.parametrize("opts", [
     dict(density=0.01, momentum=0.0),
     dict(density=0.03, momentum=0.9),
+    dict(density=0.03, momentum=0.9, momentum_masking=False),
     dict(density=0.01, momentum=0.5, warmup_steps=4, warmup_start_density=0.5),
     dict(density=0.05, clip_norm=3.0),
 ])
@@ -106,6 +107,7 @@ def test_error_feedback_equals_reference(opts):
 @pytest.mark.parametrize("opts", [
     dict(density=0.01),
     dict(density=0.002, momentum=0.9),
+    dict(density=0.002, momentum=0.9, momentum_masking=False),
     dict(density=0.01, warmup_steps=3, warmup_start_density=0.2),  # k is a tensor: warm-up
 ])
 def test_large_tensors_take_the_compiled_cpu_pass_and_equal_reference(opts, monkeypatch):
@@ -248,6 +250,22 @@ def test_bad_options_raise_at_construction(kwargs):
         RangerCompressor(**kwargs)
     with pytest.raises((OptionsError, ValueError)):
         Ranger(**kwargs)
+
+
+def test_ranger_momentum_modes_and_their_refusals():
+    with pytest.raises(ValueError, match="'global', 'dgc' or 'local'"):
+        Ranger(momentum_mode="bogus")
+    with pytest.raises(ValueError, match="momentum_mode chooses"):
+        Ranger(momentum_mode="dgc", momentum_masking=False)
+    with pytest.raises(ValueError, match="Nesterov"):
+        Ranger(momentum_mode="local", nesterov=True)
+    for mode, masking in (("dgc", True), ("local", False)):
+        opt = Ranger(momentum=0.9, momentum_mode=mode)
+        assert opt.options.momentum == 0.9 and opt.options.momentum_masking is masking
+        config = opt.get_config()
+        assert config["momentum_mode"] == mode and "momentum_masking" not in config
+        assert Ranger.from_config(config).options == opt.options
+    assert Ranger(momentum=0.9).options.momentum == 0.0      # global: the compressor has none
 
 
 def test_ranger_accepts_lr_and_learning_rate():

@@ -159,7 +159,7 @@ def _assert_follows_reference(shape, steps, spike_every, spike, seed, **options)
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("extra", [{}, {"warmup_steps": 4, "warmup_start_density": 0.5},
-                                   {"clip_norm": 5.0}])
+                                   {"clip_norm": 5.0}, {"momentum_masking": False}])
 def test_error_feedback_matches_reference_bitwise(momentum, extra):
     _assert_follows_reference((40, 50), 15, 5, 10.0, seed=3, density=0.03, momentum=momentum, **extra)
 

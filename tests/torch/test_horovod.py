@@ -63,7 +63,7 @@ def test_density_one_equals_horovod_step_after_step(core):
 
 def test_sparse_optimizer_and_ranger_follow_reference(core):
     for rep in core:
-        for mode in ("reference_a", "reference_b", "reference_c", "reference_d"):
+        for mode in ("reference_a", "reference_b", "reference_c", "reference_d", "reference_e"):
             assert rep[mode]["moved"] > 0.1
             assert rep[mode]["max_rel_error"] < 1e-5, (mode, rep[mode])
 
@@ -157,8 +157,10 @@ def test_small_classification_at_one_percent_density(converge):
         # DGC's momentum factor masking drops the momentum of the coordinates sent most often, so
         # it learns more slowly on this small problem; random-k more slowly still.
         assert rep["d"]["loss"] <= 1.6 * dense, (rep["d"]["loss"], dense)
+        # The same momentum in the compressor without the masking (momentum_mode="local").
+        assert rep["l"]["loss"] <= 1.05 * dense, (rep["l"]["loss"], dense)
         assert rep["r"]["loss"] < 0.5 * rep["initial_loss"], rep["r"]["loss"]
-        for mode in ("a", "b", "c", "d", "r"):
+        for mode in ("a", "b", "c", "d", "l", "r"):
             s = rep[mode]["stats"]
             assert s["bytes_sent"] * 10 < s["bytes_dense"], (mode, s)
         assert rep["a"]["params"] == rep["b"]["params"] == rep["c"]["params"]
@@ -169,9 +171,15 @@ def test_small_classification_at_one_percent_density(converge):
 def test_ranger_single_process_is_sgd_momentum(single):
     assert single["size"] == 1 and single["initialised_by_ranger"]
     assert single["ranger_vs_sgd_maxdiff"] == 0.0 and single["ranger_dgc_vs_sgd_maxdiff"] == 0.0
-    assert single["ranger"] == single["sgd"] == single["ranger_dgc"]
+    assert single["ranger"] == single["sgd"] == single["ranger_dgc"] == single["ranger_local"]
     assert single["ranger_vs_sgd_other_wd_maxdiff"] > 0.0  # the comparison can tell runs apart
     assert single["ranger_stats"]["bytes_sent"] == 0 == single["ranger_dgc_stats"]["bytes_sent"]
+
+
+def test_ranger_refuses_unknown_momentum_modes_and_compressor_momentum(single):
+    refused = single["refused"]
+    assert "'global', 'dgc' or 'local'" in refused["mode"] and "bogus" in refused["mode"]
+    assert "momentum_masking" in refused["masking"]
 
 
 def test_distributed_optimizer_single_process_is_the_wrapped_optimizer(single):

@@ -318,4 +318,25 @@ out["c_fit_loss"] = [float(v) for v in hist.history["loss"]]
 out["c_fit_crc"] = crc(mf.get_weights())
 out["c_fit_stats"] = mf.optimizer.stats()
 
+# (c4) Ranger with its momentum in the compressor, DGC's (masked) and local (unmasked), against the
+# reference replayed with every rank's gradients: w = w - lr * average of what the ranks sent.
+def momentum_in_compressor(mode, steps=6, lr=0.1, m=0.9, density=0.02):
+    w0 = np.linspace(-1, 1, 2000, dtype=np.float32)
+    var = keras.Variable(w0.reshape(40, 50), name=f"w_{mode}")
+    opt_m = Ranger(lr=lr, momentum=m, density=density, momentum_mode=mode, min_elements=100,
+                   name=f"ranger_{mode}")
+    options = make_options(density=density, momentum=m, momentum_masking=mode == "dgc", min_elements=100)
+    refs = [ReferenceCompressor(2000, options, world_size=SIZE) for _ in range(SIZE)]
+    w = w0.copy()
+    for step in range(steps):
+        grads = [grads_of(step, r, [(2000,)], base=70_000)[0] for r in range(SIZE)]
+        opt_m.apply_gradients([(tf.constant(grads[RANK].reshape(40, 50)), var)])
+        w = w - np.float32(lr) * combine([refs[r].step(grads[r]) for r in range(SIZE)], 2000)
+    return {"maxdiff": maxdiff(var.numpy().reshape(-1), w), "weights": crc([var.numpy()])[0],
+            "moved": maxdiff(w, w0)}
+
+
+for mode in ("dgc", "local"):
+    out[f"c_compressor_momentum_{mode}"] = momentum_in_compressor(mode)
+
 report(RANK, out)

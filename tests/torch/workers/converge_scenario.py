@@ -65,7 +65,7 @@ def train(mode: str):
                                        named_parameters=named, compression=comp)
     else:
         opt = Ranger(model.parameters(), density=DENSITY, min_elements=1024, named_parameters=named,
-                     momentum_mode="global" if mode == "c" else "dgc", **sgd)
+                     momentum_mode={"c": "global", "d": "dgc", "l": "local"}[mode], **sgd)
         comp = opt.compressor
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / STEPS)
     gen = torch.Generator().manual_seed(RANK)
@@ -84,6 +84,6 @@ def train(mode: str):
 
 
 out = {"rank": RANK, "initial_loss": full_loss(make_model())}
-for mode in ("dense", "a", "b", "c", "d", "r"):
+for mode in ("dense", "a", "b", "c", "d", "l", "r"):
     out[mode] = train(mode)
 report(RANK, out)

@@ -154,22 +154,24 @@ out["conservation_r"] = conservation("r", 0.5, grad_steps=8, zero_steps=60)
 # job with core.reference (one ReferenceCompressor per rank, combine) and compare parameters.
 # a, b: SGD on the exchanged gradient. c: Ranger, global momentum (error feedback in the compressor,
 # SGD momentum and weight decay on the averaged update). d: Ranger, DGC momentum in the compressor.
+# e: Ranger, momentum in the compressor without factor masking (momentum_mode="local").
 def against_reference(mode: str, steps: int = 8):
     lr, density = 0.5, 0.05
-    m, wd = (0.9, 0.01) if mode in ("c", "d") else (0.0, 0.0)
+    m, wd = (0.9, 0.01) if mode in ("c", "d", "e") else (0.0, 0.0)
     model = Fixed()
     with torch.no_grad():
         model.W.copy_(torch.linspace(-1, 1, 2000).view(40, 50))
         model.b.copy_(torch.linspace(-1, 1, 40))
     named = prefixed(model, f"ref_{mode}")
-    if mode in ("c", "d"):
+    if mode in ("c", "d", "e"):
         opt = Ranger(model.parameters(), lr=lr, momentum=m, density=density, weight_decay=wd,
-                     momentum_mode="global" if mode == "c" else "dgc", min_elements=100,
+                     momentum_mode={"c": "global", "d": "dgc", "e": "local"}[mode], min_elements=100,
                      named_parameters=named)
     else:
         opt, _ = make_optimizer(mode, torch.optim.SGD(model.parameters(), lr=lr), named, density, 100)
-    in_compressor = m if mode == "d" else 0.0
-    options = core.make_options(density=density, momentum=in_compressor, min_elements=100)
+    in_compressor = m if mode in ("d", "e") else 0.0
+    options = core.make_options(density=density, momentum=in_compressor, min_elements=100,
+                                momentum_masking=mode != "e")
     refs = [reference.ReferenceCompressor(2000, options, world_size=SIZE) for _ in range(SIZE)]
     W = model.W.detach().numpy().reshape(-1).copy()
     b = model.b.detach().numpy().copy()
@@ -201,7 +203,7 @@ def against_reference(mode: str, steps: int = 8):
     return {"max_rel_error": worst, "moved": float(np.abs(W - np.linspace(-1, 1, 2000)).max())}
 
 
-for mode in ("a", "b", "c", "d"):
+for mode in ("a", "b", "c", "d", "e"):
     out[f"reference_{mode}"] = against_reference(mode)
 
 

@@ -48,6 +48,18 @@ ranger_dgc = Ranger(groups(model, 1e-3), lr=0.05, momentum=0.9, density=0.001, m
 dgc_params = run(model, ranger_dgc)
 out["ranger_dgc_stats"] = ranger_dgc.stats()
 model = make_model()
+local_params = run(model, Ranger(groups(model, 1e-3), lr=0.05, momentum=0.9, density=0.001,
+                                 momentum_mode="local"))
+out["ranger_local"] = digest(local_params)
+refused = {}
+for label, kwargs in {"mode": dict(momentum_mode="bogus"), "masking": dict(momentum_masking=False)}.items():
+    try:
+        Ranger(make_model().parameters(), lr=0.1, **kwargs)
+        refused[label] = None
+    except ValueError as exc:
+        refused[label] = str(exc)
+out["refused"] = refused
+model = make_model()
 sgd_params = run(model, torch.optim.SGD(groups(model, 1e-3), lr=0.05, momentum=0.9))
 model = make_model()
 other_wd_params = run(model, torch.optim.SGD(groups(model, 1e-2), lr=0.05, momentum=0.9))
