@@ -1,6 +1,6 @@
 """Accuracy of compression against dense, at the same epochs: the six reference jobs, one command.
 
-    .venv/bin/python benchmarks/accuracy.py                  # everything (about an hour on 2 cores)
+    .venv/bin/python benchmarks/accuracy.py                  # everything (over an hour on 2 cores)
     .venv/bin/python benchmarks/accuracy.py --configs cnn-digits --scales 1 --modes dense,ranger-0.01
 
 For each reference config (CNN, RNN, GAN on PyTorch and TensorFlow) and each mode it runs the real
@@ -40,7 +40,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["cnn-digits", "cnn-digits-tf", "rnn-digits", "rnn-digits-tf", "gan-digits", "gan-digits-tf"]
-DEFAULT_MODES = ["dense", "fp16", "ranger-0.01", "ranger-0.01-dgc", "ranger-0.001", "ranger-0.001-dgc"]
+DEFAULT_MODES = ["dense", "fp16", "ranger-0.01", "ranger-0.01-dgc", "ranger-0.01-local", "ranger-0.001",
+                 "ranger-0.001-dgc", "ranger-0.001-local"]
 FIXED_MODES = {"dense": ["compression.type=none", "train.momentum=CONFIG"],
                "fp16": ["compression.type=fp16", "train.momentum=CONFIG"]}
 
