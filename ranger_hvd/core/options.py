@@ -27,8 +27,8 @@ class RangerOptions(BaseModel):
     momentum
         DGC momentum correction m. With m = 0 the compressor does plain error feedback
         (acc = residual + g). With m > 0 it keeps u = m*u + g and v = v + u, sends the top-k of v and
-        zeroes u and v where it sent (momentum factor masking); the optimizer must then run without
-        momentum of its own, as the momentum already lives here.
+        zeroes v, and u unless ``momentum_masking`` is false, where it sent; the optimizer must then
+        run without momentum of its own, as the momentum already lives here.
     momentum_masking
         With m > 0: whether a coordinate's u is zeroed when it is sent (DGC's factor masking, the
         default). ``False`` keeps u running, so the residual is plain error feedback on the local

@@ -96,7 +96,7 @@ def Ranger(params, lr: float, momentum: float = 0.9, density: float = 0.01, *,
     cannot apply (the compressor has one m) and raise. Weight decay joins the averaged update in every
     mode.
 
-    With one process nothing is exchanged and either mode is ``torch.optim.SGD(lr, momentum, ...)``.
+    With one process nothing is exchanged and every mode is ``torch.optim.SGD(lr, momentum, ...)``.
     Initialises Horovod if needed. ``compressor_options`` are the other
     :class:`ranger_hvd.core.RangerOptions` (``min_elements``, ``value_dtype``, ``warmup_steps``, ...).
     Returns a Horovod ``DistributedOptimizer`` over SGD, with the compressor's state in
