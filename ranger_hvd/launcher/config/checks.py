@@ -138,8 +138,9 @@ def check_momentum(cfg: Config, where: Where) -> list[Problem]:
     compression.momentum), never both."""
     inside, outside = cfg.compression.compressor_momentum, cfg.train.momentum
     if inside > 0 and outside:
+        kind = "DGC's momentum" if cfg.compression.momentum_masking else "the momentum, unmasked,"
         return [Problem("train.momentum", f"{outside} would apply momentum a second time: "
-                        f"compression.momentum ({inside}) already keeps DGC's momentum in the compressor. "
+                        f"compression.momentum ({inside}) already keeps {kind} in the compressor. "
                         "Set train.momentum: 0, or compression.momentum: 0 for momentum on the averaged "
                         "update", where("train.momentum"))]
     return []
