@@ -5,7 +5,8 @@ as NumPy code, the specification that the PyTorch and TensorFlow backends are te
 """
 
 from .engine import ErrorFeedback, TensorOps
-from .options import INDEX_ITEMSIZE, VALUE_ITEMSIZE, OptionsError, RangerOptions, make_options
+from .options import (INDEX_ITEMSIZE, MOMENTUM_MODES, VALUE_ITEMSIZE, OptionsError, RangerOptions,
+                      compressor_momentum, make_options)
 from .rules import (
     COUNTERS,
     SAMPLE_TRIES,
@@ -31,7 +32,8 @@ from .rules import (
 
 __all__ = [
     "ErrorFeedback", "TensorOps",
-    "INDEX_ITEMSIZE", "VALUE_ITEMSIZE", "OptionsError", "RangerOptions", "make_options",
+    "INDEX_ITEMSIZE", "MOMENTUM_MODES", "VALUE_ITEMSIZE", "OptionsError", "RangerOptions",
+    "compressor_momentum", "make_options",
     "COUNTERS", "SAMPLE_TRIES", "SAMPLING_MIN_NUMEL", "TOKEN_BYTES", "CompressionStats",
     "clip_threshold", "dense_counts", "dense_fp32_bytes", "density_at", "is_compressed", "k_schedule",
     "num_selected", "numel_of", "random_k_seed", "sample_rank", "sample_stride", "sparse_bytes", "sparse_counts",

@@ -94,6 +94,24 @@ class RangerOptions(BaseModel):
         return self
 
 
+MOMENTUM_MODES = ("global", "dgc", "local")
+
+
+def compressor_momentum(momentum_mode: str, momentum: float, options: dict) -> dict:
+    """Where a ``Ranger`` optimizer's momentum goes, as the compressor's ``momentum`` and
+    ``momentum_masking``: ``"global"`` keeps none in the compressor (the optimizer applies it to the
+    averaged update), ``"dgc"`` keeps DGC's masked momentum there, ``"local"`` the same unmasked.
+    ``options`` are the other compressor options given; the mode alone decides the masking."""
+    if momentum_mode not in MOMENTUM_MODES:
+        raise ValueError(f"momentum_mode must be 'global', 'dgc' or 'local', got {momentum_mode!r}")
+    if "momentum_masking" in options:
+        raise ValueError("Ranger takes no momentum_masking=... for its compressor: momentum_mode "
+                         "chooses where the momentum is applied and whether it is masked ('dgc' "
+                         "masks, 'local' does not)")
+    return {"momentum": 0.0 if momentum_mode == "global" else momentum,
+            "momentum_masking": momentum_mode != "local"}
+
+
 class OptionsError(ValueError):
     """A Ranger option that makes no sense; the message names the option and what is allowed."""
 

@@ -80,19 +80,13 @@ class Ranger(keras.optimizers.Optimizer):
                              "give one of them")
         if learning_rate is None:
             learning_rate = 0.01 if lr is None else lr
-        if momentum_mode not in ("global", "dgc", "local"):
-            raise ValueError(f"momentum_mode must be 'global', 'dgc' or 'local', got {momentum_mode!r}")
-        if "momentum_masking" in kwargs:
-            raise ValueError("Ranger takes no momentum_masking=...: momentum_mode chooses it ('dgc' "
-                             "masks, 'local' does not)")
+        placement = core.compressor_momentum(momentum_mode, momentum, kwargs)
         if nesterov and momentum_mode != "global":
             raise ValueError(f"nesterov=True needs momentum_mode='global': momentum in the compressor "
                              f"({momentum_mode!r}) has no Nesterov form")
         ranger_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_NAMES}
-        in_compressor = 0.0 if momentum_mode == "global" else momentum
-        options = core.make_options(density=density, momentum=in_compressor,
-                                    momentum_masking=momentum_mode != "local",
-                                    min_elements=min_elements, **ranger_kwargs)
+        options = core.make_options(density=density, min_elements=min_elements, **placement,
+                                    **ranger_kwargs)
         if not 0.0 <= float(momentum) < 1.0:
             raise core.OptionsError(f"invalid Ranger option: momentum must be in [0, 1) (got {momentum!r})")
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)

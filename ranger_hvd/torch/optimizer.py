@@ -19,6 +19,8 @@ import torch
 import horovod.torch as hvd
 from horovod.torch.mpi_ops import Average, Sum, global_process_set
 
+from ranger_hvd import core
+
 from .compressor import RangerCompressor
 
 MomentumMode = Literal["global", "dgc", "local"]
@@ -102,12 +104,10 @@ def Ranger(params, lr: float, momentum: float = 0.9, density: float = 0.01, *,
     Returns a Horovod ``DistributedOptimizer`` over SGD, with the compressor's state in
     ``state_dict()``.
     """
-    if momentum_mode not in ("global", "dgc", "local"):
-        raise ValueError(f"momentum_mode must be 'global', 'dgc' or 'local', got {momentum_mode!r}")
-    for key in ("momentum", "momentum_masking"):
-        if key in compressor_options:
-            raise ValueError(f"Ranger takes no {key}=... for its compressor: give momentum=..., and "
-                             "momentum_mode chooses where it is applied (and whether it is masked)")
+    if "momentum" in compressor_options:
+        raise ValueError("give Ranger's momentum as momentum=..., with momentum_mode choosing where "
+                         "it is applied")
+    placement = core.compressor_momentum(momentum_mode, momentum, compressor_options)
     if not hvd.is_initialized():
         hvd.init()
     alone = not process_set.included() or process_set.size() == 1
@@ -123,8 +123,9 @@ def Ranger(params, lr: float, momentum: float = 0.9, density: float = 0.01, *,
             raise ValueError(f"parameter group(s) {odd} set their own momentum; with "
                              f"momentum_mode={momentum_mode!r} one momentum lives in the compressor. "
                              "Use momentum_mode='global' for per-group momentum")
-    comp = RangerCompressor(density=density, momentum=momentum if in_compressor else 0.0,
-                            momentum_masking=momentum_mode != "local", **compressor_options)
+    if not in_compressor:       # one process: SGD keeps the momentum whatever the mode
+        placement["momentum"] = 0.0
+    comp = RangerCompressor(density=density, **placement, **compressor_options)
     return DistributedOptimizer(sgd, named_parameters=named_parameters, compression=comp,
                                 backward_passes_per_step=backward_passes_per_step, op=op,
                                 process_set=process_set)

@@ -160,6 +160,18 @@ def test_momentum_masking_is_on_by_default():
     assert make_options().momentum_masking is True
 
 
+def test_ranger_momentum_modes_place_the_momentum():
+    from ranger_hvd.core import compressor_momentum
+    assert compressor_momentum("global", 0.9, {}) == {"momentum": 0.0, "momentum_masking": True}
+    assert compressor_momentum("dgc", 0.9, {}) == {"momentum": 0.9, "momentum_masking": True}
+    assert compressor_momentum("local", 0.9, {"min_elements": 4}) == {"momentum": 0.9,
+                                                                      "momentum_masking": False}
+    with pytest.raises(ValueError, match="'global', 'dgc' or 'local', got 'DGC'"):
+        compressor_momentum("DGC", 0.9, {})
+    with pytest.raises(ValueError, match="momentum_mode chooses"):
+        compressor_momentum("dgc", 0.9, {"momentum_masking": False})
+
+
 def test_density_one_without_momentum_sends_the_gradient():
     rng = np.random.default_rng(1)
     comp = ReferenceCompressor(64, make_options(density=1.0, min_elements=1))
