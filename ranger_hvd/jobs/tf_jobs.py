@@ -68,6 +68,19 @@ def build_gan(keras, image_dim, z_dim=32, hidden=128):
     return gen, disc
 
 
+def r1_penalty(tf, disc, real, gamma: float):
+    """(gamma/2 * mean over the batch of ||grad_x D(x)||^2 at the real samples, D(real)).
+
+    Mescheder et al. 2018: the penalty damps the adversarial game. Called under the discriminator's
+    tape, so that tape also differentiates the inner gradient and the penalty reaches D's weights.
+    """
+    with tf.GradientTape() as inner:
+        inner.watch(real)
+        d_real = disc(real, training=True)
+    grad_x = inner.gradient(d_real, real)    # of the sum over the batch: each row its own sample's slope
+    return gamma / 2 * tf.reduce_mean(tf.reduce_sum(tf.square(grad_x), axis=1)), d_real
+
+
 # --------------------------------------------------------------------------------------------------
 # gradient exchange and byte accounting
 
@@ -159,13 +172,14 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
     xce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     bce = keras.losses.BinaryCrossentropy(from_logits=True)
 
-    def sgd():
-        return keras.optimizers.SGD(learning_rate=cfg.train.lr, momentum=optimizer_momentum(cfg))
+    def sgd(lr_scale):
+        return keras.optimizers.SGD(learning_rate=cfg.train.lr * lr_scale, momentum=optimizer_momentum(cfg))
 
     if gan:
         gen, disc = build_gan(keras, H * W)
         z_dim = gen.inputs[0].shape[-1]
         nets = [disc, gen]
+        lr_scales = [cfg.gan.disc_lr_scale, 1.0]
         x_tr = (x_tr.reshape(len(x_tr), H * W) * 2 - 1).astype(np.float32)
         x_ev = (x_ev.reshape(len(x_ev), H * W) * 2 - 1).astype(np.float32)
         noise = tf.random.Generator.from_seed(cfg.train.seed * 1000 + rank)
@@ -173,9 +187,10 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         model = (build_cnn(keras, (H, W), data.num_classes) if cfg.job.model == "cnn"
                  else build_rnn(keras, (H, W), data.num_classes))
         nets = [model]
+        lr_scales = [1.0]
         if cfg.job.model == "cnn":
             x_tr, x_ev = x_tr[..., None], x_ev[..., None]
-    opts = [sgd() for _ in nets]
+    opts = [sgd(scale) for scale in lr_scales]
     for net, opt in zip(nets, opts):
         opt.build(net.trainable_variables)
     exchanges = [GradExchange(hvd, net.trainable_variables, cfg) for net in nets]
@@ -197,10 +212,10 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         ckpt = checkpoint.load_for_resume(run_dir, rank=rank, size=size, backend="tensorflow", model=cfg.job.model,
                                           compression=cfg.compression.type, allgather_object=hvd.allgather_object,
                                           read=_read_pickle)
-        for i, (net, opt, ex) in enumerate(zip(nets, opts, exchanges)):
+        for i, (net, opt, ex, scale) in enumerate(zip(nets, opts, exchanges, lr_scales)):
             _assign_all(net.weights, ckpt["weights"][i], f"{net.name} weight")
             _assign_all(opt.variables, ckpt["optimizers"][i], f"{net.name} optimizer")
-            opt.learning_rate = cfg.train.lr       # the config's value wins (e.g. an lr override on resume)
+            opt.learning_rate = cfg.train.lr * scale    # the config's value wins (e.g. an lr override on resume)
             if ex.comp is not None:
                 ex.comp.load_state_dict(ckpt["compressors"][i])
             ex.reset_baseline(ckpt["byte_baselines"][i])
@@ -227,15 +242,21 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
     if gan:
         disc_x, gen_x = exchanges
         opt_d, opt_g = opts
+        r1 = cfg.gan.r1_penalty
 
         @tf.function
         def train_step(real, _y):
             b = tf.shape(real)[0]
             with tf.GradientTape() as tape:
                 fake = gen(noise.normal([b, z_dim]), training=True)
-                d_real, d_fake = disc(real, training=True), disc(fake, training=True)
+                if r1 > 0:
+                    penalty, d_real = r1_penalty(tf, disc, real, r1)
+                else:
+                    d_real = disc(real, training=True)
+                d_fake = disc(fake, training=True)
                 d_loss = bce(tf.ones_like(d_real), d_real) + bce(tf.zeros_like(d_fake), d_fake)
-            grads = disc_x.gradients(tape, d_loss)
+                objective = d_loss + penalty if r1 > 0 else d_loss
+            grads = disc_x.gradients(tape, objective)
             opt_d.apply_gradients(zip(grads, disc_x.variables))
             with tf.GradientTape() as tape:
                 d_out = disc(gen(noise.normal([b, z_dim]), training=True), training=True)
@@ -284,8 +305,8 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         return float(loss_t), {k: float(v) for k, v in metrics_t.items()}   # float() waits for the step
 
     def set_lr(lr):
-        for opt in opts:
-            opt.learning_rate = lr     # assigns the variable the traced step reads: no retracing
+        for opt, scale in zip(opts, lr_scales):
+            opt.learning_rate = lr * scale     # assigns the variable the traced step reads: no retracing
 
     return train_loop(cfg, backend="tensorflow", dataset=data.name, rank=rank, size=size, n_train=len(tr),
                       n_steps=n_steps, step_fn=step_fn, meters=exchanges, evaluate=evaluate,

@@ -73,14 +73,29 @@ def build_gan(image_dim, z_dim=32, hidden=128):
     return init_like_keras(gen), init_like_keras(disc)
 
 
+def r1_penalty(d_real, real, gamma: float):
+    """gamma/2 * mean over the batch of ||grad_x D(x)||^2 at the real samples (Mescheder et al. 2018).
+
+    It pulls the discriminator's slope at the data towards zero, which damps the rotation of the
+    adversarial game; the graph is kept (create_graph) so that the penalty's own gradient reaches D's
+    weights. Only ``real`` is differentiated here, so no parameter's gradient hook fires twice.
+    """
+    torch, _, _ = _torch()
+    (grad_x,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+    return gamma / 2 * grad_x.pow(2).flatten(1).sum(1).mean()
+
+
 # --------------------------------------------------------------------------------------------------
 # distributed optimizer and byte accounting
 
 
 class DistOpt(ByteMeter):
-    """A module's SGD wrapped by Horovod (none/fp16) or ranger_hvd (ranger), and its byte meter."""
+    """A module's SGD wrapped by Horovod (none/fp16) or ranger_hvd (ranger), and its byte meter.
 
-    def __init__(self, module, prefix: str, cfg: Config):
+    ``lr_scale``: this module's learning rate is ``train.lr`` (or the schedule's) times it.
+    """
+
+    def __init__(self, module, prefix: str, cfg: Config, lr_scale: float = 1.0):
         torch, _, _ = _torch()
         import horovod.torch as hvd
 
@@ -88,7 +103,8 @@ class DistOpt(ByteMeter):
         params = [p for _, p in self.named]
         self.dense_bytes = sum(4 * p.numel() for p in params)
         self.comp = None
-        sgd = torch.optim.SGD(params, lr=cfg.train.lr, momentum=optimizer_momentum(cfg))
+        self.lr_scale = lr_scale
+        sgd = torch.optim.SGD(params, lr=cfg.train.lr * lr_scale, momentum=optimizer_momentum(cfg))
         if cfg.compression.type == "ranger":
             from ranger_hvd.torch import DistributedOptimizer, RangerCompressor
 
@@ -166,7 +182,7 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
     if gan:
         gen, disc = build_gan(H * W)
         modules = [gen, disc]
-        opts = [DistOpt(disc, "D.", cfg), DistOpt(gen, "G.", cfg)]
+        opts = [DistOpt(disc, "D.", cfg, lr_scale=cfg.gan.disc_lr_scale), DistOpt(gen, "G.", cfg)]
         noise = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)   # each rank its own noise
         z_dim = gen[0].in_features
     else:
@@ -199,7 +215,7 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         for o, sd, base in zip(opts, ckpt["optimizers"], ckpt["byte_baselines"]):
             o.opt.load_state_dict(sd)
             for g in o.opt.param_groups:     # the config's values win (e.g. an lr override on resume)
-                g["lr"], g["momentum"] = cfg.train.lr, optimizer_momentum(cfg)
+                g["lr"], g["momentum"] = cfg.train.lr * o.lr_scale, optimizer_momentum(cfg)
             o.reset_baseline(base)       # steps count from the restored compressor; totals from the start
         if gan:
             noise.set_state(ckpt["noise"])
@@ -235,6 +251,7 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         return loss.item(), {"accuracy": acc}
 
     bce = nn.BCEWithLogitsLoss()
+    r1 = cfg.gan.r1_penalty
 
     def gan_step(xb, _yb):
         opt_d, opt_g = opts[0].opt, opts[1].opt
@@ -244,8 +261,12 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         # discriminator: real vs (detached) fake; only D's parameters get gradients
         opt_d.zero_grad()
         fake = gen(torch.randn(b, z_dim, generator=noise)).detach()
-        d_loss = bce(disc(real), ones) + bce(disc(fake), zeros)
-        d_loss.backward()
+        if r1 > 0:
+            real.requires_grad_(True)
+        d_real = disc(real)
+        d_loss = bce(d_real, ones) + bce(disc(fake), zeros)
+        objective = d_loss + r1_penalty(d_real, real, r1) if r1 > 0 else d_loss
+        objective.backward()
         opt_d.step()
         # generator: D frozen so its hooks do not fire and its gradients stay out of this step
         for p in disc.parameters():
@@ -299,7 +320,7 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
     def set_lr(lr):
         for o in opts:
             for g in o.opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * o.lr_scale
 
     if elastic:
         from .torch_elastic import run_elastic

@@ -188,6 +188,30 @@ def test_gan_sample_score_on_both_backends(tmp_path):
     assert ends["torch"]["eval_fd_real"] == ends["tensorflow"]["eval_fd_real"], ends
 
 
+def test_torch_gan_recipe_matches_the_one_process_replay(tmp_path):
+    """The shipped PyTorch GAN (R1 penalty, the discriminator's own lr, Ranger at d = 0.01) for one epoch
+    through the launcher ends with the sample FD of benchmarks/gan_delay.py's replay of the same config,
+    which writes the step out with plain torch and the NumPy reference compressor: so the job applies
+    the penalty and the lr scale as documented. The replay without either lands elsewhere."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gan_delay
+
+    from ranger_hvd.launcher.config import load_config
+
+    config = REPO / "configs" / "gan-digits.yaml"
+    r = run_cli(["launch", str(config), "train.epochs=1", "train.checkpoint=false", f"output.dir={tmp_path}"],
+                tmp_path, timeout=400, env=MPI_ROOT_ENV)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    fd = read_metrics(run / "metrics.jsonl")[-1]["eval_fd"]
+    cfg = load_config(config, ["train.epochs=1"]).config
+    assert cfg.gan.r1_penalty > 0 and cfg.gan.disc_lr_scale != 1
+    assert fd == pytest.approx(gan_delay.simulate("both", cfg), rel=1e-3)
+    for plain in (["gan.r1_penalty=0"], ["gan.disc_lr_scale=1"]):
+        other = gan_delay.simulate("both", load_config(config, ["train.epochs=1", *plain]).config)
+        assert abs(other - fd) > 0.05 * fd, (plain, other, fd)
+
+
 def _check_resume_bit_for_bit(tmp_path: Path, backend: str, ext: str) -> None:
     """Run A: 2 epochs straight. Run B: 1 epoch, then resumed from its per-rank checkpoints to 2 epochs.
     B must end with A's parameters bit for bit (model, optimizer state and the compressor's residuals and

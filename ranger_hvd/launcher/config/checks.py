@@ -146,7 +146,16 @@ def check_momentum(cfg: Config, where: Where) -> list[Problem]:
     return []
 
 
-SECTION_CHECKS = (check_data, check_cluster, check_horovod, check_momentum)
+def check_gan(cfg: Config, where: Where) -> list[Problem]:
+    """The gan section changes only the GAN job: on another model it would be silently ignored."""
+    if cfg.job.model == "gan":
+        return []
+    defaults = type(cfg.gan)()
+    return [Problem(f"gan.{key}", f"only used with job.model 'gan' (model is '{cfg.job.model}')", where(f"gan.{key}"))
+            for key in type(cfg.gan).model_fields if getattr(cfg.gan, key) != getattr(defaults, key)]
+
+
+SECTION_CHECKS = (check_data, check_cluster, check_horovod, check_momentum, check_gan)
 
 
 def config_path(cwd: Path, p: str) -> Path:

@@ -69,6 +69,15 @@ class TrainSection(Section):
                                                    "from the last complete checkpoint set")
 
 
+class GanSection(Section):
+    """The GAN job's training recipe (job.model: gan only); both are off by default."""
+
+    r1_penalty: float = Field(0.0, ge=0.0, description="R1 gradient penalty weight gamma: the discriminator "
+                              "also minimises gamma/2 * E||grad_x D(x)||^2 over real x (Mescheder et al. 2018)")
+    disc_lr_scale: float = Field(1.0, gt=0.0, description="the discriminator's learning rate is train.lr times "
+                                 "this (two time-scale update rule, Heusel et al. 2017)")
+
+
 # compression: a config group.  Each member's fields are its options; see groups.py.
 class _WithoutOptions(Section):
     """A compression type that takes no options."""
@@ -196,6 +205,7 @@ class Config(Section):
     job: JobSection = Field(default_factory=JobSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    gan: GanSection = Field(default_factory=GanSection)
     compression: COMPRESSION.annotation() = COMPRESSION.field()  # type: ignore[valid-type]
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     horovod: HorovodSection = Field(default_factory=HorovodSection)
