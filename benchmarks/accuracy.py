@@ -35,6 +35,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -273,7 +274,8 @@ def _finish(fig, axes, used: int, title: str, path: Path) -> None:
 
     for ax in list(axes.flat)[used:]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=10)
+    # wrapped to the figure's width, so that a one-column figure keeps the whole title
+    fig.suptitle(textwrap.fill(title, width=max(40, int(fig.get_figwidth() * 13))), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
