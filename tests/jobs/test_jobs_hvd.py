@@ -273,6 +273,33 @@ def test_tensorflow_checkpoint_resume_is_bit_for_bit(tmp_path):
     _check_resume_bit_for_bit(tmp_path, "tensorflow", "pkl")
 
 
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_gan_resume_keeps_the_discriminators_lr(tmp_path, backend):
+    """The GAN recipe (R1 penalty, the discriminator at train.lr * gan.disc_lr_scale) through a resume: a
+    run stopped after epoch 1 and resumed ends with the straight run's parameters and sample score bit
+    for bit; the same run with the scale at 1 ends elsewhere, so the scale is in force in both."""
+    gan = _cfg(backend, "gan", "ranger", dataset="digits", epochs=2, batch_size=32, lr=0.1, momentum=0.0)
+    gan["gan"] = {"r1_penalty": 1.0, "disc_lr_scale": 2.5}
+    n_train = len(load_dataset(DataSection(**gan["data"])).x_train)
+    one = {**gan, "train": {**gan["train"], "max_steps": steps_per_epoch(n_train, 2, 32)}}
+    plain = {**gan, "gan": {"r1_penalty": 1.0, "disc_lr_scale": 1.0}, "train": {**gan["train"], "checkpoint": False}}
+    jobs = [{"config": gan, "run_dir": str(tmp_path / "A")},
+            {"config": one, "run_dir": str(tmp_path / "B")},
+            {"config": gan, "run_dir": str(tmp_path / "B"), "resume": True},
+            {"config": plain, "run_dir": str(tmp_path / "plain")}]
+    spec = tmp_path / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    _horovodrun([str(REPO / "tests" / "jobs" / "multi_worker.py"), str(spec)])
+
+    end_a = read_metrics(tmp_path / "A" / "metrics.jsonl")[-1]
+    first, end_b = [ln for ln in read_metrics(tmp_path / "B" / "metrics.jsonl") if ln.get("event") == "end"]
+    end_plain = read_metrics(tmp_path / "plain" / "metrics.jsonl")[-1]
+    assert first["epochs"] == 1 and end_b["epochs"] == 2 and end_b["steps"] == end_a["steps"]
+    assert end_b["param_digest"] == end_a["param_digest"], (end_a["param_digests"], end_b["param_digests"])
+    assert end_b["eval_fd"] == end_a["eval_fd"]
+    assert end_plain["param_digest"] != end_a["param_digest"] and end_plain["steps"] == end_a["steps"]
+
+
 def test_resume_errors_name_the_file(tmp_path):
     """One process (Horovod size 1, no horovodrun): a missing checkpoint, then one from 2 ranks."""
     import torch
