@@ -31,11 +31,15 @@ def _horovodrun(args: list[str], timeout: float = 240) -> subprocess.CompletedPr
     return proc
 
 
-def _run_many(tmp_path: Path, configs: dict[str, dict]) -> dict[str, list[dict]]:
-    jobs = [{"config": cfg, "run_dir": str(tmp_path / name)} for name, cfg in configs.items()]
+def _run_jobs(tmp_path: Path, jobs: list[dict]) -> None:
+    """One horovodrun (2 ranks) running each job of ``jobs`` in turn ({"config", "run_dir", "resume"?})."""
     spec = tmp_path / "jobs.json"
     spec.write_text(json.dumps(jobs))
     _horovodrun([str(REPO / "tests" / "jobs" / "multi_worker.py"), str(spec)])
+
+
+def _run_many(tmp_path: Path, configs: dict[str, dict]) -> dict[str, list[dict]]:
+    _run_jobs(tmp_path, [{"config": cfg, "run_dir": str(tmp_path / name)} for name, cfg in configs.items()])
     return {name: read_metrics(tmp_path / name / "metrics.jsonl") for name in configs}
 
 
@@ -227,9 +231,7 @@ def _check_resume_bit_for_bit(tmp_path: Path, backend: str, ext: str) -> None:
             {"config": one, "run_dir": str(tmp_path / "B")},
             {"config": cnn, "run_dir": str(tmp_path / "B"), "resume": True},
             {"config": off, "run_dir": str(tmp_path / "off")}]
-    spec = tmp_path / "jobs.json"
-    spec.write_text(json.dumps(jobs))
-    _horovodrun([str(REPO / "tests" / "jobs" / "multi_worker.py"), str(spec)])
+    _run_jobs(tmp_path, jobs)
 
     a = read_metrics(tmp_path / "A" / "metrics.jsonl")
     steps_a, end_a = _common_checks(a)
@@ -287,9 +289,7 @@ def test_gan_resume_keeps_the_discriminators_lr(tmp_path, backend):
             {"config": one, "run_dir": str(tmp_path / "B")},
             {"config": gan, "run_dir": str(tmp_path / "B"), "resume": True},
             {"config": plain, "run_dir": str(tmp_path / "plain")}]
-    spec = tmp_path / "jobs.json"
-    spec.write_text(json.dumps(jobs))
-    _horovodrun([str(REPO / "tests" / "jobs" / "multi_worker.py"), str(spec)])
+    _run_jobs(tmp_path, jobs)
 
     end_a = read_metrics(tmp_path / "A" / "metrics.jsonl")[-1]
     first, end_b = [ln for ln in read_metrics(tmp_path / "B" / "metrics.jsonl") if ln.get("event") == "end"]
