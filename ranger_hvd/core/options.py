@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 ValueDType = Literal["float32", "float16", "bfloat16"]
 Selection = Literal["topk", "random"]
+NonFinite = Literal["skip", "raise"]
 
 # Bytes per element of each value dtype that can travel; indices always travel as int32.
 VALUE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -48,7 +49,16 @@ class RangerOptions(BaseModel):
     value_dtype
         Dtype of the values on the wire; indices are int32. Residuals always stay in the gradient's dtype.
     check_finite
-        Raise, naming the parameter, on a NaN or Inf gradient instead of poisoning the residual forever.
+        Look for NaN and Inf in each gradient before it can reach the residual or the momentum (one
+        read of the gradient). ``False`` skips the look, and a non-finite gradient then poisons the
+        state for good.
+    nonfinite
+        What a NaN or Inf found by ``check_finite`` does. ``"skip"`` (default): the step is void, as
+        a loss scaler (``torch.amp.GradScaler``, Keras ``LossScaleOptimizer``) needs it: the
+        non-finite values reach the averaged gradient on every rank, so the scaler sees them and
+        skips the step, and every rank's residual and momentum stay as they were (what ranks sent
+        in that step goes back into their residuals). ``"raise"``: fail fast with an error naming
+        the variable, for training without a loss scaler.
     sample_fraction
         Fraction of a large tensor sampled to estimate the top-k threshold before the exact selection.
     selection
@@ -73,6 +83,7 @@ class RangerOptions(BaseModel):
     clip_norm: Optional[float] = Field(None, gt=0.0)
     value_dtype: ValueDType = "float32"
     check_finite: bool = True
+    nonfinite: NonFinite = "skip"
     sample_fraction: float = Field(0.01, gt=0.0, le=1.0)
     selection: Selection = "topk"
     seed: int = Field(0, ge=0)
@@ -84,6 +95,13 @@ class RangerOptions(BaseModel):
                 f"warmup_start_density ({self.warmup_start_density}) must be at least density "
                 f"({self.density}): warm-up starts dense and ends at the target density"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _nonfinite_needs_check(self) -> "RangerOptions":
+        if self.nonfinite != "skip" and not self.check_finite:
+            raise ValueError(f"nonfinite={self.nonfinite!r} has no effect with check_finite=False: "
+                             "nothing looks for NaN or Inf")
         return self
 
     @model_validator(mode="after")

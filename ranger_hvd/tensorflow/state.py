@@ -112,9 +112,22 @@ def _non_finite_message(name: str) -> str:
 class TFOps:
     """The primitives of ``core.TensorOps`` on TF tensors; bytes go to an int64 counter variable."""
 
+    checks_in_selection = True  # the compiled pass counts NaN/Inf while it reads g
+
     def __init__(self, options: core.RangerOptions, counters):
         self.options = options
         self.counters = counters  # int64 [len(core.COUNTERS)]
+
+    def finite(self, g: tf.Tensor, name: str, state):
+        # TensorFlow still fails fast on a non-finite gradient (nonfinite="skip" is PyTorch-only
+        # so far): the step never sees a non-finite g.
+        return self.ensure_finite(g, name, state), True
+
+    def remember_sent(self, state, indices, values, u) -> None:
+        pass  # nothing to undo while TensorFlow fails fast
+
+    def undo_sent(self, state) -> None:
+        pass
 
     def flatten(self, grad) -> tf.Tensor:
         return tf.reshape(tf.convert_to_tensor(grad), [-1])

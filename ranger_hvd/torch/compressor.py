@@ -40,7 +40,7 @@ import torch
 
 from ranger_hvd import core
 
-from .state import NonFiniteGradientError, TensorState, TorchOps  # noqa: F401
+from .state import NonFiniteGradientError, TensorState, TorchOps, all_finite  # noqa: F401
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SEARCH_DEPTH = 6  # frames between compress() and Horovod's optimizer (grouped: a comprehension)
@@ -91,6 +91,12 @@ class RangerCompressor:
         self._state: dict[str, TensorState] = {}
         self._outputs: dict[str, torch.Tensor] = {}
         self._params: dict[str, torch.Tensor] = {}
+        # One step's tensors: those compressed since every earlier exchange was decompressed (and
+        # before a tensor of the round comes again). If the step turns out void (non-finite),
+        # each of them is undone.
+        self._round: dict[str, TensorState] = {}
+        self._round_void = False
+        self._in_flight = 0
         if named_parameters is not None:
             self.set_named_parameters(named_parameters)
         self.world_size: int | None = None   # read from Horovod on first use; tests may set it
@@ -186,19 +192,38 @@ class RangerCompressor:
             "parameter in named_parameters has it as .grad. Collectives need the same name on every "
             "rank: pass named_parameters=model.named_parameters() to RangerCompressor.")
 
+    def _enter_round(self, name: str) -> None:
+        if self._in_flight == 0 or name in self._round:  # a new step begins
+            self._round, self._round_void, self._in_flight = {}, False, 0
+        self._round[name] = self._state_of(name)
+        self._in_flight += 1
+
+    def _void_round(self, name: str) -> None:
+        """The exchange of ``name`` showed NaN/Inf: a loss scaler will skip this step, so every
+        tensor of it takes back what it sent (``ErrorFeedback.undo``; a second undo does nothing,
+        so each later tensor of the round undoes itself too)."""
+        if not self._round_void:
+            self._round_void = True
+            for st in self._round.values():
+                self.engine.undo(st)
+        elif name in self._state:
+            self.engine.undo(self._state[name])
+
     def compress(self, tensor: torch.Tensor):
         """Horovod's hook: returns (tensor for Horovod's allreduce, context)."""
         name, process_set = self._identify(tensor)
+        self._enter_round(name)
         shape, dtype = tensor.shape, tensor.dtype
         if not self.is_compressed(shape):
             # Horovod 0.28.1 has no bfloat16 collectives: such tensors travel as fp32.
             wire = torch.float32 if dtype == torch.bfloat16 else dtype
             out = self.compress_dense(name, tensor, wire.itemsize)
-            return out.to(wire), _Context("dense", shape, dtype)
+            return out.to(wire), _Context("dense", shape, dtype, name=name)
         values, indices = self.compress_sparse(name, tensor, process_set)
         if self.options.selection == "random":
-            if values.dtype == torch.bfloat16:
-                values = values.to(torch.float32)
+            # a copy: Horovod reduces it in place, and an undo needs the values as sent
+            values = values.to(torch.float32 if values.dtype == torch.bfloat16 else values.dtype,
+                               copy=True)
             return values, _Context("random", shape, dtype, indices=indices, name=name)
         import horovod.torch as hvd
 
@@ -207,17 +232,31 @@ class RangerCompressor:
         token = torch.ones(1, dtype=torch.float32, device=tensor.device)
         return token, _Context("topk", shape, dtype, handle=handle, k=indices.numel(), name=name)
 
-    def decompress(self, tensor: torch.Tensor, ctx: _Context) -> torch.Tensor:
-        """Horovod's hook: the reduced gradient in the original shape and dtype."""
+    def decompress(self, tensor: torch.Tensor, ctx: _Context | None) -> torch.Tensor:
+        """Horovod's hook: the reduced gradient in the original shape and dtype.
+
+        ``ctx`` is None for what Horovod reduced without calling :meth:`compress` (sparse
+        gradients, ``sparse_as_dense=False``): that is returned as it is, as Horovod's own
+        compressors do."""
+        if ctx is None:
+            return tensor
+        self._in_flight -= 1
         if ctx.kind == "dense":
+            if self._round_void or not all_finite(tensor):
+                self._void_round(ctx.name)
             return tensor.to(ctx.dtype).view(ctx.shape)
-        out = self._output(ctx, tensor.device)
         if ctx.kind == "random":
+            if self._round_void or not all_finite(tensor):
+                self._void_round(ctx.name)
+            out = self._output(ctx, tensor.device)
             out[ctx.indices.long()] = tensor.to(ctx.dtype)
             return out.view(ctx.shape)
         import horovod.torch as hvd
 
         gathered = hvd.synchronize(ctx.handle)
+        if self._round_void or not all_finite(self._gathered_values(gathered, ctx.k)):
+            self._void_round(ctx.name)
+        out = self._output(ctx, tensor.device)
         world = gathered.numel() // self._row_bytes(ctx.k)
         # The token: 1 after an average, N after a sum (rounded: predivide factors leave float noise).
         scale = round(float(tensor.reshape(-1)[0])) / world
@@ -262,8 +301,12 @@ class RangerCompressor:
         rows = gathered.view(-1, self._row_bytes(k))
         # reshape(-1) copies the column blocks of several rows into one contiguous buffer
         indices = rows[:, : 4 * k].reshape(-1).view(torch.int32)
-        values = rows[:, 4 * k:].reshape(-1).view(self.value_dtype)
-        return out.index_add_(0, indices, values.to(out.dtype), alpha=scale)
+        return out.index_add_(0, indices, self._gathered_values(gathered, k).to(out.dtype),
+                              alpha=scale)
+
+    def _gathered_values(self, gathered: torch.Tensor, k: int) -> torch.Tensor:
+        """Every rank's k values from the allgather, one after the other."""
+        return gathered.view(-1, self._row_bytes(k))[:, 4 * k:].reshape(-1).view(self.value_dtype)
 
     # ------------------------------------------------------------------ accounting and state
     def end_step(self) -> None:

@@ -19,7 +19,7 @@ ACCEPTED_GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.floa
 
 
 class NonFiniteGradientError(FloatingPointError):
-    """A gradient held NaN or Inf; raised before it could poison the residual."""
+    """A gradient held NaN or Inf under ``nonfinite="raise"``; raised before it reached the state."""
 
 
 @dataclass
@@ -29,6 +29,14 @@ class TensorState:
     residual: torch.Tensor | None = None   # e (m = 0) or v (m > 0)
     velocity: torch.Tensor | None = None   # u, only with momentum
     step: int = 0                          # exchanges done (drives warm-up and random-k seeds)
+    sent: tuple | None = None              # (indices, values, u at indices or None): for undo
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or Inf. A sum is one read-only pass and propagates NaN/Inf; only
+    if it is not finite (an overflow of large finite values can also cause that) does the exact
+    elementwise test run."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _fit(buffer: torch.Tensor | None, like: torch.Tensor, name: str, what: str) -> torch.Tensor:
@@ -55,18 +63,39 @@ class TorchOps:
     def flatten(self, grad: torch.Tensor) -> torch.Tensor:
         return grad.detach().reshape(-1)
 
-    def ensure_finite(self, flat: torch.Tensor, name: str, state: TensorState) -> torch.Tensor:
+    def finite(self, flat: torch.Tensor, name: str, state: TensorState):
         if flat.dtype not in ACCEPTED_GRAD_DTYPES:
             raise TypeError(f"RangerCompressor: gradient of {name!r} has dtype {flat.dtype}; "
                             "expected a floating point tensor")
-        # A sum is one read-only pass and propagates NaN/Inf; only if it is not finite (which an
-        # overflow of large finite values can also cause) is the exact elementwise test run.
-        if not bool(torch.isfinite(flat.sum())) and not bool(torch.isfinite(flat).all()):
+        if all_finite(flat):
+            return flat, True
+        if self.options.nonfinite == "raise":
             raise NonFiniteGradientError(
                 f"non-finite gradient (NaN or Inf) for parameter {name!r} at step {state.step}; "
-                "its residual was left untouched. Lower the learning rate or use loss scaling, or "
-                "pass check_finite=False to skip this check.")
-        return flat
+                "its residual was left untouched. Use loss scaling (the default nonfinite='skip' "
+                "lets the scaler skip such steps), lower the learning rate, or pass "
+                "check_finite=False to skip this check.")
+        return flat, False
+
+    def select_non_finite(self, flat: torch.Tensor, k: int) -> torch.Tensor:
+        order = torch.argsort(torch.isfinite(flat).to(torch.int8), stable=True)
+        return order[:k].sort().values
+
+    def remember_sent(self, state: TensorState, indices, values, u) -> None:
+        if indices is None:
+            state.sent = None
+            return
+        kept_u = None if u is None else torch.index_select(u.reshape(-1), 0, indices)
+        state.sent = (indices, values, kept_u)
+
+    def undo_sent(self, state: TensorState) -> None:
+        if state.sent is None:
+            return
+        indices, values, kept_u = state.sent
+        state.residual.index_add_(0, indices, values.to(state.residual.dtype))
+        if kept_u is not None:
+            state.velocity.index_copy_(0, indices.long(), kept_u)
+        state.sent = None
 
     def clip(self, flat: torch.Tensor, limit: float) -> torch.Tensor:
         norm = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
@@ -84,10 +113,8 @@ class TorchOps:
 
     def accumulate_topk(self, state: TensorState, flat: torch.Tensor, k: int,
                         check_name: str | None):
-        # The add is in place, so the check must come first: a NaN found mid-pass would already
-        # have reached the residual.
-        if check_name is not None:
-            self.ensure_finite(flat, check_name, state)
+        # check_name is always None: the add is in place, so the engine checks first (a NaN found
+        # mid-pass would already have reached the residual).
         state.residual = _fit(state.residual, flat, self.name, "residual")
         indices = accumulate_topk(state.residual, flat, k, self.options.sample_fraction, self.scratch)
         return state.residual, indices

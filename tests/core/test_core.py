@@ -8,6 +8,7 @@ from ranger_hvd.core import (
     CompressionStats, OptionsError, clip_threshold, density_at, is_compressed, make_options,
     num_selected, random_k_seed, sparse_bytes,
 )
+from ranger_hvd.core import reference
 from ranger_hvd.core.reference import ReferenceCompressor, combine, select
 
 
@@ -203,10 +204,27 @@ class _ListOps:
     def flatten(self, g):
         return np.asarray(g, np.float32).reshape(-1).copy()
 
-    def ensure_finite(self, g, name, state):
-        if not np.isfinite(g).all():
+    nonfinite = "skip"
+
+    def finite(self, g, name, state):
+        if np.isfinite(g).all():
+            return g, True
+        if self.nonfinite == "raise":
             raise FloatingPointError(name)
-        return g
+        return g, False
+
+    def select_non_finite(self, g, k):
+        return reference.select_non_finite(g, k)
+
+    def remember_sent(self, state, idx, values, u):
+        state["sent"] = None if idx is None else (idx, values, None if u is None else u[idx].copy())
+
+    def undo_sent(self, state):
+        if state.get("sent") is not None:
+            idx, values, u_sent = state.pop("sent")
+            state["e"][idx] += values
+            if u_sent is not None:
+                state["u"][idx] = u_sent
 
     def clip(self, g, limit):
         norm = float(np.linalg.norm(g.astype(np.float64)))
@@ -227,8 +245,7 @@ class _ListOps:
         return select(acc, k)
 
     def accumulate_topk(self, state, g, k, check_name):
-        if check_name is not None:
-            self.ensure_finite(g, check_name, state)
+        assert check_name is None   # no checks_in_selection: the engine checks first
         acc = self.accumulate(state, g)
         return acc, self.topk(acc, k)
 
@@ -322,3 +339,59 @@ def test_batched_engine_steps_equal_one_tensor_at_a_time(opts):
     # one at a time with tokens, as Horovod's hook sends them: 4 bytes more per top-k tensor and step
     assert single.counts[0] == expected[0] + (6 * 3 * 4 if topk else 0)
     assert single.counts[1:] == expected[1:]
+
+
+@pytest.mark.parametrize("opts", [dict(density=0.05), dict(density=0.05, momentum=0.9),
+                                  dict(density=0.05, momentum=0.9, momentum_masking=False)])
+def test_engine_void_steps_equal_reference(opts):
+    """Non-finite gradients (nonfinite="skip") and undone steps: the engine does what the
+    reference does, and a rank whose step was void keeps its state bit for bit."""
+    from ranger_hvd.core import ErrorFeedback
+    options = make_options(min_elements=10, **opts)
+    ops = _ListOps()
+    engine = ErrorFeedback(options, ops)
+    state = {"e": np.zeros(600, np.float32), "u": np.zeros(600, np.float32), "step": 0}
+    ref = ReferenceCompressor(600, options, world_size=2)
+    rng = np.random.default_rng(5)
+    for step in range(8):
+        g = rng.standard_normal((20, 30)).astype(np.float32)
+        if step in (2, 5):
+            g[1, 7] = np.inf if step == 2 else np.nan
+        before = state["e"].copy(), state["u"].copy()
+        idx, values, k = engine.sparse_step(state, g, "w", (20, 30), world_size=2)
+        ridx, rvalues = ref.step(g)
+        assert np.array_equal(idx, ridx) and np.array_equal(values, rvalues, equal_nan=True)
+        if step in (2, 5):
+            assert 37 in idx and not np.isfinite(values).all()
+            assert np.array_equal(state["e"], before[0]) and np.array_equal(state["u"], before[1])
+        if step in (2, 3, 6):   # the exchange was void: take the send back
+            engine.undo(state)
+            ref.undo()
+        assert np.array_equal(state["e"], ref.residual)
+        assert np.array_equal(state["u"], ref.velocity) or not options.momentum
+    assert state["step"] == ref.step_count == 8
+
+
+def test_reference_undo_keeps_every_gradient():
+    """m = 0: with some steps undone, sent-and-applied plus the residual is still the sum of every
+    gradient: an undone step's values went back to the residual, none was lost."""
+    options = make_options(density=0.1, min_elements=1)
+    ref = ReferenceCompressor(50, options)
+    rng = np.random.default_rng(9)
+    applied, total = np.zeros(50, np.float64), np.zeros(50, np.float64)
+    for step in range(12):
+        g = rng.standard_normal(50).astype(np.float32)
+        total += g
+        idx, values = ref.step(g)
+        if step % 3 == 1:
+            ref.undo()
+        else:
+            np.add.at(applied, idx, values.astype(np.float64))
+    assert np.allclose(applied + ref.residual, total, atol=1e-5)
+
+
+def test_select_non_finite_puts_non_finite_entries_first():
+    g = np.array([1.0, np.nan, 3.0, np.inf, -np.inf, 0.5], np.float32)
+    assert reference.select_non_finite(g, 2).tolist() == [1, 3]
+    assert reference.select_non_finite(g, 4).tolist() == [0, 1, 3, 4]
+    assert reference.select_non_finite(np.ones(4, np.float32), 2).tolist() == [0, 1]

@@ -219,7 +219,7 @@ def test_bad_options_raise_at_construction(bad, option):
 
 
 def test_non_finite_gradient_names_parameter_and_keeps_residual():
-    comp = RangerCompressor(density=0.1, min_elements=1)
+    comp = RangerCompressor(density=0.1, min_elements=1, nonfinite="raise")
     comp.compress_sparse("layer1.weight", torch.ones(10, 10))
     before = comp._state["layer1.weight"].residual.clone()
     for bad in (float("nan"), float("inf"), float("-inf")):
@@ -232,6 +232,42 @@ def test_non_finite_gradient_names_parameter_and_keeps_residual():
     comp.compress_sparse("layer1.weight", torch.full((10, 10), 3e38))
     unchecked = RangerCompressor(density=0.1, min_elements=1, check_finite=False)
     unchecked.compress_sparse("w", torch.full((10, 10), float("nan")))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_non_finite_step_leaves_state_and_undo_takes_back_the_send(momentum):
+    """The default ``nonfinite="skip"``, against the reference: a non-finite gradient changes no
+    state and sends its non-finite entries first; ``undo`` after a finite step restores e[S] and
+    u[S] bit for bit, so the next steps go on exactly as the reference's."""
+    opts = dict(density=0.1, min_elements=1, momentum=momentum)
+    comp = RangerCompressor(**opts)
+    ref = reference.ReferenceCompressor(120, core.make_options(**opts))
+    rng = np.random.default_rng(7)
+    for step in range(6):
+        g = rng.standard_normal((10, 12)).astype(np.float32)
+        if step == 2:
+            g[3, 4], g[7, 1] = np.nan, -np.inf
+        values, idx = comp.compress_sparse("w", torch.from_numpy(g))
+        ridx, rvalues = ref.step(g)
+        assert np.array_equal(idx.numpy(), ridx)
+        assert np.array_equal(values.numpy(), rvalues, equal_nan=True)
+        if step == 2:
+            assert {3 * 12 + 4, 7 * 12 + 1} <= set(idx.tolist())
+        if step in (1, 4):   # the exchange showed these steps void: every rank undoes its send
+            comp.engine.undo(comp._state["w"])
+            ref.undo()
+            comp.engine.undo(comp._state["w"])   # a second undo does nothing
+        st = comp._state["w"]
+        assert np.array_equal(st.residual.numpy(), ref.residual)
+        if momentum:
+            assert np.array_equal(st.velocity.numpy(), ref.velocity)
+    assert comp._state["w"].step == ref.step_count == 6
+
+
+def test_decompress_passes_through_what_horovod_did_not_compress():
+    """Horovod reduces sparse gradients itself and calls decompress(tensor, None)."""
+    t = torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,))
+    assert RangerCompressor().decompress(t, None) is t
 
 
 def test_byte_accounting_formula():

@@ -268,7 +268,8 @@ out["agree_r_fp16_wire"] = agreement("r", value_dtype="float16")
 def non_finite(mode: str):
     model = Fixed()
     named = prefixed(model, f"nan_{mode}")
-    opt, comp = make_optimizer(mode, torch.optim.SGD(model.parameters(), lr=1.0), named, 0.1, 100)
+    opt, comp = make_optimizer(mode, torch.optim.SGD(model.parameters(), lr=1.0), named, 0.1, 100,
+                               options={"nonfinite": "raise"})
     ((model.W * torch.ones(40, 50)).sum() + model.b.sum()).backward()   # a clean step: a residual to protect
     opt.step()
     opt.zero_grad()

@@ -1,5 +1,5 @@
-"""Mixed use across ranks: ``nan`` poisons one rank's gradient at step 1 (the job must end, naming the
-parameter); ``missing`` leaves one layer without a gradient on rank 1 (Horovod submits zeros for it,
+"""Mixed use across ranks: ``nan`` poisons one rank's gradient at step 1 (with ``nonfinite="raise"``
+the job must end, naming the parameter); ``missing`` leaves one layer without a gradient on rank 1 (Horovod submits zeros for it,
 and the ranks must still agree)."""
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ SCENARIO = sys.argv[1]
 torch.manual_seed(0)
 trunk, head = torch.nn.Linear(64, 32), torch.nn.Linear(32, 32)
 params = list(trunk.named_parameters(prefix="trunk")) + list(head.named_parameters(prefix="head"))
-comp = RangerCompressor(density=0.1, min_elements=100)
+# "nan" checks the fail-fast mode; the default (a void step for a loss scaler) is in compat tests
+comp = RangerCompressor(density=0.1, min_elements=100,
+                        nonfinite="raise" if SCENARIO == "nan" else "skip")
 opt = hvd.DistributedOptimizer(torch.optim.SGD([p for _, p in params], lr=0.1),
                                named_parameters=params, compression=comp)
 for step in range(4):
