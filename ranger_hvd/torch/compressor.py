@@ -178,6 +178,12 @@ class RangerCompressor:
                     p.grad is tensor or local.get("tensor") is tensor):
                 param = p
             owner = local.get("self")
+            if getattr(owner, "_compression", None) is self and hasattr(owner, "_starting_models"):
+                raise ValueError(
+                    "RangerCompressor cannot serve op=hvd.Adasum: Adasum combines each rank's whole "
+                    "update vector through dot products, which a sparse (index, value) exchange "
+                    "cannot reproduce. Use op=hvd.Average or hvd.Sum with the compressor, or "
+                    "Adasum without it.")
             if param is not None and getattr(owner, "_compression", None) is self:
                 names = getattr(owner, "_parameter_names", {})
                 if param in names:

@@ -103,3 +103,10 @@ def test_raise_mode_names_the_parameter(nonfinite):
     for rep in nonfinite:
         assert rep["raise"] is not None and "'raise.2.weight'" in rep["raise"]
         assert rep["raise_state_untouched"]
+
+
+def test_adasum_is_refused_with_a_clear_error(tmp_path):
+    """Adasum combines whole vectors by dot products; top-k pairs cannot take part (MPI: Gloo has no
+    Adasum in Horovod 0.28.1)."""
+    for rep in run_workers(WORKERS / "adasum_scenario.py", tmp_path, np=2, controller="mpi"):
+        assert rep["error"] is not None and "op=hvd.Adasum" in rep["error"], rep
