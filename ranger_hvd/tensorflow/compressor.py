@@ -24,6 +24,7 @@ The per-tensor math is ``core.ErrorFeedback`` (see ``core/engine.py``). All stat
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Iterable
 
@@ -55,6 +56,41 @@ class _Lookup:
 
 
 _instances = 0
+_STACK_SEARCH = 64  # frames from compress() up to Horovod's allreduce_grads (tf.cond adds many)
+
+
+def _step_graph():
+    """The graph whose trace is one step of the model: the innermost graph that is not a tf.cond
+    branch or a loop body. Horovod compresses each tensor inside a tf.cond of its own, in a
+    ``tf.function`` of its own when it was made eagerly (which Keras may trace twice within one
+    trace of its train function: each trace counts from 0), or in a ``tf.Graph`` (v1 graph mode)."""
+    graph = tf.compat.v1.get_default_graph()
+    while getattr(graph, "is_control_flow_graph", False):
+        graph = graph.outer_graph
+    return graph
+
+
+def _horovod_variable(tensor):
+    """The variable whose gradient ``tensor`` is, when Horovod's ``allreduce_grads(grads, vars)`` is
+    on the call stack with it (Horovod's tape and Keras optimizer pass it the variables; the
+    compressor is not told). None when it cannot be found."""
+    frame = sys._getframe(2)
+    for _ in range(_STACK_SEARCH):
+        if frame is None:
+            return None
+        code = frame.f_code
+        # tf.function converts Horovod's function (autograph): tf__allreduce_grads
+        if code.co_name.endswith("allreduce_grads") and "horovod" in code.co_filename \
+                or code.co_name == "tf__allreduce_grads":
+            grads, variables = frame.f_locals.get("grads"), frame.f_locals.get("vars")
+            if not isinstance(grads, (list, tuple)) or not isinstance(variables, (list, tuple)):
+                return None
+            for grad, variable in zip(grads, variables):
+                if grad is tensor:
+                    return variable
+            return None
+        frame = frame.f_back
+    return None
 
 
 class RangerCompressor(tf.Module):
@@ -103,7 +139,7 @@ class RangerCompressor(tf.Module):
             self._set_mode("positional")
             for i, (vname, shape, dtype) in enumerate(self._lookup.registered):
                 # Positions make the names unique (tf.Variable names repeat); the name seeds random-k.
-                self._new_slot(f"{i}.{vname}", shape, dtype)
+                self._new_slot(f"{i}.{vname}", shape, dtype, label=vname)
 
     # ----------------------------------------------------------------------------- configuration
     def is_compressed(self, shape) -> bool:
@@ -125,9 +161,9 @@ class RangerCompressor(tf.Module):
                 f"{'ranger_hvd.tensorflow.DistributedGradientTape' if self.mode == 'variables' else 'horovod.tensorflow.DistributedGradientTape'}"
                 f"; create one compressor per model and per tape")
 
-    def _new_slot(self, name: str, shape, dtype) -> Slot:
+    def _new_slot(self, name: str, shape, dtype, label: str | None = None) -> Slot:
         slot = Slot(len(self.slots), name, shape, dtype, self.is_compressed(shape),
-                     self.options.momentum)
+                    self.options.momentum, label)
         self.slots.append(slot)
         return slot
 
@@ -137,7 +173,8 @@ class RangerCompressor(tf.Module):
         key = variable_key(variable)
         slot = self._lookup.by_variable.get(key)
         if slot is None:
-            slot = self._new_slot(variable_name(variable), variable.shape, variable.dtype)
+            vname = variable_name(variable)
+            slot = self._new_slot(vname, variable.shape, variable.dtype, label=vname)
             self._lookup.by_variable[key] = slot
         return slot
 
@@ -172,7 +209,7 @@ class RangerCompressor(tf.Module):
 
     # ----------------------------------------------------------------------------- (b) positional
     def _position(self, tensor) -> Slot:
-        """The slot of the next tensor Horovod hands us, by order within the traced function."""
+        """The slot of the next tensor Horovod hands us, by order within the traced step."""
         self._set_mode("positional")
         lk = self._lookup
         if tf.executing_eagerly():
@@ -185,15 +222,13 @@ class RangerCompressor(tf.Module):
             pos = lk.cursor % len(self._lookup.registered)
             lk.cursor = pos + 1
         else:
-            root = tf.compat.v1.get_default_graph()
-            # Horovod compresses inside tf.cond branches; the step is the enclosing function graph.
-            while hasattr(getattr(root, "outer_graph", None), "outer_graph"):
-                root = root.outer_graph
+            root = _step_graph()
             if lk.graph is None or lk.graph() is not root:
                 lk.graph, lk.cursor = weakref.ref(root), 0
             pos = lk.cursor
             lk.cursor += 1
-        shape = tuple(int(s) for s in tensor.shape)
+        variable = _horovod_variable(tensor)
+        shape = self._static_shape(tensor, pos, variable)
         if pos < len(self.slots):
             slot = self.slots[pos]
             if slot.shape != shape or slot.dtype != tensor.dtype:
@@ -203,18 +238,38 @@ class RangerCompressor(tf.Module):
                     f"{slot.shape} {slot.dtype.name}. Horovod does not say which variable a tensor "
                     f"belongs to, so state is keyed by order; one compressor is shared by two models "
                     f"(or the gradient list changed). Create one RangerCompressor per model.")
+            if slot.label is None and variable is not None:
+                slot.label = variable_name(variable)
             return slot
         if self._lookup.registered is not None:
             raise SharedCompressorError(
                 f"RangerCompressor '{self.tag}': tensor #{pos} {shape} is beyond the "
                 f"{len(self._lookup.registered)} registered variables; one compressor is shared by two models")
+        label = None if variable is None else variable_name(variable)
         try:
-            return self._new_slot(f"tensor{pos}", shape, tensor.dtype)
-        except ValueError as exc:  # e.g. tf-keras fit traces Horovod's function where TF forbids it
+            return self._new_slot(f"tensor{pos}", shape, tensor.dtype, label)
+        except ValueError as exc:  # TF forbids new variables in this trace (a retrace of a step)
             raise SharedCompressorError(
                 f"RangerCompressor '{self.tag}' could not create its state while TensorFlow traced "
                 f"this step ({exc}). Pass variables=model.trainable_variables when constructing the "
                 f"compressor so the state exists before training starts.") from None
+
+    def _static_shape(self, tensor, pos: int, variable) -> tuple:
+        """The tensor's shape, known in full. A densified ``tf.IndexedSlices`` (an embedding's
+        gradient under ``sparse_as_dense``) has an unknown first dimension: it comes from the
+        variable behind it, the registered layout or the slot that an earlier trace made."""
+        if tensor.shape.is_fully_defined():
+            return tuple(int(s) for s in tensor.shape)
+        known = [tuple(variable.shape)] if variable is not None else []
+        if pos < len(self.slots):
+            known.append(self.slots[pos].shape)
+        for shape in known:
+            if tensor.shape.is_compatible_with(shape) and None not in shape:
+                return tuple(int(s) for s in shape)
+        raise SharedCompressorError(
+            f"RangerCompressor '{self.tag}': tensor #{pos} has shape {tensor.shape}, not known in "
+            f"full while TensorFlow traces the step, and nothing says which variable it belongs to. "
+            f"Pass variables=model.trainable_variables when constructing the compressor.")
 
     def compress(self, tensor):
         """Horovod's hook: (tensor for Horovod's allreduce, context); see ``exchange.start``."""

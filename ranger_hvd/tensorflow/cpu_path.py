@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from ranger_hvd.core import cpu_scan, uses_sampling
+from ranger_hvd.core.reference import select_non_finite
 
 _ALIGN = 64  # bytes: TensorFlow adopts a NumPy buffer without copying only if it is this aligned
 
@@ -40,6 +41,10 @@ class Selected:
 
     residual: tf.Tensor  # acc with the sent entries zeroed: the new e (or v)
     values: tf.Tensor    # acc at the selected indices, before zeroing
+    ok: tf.Tensor | None = None  # False: a void step (the residual is e as it was); None: unchecked
+
+
+VOID = object()  # a check that turns a NaN/Inf gradient into a void step instead of an error
 
 
 class _InvalidArgument(tf.errors.InvalidArgumentError, ValueError):
@@ -116,57 +121,78 @@ def usable(residual_dtype: tf.DType, numel: int, k, sample_fraction: float) -> b
 
 
 def accumulate_topk(residual: tf.Tensor, grad: tf.Tensor, k, sample_fraction: float,
-                    check_message: str | None = None):
+                    check=None, ok=None):
     """(:class:`Selected`, int32 ascending indices) for acc = residual + grad (both flat, one dtype).
 
-    With ``check_message``, a gradient holding NaN or Inf raises InvalidArgumentError with that
-    message, found within the pass; the residual is left untouched (acc is a new buffer).
+    ``check``: None, a message (a gradient holding NaN or Inf raises InvalidArgumentError with
+    it, found within the pass; the residual is left untouched, acc being a new buffer) or
+    :data:`VOID` (such a gradient makes the step void instead: the residual stays as it was, the
+    indices are ``core.reference.select_non_finite``'s and the values the raw gradient's there,
+    and ``Selected.ok`` is False). ``ok``: a verdict made before (a bool tensor); False voids the
+    step without the pass.
     """
-    return accumulate_topk_many([residual], [grad], [k], sample_fraction, [check_message])[0]
+    return accumulate_topk_many([residual], [grad], [k], sample_fraction, [check], [ok])[0]
 
 
 def accumulate_topk_many(residuals: list, grads: list, ks: list, sample_fraction: float,
-                         check_messages: list) -> list:
+                         checks: list, oks: list | None = None) -> list:
     """:func:`accumulate_topk` of several tensors in one ``numpy_function`` (one call into Python
     per step instead of one per tensor): a list of (:class:`Selected`, indices), in order.
 
-    The k may be ints or scalar tensors. A non-finite gradient raises for the first tensor that
-    holds one, with its message, before any later tensor is touched; the residuals are left as
+    The k may be ints or scalar tensors. A non-finite gradient checked with a message raises for
+    the first tensor that holds one, before any later tensor is touched; the residuals are left as
     they were (each acc is a new buffer).
     """
     sizes = [int(r.shape[0]) for r in residuals]
     buffers = [_Buffers(n, r.dtype.as_numpy_dtype) for n, r in zip(sizes, residuals)]
     count = len(residuals)
+    oks = [None] * count if oks is None else oks
+    flagged = any(c is not None for c in checks) or any(o is not None for o in oks)
 
     # Not converted by autograph: its loops would hold references to the buffers.
     @tf.autograph.experimental.do_not_convert
     def step(*arrays):
         es, gs, k_now = arrays[:count], arrays[count:2 * count], arrays[2 * count]
-        accs, indices, values = [], [], []
+        live = arrays[2 * count + 1]
+        accs, indices, values, verdicts = [], [], [], np.ones(count, np.bool_)
         for j in range(count):
             acc = buffers[j].take()
-            message = check_messages[j]
+            check, k = checks[j], int(k_now[j])
             try:
-                idx = cpu_scan.accumulate_select(es[j], gs[j], int(k_now[j]), sample_fraction, acc,
-                                                 check_finite=message is not None)
+                if not live[j]:
+                    raise cpu_scan.NonFiniteGradient("known before the pass")
+                idx = cpu_scan.accumulate_select(es[j], gs[j], k, sample_fraction, acc,
+                                                 check_finite=check is not None)
             except cpu_scan.NonFiniteGradient as exc:
-                raise _InvalidArgument(f"{message} ({exc})") from None
+                if live[j] and check is not VOID:
+                    raise _InvalidArgument(f"{check} ({exc})") from None
+                # void: e as it was, the raw gradient's non-finite entries first
+                verdicts[j] = False
+                np.copyto(acc, es[j])
+                idx = select_non_finite(gs[j], k).astype(np.int32)
+                values.append(gs[j][idx])
+                accs.append(acc)
+                indices.append(idx)
+                continue
             values.append(acc[idx])
             acc[idx] = 0
             accs.append(acc)
             indices.append(idx)
-        return accs + indices + values
+        return accs + indices + values + [verdicts]
 
     k_vector = tf.stack([tf.convert_to_tensor(k, tf.int32) for k in ks])
-    outs = tf.numpy_function(step, [*residuals, *grads, k_vector],
+    live = tf.stack([tf.constant(True) if o is None else tf.convert_to_tensor(o) for o in oks])
+    outs = tf.numpy_function(step, [*residuals, *grads, k_vector, live],
                              [r.dtype for r in residuals] + [tf.int32] * count
-                             + [r.dtype for r in residuals], stateful=True)
+                             + [r.dtype for r in residuals] + [tf.bool], stateful=True)
+    verdicts = tf.ensure_shape(outs[3 * count], [count])
     result = []
     for j, (n, k) in enumerate(zip(sizes, ks)):
         size = k if isinstance(k, int) else None
         acc = tf.ensure_shape(outs[j], [n])
         idx = tf.ensure_shape(outs[count + j], [size])
-        result.append((Selected(acc, tf.ensure_shape(outs[2 * count + j], [size])), idx))
+        values = tf.ensure_shape(outs[2 * count + j], [size])
+        result.append((Selected(acc, values, verdicts[j] if flagged else None), idx))
     return result
 
 

@@ -27,6 +27,7 @@ import tensorflow as tf
 from ranger_hvd import core
 
 from . import _hvd, cpu_path
+from .state import when
 
 # Largest output for which unsorted_segment_sum may replace scatter_nd (its per-entry counters would
 # no longer fit in cache; measured 3x slower than scatter_nd on 25M entries).
@@ -43,6 +44,8 @@ class Context:
     indices: tf.Tensor | None = None   # random-k coordinates
     gathered: tf.Tensor | None = None  # top-k: every rank's packed pairs
     k: object = 0                      # top-k: pairs per rank (an int, or a tensor under warm-up)
+    slot: object = None                # the state to take the step back from if it turns out void
+    engine: object = None              # its engine, where finish() itself may take the step back
 
 
 def _pack(idx: tf.Tensor, values: tf.Tensor, wire) -> tf.Tensor:
@@ -60,6 +63,8 @@ def _unpack(gathered: tf.Tensor, wire):
 
 def _in_slot_dtype(grad, slot) -> tf.Tensor:
     grad = tf.convert_to_tensor(grad)
+    if not grad.shape.is_fully_defined():  # a densified IndexedSlices: its first dimension
+        grad = tf.ensure_shape(grad, slot.shape)
     return grad if grad.dtype == slot.dtype else tf.cast(grad, slot.dtype)
 
 
@@ -69,17 +74,38 @@ def start(engine: core.ErrorFeedback, slot, grad, world_size: int, gather_name: 
     options = engine.options
     grad = _in_slot_dtype(grad, slot)
     if not slot.compressed:
-        out = engine.dense_step(slot, grad, slot.tensor_name, grad.dtype.size)
+        out = _in_order(lambda g: engine.dense_step(slot, g, slot.tensor_name, g.dtype.size), grad)
         return out, Context("dense", slot.shape, slot.dtype)
-    idx, values, k = engine.sparse_step(slot, grad, slot.tensor_name, slot.shape, world_size)
+
+    def sparse(g):
+        idx, values, k = engine.sparse_step(slot, g, slot.tensor_name, slot.shape, world_size)
+        return idx, values, k, engine.ops.take_sent(slot)
+
+    idx, values, k, sent = _in_order(sparse, grad)
+    engine.ops.put_sent(slot, sent)
     wire = WIRE_DTYPES[options.value_dtype]
     if options.selection == "random":
-        return tf.cast(values, wire), Context("random", slot.shape, slot.dtype, indices=idx)
+        return tf.cast(values, wire), Context("random", slot.shape, slot.dtype, indices=idx,
+                                             slot=slot, engine=engine)
     kwargs = {"process_set": process_set} if process_set is not None else {}
     gathered = _hvd.module().allgather(_pack(idx, values, wire), name=gather_name,
                                        ignore_name_scope=True, **kwargs)
     return tf.ones([1], tf.float32), Context("topk", slot.shape, slot.dtype, gathered=gathered,
-                                           k=k)
+                                           k=k, slot=slot, engine=engine)
+
+
+def in_program_order() -> bool:
+    """Whether state updates written here run in program order: eagerly and in a ``tf.function``
+    (automatic control dependencies) they do; in a ``tf.compat.v1`` graph only what data links is
+    ordered (a read of the residual could run before the add into it)."""
+    graph = tf.compat.v1.get_default_graph()
+    return tf.executing_eagerly() or getattr(graph, "_add_control_dependencies", True)
+
+
+def _in_order(fn, *args):
+    """``fn(*args)``, its state updates in program order: where the graph would not order them,
+    ``fn`` runs as a ``tf.function``, whose body is ordered."""
+    return fn(*args) if in_program_order() else tf.function(fn, autograph=False)(*args)
 
 
 def step(engine: core.ErrorFeedback, slots: list, grads: list, world_size: int, tag: str,
@@ -103,20 +129,48 @@ def step(engine: core.ErrorFeedback, slots: list, grads: list, world_size: int, 
     sparse = [j for j, s in enumerate(slots) if s.compressed and topk]
     rest = [j for j, s in enumerate(slots) if not (s.compressed and topk)]
     out = [None] * len(slots)
+    exchanged = []  # (reduced, Context) of every tensor: what shows a void step
     if rest:
         started = [start(engine, slots[j], grads[j], world_size, "", process_set) for j in rest]
         reduced = hvd.grouped_allreduce([carried for carried, _ in started], op=op,
                                         name=f"RangerAllreduce_{tag}", ignore_name_scope=True,
                                         **scales, **kwargs)
         for j, r, (_, ctx) in zip(rest, reduced, started):
-            out[j] = finish(r, ctx, engine.options.value_dtype)
+            out[j] = finish(r, ctx, engine.options.value_dtype, undo=False)
+            exchanged.append((r, ctx))
     if sparse:
         contexts = start_topk_many(engine, [slots[j] for j in sparse], [grads[j] for j in sparse],
                                    world_size, f"RangerTopk_{tag}", process_set)
         scale = 1.0 / world_size if average else 1.0
         for j, g in zip(sparse, finish_topk_many(contexts, engine.options.value_dtype, scale)):
             out[j] = g
+        exchanged += [(None, ctx) for ctx in contexts]
+    # The step is one: if any tensor of it came back non-finite, a loss scaler skips it all, so
+    # every tensor of it takes back what it sent.
+    undo_if_void(engine, exchanged)
     return [tf.cast(o, tf.convert_to_tensor(g).dtype) for o, g in zip(out, grads)]
+
+
+def undo_if_void(engine: core.ErrorFeedback, exchanged: list) -> None:
+    """Under ``nonfinite="skip"``, ``engine.undo`` on the slot of every (reduced, Context) given if
+    any of them came back holding NaN or Inf (every rank sees the same values, so every rank
+    decides alike): a top-k tensor's gathered values, another's reduced tensor."""
+    if not engine.ops.skip:
+        return
+    seen = [_sent_values(reduced, ctx, engine.options.value_dtype) for reduced, ctx in exchanged]
+    slots = [ctx.slot for _, ctx in exchanged if ctx.slot is not None]
+    if not seen or not slots:
+        return
+    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in seen]))
+    when(tf.logical_not(finite), lambda: [engine.undo(slot) for slot in slots])
+    for slot in slots:  # what was kept for the undo is of this step only
+        engine.ops.forget_sent(slot)
+
+
+def _sent_values(reduced, ctx: Context, value_dtype: str) -> tf.Tensor:
+    if ctx.kind == "topk":
+        return _unpack(ctx.gathered, WIRE_DTYPES[value_dtype])[0]
+    return reduced
 
 
 def start_topk_many(engine: core.ErrorFeedback, slots: list, grads: list, world_size: int,
@@ -134,7 +188,7 @@ def start_topk_many(engine: core.ErrorFeedback, slots: list, grads: list, world_
     kwargs = {"process_set": process_set} if process_set is not None else {}
     gathered = _hvd.module().grouped_allgather(packed, name=gather_name, ignore_name_scope=True,
                                                **kwargs)
-    return [Context("topk", s.shape, s.dtype, gathered=g, k=k)
+    return [Context("topk", s.shape, s.dtype, gathered=g, k=k, slot=s)
             for s, g, (_, _, k) in zip(slots, gathered, steps)]
 
 
@@ -166,8 +220,12 @@ def _power_of_two(x: float) -> bool:
     return x > 0 and math.frexp(x)[0] == 0.5
 
 
-def finish(reduced: tf.Tensor, ctx: Context, value_dtype: str) -> tf.Tensor:
-    """The reduced gradient, in the original shape and dtype."""
+def finish(reduced: tf.Tensor, ctx: Context, value_dtype: str, undo: bool = True) -> tf.Tensor:
+    """The reduced gradient, in the original shape and dtype. With ``undo`` (Horovod's hook, one
+    tensor at a time), a tensor that came back non-finite takes back what it sent
+    (:func:`undo_if_void`); the other tensors of its step cannot be told (see the README)."""
+    if undo and ctx.engine is not None:
+        undo_if_void(ctx.engine, [(reduced, ctx)])
     if ctx.kind == "dense":
         return tf.reshape(tf.cast(reduced, ctx.dtype), ctx.shape)
     numel = core.numel_of(ctx.shape)

@@ -19,7 +19,8 @@ the same on every rank.
 Horovod's own tape keys its bookkeeping by ``variable.ref()``, which Keras 3 variables lack; this tape
 calls Horovod's collectives directly and works with tf.Variables and Keras 3 variables alike. In eager
 mode the exchange runs as one traced function per variable list (cached on the compressor), so the
-collectives carry their names and Horovod can fuse them; inside ``tf.function`` it is inlined.
+collectives carry their names and Horovod can fuse them (and in a ``tf.compat.v1`` graph, so that its
+state updates run in order); inside ``tf.function`` it is inlined.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class DistributedGradientTape:
         dense = [tf.convert_to_tensor(grads[i]) for i in present]  # IndexedSlices -> dense
         for v in variables:  # state is created here, eagerly, before any tracing
             self._comp.slot_for(v)
-        if tf.executing_eagerly():
+        if tf.executing_eagerly() or not exchange.in_program_order():  # eager, or a v1 graph
             fn = self._traced(variables)
             reduced = fn(dense)
         else:

@@ -277,7 +277,7 @@ def test_ranger_accepts_lr_and_learning_rate():
 
 
 def test_non_finite_gradient_names_the_variable_and_spares_the_residual():
-    comp = RangerCompressor(density=0.1, min_elements=100)
+    comp = RangerCompressor(density=0.1, min_elements=100, nonfinite="raise")
     comp.world_size = 1
     model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(40, name="wide")])
     kernel = model.layers[0].kernel
@@ -292,15 +292,15 @@ def test_non_finite_gradient_names_the_variable_and_spares_the_residual():
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(model(tf.fill((2, 30), np.inf)))
     with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite gradient for variable"):
-        DistributedGradientTape(tape, compression=RangerCompressor(min_elements=100)).gradient(
-            loss, model.trainable_variables)
+        DistributedGradientTape(tape, compression=RangerCompressor(
+            min_elements=100, nonfinite="raise")).gradient(loss, model.trainable_variables)
 
 
 def test_non_finite_gradient_on_the_compiled_pass_names_the_variable_and_spares_the_state():
     """A tensor large enough for the compiled pass: the check is counted inside that pass (no pass
     of its own), eagerly and traced, and the residual stays as it was (eagerly the step too; a
     traced step's counter does not wait for the check, as with TF's own check)."""
-    comp = RangerCompressor(density=0.01, min_elements=100)
+    comp = RangerCompressor(density=0.01, min_elements=100, nonfinite="raise")
     comp.world_size = 2
     var = tf.Variable(tf.zeros((200, 150)), name="big")
     rng = np.random.default_rng(8)
@@ -317,6 +317,169 @@ def test_non_finite_gradient_on_the_compiled_pass_names_the_variable_and_spares_
             np.testing.assert_array_equal(comp.residual_of(var).numpy(), before)
             if run is comp.compress_variable:
                 assert int(comp.slots[0].step.numpy()) == step
+
+
+@pytest.mark.parametrize("shape,opts", [
+    ((60, 50), dict(density=0.05)),
+    ((60, 50), dict(density=0.05, momentum=0.9)),
+    ((60, 50), dict(density=0.05, clip_norm=2.0)),
+    ((300, 400), dict(density=0.01)),                  # the compiled pass, which checks itself
+    ((300, 400), dict(density=0.01, momentum=0.5)),    # the compiled pass, told by the check
+])
+def test_non_finite_gradient_skips_the_step_as_the_reference_does(shape, opts):
+    """nonfinite="skip" (the default): a NaN or Inf gradient leaves residual and velocity as they
+    were and sends its non-finite entries first, then the lowest finite ones, raw; the next steps
+    go on from the untouched state. Indices, values (NaN in place), residual and velocity equal
+    core.reference's, eagerly and traced (where a tf.cond decides at run time)."""
+    numel = int(np.prod(shape))
+    for traced in (False, True):
+        comp = RangerCompressor(min_elements=100, **opts)
+        comp.world_size = 1
+        ref = ReferenceCompressor(numel, comp.options)
+        var = tf.Variable(tf.zeros(shape))
+        run = tf.function(comp.compress_variable) if traced else comp.compress_variable
+        rng = np.random.default_rng(1)
+        for t in range(6):
+            g = rng.standard_normal(shape).astype(np.float32)
+            if t in (2, 4):
+                g[3, 7], g[-1, -1] = (np.nan, np.inf) if t == 2 else (-np.inf, 1.0)
+            idx, vals = run(var, tf.constant(g))
+            ridx, rvals = ref.step(g)
+            np.testing.assert_array_equal(idx.numpy(), ridx)
+            np.testing.assert_array_equal(vals.numpy(), rvals)  # NaN where the reference has NaN
+            np.testing.assert_array_equal(comp.slots[0].residual.numpy(), ref.residual)
+            if ref.options.momentum:
+                np.testing.assert_array_equal(comp.slots[0].velocity.numpy(), ref.velocity)
+            if t in (2, 4):
+                assert not np.all(np.isfinite(vals.numpy()))
+        assert np.all(np.isfinite(ref.residual)) and int(comp.slots[0].step.numpy()) == 6
+
+
+def linear_loss(variables, grads):
+    """A loss whose gradient is exactly ``grads``, whatever the variables hold."""
+    return tf.add_n([tf.reduce_sum(tf.convert_to_tensor(v) * g) for v, g in zip(variables, grads)])
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_void_step_is_undone_for_every_tensor_of_it(momentum):
+    """Through ranger_hvd's tape (Horovod as a world of one), which sees the whole step: when one
+    tensor's gradient holds NaN, the exchanged gradient shows it, and every other tensor of that
+    step takes back what it sent (e[S] += values, u[S] restored: core.reference's undo), so its
+    state is the reference's; the step after goes on normally. A large tensor takes the compiled
+    pass, the bias travels dense. Eagerly (a traced exchange per step) and inside tf.function."""
+    shapes = [(40, 30), (300, 400), (30,)]
+    for traced in (False, True):
+        variables = [tf.Variable(tf.zeros(s), name=f"v{i}") for i, s in enumerate(shapes)]
+        comp = RangerCompressor(density=0.02, momentum=momentum, min_elements=100)
+        refs = [ReferenceCompressor(int(np.prod(s)), comp.options) for s in shapes[:2]]
+
+        def exchange(grads):
+            with tf.GradientTape() as tape:
+                loss = linear_loss(variables, grads)
+            return DistributedGradientTape(tape, compression=comp).gradient(loss, variables)
+
+        run = tf.function(exchange) if traced else exchange
+        rng = np.random.default_rng(3)
+        for t in range(5):
+            grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+            if t == 2:
+                grads[0][5, 5] = np.nan
+            out = [o.numpy() for o in run([tf.constant(g) for g in grads])]
+            sent = [ref.step(g) for ref, g in zip(refs, grads)]
+            if t == 2:
+                refs[1].undo()  # the step is void: the finite tensor takes back its send
+                assert np.isnan(out[0][5, 5]) and np.all(np.isfinite(out[1]))
+            for i, (ref, (idx, vals)) in enumerate(zip(refs, sent)):
+                want = np.zeros(ref.residual.size, np.float32)
+                want[idx] = vals
+                np.testing.assert_array_equal(out[i].ravel(), want)
+                slot = comp.slot_for(variables[i])
+                np.testing.assert_array_equal(slot.residual.numpy(), ref.residual)
+                if momentum:
+                    np.testing.assert_array_equal(slot.velocity.numpy(), ref.velocity)
+        assert np.all(np.isfinite(comp.slot_for(variables[0]).residual.numpy()))
+
+
+def test_horovod_hook_takes_back_a_void_tensor_and_names_it_under_raise():
+    """Horovod's hook sees one tensor at a time: a tensor whose exchange came back non-finite
+    takes back what it sent (here its own gradient was NaN: its state stays the reference's).
+    Under nonfinite="raise" the error names the variable as Horovod's caller named it, found on
+    the call stack, not the compressor's slot ('tensor0')."""
+    import horovod.tensorflow as hvd
+    hvd.init()
+    w = tf.Variable(tf.ones((40, 30)), name="wide_kernel")
+    b = tf.Variable(tf.zeros((30,)), name="bias")
+    comp = RangerCompressor(density=0.05, min_elements=100)
+    ref = ReferenceCompressor(1200, comp.options)
+
+    def hook(grads):  # what Horovod's allreduce does with a compressor, world of one
+        return [comp.decompress(*comp.compress(g)) for g in grads]
+
+    run = tf.function(hook)
+    rng = np.random.default_rng(5)
+    for t in range(4):
+        g = rng.standard_normal((40, 30)).astype(np.float32)
+        if t == 1:
+            g[0, 3] = np.inf
+        out = run([tf.constant(g), tf.ones((30,))])[0].numpy()
+        idx, vals = ref.step(g)
+        want = np.zeros(1200, np.float32)
+        want[idx] = vals
+        np.testing.assert_array_equal(out.ravel(), want)
+        np.testing.assert_array_equal(comp.slots[0].residual.numpy(), ref.residual)
+    strict = RangerCompressor(density=0.05, min_elements=100, nonfinite="raise")
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum((x @ w + b) ** 2)
+        return hvd.DistributedGradientTape(tape, compression=strict).gradient(loss, [w, b])
+
+    step(tf.ones((2, 40)))
+    assert [s.label for s in strict.slots] == ["wide_kernel", "bias"]
+    assert [s.tensor_name for s in strict.slots] == ["tensor0", "tensor1"]
+    # Horovod as a world of one never runs its branch: drive slot 0 the way it would.
+    run_strict = tf.function(lambda g: strict.decompress(*strict.compress(g)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="variable 'wide_kernel'"):
+        run_strict(tf.fill((40, 30), np.nan))
+
+
+def test_v1_graph_mode_keys_by_order_and_steps_in_order():
+    """tf.compat.v1 graph mode (issue 30, cause 4): Horovod compresses each tensor in a tf.cond
+    branch of the tf.Graph; the compressor counts them within that graph (not per branch, which
+    reported 'shared by two models') and names them after Horovod's variables. A graph orders
+    only what data links, so the step runs as a tf.function: session steps equal the reference
+    (a read of the residual racing the add into it gave other numbers), a NaN step included."""
+    import horovod.tensorflow as hvd
+    hvd.init()
+    with tf.Graph().as_default():
+        w = tf.Variable(tf.ones((30, 20)), name="w")
+        b = tf.Variable(tf.zeros((20,)), name="b")
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum((tf.ones((4, 30)) @ w + b) ** 2)
+        comp = RangerCompressor(density=0.1, min_elements=100)
+        hvd.DistributedGradientTape(tape, compression=comp).gradient(loss, [w, b])
+        assert [(s.label, s.shape) for s in comp.slots] == [("w", (30, 20)), ("b", (20,))]
+        comp2 = RangerCompressor(density=0.05, min_elements=100, momentum=0.5)
+        comp2.world_size = 1
+        g_in = tf.compat.v1.placeholder(tf.float32, (40, 30))
+        out = tf.cond(tf.constant(True), lambda: comp2.decompress(*comp2.compress(g_in)),
+                      lambda: g_in)
+        ref = ReferenceCompressor(1200, comp2.options)
+        rng = np.random.default_rng(0)
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            for t in range(8):
+                g = rng.standard_normal((40, 30)).astype(np.float32)
+                if t == 3:
+                    g[1, 1] = np.nan
+                got = sess.run(out, {g_in: g})
+                idx, vals = ref.step(g)
+                want = np.zeros(1200, np.float32)
+                want[idx] = vals
+                np.testing.assert_array_equal(got.ravel(), want)
+                np.testing.assert_array_equal(sess.run(comp2.slots[0].residual), ref.residual)
+                np.testing.assert_array_equal(sess.run(comp2.slots[0].velocity), ref.velocity)
 
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
