@@ -5,6 +5,8 @@
   allgather it starts itself), or to :func:`DistributedOptimizer`.
 * :func:`DistributedOptimizer` - Horovod's optimizer, plus the compressor's state in ``state_dict()``.
 * :func:`Ranger` - momentum SGD with the sparse exchange built in, in one line.
+* ``ranger_hvd.torch.ddp`` - the same exchange as a ``DistributedDataParallel`` communication hook
+  (``RangerHookState``, ``ranger_hook``), without Horovod.
 
 The compressor and the selection functions import without Horovod; the two optimizers load
 ``horovod.torch`` on first use.

@@ -58,6 +58,42 @@ class _Context:
     name: str = ""
 
 
+class StepRound:
+    """The tensors of one optimizer step, so that a void step can be undone for all of them.
+
+    Every rank receives the same exchanged values, so every rank finds the same NaN/Inf and marks
+    the same step void; then each tensor of the step takes back what it sent
+    (``ErrorFeedback.undo``), those exchanged earlier in the step at once and later ones as their
+    exchange completes (a second undo does nothing).
+    """
+
+    def __init__(self, engine: core.ErrorFeedback):
+        self.engine = engine
+        self.states: dict[str, TensorState] = {}
+        self.void = False
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.states
+
+    def reset(self) -> None:
+        self.states, self.void = {}, False
+
+    def add(self, name: str, state: TensorState) -> None:
+        self.states[name] = state
+
+    def check(self, names: list[str], received: list[torch.Tensor]) -> None:
+        """After the exchange of ``names``: if what arrived holds NaN/Inf, the step is void."""
+        if not self.void:
+            if all(all_finite(r) for r in received):
+                return
+            self.void = True
+            for st in self.states.values():
+                self.engine.undo(st)
+        for name in names:
+            if name in self.states:
+                self.engine.undo(self.states[name])
+
+
 def _payload(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """One rank's pairs as raw bytes: k int32 indices, then k values."""
     return torch.cat([indices.view(torch.uint8), values.reshape(-1).view(torch.uint8)])
@@ -92,10 +128,8 @@ class RangerCompressor:
         self._outputs: dict[str, torch.Tensor] = {}
         self._params: dict[str, torch.Tensor] = {}
         # One step's tensors: those compressed since every earlier exchange was decompressed (and
-        # before a tensor of the round comes again). If the step turns out void (non-finite),
-        # each of them is undone.
-        self._round: dict[str, TensorState] = {}
-        self._round_void = False
+        # before a tensor of the step comes again).
+        self.round = StepRound(self.engine)
         self._in_flight = 0
         if named_parameters is not None:
             self.set_named_parameters(named_parameters)
@@ -199,21 +233,11 @@ class RangerCompressor:
             "rank: pass named_parameters=model.named_parameters() to RangerCompressor.")
 
     def _enter_round(self, name: str) -> None:
-        if self._in_flight == 0 or name in self._round:  # a new step begins
-            self._round, self._round_void, self._in_flight = {}, False, 0
-        self._round[name] = self._state_of(name)
+        if self._in_flight == 0 or name in self.round:  # a new step begins
+            self.round.reset()
+            self._in_flight = 0
+        self.round.add(name, self._state_of(name))
         self._in_flight += 1
-
-    def _void_round(self, name: str) -> None:
-        """The exchange of ``name`` showed NaN/Inf: a loss scaler will skip this step, so every
-        tensor of it takes back what it sent (``ErrorFeedback.undo``; a second undo does nothing,
-        so each later tensor of the round undoes itself too)."""
-        if not self._round_void:
-            self._round_void = True
-            for st in self._round.values():
-                self.engine.undo(st)
-        elif name in self._state:
-            self.engine.undo(self._state[name])
 
     def compress(self, tensor: torch.Tensor):
         """Horovod's hook: returns (tensor for Horovod's allreduce, context)."""
@@ -248,20 +272,17 @@ class RangerCompressor:
             return tensor
         self._in_flight -= 1
         if ctx.kind == "dense":
-            if self._round_void or not all_finite(tensor):
-                self._void_round(ctx.name)
+            self.round.check([ctx.name], [tensor])
             return tensor.to(ctx.dtype).view(ctx.shape)
         if ctx.kind == "random":
-            if self._round_void or not all_finite(tensor):
-                self._void_round(ctx.name)
+            self.round.check([ctx.name], [tensor])
             out = self._output(ctx, tensor.device)
             out[ctx.indices.long()] = tensor.to(ctx.dtype)
             return out.view(ctx.shape)
         import horovod.torch as hvd
 
         gathered = hvd.synchronize(ctx.handle)
-        if self._round_void or not all_finite(self._gathered_values(gathered, ctx.k)):
-            self._void_round(ctx.name)
+        self.round.check([ctx.name], [self._gathered_values(gathered, ctx.k)])
         out = self._output(ctx, tensor.device)
         world = gathered.numel() // self._row_bytes(ctx.k)
         # The token: 1 after an average, N after a sum (rounded: predivide factors leave float noise).
