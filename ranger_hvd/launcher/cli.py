@@ -16,8 +16,10 @@ from rich.console import Console
 
 from .command import default_command
 from .config import ConfigError, Resolved, load_config, show_text
+from .config.problems import problem_lines
 from .launch import launch_one, planned_abs_run_dir, resume_problem
 from .preflight import PreflightError
+from .rundir import RunDirError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -38,8 +40,8 @@ def _print_config_error(exc: ConfigError, what: str = "invalid config") -> int:
     err = _err_console()
     n = len(exc.problems)
     err.print(f"[bold red]ranger-hvd: {what}[/] ({n} problem{'s' if n != 1 else ''}):", highlight=False)
-    for p in exc.problems:
-        err.out(f"  {p}", highlight=False)
+    for line in problem_lines(exc.problems):
+        err.out(f"  {line}", highlight=False)
     return EXIT_USAGE
 
 
@@ -303,6 +305,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         return _print_config_error(exc)
+    except RunDirError as exc:   # output.dir checked out, yet mkdir failed (a read-only or full file system)
+        return _usage_error(f"output.dir: {exc} (nothing was created)")
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # e.g. `ranger-hvd show ... | head`

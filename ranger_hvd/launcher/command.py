@@ -10,7 +10,9 @@ Notes on the mapping (horovodrun 0.28.1):
 * ``--output-filename RUN_DIR/logs``: Gloo writes ``logs/rank.N/{stdout,stderr}``; Open MPI's mpirun
   writes ``logs/1/rank.N/{stdout,stderr}`` (see :func:`rank_log_files` in supervisor);
 * horovodrun forwards its whole environment to every rank, so the environment built here is complete:
-  nothing else from the launcher's environment reaches the ranks.
+  nothing else from the launcher's environment reaches the ranks;
+* horovodrun pastes some of its arguments unquoted into ``sh -c`` lines: those are quoted here (see
+  :mod:`.quoting`), so that the program at the end of that line receives each value unchanged.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from .config import Resolved, split_list
+from .config.checks import mpi_arg_list
 from .elastic import elastic_flags
+from .quoting import for_horovodrun, mpi_args_value
 
 MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 HOROVOD_STALL_WARNING_S = 60   # horovodrun's own default for --stall-check-warning-time-seconds
@@ -162,15 +166,17 @@ def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[
         argv += ["--network-interfaces", ",".join(split_list(cl.network_interfaces))]
     if cl.start_timeout is not None:
         argv += ["--start-timeout", str(cl.start_timeout)]
-    argv += ["--output-filename", os.path.join(run_dir, "logs")]
+    logs = os.path.join(run_dir, "logs")
+    # Gloo opens the files itself; under MPI horovodrun pastes the path into the mpirun line
+    argv += ["--output-filename", for_horovodrun(logs) if cl.controller == "mpi" else logs]
     argv += horovod_flags(res, run_dir)
-    mpi_args = [cl.mpi_args] if cl.mpi_args is not None else []
+    mpi_args = mpi_arg_list(cl.mpi_args)
     if cl.controller == "mpi" and cl.ssh_known_hosts_file is not None:
-        # mpirun's ssh is Open MPI's plm_rsh_agent; horovodrun already uses plm_rsh_args for -p/-i
-        agent = shlex.join(["ssh", "-o", f"UserKnownHostsFile={cl.ssh_known_hosts_file}"])
-        mpi_args.append(f"-mca plm_rsh_agent {shlex.quote(agent)}")
+        # mpirun's ssh is Open MPI's plm_rsh_agent, which it splits at spaces (the path has none, see
+        # config.safety.PLAIN_PATH); horovodrun already uses plm_rsh_args for -p/-i
+        mpi_args += ["-mca", "plm_rsh_agent", f"ssh -o UserKnownHostsFile={cl.ssh_known_hosts_file}"]
     if mpi_args:
-        argv += [f"--mpi-args={' '.join(mpi_args)}"]
+        argv += [f"--mpi-args={mpi_args_value(mpi_args)}"]
     argv += [python, "-m", cfg.job.entry,
              "--config", os.path.join(run_dir, "config.yaml"), "--run-dir", run_dir]
     if resume:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Resolved
+from .quoting import for_horovodrun
 
 ELASTIC_DIR = "elastic"
 HOSTS_FILE = "hosts"
@@ -82,7 +83,8 @@ def elastic_flags(res: Resolved, run_dir) -> list[str]:
         a += ["--network-interfaces", "lo"]
     if el.max_np is not None:
         a += ["--max-np", str(el.max_np)]
-    a += ["--host-discovery-script", discovery_script(res, run_dir)]
+    # horovodrun runs the script through sh -c, with its path as the whole command line
+    a += ["--host-discovery-script", for_horovodrun(discovery_script(res, run_dir))]
     if el.slots_per_host is not None:
         a += ["--slots-per-host", str(el.slots_per_host)]
     if el.reset_limit is not None:

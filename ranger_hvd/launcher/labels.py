@@ -49,7 +49,7 @@ def _option_text(name: str, value: Any) -> str:
 
 def compression_labels(comps: list[tuple[str, dict]]) -> list[str]:
     """The compression part of each label ('' for all when every run compresses the same way)."""
-    if len({(t, tuple(sorted(o.items(), key=str))) for t, o in comps}) <= 1:
+    if len({(t, repr(sorted(o.items(), key=str))) for t, o in comps}) <= 1:
         return [""] * len(comps)
     types_differ = len({t for t, _ in comps}) > 1
     out = []

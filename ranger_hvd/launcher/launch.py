@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
 
 from .command import LaunchCommand, default_command
-from .config import Resolved
+from .config import ConfigError, Problem, Resolved
+from .formatting import short_repr
 from .elastic import write_discovery_files
 from .rundir import create_run_dir, planned_run_dir, write_command, write_config
 from .summary import RunResult
@@ -38,18 +42,44 @@ def resume_problem(run_dir: Path) -> Optional[str]:
     return None
 
 
+def launch_problem(res: Resolved, run_dir: Path) -> Optional[Problem]:
+    """What the launch would hand to a shell that no config check could see: the run directory of
+    ``--resume`` (Open MPI reads a ':' in ``--output-filename`` as options), and, with remote hosts, this
+    interpreter and working directory, which horovodrun pastes unquoted into the ssh lines that start
+    the remote side (its host probe under both controllers, the ranks under Gloo)."""
+    cl = res.config.cluster
+    if cl.controller == "mpi" and ":" in str(run_dir):
+        return Problem("output.dir", f"the run directory {short_repr(str(run_dir))} holds ':', which Open MPI's "
+                                     "mpirun reads as the start of options in --output-filename")
+    from .preflight import remote_hosts
+
+    if res.hosts and remote_hosts(res):
+        paths = [("interpreter", sys.executable)] + ([("working directory", os.getcwd())]
+                                                     if cl.controller == "gloo" else [])
+        for what, path in paths:
+            if shlex.quote(path) != path:
+                return Problem("cluster.hosts", f"horovodrun starts remote hosts with ssh command lines that hold "
+                                                f"this {what} unquoted ({short_repr(path)}): use one whose path "
+                                                "has no spaces or shell characters")
+    return None
+
+
 def launch_one(res: Resolved, console: Console, *, stream: bool = False, live: Optional[bool] = None,
                resume_dir: Optional[Path] = None) -> Optional[RunResult]:
     """Creates the run directory (or reuses ``resume_dir``, passing ``--resume`` to the job) and runs the
     job; returns its RunResult, or None when horovodrun is not installed (nothing is created then).
     Raises PreflightError (nothing created) when a remote host cannot run the job (cluster.preflight)."""
     resume = resume_dir is not None
-    probe = default_command(res, str(resume_dir.resolve() if resume else planned_abs_run_dir(res)), resume=resume)
+    planned = resume_dir.resolve() if resume else planned_abs_run_dir(res)
+    probe = default_command(res, str(planned), resume=resume)
     exe = horovodrun_path(probe)
     if exe is None:
         console.print(f"[red]error:[/] horovodrun not found on PATH ({probe.env.get('PATH')}); "
                       f"build the environment with launch/setup.sh (see ranger-hvd doctor)", highlight=False)
         return None
+    problem = launch_problem(res, planned)
+    if problem is not None:
+        raise ConfigError([problem])      # nothing created or started
     if res.config.cluster.preflight:
         from .preflight import default_project_root, run_preflight
 

@@ -9,10 +9,9 @@ from typing import Optional
 
 from rich.table import Table
 
-from ranger_hvd.jobs.metrics import parse_line
-
 from .config import Resolved
 from .formatting import fmt_bytes, fmt_value
+from .records import parse_record
 
 
 class MetricsTail:
@@ -53,7 +52,7 @@ class MetricsTail:
         self.buf += chunk
         *lines, self.buf = self.buf.split(b"\n")
         new: list[dict] = []
-        for rec in map(parse_line, lines):
+        for rec in map(parse_record, lines):   # a torn or damaged line is skipped
             if rec is None:
                 continue
             if rec.get("event") == "resume":

@@ -6,19 +6,18 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from ranger_hvd.jobs.metrics import read_metrics
-
-from .formatting import fmt_bytes
+from .formatting import clip, fmt_bytes
 from .labels import run_labels
+from .records import read_json_object, read_records, read_yaml_mapping, section_value
 from .rundir import create_report_dir
 
 
@@ -33,36 +32,31 @@ class Run:
     summary: dict
     records: list[dict]
     label: str = ""
+    notes: list[str] = field(default_factory=list)   # what could not be read (damaged files), one line each
 
 
 def load_run(path: Path) -> Run:
+    """A run directory's files, each read defensively: a damaged file is left out with a note."""
     path = Path(path)
     if not path.is_dir():
         raise ReportError(f"not a run directory: {path}")
     cfg_p, sum_p, met_p = path / "config.yaml", path / "summary.json", path / "metrics.jsonl"
     if not (cfg_p.exists() or sum_p.exists() or met_p.exists()):
         raise ReportError(f"not a run directory (no config.yaml, summary.json or metrics.jsonl): {path}")
-    config = {}
-    if cfg_p.exists():
-        try:
-            config = yaml.safe_load(cfg_p.read_text()) or {}
-        except yaml.YAMLError:
-            config = {}
-    summary = {}
-    if sum_p.exists():
-        try:
-            summary = json.loads(sum_p.read_text())
-        except json.JSONDecodeError:
-            summary = {}
-    records = [r for r in read_metrics(met_p) if "step" in r] if met_p.exists() else []  # the end line: summary
-    return Run(path=path, config=config, summary=summary, records=records)
+    config, bad_config = read_yaml_mapping(cfg_p)
+    summary, bad_summary = read_json_object(sum_p)
+    metrics = read_records(met_p)
+    notes = [n for n in (bad_config, bad_summary, metrics.note(met_p)) if n]
+    # the end line belongs to the summary
+    return Run(path=path, config=config or {}, summary=summary or {}, records=metrics.steps(), notes=notes)
 
 
 def label_runs(runs: list[Run]) -> None:
     names = [f"{r.path.parent.name}/{r.path.name}" for r in runs]
-    for run, label in zip(runs, run_labels([r.config for r in runs], names,
-                                           [r.summary.get("compression") for r in runs])):
-        run.label = label
+    fallbacks = [r.summary.get("compression") if isinstance(r.summary.get("compression"), str) else None
+                 for r in runs]
+    for run, label in zip(runs, run_labels([r.config for r in runs], names, fallbacks)):
+        run.label = clip(label, 160)
 
 
 def _num(v) -> Optional[float]:
@@ -116,7 +110,7 @@ def rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         step_time = _mean(x.get("step_time") for x in r.records)
         loss = _num(last.get("loss"))
         duration = _num(r.summary.get("duration_s")) or _num(last.get("time"))
-        row = [r.label, *([str(r.summary.get("status", "-"))] if show_status else []),
+        row = [r.label, *([clip(str(r.summary.get("status", "-")), 20)] if show_status else []),
                str(last.get("step", "-")), f"{loss:.4g}" if loss is not None else "-"]
         for n in names:
             v = _final(r, n)
@@ -220,7 +214,7 @@ def default_out_dir(runs: list[Run]) -> Path:
     (``output.dir/_reports/<timestamp>``), so that no run holds a comparison of others."""
     if len(runs) == 1:
         return runs[0].path / "report"
-    out_root = (runs[0].config.get("output") or {}).get("dir") if isinstance(runs[0].config, dict) else None
+    out_root = section_value(runs[0].config, "output", "dir")
     if not (isinstance(out_root, str) and Path(out_root).is_absolute()):
         out_root = runs[0].path.resolve().parents[1]   # output.dir/<job.name>/<timestamp>
     return create_report_dir(Path(out_root))
@@ -234,6 +228,9 @@ def make_report(run_dirs: list[Path], out_dir: Optional[Path] = None, console: O
     if not runs:
         raise ReportError("no run directories given")
     label_runs(runs)
+    for run in runs:
+        for note in run.notes:
+            console.print(f"[yellow]warning:[/] {escape(note)} (left out of the report)", highlight=False)
     out = Path(out_dir) if out_dir else default_out_dir(runs)
     out.mkdir(parents=True, exist_ok=True)
     console.print(rich_table(runs, title))

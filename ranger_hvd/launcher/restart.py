@@ -14,7 +14,6 @@ Not restarted: a run stopped by a signal, and a job that failed on its config, d
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from ranger_hvd.jobs.checkpoint import complete_steps, has_any_checkpoint
 from .command import LaunchCommand
 from .config import Resolved
 from .rundir import write_json
+from .records import read_records
 from .summary import RunResult
 from .supervisor import Supervisor
 
@@ -45,16 +45,8 @@ def _rotate(path: Path, attempt: int) -> Optional[str]:
 
 def _last_resume_step(run_dir: Path) -> Optional[int]:
     """``from_step`` of the last ``{"event": "resume"}`` line in metrics.jsonl (None if there is none)."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("event") == "resume":
+    for rec in reversed(read_records(run_dir / "metrics.jsonl").records):
+        if rec.get("event") == "resume":
             return rec.get("from_step")
     return None
 

@@ -23,17 +23,36 @@ def planned_run_dir(res: Resolved, now: Optional[float] = None) -> Path:
     return Path(res.config.output.dir) / res.job_name / stamp
 
 
+class RunDirError(OSError):
+    """The run directory cannot be created (nothing was left behind)."""
+
+
 def create_unique_dir(base: Path) -> Path:
-    """Creates ``base``, or ``base-2``, ``base-3``, ... when it exists (two runs in the same second)."""
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for i in range(1, 1000):
-        cand = base if i == 1 else base.with_name(f"{base.name}-{i}")
-        try:
-            cand.mkdir()
-        except FileExistsError:
-            continue
-        return cand
-    raise RuntimeError(f"cannot create a directory next to {base}")
+    """Creates ``base``, or ``base-2``, ``base-3``, ... when it exists (two runs in the same second).
+    On failure the parent directories it created are removed again and RunDirError says why."""
+    made: list[Path] = []
+    try:
+        for parent in reversed([base.parent, *base.parent.parents]):
+            if not parent.is_dir():
+                parent.mkdir()
+                made.append(parent)
+        for i in range(1, 1000):
+            cand = base if i == 1 else base.with_name(f"{base.name}-{i}")
+            try:
+                cand.mkdir()
+            except FileExistsError:
+                continue
+            return cand
+        raise RunDirError(f"cannot create a directory next to {base}: 999 exist")
+    except OSError as exc:
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if isinstance(exc, RunDirError):
+            raise
+        raise RunDirError(f"cannot create {exc.filename or base}: {exc.strerror or exc}") from None
 
 
 def create_run_dir(res: Resolved, now: Optional[float] = None) -> Path:

@@ -9,7 +9,6 @@ records the job id, so ``ranger-hvd status RUN_DIR`` can ask Slurm about it late
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -21,7 +20,10 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from .config import Resolved
-from .slurm_config import SlurmOptions, sbatch_option_lines, tasks_per_node
+from .config.safety import control_chars
+from .formatting import short_repr
+from .quoting import sbatch_path, sbatch_word
+from .slurm_config import HETJOB_RE, SlurmOptions, sbatch_option_lines, tasks_per_node
 
 SCRIPT_NAME = "job.sbatch"
 JOB_FILE = "slurm.json"
@@ -70,9 +72,10 @@ def render_sbatch(res: Resolved, run_dir: str, *, python: str, project_root: str
         lines.append(f"#SBATCH --time={opts.time}")
     if opts.account is not None:
         lines.append(f"#SBATCH --account={opts.account}")
-    # sbatch does not expand variables in #SBATCH lines: the paths are written literally (%j is the job id)
-    lines.append(f"#SBATCH --output={os.path.join(run_dir, OUTPUT_PATTERN)}")
-    lines.append(f"#SBATCH --chdir={workdir}")
+    # sbatch does not expand variables in #SBATCH lines, but splits them into words and expands % in file
+    # names: the paths are escaped for that (see quoting.py); %j is the job id
+    lines.append(f"#SBATCH --output={sbatch_path(run_dir, OUTPUT_PATTERN)}")
+    lines.append(f"#SBATCH --chdir={sbatch_word(workdir)}")
     lines += [f"#SBATCH {opt}" for opt in sbatch_option_lines(opts)]
     lines.append("set -e")
     lines += [f"module load {q(name)}" for name in opts.modules]
@@ -83,6 +86,18 @@ def render_sbatch(res: Resolved, run_dir: str, *, python: str, project_root: str
         run.append("--resume")
     lines.append("exec " + shlex.join(run))
     return "\n".join(lines) + "\n"
+
+
+def script_paths_problem(run_dir: str, workdir: str) -> Optional[str]:
+    """Why the run directory or working directory cannot be written on an #SBATCH line (None: they can):
+    sbatch splits a script into a heterogeneous job wherever a line holds 'hetjob' (or 'packjob')."""
+    for what, path in (("the run directory", run_dir), ("the working directory", workdir)):
+        if control_chars(path):
+            return f"{what} {short_repr(path)} holds control characters"
+        if HETJOB_RE.search(path):
+            return (f"{what} {short_repr(path)} holds '{HETJOB_RE.search(path).group(0)}', which sbatch reads as "
+                    f"the start of another job wherever it stands on an #SBATCH line")
+    return None
 
 
 def default_script(res: Resolved, run_dir: str, resume: bool = False) -> str:
@@ -254,8 +269,11 @@ def write_job_file(run_dir: Path, data: dict) -> None:
     write_json(run_dir / JOB_FILE, data)
 
 
-def read_job_file(run_dir: Path) -> Optional[dict]:
-    try:
-        return json.loads((Path(run_dir) / JOB_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def read_job_file(run_dir: Path) -> tuple[Optional[dict], Optional[str]]:
+    """(slurm.json's record, None), (None, None) when there is none, or (None, why it is unusable)."""
+    from .records import read_json_object
+
+    data, why = read_json_object(Path(run_dir) / JOB_FILE)
+    if data is not None and not (isinstance(data.get("job_id"), str) and re.fullmatch(r"[0-9_]{1,32}", data["job_id"])):
+        return None, f"{Path(run_dir) / JOB_FILE} has no usable job_id"
+    return data, why

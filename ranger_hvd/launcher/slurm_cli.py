@@ -3,7 +3,7 @@ optionally wait) and ``ranger-hvd status RUN_DIR`` (the Slurm job's state and th
 
 from __future__ import annotations
 
-import json
+import os
 import shlex
 import shutil
 import sys
@@ -11,19 +11,20 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from ranger_hvd.jobs.metrics import read_metrics
-
 from .config import Resolved
+from .formatting import clip
 from .progress import MetricsTail, progress_line
+from .records import read_json_object, read_records, read_yaml_mapping, section_value
 from .ranklogs import tail_lines
 from .rundir import create_run_dir, planned_run_dir, write_config, write_json
 from .slurm import (ACTIVE_STATES, JOB_FILE, OUTPUT_PATTERN, SCRIPT_NAME, SlurmError, check_with_test_only,
-                    default_script, job_state, read_job_file, require, sbatch_argv, slurm_options, submit,
-                    write_job_file)
+                    default_script, job_state, read_job_file, require, sbatch_argv, script_paths_problem,
+                    slurm_options, submit, write_job_file)
+from .slurm_config import bash_syntax_problem
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 POLL_S = 2.0
@@ -39,6 +40,10 @@ def launch_slurm(res: Resolved, *, dry_run: bool, wait: bool, resume_dir: Option
                  err: Console) -> int:
     resume = resume_dir is not None
     run_dir = resume_dir.resolve() if resume else planned_run_dir(res).absolute()
+    why = script_paths_problem(str(run_dir), os.getcwd())
+    if why:
+        _error(err, f"{why} (nothing was submitted)")
+        return EXIT_USAGE
     if dry_run:
         script = default_script(res, str(run_dir), resume=resume)
         sys.stdout.write(f"# {shlex.join(sbatch_argv(str(run_dir / SCRIPT_NAME)))}\n"
@@ -50,8 +55,12 @@ def launch_slurm(res: Resolved, *, dry_run: bool, wait: bool, resume_dir: Option
         require("sbatch")
         require("squeue")
         require("scontrol")
+        script = default_script(res, str(run_dir), resume=resume)
+        why = bash_syntax_problem(script)
+        if why:   # cluster.slurm.setup was checked with the config; this is the whole script
+            raise SlurmError(f"the batch script is {why}", usage=True)
         # Slurm's own check of partition, account, node count and limits; nothing is submitted
-        check_with_test_only(default_script(res, str(run_dir), resume=resume), slurm_options(res))
+        check_with_test_only(script, slurm_options(res))
     except SlurmError as exc:
         _error(err, f"{exc} (nothing was submitted)")
         return EXIT_USAGE if exc.usage else EXIT_FAILED
@@ -120,18 +129,23 @@ def wait_for_job(run_dir: Path, job_id: str, epochs: int, out: Console, resume: 
     steps = [r for r in metrics.poll() if "step" in r]
     if steps and steps[-1].get("epoch") != last_epoch:
         out.print(progress_line(steps[-1], epochs), highlight=False)
-    summary = json.loads(summary_path.read_text())
+    summary, why = read_json_object(summary_path)
+    if summary is None:
+        out.print(f"[red]cannot read the job's summary:[/] {why}", highlight=False)
+        return EXIT_FAILED
     status = summary.get("status")
     colour = "green" if status == "success" else "red"
-    out.print(f"[{colour}]{status}[/]: Slurm job {job_id} ({state or 'ended'}); summary: {summary_path}",
+    out.print(f"[{colour}]{escape(clip(str(status), 40))}[/]: Slurm job {job_id} ({state or 'ended'}); summary: {summary_path}",
               highlight=False)
-    return int(summary.get("exit_code", EXIT_FAILED))
+    code = summary.get("exit_code", EXIT_FAILED)
+    return code if isinstance(code, int) and not isinstance(code, bool) and 0 <= code < 256 else EXIT_FAILED
 
 
 def _launcher_ran(run_dir: Path) -> bool:
     """The launcher inside the job replaces command.txt's sbatch line with the horovodrun line it runs."""
     try:
-        return (run_dir / "command.txt").read_text().startswith("horovodrun")
+        with open(run_dir / "command.txt", "rb") as fh:
+            return fh.read(10) == b"horovodrun"
     except OSError:
         return False
 
@@ -164,28 +178,38 @@ def cmd_status(args) -> int:
     t = Table(title="ranger-hvd status")
     for col in ("run directory", "Slurm job", "Slurm state", "status", "progress"):
         t.add_column(col)
+    notes: list[str] = []
     for d in dirs:
-        job = read_job_file(d) or {}
-        job_id = job.get("job_id")
+        job, why = read_job_file(d)
+        job_id = (job or {}).get("job_id")
         state = "-"
         if job_id:
             try:
                 state = job_state(job_id) or "ended (no longer known to Slurm)"
             except SlurmError as exc:
                 state = f"unknown: {exc}"
-        try:
-            status = json.loads((d / "summary.json").read_text()).get("status", "-")
-        except (FileNotFoundError, json.JSONDecodeError):
-            status = "running" if state in ACTIVE_STATES - {"PENDING"} else "pending" if state == "PENDING" else \
-                "no summary"
-        steps = [r for r in read_metrics(d / "metrics.jsonl") if "step" in r]
-        try:
-            epochs = yaml.safe_load((d / "config.yaml").read_text())["train"]["epochs"]
-        except (OSError, KeyError, TypeError, yaml.YAMLError):
-            epochs = "?"
-        t.add_row(str(d), str(job_id or "-"), state, status, progress_line(steps[-1], epochs) if steps else "-")
+        summary, bad_summary = read_json_object(d / "summary.json")
+        status = _status_text(summary, state)
+        metrics = read_records(d / "metrics.jsonl")
+        steps = metrics.steps()
+        config, bad_config = read_yaml_mapping(d / "config.yaml")
+        epochs = section_value(config or {}, "train", "epochs")
+        notes += [n for n in (why, bad_summary, bad_config, metrics.note(d / "metrics.jsonl")) if n]
+        t.add_row(str(d), str(job_id or "-"), state, status + (" (damaged)" if bad_summary else ""),
+                  progress_line(steps[-1], epochs if isinstance(epochs, int) else "?") if steps else "-")
     out.print(t)
+    for note in notes:
+        err.print(f"[yellow]warning:[/] {note}", highlight=False)
     return EXIT_OK
+
+
+def _status_text(summary: Optional[dict], state: str) -> str:
+    status = (summary or {}).get("status")
+    if isinstance(status, str) and status:
+        return clip(status, 40)
+    if state in ACTIVE_STATES - {"PENDING"}:
+        return "running"
+    return "pending" if state == "PENDING" else "no summary"
 
 
 __all__ = ["launch_slurm", "wait_for_job", "cmd_status", "JOB_FILE"]

@@ -31,6 +31,13 @@ STALL_EXIT_GRACE_S = 30.0
 PRINT_EVERY_S = 10.0    # without a live table: a progress line per epoch, or at least this often
 
 
+def ran_the_job(records: list[dict]) -> bool:
+    """Did this launch's job run: a training step, or its end line (a resumed job with nothing left to do
+    writes only that)?  A horovodrun that exits 0 without either started nothing (e.g. an mpirun line
+    that failed before the last command of its shell)."""
+    return any("step" in r or r.get("event") == "end" for r in records)
+
+
 class Supervisor:
     def __init__(self, res: Resolved, cmd: LaunchCommand, run_dir: Path, console: Optional[Console] = None,
                  live: Optional[bool] = None, stream: bool = False, resume: bool = False,
@@ -94,7 +101,12 @@ class Supervisor:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
         metrics.poll()
-        return self._finish(status, hvd_exit, started, metrics)
+        error = None
+        if status == "success" and not ran_the_job(metrics.records):
+            status = "failed"
+            error = (f"{Path(self.cmd.argv[0]).name} exited 0, but the job wrote no training step and no end "
+                     f"line to metrics.jsonl: it never ran (see horovodrun.log)")
+        return self._finish(status, hvd_exit, started, metrics, error=error)
 
     def _watch(self, proc: subprocess.Popen, root: psutil.Process, metrics: MetricsTail, started: float,
                log_path: Path) -> None:

@@ -178,7 +178,8 @@ def test_dry_run_quotes_awkward_values(tmp_path):
     r = run_cli(["launch", "exp.yaml", "--dry-run"], tmp_path)
     assert r.returncode == 0, r.stderr
     argv = shlex.split(r.stdout.splitlines()[0])
-    assert '--mpi-args=-x A="b c" --bind-to none' in argv
+    # a string of mpirun arguments is split as a shell would, then each word quoted for horovodrun's sh -c
+    assert "--mpi-args=-x 'A=b c' --bind-to none" in argv
 
 
 def test_sweep_dry_run_lists_every_combination(tmp_path):

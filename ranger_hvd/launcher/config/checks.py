@@ -6,19 +6,33 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-from ..slurm_config import SlurmOptions, slurm_problems, tasks_per_node
+from ..slurm_config import SlurmOptions, setup_problem, slurm_problems, tasks_per_node
 from .hosts import parse_host_list, parse_hostfile, split_list
-from .problems import Problem
-from .schema import DEFAULT_ENTRY, Config
+from .problems import Problem, short_repr
+from .safety import name_too_long, plain_path_problem
+from .schema import DEFAULT_ENTRY, SEED_LIMIT, Config
 
 Where = Callable[[str], str]
-_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_NIC_RE = re.compile(r"^[\w.:@-]+$")
+# whole-string grammars (fullmatch): Python's '$' would also match before a final newline
+_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NIC_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
+# the longest run directory name below output.dir/<job.name>: a timestamp and a -NNN suffix
+RUN_DIR_NAME = "YYYYmmdd-HHMMSS-999"
+PATH_MAX = 4096
 _AUTOTUNE_KEYS = ("autotune_log", "autotune_warmup_samples", "autotune_steps_per_sample",
                   "autotune_bayes_opt_max_samples", "autotune_gaussian_process_noise")
+
+
+def mpi_arg_list(mpi_args) -> list[str]:
+    """cluster.mpi_args as mpirun's arguments: a list as given, a string split the way a shell splits
+    words (quotes and backslashes), with nothing expanded or run.  Raises ValueError (unbalanced quote)."""
+    if mpi_args is None:
+        return []
+    return shlex.split(mpi_args) if isinstance(mpi_args, str) else list(mpi_args)
 
 
 def check_data(cfg: Config, where: Where) -> list[Problem]:
@@ -46,15 +60,17 @@ def check_cluster(cfg: Config, where: Where) -> list[Problem]:
             problems.append(Problem("cluster.network_interfaces", "must name at least one interface",
                                     where("cluster.network_interfaces")))
         for i, nic in enumerate(nics):
-            if not _NIC_RE.match(nic):
+            if not _NIC_RE.fullmatch(nic):
                 p = f"cluster.network_interfaces[{i}]"
-                problems.append(Problem(p, f"bad interface name {nic!r}", where(p)))
+                problems.append(Problem(p, f"bad interface name {short_repr(nic)} (letters, digits, '_', '.', ':', "
+                                           "'@', '-')", where(p)))
     names: dict[str, int] = {}
     for i, entry in enumerate(cl.env):
         p = f"cluster.env[{i}]"
         name = entry.split("=", 1)[0]
-        if not _ENV_RE.match(name):
-            problems.append(Problem(p, f"must be an environment variable NAME or NAME=VALUE (got {entry!r})", where(p)))
+        if not _ENV_RE.fullmatch(name):
+            problems.append(Problem(p, f"must be an environment variable NAME or NAME=VALUE, NAME of letters, "
+                                       f"digits and '_' (got {short_repr(entry)})", where(p)))
         elif name in names:
             problems.append(Problem(p, f"{name} is listed twice (also cluster.env[{names[name]}])", where(p)))
         else:
@@ -62,6 +78,11 @@ def check_cluster(cfg: Config, where: Where) -> list[Problem]:
     if cl.mpi_args is not None and cl.controller != "mpi":
         problems.append(Problem("cluster.mpi_args", "only allowed with cluster.controller 'mpi'",
                                 where("cluster.mpi_args")))
+    try:
+        mpi_arg_list(cl.mpi_args)
+    except ValueError as exc:
+        problems.append(Problem("cluster.mpi_args", f"cannot split {short_repr(cl.mpi_args)} into arguments ({exc}); "
+                                "give a list such as [--bind-to, none]", where("cluster.mpi_args")))
     if cl.slurm is not None and cl.scheduler != "slurm":
         problems.append(Problem("cluster.slurm", "only allowed with cluster.scheduler 'slurm'", where("cluster.slurm")))
     if cl.scheduler == "slurm":
@@ -211,8 +232,55 @@ def resolve_hosts(cfg: Config, where: Where, cwd: Path) -> tuple[list[tuple[str,
         problems.append(Problem("cluster.ssh_known_hosts_file", f"file not found: {cl.ssh_known_hosts_file} "
                                 "(create it, e.g. with ssh-keyscan -p PORT HOST > FILE)",
                                 where("cluster.ssh_known_hosts_file")))
-    elif cl.controller == "mpi" and any(c.isspace() for c in cl.ssh_known_hosts_file or ""):
-        # Open MPI splits its ssh command (plm_rsh_agent) at spaces, quotes or not
-        problems.append(Problem("cluster.ssh_known_hosts_file", "a path with spaces cannot reach mpirun's ssh",
-                                where("cluster.ssh_known_hosts_file")))
     return hosts, np_, problems
+
+
+def output_dir_problem(out_dir: Path, job_name: str) -> Optional[str]:
+    """Why no run directory can be created under ``out_dir`` (absolute), without creating anything."""
+    longest = out_dir / job_name / RUN_DIR_NAME
+    part = name_too_long(longest)
+    if part is not None:
+        return f"the name {short_repr(part)} is longer than 255 bytes, more than a file system allows"
+    if len(str(longest).encode("utf-8", "surrogateescape")) + 64 > PATH_MAX:
+        return f"{short_repr(str(out_dir))} is too long a path for the run directories below it"
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():
+            return f"{short_repr(str(probe))} is a broken symbolic link"
+        probe = probe.parent
+    if not probe.is_dir():
+        return (f"{short_repr(str(probe))} is a file, not a directory" if probe == out_dir else
+                f"{short_repr(str(probe))} is a file, so no directory can be created below it")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{short_repr(str(probe))} is not writable here, so no run directory can be created in it"
+    return None
+
+
+def path_problems(cfg: Config, np_: int, where: Where) -> list[Problem]:
+    """Checks of the absolute paths of the resolved config and of values that depend on ``np``."""
+    cl, problems = cfg.cluster, []
+    why = output_dir_problem(Path(cfg.output.dir), cfg.job_name)
+    if why is None and cl.controller == "mpi" and ":" in cfg.output.dir:
+        why = (f"{short_repr(cfg.output.dir)} holds ':', which Open MPI's mpirun reads as the start of options "
+               "in --output-filename (the ranks' logs would go elsewhere); use another directory with MPI")
+    if why:
+        problems.append(Problem("output.dir", why, where("output.dir")))
+    if cl.ssh_identity_file is not None:
+        why = plain_path_problem(cl.ssh_identity_file)
+        if why:
+            problems.append(Problem("cluster.ssh_identity_file", why, where("cluster.ssh_identity_file")))
+    if cl.ssh_known_hosts_file is not None and cl.controller == "mpi":
+        # Open MPI splits its ssh command (plm_rsh_agent) at spaces, quotes or not
+        why = plain_path_problem(cl.ssh_known_hosts_file)
+        if why:
+            problems.append(Problem("cluster.ssh_known_hosts_file", why, where("cluster.ssh_known_hosts_file")))
+    if cl.scheduler == "slurm" and cl.slurm is not None:
+        why = setup_problem(cl.slurm.setup)
+        if why:
+            problems.append(Problem("cluster.slurm.setup", why, where("cluster.slurm.setup")))
+    last_rank = max(np_, (cl.elastic.max_np or 0) if cl.elastic else 0) - 1
+    if cfg.train.seed + last_rank >= SEED_LIMIT:
+        # each rank seeds NumPy with train.seed + rank, which must stay below 2**32
+        problems.append(Problem("train.seed", f"{cfg.train.seed} + {last_rank} (the last rank) must stay below "
+                                "2**32, NumPy's seed limit", where("train.seed")))
+    return problems

@@ -7,8 +7,24 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .problems import Problem, short_repr
+from .safety import control_chars, read_text_problem
 
-HOST_RE = re.compile(r"^[\w.-]+$")
+# a host name or IPv4 address, whole (fullmatch): never a leading '-' (ssh would read an option)
+HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}")
+MAX_SLOTS = 65536
+HOST_RULE = "letters, digits, '.', '-', '_' only, not starting with '-' or '.'"
+
+
+def host_problem(host: str) -> Optional[str]:
+    if HOST_RE.fullmatch(host):
+        return None
+    return f"bad host name {short_repr(host)}: {HOST_RULE}"
+
+
+def slots_problem(slots: Optional[str]) -> Optional[str]:
+    if slots is None or not re.fullmatch(r"[0-9]{1,6}", slots) or not 1 <= int(slots) <= MAX_SLOTS:
+        return f"slots must be a positive integer up to {MAX_SLOTS} (got {short_repr(slots)})"
+    return None
 
 
 def split_list(value) -> list[str]:
@@ -26,11 +42,9 @@ def parse_host_entry(entry: Any, path: str, where: str, problems: list[Problem])
         problems.append(Problem(path, f"must be 'host:slots' such as 'localhost:2' (got {short_repr(entry)})", where))
         return None
     host, _, slots = entry.strip().rpartition(":")
-    if not HOST_RE.match(host):
-        problems.append(Problem(path, f"bad host name {host!r}: letters, digits, '.', '-', '_' only", where))
-        return None
-    if not slots.isdigit() or int(slots) < 1:
-        problems.append(Problem(path, f"slots must be a positive integer (got {slots!r} in {entry!r})", where))
+    why = host_problem(host) or slots_problem(slots)
+    if why:
+        problems.append(Problem(path, why, where))
         return None
     return host, int(slots)
 
@@ -47,7 +61,7 @@ def parse_host_list(entries: list, path: str, where, problems: list[Problem]) ->
         if got is None:
             continue
         if got[0] in seen:
-            problems.append(Problem(p, f"duplicate host {got[0]!r} (also {path}[{seen[got[0]]}])", where(p)))
+            problems.append(Problem(p, f"duplicate host {short_repr(got[0])} (also {path}[{seen[got[0]]}])", where(p)))
             continue
         seen[got[0]] = i
         hosts.append(got)
@@ -56,33 +70,40 @@ def parse_host_list(entries: list, path: str, where, problems: list[Problem]) ->
 
 def parse_hostfile(path: Path, cfg_path: str, where: str, problems: list[Problem]) -> list[tuple[str, int]]:
     """Reads 'host slots=N' lines ('#' comments and blank lines allowed); problems name FILE:LINE."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        problems.append(Problem(cfg_path, f"hostfile not found: {path}", where))
-        return []
-    except OSError as exc:
-        problems.append(Problem(cfg_path, f"cannot read hostfile {path}: {exc.strerror}", where))
+    text, why = read_text_problem(path, "hostfile", str(path))
+    if text is None:
+        problems.append(Problem(cfg_path, why, where))
         return []
     hosts: list[tuple[str, int]] = []
     first_line: dict[str, int] = {}
-    for n, raw in enumerate(text.splitlines(), 1):
+    # lines end at '\n' only (str.splitlines would also split at form feeds and Unicode separators)
+    for n, raw in enumerate(text.split("\n"), 1):
+        if len(problems) >= 100:
+            break
+        raw = raw.removesuffix("\r")
+        bad = control_chars(raw, allowed="\t")
+        if bad:
+            problems.append(Problem(cfg_path, f"{path}:{n}: control characters ({', '.join(bad)}) in "
+                                              f"{short_repr(raw)}", where))
+            continue
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        m = re.match(r"^(\S+)(?:\s+slots\s*=\s*(\S+))?$", line)
+        m = re.fullmatch(r"(\S+)(?:\s+slots\s*=\s*(\S+))?", line)
         if not m:
-            problems.append(Problem(cfg_path, f"{path}:{n}: expected 'HOST slots=N', got {raw.strip()!r}", where))
+            problems.append(Problem(cfg_path, f"{path}:{n}: expected 'HOST slots=N', got {short_repr(raw.strip())}",
+                                    where))
             continue
         host, slots = m.group(1), m.group(2)
-        if not HOST_RE.match(host):
-            problems.append(Problem(cfg_path, f"{path}:{n}: bad host name {host!r}", where))
+        if host_problem(host):
+            problems.append(Problem(cfg_path, f"{path}:{n}: {host_problem(host)}", where))
         elif slots is None:
-            problems.append(Problem(cfg_path, f"{path}:{n}: missing 'slots=N' for host {host!r}", where))
-        elif not slots.isdigit() or int(slots) < 1:
-            problems.append(Problem(cfg_path, f"{path}:{n}: slots must be a positive integer (got {slots!r})", where))
+            problems.append(Problem(cfg_path, f"{path}:{n}: missing 'slots=N' for host {short_repr(host)}", where))
+        elif slots_problem(slots):
+            problems.append(Problem(cfg_path, f"{path}:{n}: {slots_problem(slots)}", where))
         elif host in first_line:
-            problems.append(Problem(cfg_path, f"{path}:{n}: duplicate host {host!r} (first on line {first_line[host]})",
+            problems.append(Problem(cfg_path, f"{path}:{n}: duplicate host {short_repr(host)} (first on line "
+                                              f"{first_line[host]})",
                                     where))
         else:
             first_line[host] = n

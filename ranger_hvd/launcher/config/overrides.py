@@ -5,27 +5,27 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import yaml
-
-from .problems import ConfigError, Problem
+from ..formatting import shown
+from .problems import ConfigError, Problem, short_repr
 from .yamlfile import yaml_scalar
 
-_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise ConfigError([Problem(text, "an override must look like KEY=VALUE (e.g. compression.density=0.001)",
+        raise ConfigError([Problem(shown(text), "an override must look like KEY=VALUE (e.g. compression.density=0.001)",
                                    "override")])
     key, value = text.split("=", 1)
     key = key.strip()
-    if not _KEY_RE.match(key):
-        raise ConfigError([Problem(key or "(empty)", "an override key must be a dotted path such as train.epochs",
-                                   "override")])
+    if not _KEY_RE.fullmatch(key):
+        raise ConfigError([Problem(shown(key) if key else "(empty)",
+                                   "an override key must be a dotted path such as train.epochs", "override")])
     try:
         return key, yaml_scalar(value)
-    except yaml.YAMLError as exc:
-        raise ConfigError([Problem(key, f"cannot parse value {value!r} as YAML: {exc}", "override")]) from None
+    except ConfigError as exc:
+        raise ConfigError([Problem(key, f"cannot parse value {short_repr(value)} as YAML: {exc.problems[0].message}",
+                                   "override")]) from None
 
 
 def apply_override(data: dict, key: str, value: Any) -> None:

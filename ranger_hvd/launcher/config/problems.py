@@ -7,6 +7,13 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from ..formatting import clip, short_repr
+
+__all__ = ["ConfigError", "Problem", "clip", "problem_lines", "short_repr", "suggest"]
+
+MAX_MESSAGE = 2000
+MAX_SHOWN = 50      # problems listed one per line; the rest are counted
+
 
 @dataclass
 class Problem:
@@ -15,8 +22,10 @@ class Problem:
     where: str = ""      # "file.yaml:3", "override", "sweep" or ""
 
     def __str__(self) -> str:
-        prefix = f"{self.where}: " if self.where else ""
-        return f"{prefix}{self.path}: {self.message}" if self.path else f"{prefix}{self.message}"
+        # bounded whatever the input: a path or message built from a huge key or value is cut short
+        prefix = f"{clip(self.where, 300)}: " if self.where else ""
+        message = clip(self.message, MAX_MESSAGE)
+        return f"{prefix}{clip(self.path, 300)}: {message}" if self.path else f"{prefix}{message}"
 
 
 class ConfigError(ValueError):
@@ -25,7 +34,7 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[Problem] | str):
         self.problems = [Problem("", problems)] if isinstance(problems, str) else problems
-        super().__init__("\n".join(str(p) for p in self.problems))
+        super().__init__("\n".join(problem_lines(self.problems)))
 
 
 def suggest(word: Any, choices: Iterable[Any]) -> str:
@@ -34,6 +43,9 @@ def suggest(word: Any, choices: Iterable[Any]) -> str:
     return f"; did you mean '{near[0]}'?" if near else ""
 
 
-def short_repr(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def problem_lines(problems: list[Problem]) -> list[str]:
+    """One line per problem, at most MAX_SHOWN of them, then how many more there are."""
+    lines = [str(p) for p in problems[:MAX_SHOWN]]
+    if len(problems) > MAX_SHOWN:
+        lines.append(f"... and {len(problems) - MAX_SHOWN} more")
+    return lines

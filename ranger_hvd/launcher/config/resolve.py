@@ -17,10 +17,11 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ValidationError
 
 from ..slurm_config import SlurmOptions, tasks_per_node
-from .checks import SECTION_CHECKS, config_path, resolve_hosts
+from .checks import SECTION_CHECKS, config_path, path_problems, resolve_hosts
 from .hosts import split_list
 from .overrides import apply_override, parse_overrides
 from .problems import ConfigError, Problem
+from .safety import check_raw
 from .schema import GROUPS, Config
 from .sources import Sources
 from .translate import problems_from
@@ -118,6 +119,7 @@ def _split_groups(data: dict, where: Sources) -> tuple[dict, list[Inactive], lis
 
 def validate(data: dict, where: Sources) -> tuple[Config, list[Inactive]]:
     """The schema, config groups and the file-free checks; raises ConfigError with every problem."""
+    check_raw(data, where)    # control characters, lengths, integer range: before anything reads a value
     data, inactive, problems = _split_groups(data, where)
     try:
         cfg = Config.model_validate(data)
@@ -162,6 +164,9 @@ def load_config(path: Union[str, Path, None], overrides: list[str] = (), *, cwd:
     if problems:
         raise ConfigError(problems)
     cfg = _absolutize(cfg, cwd)
+    problems = path_problems(cfg, np_, where)
+    if problems:
+        raise ConfigError(problems)
 
     sources = {leaf: where.describe(leaf) for leaf in leaf_paths(cfg)}
     if cfg.cluster.np is None:

@@ -20,9 +20,13 @@ from .groups import Group
 
 DEFAULT_ENTRY = "ranger_hvd.jobs"
 SYNTHETIC_SAMPLES = 2048
+SEED_LIMIT = 2**32          # NumPy's seeds are below 2**32 (each rank adds its rank to train.seed)
+MAX_NP = 65536              # ranks of one job
+MAX_JOB_NAME = 100          # a directory name, with room for output.dir and the timestamp
 
-# YAML input: no coercion ("64" is not an int), no unknown keys, defaults validated too
-STRICT = ConfigDict(extra="forbid", strict=True, validate_default=True)
+# YAML input: no coercion ("64" is not an int), no unknown keys, defaults validated too; floats finite
+# (.inf, .nan and 1e400 are errors)
+STRICT = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
 
 class Section(BaseModel):
@@ -30,7 +34,7 @@ class Section(BaseModel):
 
 
 class JobSection(Section):
-    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=MAX_JOB_NAME,
                                 description="run name (directory under output.dir); default MODEL-DATASET")
     backend: Literal["torch", "tensorflow"] = "torch"
     model: Literal["cnn", "rnn", "gan"] = "cnn"
@@ -57,7 +61,7 @@ class TrainSection(Section):
     lr: float = Field(0.05, gt=0.0)
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="cosine: lr * (1 + cos(pi * step / steps of train.epochs)) / 2, from lr to 0")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     momentum: Optional[float] = Field(None, ge=0.0, lt=1.0,
                                       description="SGD momentum on the averaged update (null: 0.9, or 0 when "
                                                   "compression.momentum keeps DGC's momentum in the compressor)")
@@ -127,8 +131,8 @@ CompressionSection = Union[NoCompression, Fp16Compression, RangerCompression]
 class ElasticOptions(Section):
     """Elastic training: horovodrun keeps the job going while workers leave or join (Gloo only)."""
 
-    min_np: int = Field(..., ge=1, description="fewest workers the job continues with (below: it waits)")
-    max_np: Optional[int] = Field(None, ge=1, description="most workers (null: every discovered slot)")
+    min_np: int = Field(..., ge=1, le=MAX_NP, description="fewest workers the job continues with (below: it waits)")
+    max_np: Optional[int] = Field(None, ge=1, le=MAX_NP, description="most workers (null: every discovered slot)")
     discovery_script: Optional[str] = Field(None, min_length=1, description="executable printing one "
                                             "host[:slots] line per available host (null: generated in the run "
                                             "directory from cluster.hosts)")
@@ -143,7 +147,7 @@ class ElasticOptions(Section):
 
 
 class ClusterSection(Section):
-    np: Optional[int] = Field(None, ge=1, description="number of ranks; default: the total slots")
+    np: Optional[int] = Field(None, ge=1, le=MAX_NP, description="number of ranks; default: the total slots")
     hosts: Optional[Union[list[str], str]] = Field(None, description="host:slots entries (or one comma-separated string)")
     hostfile: Optional[str] = Field(None, min_length=1, description="file of 'host slots=N' lines")
     controller: Literal["gloo", "mpi"] = "gloo"
@@ -152,7 +156,9 @@ class ClusterSection(Section):
     network_interfaces: Optional[Union[list[str], str]] = None
     start_timeout: Optional[int] = Field(None, ge=1, description="seconds horovodrun waits for the ranks to start")
     env: list[str] = Field(default_factory=list, description="NAME (forwarded) or NAME=VALUE (set) entries")
-    mpi_args: Optional[str] = Field(None, min_length=1, description="extra mpirun arguments (controller: mpi)")
+    mpi_args: Optional[Union[list[str], str]] = Field(
+        None, description="extra mpirun arguments (controller: mpi): a list, each item one argument (a string is "
+        "split into words as a shell would, with nothing expanded)")
     elastic: Optional[ElasticOptions] = Field(None, description="elastic mode (controller: gloo): workers may "
                                               "leave and join; see docs/launcher.md")
     scheduler: Literal["none", "slurm"] = Field("none", description="slurm: submit with sbatch; hosts come "
