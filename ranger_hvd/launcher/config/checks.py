@@ -19,7 +19,7 @@ from .schema import DEFAULT_ENTRY, SEED_LIMIT, Config
 Where = Callable[[str], str]
 # whole-string grammars (fullmatch): Python's '$' would also match before a final newline
 _ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_NIC_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
+_NIC_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,63}")
 # the longest run directory name below output.dir/<job.name>: a timestamp and a -NNN suffix
 RUN_DIR_NAME = "YYYYmmdd-HHMMSS-999"
 PATH_MAX = 4096
@@ -63,7 +63,7 @@ def check_cluster(cfg: Config, where: Where) -> list[Problem]:
             if not _NIC_RE.fullmatch(nic):
                 p = f"cluster.network_interfaces[{i}]"
                 problems.append(Problem(p, f"bad interface name {short_repr(nic)} (letters, digits, '_', '.', ':', "
-                                           "'@', '-')", where(p)))
+                                           "'@', '-', not starting with '-')", where(p)))
     names: dict[str, int] = {}
     for i, entry in enumerate(cl.env):
         p = f"cluster.env[{i}]"
