@@ -232,7 +232,10 @@ def make_report(run_dirs: list[Path], out_dir: Optional[Path] = None, console: O
         for note in run.notes:
             console.print(f"[yellow]warning:[/] {escape(note)} (left out of the report)", highlight=False)
     out = Path(out_dir) if out_dir else default_out_dir(runs)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot write the report into {out}: {exc.strerror or exc}") from None
     console.print(rich_table(runs, title))
     if len(runs) > 1:
         for run in runs:

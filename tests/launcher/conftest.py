@@ -35,6 +35,35 @@ def tree(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in Path(path).rglob("*")}
 
 
+def assert_refused(root: Path, case: tuple, monkeypatch, capsys) -> None:
+    """A case (id, ROOT/exp.yaml's text, other files {name: text} or a function of ROOT giving them,
+    overrides, dotted path, text of the message): ``launch`` and ``validate`` in-process exit 2 with the
+    path and the text in the message, no line of unbounded length, nothing created, and no process
+    started but ``bash -n`` (the check of cluster.slurm.setup)."""
+    from ranger_hvd.launcher import cli
+
+    _id, text, files, overrides, path, snippet = case
+    files = files(root) if callable(files) else files
+    for name, content in {"exp.yaml": text, **files}.items():
+        (root / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    monkeypatch.chdir(root)
+    before = tree(root)
+    real_popen = subprocess.Popen
+
+    def only_bash_n(argv, *a, **k):
+        assert list(argv)[-1:] == ["-n"], f"a process was started for an invalid config: {argv}"
+        return real_popen(argv, *a, **k)
+
+    monkeypatch.setattr(subprocess, "Popen", only_bash_n)
+    for command in ("launch", "validate"):
+        code = cli.main([command, "exp.yaml", *overrides])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"{path}:" in err and snippet in err, err
+        assert max(len(line) for line in err.splitlines()) < 2500   # never an unbounded value
+        assert tree(root) == before                                 # no run directory, nothing else
+
+
 NETNS_SCRIPT = REPO / "launch" / "netns-hosts.sh"
 
 

@@ -1,6 +1,5 @@
 """Schema, errors, overrides and sources: in-process through ``cli.main`` (fast), a few as subprocesses."""
 
-import subprocess
 import textwrap
 
 import pytest
@@ -12,7 +11,7 @@ from ranger_hvd.launcher import cli
 from ranger_hvd.launcher.config import (ConfigError, TrainSection, job_config, load_config, read_run_config,
                                         show_lines)
 
-from .conftest import REPO, run_cli, tree
+from .conftest import REPO, assert_refused, run_cli, tree
 
 BASE = {
     "job": {"name": "t", "backend": "torch", "model": "cnn"},
@@ -135,24 +134,7 @@ INVALID = [
 
 @pytest.mark.parametrize("case", INVALID, ids=[c[0] for c in INVALID])
 def test_invalid_config_exit_2_names_path_creates_nothing(case, tmp_path, monkeypatch, capsys):
-    _id, text, files, overrides, path, snippet = case
-    (tmp_path / "exp.yaml").write_text(text if text is not None else with_())
-    for name, content in files.items():
-        (tmp_path / name).write_text(content)
-    monkeypatch.chdir(tmp_path)
-    before = tree(tmp_path)
-
-    def no_process(*a, **k):
-        raise AssertionError("a process was started for an invalid config")
-
-    monkeypatch.setattr(subprocess, "Popen", no_process)
-    for command in ("launch", "validate"):
-        code = cli.main([command, "exp.yaml", *overrides])
-        err = capsys.readouterr().err
-        assert code == 2, err
-        assert f"{path}:" in err, err
-        assert snippet in err, err
-        assert tree(tmp_path) == before  # no run directory, nothing else
+    assert_refused(tmp_path, (*case[:1], case[1] if case[1] is not None else with_(), *case[2:]), monkeypatch, capsys)
     assert len(INVALID) >= 30
 
 

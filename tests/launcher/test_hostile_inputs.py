@@ -3,7 +3,6 @@ nothing behind, or, for odd but valid values, works.  In-process through ``cli.m
 launches with such values are in test_hostile_launch.py, the generated values in test_hostile_property.py."""
 
 import json
-import subprocess
 
 import pytest
 import yaml
@@ -16,7 +15,7 @@ from ranger_hvd.launcher.slurm import render_sbatch
 from ranger_hvd.launcher.slurm_config import owned_option, sbatch_words
 from ranger_hvd.launcher.supervisor import ran_the_job
 
-from .conftest import tree
+from .conftest import assert_refused, tree
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "job: {name: *i}\n"
@@ -117,34 +116,9 @@ CASES = [
 ]
 
 
-def _write(tmp_path, files):
-    files = files(tmp_path) if callable(files) else files
-    for name, content in files.items():
-        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_hostile_input_is_exit_2_naming_the_key_and_creates_nothing(case, tmp_path, monkeypatch, capsys):
-    _id, text, files, overrides, path, snippet = case
-    (tmp_path / "exp.yaml").write_bytes(text if isinstance(text, bytes) else (text or "job: {name: t}\n").encode())
-    _write(tmp_path, files)
-    monkeypatch.chdir(tmp_path)
-    before = tree(tmp_path)
-
-    real_popen = subprocess.Popen
-
-    def only_bash_n(argv, *a, **k):   # the one process validation may start: bash -n on the setup lines
-        assert list(argv)[-1:] == ["-n"], f"a process was started for an invalid config: {argv}"
-        return real_popen(argv, *a, **k)
-
-    monkeypatch.setattr(subprocess, "Popen", only_bash_n)
-    for command in ("validate", "launch"):
-        code = cli.main([command, "exp.yaml", *overrides])
-        err = capsys.readouterr().err
-        assert code == 2, err
-        assert f"{path}: " in err and snippet in err, err
-        assert max(len(line) for line in err.splitlines()) < 2500   # never an unbounded value
-        assert tree(tmp_path) == before
+    assert_refused(tmp_path, (*case[:1], case[1] or "job: {name: t}\n", *case[2:]), monkeypatch, capsys)
     assert len(CASES) >= 50
 
 
@@ -316,3 +290,13 @@ def test_launch_refuses_paths_horovodrun_would_paste_into_a_remote_shell(tmp_pat
     assert launch_problem(local, Path("/runs/t/1")) is None        # no remote host: nothing goes over ssh
     problem = launch_problem(local, Path("/old:runs/t/1"))          # launch --resume of a moved run
     assert problem.path == "output.dir" and "Open MPI" in problem.message
+
+
+def test_report_into_a_file_is_exit_2(tmp_path, monkeypatch, capsys):
+    run = _damaged_run(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    assert cli.main(["report", str(run), "--out", "afile/rep"]) == 2
+    assert "cannot write the report into afile/rep" in capsys.readouterr().err
+    assert tree(tmp_path) == before

@@ -65,14 +65,32 @@ def outcome(root: Path, cfg: dict, key: str):
         return None
 
 
+class Launch:
+    """An accepted config's horovodrun command, as a dry run builds it (the dry-run line parses back to it)."""
+
+    def __init__(self, res):
+        self.run_dir = str(planned_run_dir(res, now=0).absolute())
+        self.cmd = build_command(res, self.run_dir, python=PYTHON, environ={"HOME": "/h"}, uid=0,
+                                 project_root=PROJECT)
+        assert shlex.split(self.cmd.line) == self.cmd.argv
+
+    def mpirun(self) -> list[str]:
+        return words(mpirun_line(self.cmd.argv, self.cmd.env))
+
+    def gloo_rank(self, host: str = "localhost") -> tuple[list[str], str]:
+        local, remote = gloo_rank_lines(self.cmd.argv, self.cmd.env, host=host)
+        return words(local), remote
+
+
+def accepted(root: Path, cfg: dict, key: str):
+    """Launch of the config, or None when validation refused it (checked as in :func:`outcome`)."""
+    res = outcome(root, cfg, key)
+    return None if res is None else Launch(res)
+
+
 def base(**cluster) -> dict:
     return {"job": {"name": "t", "entry": "tests.launcher.tiny_job"},
             "cluster": {"np": 1, "hosts": ["localhost:1"], "preflight": False, **cluster}}
-
-
-def command(res):
-    run_dir = str(planned_run_dir(res, now=0).absolute())
-    return run_dir, build_command(res, run_dir, python=PYTHON, environ={"HOME": "/h"}, uid=0, project_root=PROJECT)
 
 
 def words(line: str) -> list[str]:
@@ -81,10 +99,6 @@ def words(line: str) -> list[str]:
 
 def contains(seq: list[str], part: list[str]) -> bool:
     return any(seq[i:i + len(part)] == part for i in range(len(seq) - len(part) + 1))
-
-
-def check_common(cmd) -> None:
-    assert shlex.split(cmd.line) == cmd.argv          # the dry-run line is the argv
 
 
 def make_file(root: Path, name: str, executable: bool = False):
@@ -104,150 +118,120 @@ def make_file(root: Path, name: str, executable: bool = False):
 @FAST
 @given(value=HOSTILE, controller=st.sampled_from(["gloo", "mpi"]))
 def test_output_dir(root, value, controller):
-    res = outcome(root, {**base(controller=controller), "output": {"dir": str(root / ("d" + value))}}, "output.dir")
-    if res is None:
+    out = str(root / ("d" + value))
+    if (run := accepted(root, {**base(controller=controller), "output": {"dir": out}}, "output.dir")) is None:
         return
-    run_dir, cmd = command(res)
-    assert run_dir.startswith(os.path.normpath(str(root / ("d" + value))) + "/")
-    check_common(cmd)
-    tail = ["--config", f"{run_dir}/config.yaml", "--run-dir", run_dir]
+    assert run.run_dir.startswith(os.path.normpath(out) + "/")
+    tail = ["--config", f"{run.run_dir}/config.yaml", "--run-dir", run.run_dir]
     if controller == "mpi":
-        line = words(mpirun_line(cmd.argv, cmd.env))
-        assert contains(line, ["--output-filename", f"{run_dir}/logs"]) and contains(line, tail)
+        assert contains(run.mpirun(), ["--output-filename", f"{run.run_dir}/logs"]) and contains(run.mpirun(), tail)
     else:
-        local, _ = gloo_rank_lines(cmd.argv, cmd.env)
-        assert contains(words(local), tail)
+        assert contains(run.gloo_rank()[0], tail)
 
 
 @FAST
 @given(value=HOSTILE)
 def test_env_value(root, value):
-    res = outcome(root, base(env=[f"V={value}"]), "cluster.env")
-    if res is None:
+    if (run := accepted(root, base(env=[f"V={value}"]), "cluster.env")) is None:
         return
-    _, cmd = command(res)
-    assert cmd.env["V"] == value
-    local, remote = gloo_rank_lines(cmd.argv, cmd.env, host="node7")
-    assert f"V={value}" in words(local)
+    assert run.cmd.env["V"] == value
+    local, remote = run.gloo_rank(host="node7")
+    assert f"V={value}" in local
     on_host = words(remote)[-1]          # what the remote shell runs: cd CWD ...; the rank's command
     assert on_host.startswith(f"cd {os.getcwd()} ") and f"V={value}" in words(on_host.split(" ; ", 1)[1])
-    res = outcome(root, base(env=[f"V={value}"], controller="mpi"), "cluster.env")
-    _, cmd = command(res)
-    assert contains(words(mpirun_line(cmd.argv, cmd.env)), ["-x", "V"]) and cmd.env["V"] == value
+    run = accepted(root, base(env=[f"V={value}"], controller="mpi"), "cluster.env")
+    assert contains(run.mpirun(), ["-x", "V"]) and run.cmd.env["V"] == value
 
 
 @FAST
 @given(value=HOSTILE)
 def test_env_name(root, value):
-    res = outcome(root, base(env=[f"{value}=1"]), "cluster.env")
-    if res is not None:
-        _, cmd = command(res)
-        assert f"{value}=1" in words(gloo_rank_lines(cmd.argv, cmd.env)[0])
+    if (run := accepted(root, base(env=[f"{value}=1"]), "cluster.env")) is not None:
+        assert f"{value}=1" in run.gloo_rank()[0]
 
 
 @FAST
 @given(value=HOSTILE)
 def test_host(root, value):
-    res = outcome(root, base(hosts=[f"{value}:1"]), "cluster.hosts")
-    if res is None:
-        return
-    _, cmd = command(res)
-    ssh = words(ssh_check_line(cmd.argv, value))
-    assert ssh[ssh.index("StrictHostKeyChecking=no") + 1] == value and not value.startswith("-")
-    assert f"{value}:1" in words(mpirun_line(cmd.argv, cmd.env))
+    if (run := accepted(root, base(hosts=[f"{value}:1"]), "cluster.hosts")) is not None:
+        ssh = words(ssh_check_line(run.cmd.argv, value))
+        assert ssh[ssh.index("StrictHostKeyChecking=no") + 1] == value and not value.startswith("-")
+        assert f"{value}:1" in run.mpirun()
 
 
 @FAST
 @given(value=HOSTILE)
 def test_network_interface(root, value):
-    res = outcome(root, base(network_interfaces=[value], controller="mpi"), "cluster.network_interfaces")
-    if res is not None:
-        _, cmd = command(res)
-        assert contains(words(mpirun_line(cmd.argv, cmd.env)), ["btl_tcp_if_include", value])
+    run = accepted(root, base(network_interfaces=[value], controller="mpi"), "cluster.network_interfaces")
+    if run is not None:
+        assert contains(run.mpirun(), ["btl_tcp_if_include", value])
 
 
 @FAST
 @given(value=HOSTILE, as_string=st.booleans())
 def test_mpi_args(root, value, as_string):
     given_args = f"--x {value}" if as_string else ["--x", value]
-    res = outcome(root, base(controller="mpi", mpi_args=given_args), "cluster.mpi_args")
-    if res is None:
-        return
-    _, cmd = command(res)
-    check_common(cmd)
-    expected = mpi_arg_list(given_args)
-    assert contains(words(mpirun_line(cmd.argv, cmd.env)), expected)
+    if (run := accepted(root, base(controller="mpi", mpi_args=given_args), "cluster.mpi_args")) is not None:
+        assert contains(run.mpirun(), mpi_arg_list(given_args))
 
 
 @FAST
 @given(value=HOSTILE, controller=st.sampled_from(["gloo", "mpi"]))
 def test_ssh_identity_file(root, value, controller):
-    key = make_file(root, "k" + value)
-    if key is None:
+    if (key := make_file(root, "k" + value)) is None:
         return
-    res = outcome(root, base(controller=controller, ssh_identity_file=str(key)), "cluster.ssh_identity_file")
-    if res is None:
+    run = accepted(root, base(controller=controller, ssh_identity_file=str(key)), "cluster.ssh_identity_file")
+    if run is None:
         return
-    _, cmd = command(res)
-    assert contains(words(ssh_check_line(cmd.argv, "node7")), ["-i", str(key)])
+    assert contains(words(ssh_check_line(run.cmd.argv, "node7")), ["-i", str(key)])
     if controller == "mpi":   # inside "...", then split at white space by Open MPI
-        line = words(mpirun_line(cmd.argv, cmd.env))
+        line = run.mpirun()
         assert line[line.index("plm_rsh_args") + 1].split() == ["-i", str(key)]
 
 
 @FAST
 @given(value=HOSTILE)
 def test_ssh_known_hosts_file(root, value):
-    known = make_file(root, "h" + value)
-    if known is None:
+    if (known := make_file(root, "h" + value)) is None:
         return
-    res = outcome(root, base(controller="mpi", ssh_known_hosts_file=str(known)), "cluster.ssh_known_hosts_file")
-    if res is None:
-        return
-    _, cmd = command(res)
-    line = words(mpirun_line(cmd.argv, cmd.env))
-    agent = line[line.index("plm_rsh_agent") + 1]
-    assert agent.split() == ["ssh", "-o", f"UserKnownHostsFile={known}"]   # Open MPI splits it at spaces
+    run = accepted(root, base(controller="mpi", ssh_known_hosts_file=str(known)), "cluster.ssh_known_hosts_file")
+    if run is not None:
+        line = run.mpirun()
+        agent = line[line.index("plm_rsh_agent") + 1]
+        assert agent.split() == ["ssh", "-o", f"UserKnownHostsFile={known}"]   # Open MPI splits it at spaces
 
 
 @FAST
 @given(value=HOSTILE)
 def test_discovery_script(root, value):
-    script = make_file(root, "s" + value, executable=True)
-    if script is None:
+    if (script := make_file(root, "s" + value, executable=True)) is None:
         return
     cfg = base(elastic={"min_np": 1, "discovery_script": str(script)})
     del cfg["cluster"]["hosts"]
-    res = outcome(root, cfg, "cluster.elastic.discovery_script")
-    if res is not None:
-        _, cmd = command(res)
-        assert words(discovery_line(cmd.argv)) == [str(script)]
+    if (run := accepted(root, cfg, "cluster.elastic.discovery_script")) is not None:
+        assert words(discovery_line(run.cmd.argv)) == [str(script)]
 
 
 @FAST
 @given(value=HOSTILE)
 def test_generated_discovery_script_in_a_hostile_run_dir(root, value):
     cfg = {**base(elastic={"min_np": 1}), "output": {"dir": str(root / ("e" + value))}}
-    res = outcome(root, cfg, "output.dir")
-    if res is None:
+    if (run := accepted(root, cfg, "output.dir")) is None:
         return
-    run_dir, cmd = command(res)
-    assert words(discovery_line(cmd.argv)) == [f"{run_dir}/elastic/discover-hosts.sh"]
-    text = script_text(hosts_file(run_dir))
+    assert words(discovery_line(run.cmd.argv)) == [f"{run.run_dir}/elastic/discover-hosts.sh"]
+    text = script_text(hosts_file(run.run_dir))
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
-    assert words(text.splitlines()[-1])[-1] == str(hosts_file(run_dir))
+    assert words(text.splitlines()[-1])[-1] == str(hosts_file(run.run_dir))
 
 
 @FAST
 @given(value=HOSTILE)
 def test_paths_only_the_jobs_read(root, value):
     cfg = {**base(), "data": {"dataset": "mnist", "dir": str(root / ("m" + value))}}
-    res = outcome(root, cfg, "data.dir")
-    if res is None:
-        return
-    written = root / "run-config.yaml"
-    written.write_text(yaml.safe_dump(res.resolved_dict()))
-    assert read_run_config(written).data.dir == res.config.data.dir   # the rank reads what was resolved
+    if (res := outcome(root, cfg, "data.dir")) is not None:
+        written = root / "run-config.yaml"
+        written.write_text(yaml.safe_dump(res.resolved_dict()))
+        assert read_run_config(written).data.dir == res.config.data.dir   # the rank reads what was resolved
 
 
 @FAST
@@ -255,15 +239,12 @@ def test_paths_only_the_jobs_read(root, value):
 def test_job_names(root, value, key):
     cfg = base()
     cfg["job"][key.split(".")[1]] = value
-    res = outcome(root, cfg, key)
-    if res is None:
+    if (run := accepted(root, cfg, key)) is None:
         return
-    run_dir, cmd = command(res)
-    check_common(cmd)
     if key == "job.name":
-        assert Path(run_dir).parent.name == value
+        assert Path(run.run_dir).parent.name == value
     else:
-        assert contains(cmd.argv, [PYTHON, "-m", value])
+        assert contains(run.cmd.argv, [PYTHON, "-m", value])
 
 
 SLURM_KEYS = ["partition", "account", "time", "modules", "sbatch_lines", "setup", "output.dir"]
