@@ -78,6 +78,8 @@ class Records:
 def read_records(path: Path) -> Records:
     """Every usable record of a metrics.jsonl (missing file: none); unusable lines are counted."""
     out = Records()
+    if not Path(path).is_file():      # missing, or not a regular file (a pipe would block)
+        return out
     try:
         fh = open(path, "rb")
     except OSError:

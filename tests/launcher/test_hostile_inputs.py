@@ -3,6 +3,7 @@ nothing behind, or, for odd but valid values, works.  In-process through ``cli.m
 launches with such values are in test_hostile_launch.py, the generated values in test_hostile_property.py."""
 
 import json
+import os
 
 import pytest
 import yaml
@@ -122,13 +123,16 @@ def test_hostile_input_is_exit_2_naming_the_key_and_creates_nothing(case, tmp_pa
     assert len(CASES) >= 50
 
 
-def test_dev_zero_is_refused_quickly(tmp_path, monkeypatch, capsys):
+def test_devices_and_pipes_are_refused_without_reading(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["validate", "/dev/zero"]) == 2
-    assert "config file /dev/zero is larger than 1024 KiB" in capsys.readouterr().err
-    (tmp_path / "exp.yaml").write_text("cluster: {hostfile: /dev/zero}\n")
-    assert cli.main(["validate", "exp.yaml"]) == 2
-    assert "cluster.hostfile: hostfile /dev/zero is larger than" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "fifo")     # nobody writes it: reading would wait forever
+    for source in ("/dev/zero", "fifo"):
+        assert cli.main(["validate", source]) == 2
+        assert f"config file {source} is not a regular file" in capsys.readouterr().err
+        (tmp_path / "exp.yaml").write_text(f"cluster: {{hostfile: {source}}}\n")
+        assert cli.main(["validate", "exp.yaml"]) == 2
+        assert f"cluster.hostfile: hostfile {tmp_path / source if source == 'fifo' else source} is not a regular file" \
+            in capsys.readouterr().err
 
 
 def test_many_problems_are_listed_up_to_a_limit(tmp_path, monkeypatch, capsys):

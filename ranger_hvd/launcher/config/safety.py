@@ -14,7 +14,10 @@ run directory's ``config.yaml`` the jobs read):
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,12 +52,17 @@ def control_chars(text: str, allowed: str = "") -> list[str]:
 
 
 def read_bounded(path: Path, what: str, limit: int = MAX_CONFIG_BYTES, display: str | None = None) -> str:
-    """The text of a small file (a config, a hostfile): at most ``limit`` bytes of UTF-8, read without
-    following an endless device to its end.  Raises OSError (as open() does) or ValueError with a message
-    that names the file."""
+    """The text of a small regular file (a config, a hostfile): at most ``limit`` bytes of UTF-8 (a device
+    such as /dev/zero, or a pipe that may never end or never be written, is refused).  Raises OSError (as
+    open() does) or ValueError with a message that names the file."""
+    name = display or str(path)
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} {name} is not a regular file (a device, pipe or socket)")
     with open(path, "rb") as fh:
         data = fh.read(limit + 1)
-    name = display or str(path)
     if len(data) > limit:
         raise ValueError(f"{what} {name} is larger than {limit // 1024} KiB (is it the right file?)")
     try:
