@@ -164,8 +164,7 @@ class ErrorFeedback:
         for j, state, (acc, indices), u, k in zip(live, live_states, selected, velocities, ks):
             values = ops.gather(acc, indices)
             masked = u if o.momentum_masking else None
-            if o.check_finite:
-                ops.remember_sent(state, indices, values, masked)
+            ops.remember_sent(state, indices, values, masked)
             ops.keep_unsent(state, acc, masked, indices, values)
             ops.advance(state)
             out[j] = (indices, values, k)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 ValueDType = Literal["float32", "float16", "bfloat16"]
 Selection = Literal["topk", "random"]
 NonFinite = Literal["skip", "raise"]
+Exchange = Literal["allgather", "global_topk"]
 
 # Bytes per element of each value dtype that can travel; indices always travel as int32.
 VALUE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -69,6 +70,12 @@ class RangerOptions(BaseModel):
         workers, but random coordinates carry much less of the gradient than the largest ones.
     seed
         Seed of the shared random-k coordinates (``selection="random"``).
+    exchange
+        How top-k pairs travel. ``"allgather"`` (default): every rank receives every other rank's k
+        pairs, (N-1)·k per tensor, the least latency for few workers. ``"global_topk"``: a sparse
+        reduce-scatter to index-range owners, who keep about k of the summed entries, then an
+        allgather of those: about 2·k pairs received per rank whatever N is, and the pairs the
+        owners do not keep go back into their senders' residuals (``core/global_topk.py``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -87,6 +94,7 @@ class RangerOptions(BaseModel):
     sample_fraction: float = Field(0.01, gt=0.0, le=1.0)
     selection: Selection = "topk"
     seed: int = Field(0, ge=0)
+    exchange: Exchange = "allgather"
 
     @model_validator(mode="after")
     def _warmup_starts_denser(self) -> "RangerOptions":
@@ -102,6 +110,13 @@ class RangerOptions(BaseModel):
         if self.nonfinite != "skip" and not self.check_finite:
             raise ValueError(f"nonfinite={self.nonfinite!r} has no effect with check_finite=False: "
                              "nothing looks for NaN or Inf")
+        return self
+
+    @model_validator(mode="after")
+    def _global_needs_topk(self) -> "RangerOptions":
+        if self.exchange == "global_topk" and self.selection != "topk":
+            raise ValueError("exchange 'global_topk' needs selection 'topk': random-k already "
+                             "travels through Horovod's allreduce, whose traffic does not grow with N")
         return self
 
     @model_validator(mode="after")

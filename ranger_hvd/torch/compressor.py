@@ -40,6 +40,7 @@ import torch
 
 from ranger_hvd import core
 
+from .global_topk import GlobalTopk
 from .state import NonFiniteGradientError, TensorState, TorchOps, all_finite  # noqa: F401
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,7 +50,7 @@ _SEARCH_DEPTH = 6  # frames between compress() and Horovod's optimizer (grouped:
 @dataclass
 class _Context:
     """What :meth:`RangerCompressor.decompress` needs; stays on this rank."""
-    kind: str                      # "dense", "random" or "topk"
+    kind: str                      # "dense", "random", "topk" or "global"
     shape: torch.Size
     dtype: torch.dtype
     indices: torch.Tensor | None = None   # random: the shared coordinates
@@ -131,6 +132,8 @@ class RangerCompressor:
         # before a tensor of the step comes again).
         self.round = StepRound(self.engine)
         self._in_flight = 0
+        self._global = GlobalTopk(self)
+        self._received = 0   # bytes the collectives brought from other ranks (see stats())
         if named_parameters is not None:
             self.set_named_parameters(named_parameters)
         self.world_size: int | None = None   # read from Horovod on first use; tests may set it
@@ -255,11 +258,14 @@ class RangerCompressor:
             values = values.to(torch.float32 if values.dtype == torch.bfloat16 else values.dtype,
                                copy=True)
             return values, _Context("random", shape, dtype, indices=indices, name=name)
+        token = torch.ones(1, dtype=torch.float32, device=tensor.device)
+        if self.options.exchange == "global_topk":
+            self._global.start(name, math.prod(shape), indices, values, process_set)
+            return token, _Context("global", shape, dtype, name=name)
         import horovod.torch as hvd
 
         kwargs = {} if process_set is None else {"process_set": process_set}
         handle = hvd.allgather_async(_payload(indices, values), name=f"ranger.topk.{name}", **kwargs)
-        token = torch.ones(1, dtype=torch.float32, device=tensor.device)
         return token, _Context("topk", shape, dtype, handle=handle, k=indices.numel(), name=name)
 
     def decompress(self, tensor: torch.Tensor, ctx: _Context | None) -> torch.Tensor:
@@ -271,9 +277,16 @@ class RangerCompressor:
         if ctx is None:
             return tensor
         self._in_flight -= 1
+        self._received += tensor.numel() * tensor.element_size()   # the allreduced tensor or token
         if ctx.kind == "dense":
             self.round.check([ctx.name], [tensor])
             return tensor.to(ctx.dtype).view(ctx.shape)
+        if ctx.kind == "global":
+            g_idx, g_sums, world = self._global.finish(ctx.name)
+            self.round.check([ctx.name], [g_sums])
+            out = self._output(ctx, tensor.device)
+            scale = round(float(tensor.reshape(-1)[0])) / world
+            return out.index_add_(0, g_idx, g_sums.to(out.dtype), alpha=scale).view(ctx.shape)
         if ctx.kind == "random":
             self.round.check([ctx.name], [tensor])
             out = self._output(ctx, tensor.device)
@@ -282,6 +295,7 @@ class RangerCompressor:
         import horovod.torch as hvd
 
         gathered = hvd.synchronize(ctx.handle)
+        self._received += gathered.numel() - self._row_bytes(ctx.k)
         self.round.check([ctx.name], [self._gathered_values(gathered, ctx.k)])
         out = self._output(ctx, tensor.device)
         world = gathered.numel() // self._row_bytes(ctx.k)
@@ -345,6 +359,7 @@ class RangerCompressor:
         ``bytes_dense``, what plain fp32 allreduce of the same tensors would have handed over."""
         out = self._stats.as_dict()
         out["steps"] = max([out["steps"]] + [st.step for st in self._state.values()])
+        out["bytes_received"] = self._received
         return out
 
     def residual_norms(self) -> dict[str, float]:
@@ -372,7 +387,9 @@ class RangerCompressor:
             }
         stats = self._stats.as_dict()
         stats.pop("compression_ratio", None)
-        return {"options": self.options.model_dump(), "tensors": tensors, "stats": stats}
+        stats["bytes_received"] = self._received
+        return {"options": self.options.model_dump(), "tensors": tensors, "stats": stats,
+                "global_selection": self._global.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores residuals, momentum buffers, step counters and byte counts (options stay)."""
@@ -383,6 +400,9 @@ class RangerCompressor:
                 velocity=None if t.get("velocity") is None else t["velocity"].clone(),
                 step=int(t.get("step", 0)))
         self._stats.load(state.get("stats", {}))
+        self._received = int(state.get("stats", {}).get("bytes_received", 0))
+        # the ranges of the global exchange follow the last selection: part of the state
+        self._global.load_state_dict(state.get("global_selection", {}))
 
     def __repr__(self) -> str:
         o = self.options

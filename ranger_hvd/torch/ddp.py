@@ -54,6 +54,9 @@ class RangerHookState:
         if options.get("selection", "topk") != "topk":
             raise ValueError("ranger_hook exchanges top-k pairs; selection='random' is for "
                              "Horovod's compression= hook")
+        if options.get("exchange", "allgather") != "allgather":
+            raise ValueError("ranger_hook has the allgather exchange only; exchange="
+                             f"{options['exchange']!r} is for Horovod's compression= hook so far")
         self.compressor = RangerCompressor(density=density, momentum=momentum,
                                            min_elements=min_elements, **options)
         self.options = self.compressor.options

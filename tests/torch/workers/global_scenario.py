@@ -1,0 +1,111 @@
+"""``exchange="global_topk"`` under Horovod's optimizer: equality at d = 1, the drain, the bytes.
+
+equal     d = 1 with global_topk equals plain Horovod step after step (Average, Sum)
+drain     some steps with gradients, then zero gradients: every gradient delivered, none twice
+bytes     a 1M-entry tensor at d = 0.01: bytes this rank received per step, global_topk and allgather
+"""
+
+from __future__ import annotations
+
+from common import max_diff, params_of
+
+import torch
+import horovod.torch as hvd
+
+from ranger_hvd.torch import RangerCompressor
+from tests.hvdrun import report
+
+hvd.init()
+RANK, SIZE = hvd.rank(), hvd.size()
+out: dict = {"rank": RANK, "size": SIZE}
+
+
+def make():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(30, 60), torch.nn.Tanh(), torch.nn.Linear(60, 5))
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(100 * RANK + step)
+    return torch.randn(16, 30, generator=g), torch.randn(16, 5, generator=g)
+
+
+def equal(op, tag):
+    traces = []
+    for comp in (hvd.Compression.none, RangerCompressor(density=1.0, min_elements=100,
+                                                        exchange="global_topk")):
+        model = make()
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5),
+                                       named_parameters=[(f"{tag}{len(traces)}.{n}", p)
+                                                         for n, p in model.named_parameters()],
+                                       compression=comp, op=op)
+        trace = []
+        for step in range(4):
+            x, y = batch(step)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            trace.append(params_of(model))
+        traces.append(trace)
+    return {"diffs": [max_diff(a, b) for a, b in zip(*traces)],
+            "moved": max_diff(traces[0][-1], traces[0][0])}
+
+
+def drain():
+    model = make()
+    comp = RangerCompressor(density=0.2, min_elements=100, exchange="global_topk")
+    named = [(f"drain.{n}", p) for n, p in model.named_parameters()]
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0),
+                                   named_parameters=named, compression=comp)
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
+    delivered = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
+    # 3 steps with gradients, then nothing new: an index leaves a rank's residual only when that
+    # rank sends it and its owner keeps it, so draining takes up to about N*n/k steps
+    for step in range(40):
+        x, y = batch(step)
+        scale = 1.0 if step < 3 else 0.0
+        loss = scale * torch.nn.functional.mse_loss(model(x), y)
+        for t, g in zip(total, torch.autograd.grad(loss, list(model.parameters()))):
+            t += g.double()
+        (scale * torch.nn.functional.mse_loss(model(x), y)).backward()
+        opt.synchronize()
+        for d, p in zip(delivered, model.parameters()):
+            d += p.grad.double()
+        with opt.skip_synchronize():
+            opt.step()
+        opt.zero_grad()
+    worst = 0.0
+    for j, (d, t) in enumerate(zip(delivered, total)):
+        avg = hvd.allreduce(t, name=f"drain.total.{j}")
+        worst = max(worst, float((d - avg).abs().max()) / (float(avg.abs().max()) or 1.0))
+    residual = sum(float(st.residual.abs().sum()) for st in comp._state.values()
+                   if st.residual is not None)
+    return {"error": worst, "residual": residual}
+
+
+def received_per_step(exchange):
+    """One 1000x1000 weight (1M entries), d = 0.01, 3 steps: bytes received per step."""
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.zeros(1000, 1000))
+    comp = RangerCompressor(density=0.01, min_elements=1000, exchange=exchange)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=0.1),
+                                   named_parameters=[(f"big.{exchange}", w)], compression=comp)
+    per_step, before = [], 0
+    for step in range(3):
+        g = torch.Generator().manual_seed(7 * RANK + step)
+        (w * torch.randn(1000, 1000, generator=g)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        now = comp.stats()["bytes_received"]
+        per_step.append(now - before)
+        before = now
+    return per_step
+
+
+out["equal_average"] = equal(hvd.Average, "ea")
+out["equal_sum"] = equal(hvd.Sum, "es")
+out["drain"] = drain()
+out["bytes_global"] = received_per_step("global_topk")
+out["bytes_allgather"] = received_per_step("allgather")
+# the busiest rank is what bounds a step: every rank reports, the test takes the maximum
+report(RANK, out)
