@@ -31,6 +31,9 @@ SPECS = {
                          "embedding and decoder", 4, "4 sequences of 20 tokens", 11, 38_312_446),
     "lstm-small": ModelSpec("lstm-small", "torch", "LSTM LM, vocab 8000, 1x128 LSTM, 128-wide "
                             "embedding and decoder", 4, "4 sequences of 20 tokens", 7, 2_188_096),
+    "mlp-102": ModelSpec("mlp-102", "torch", "MLP of 51 linear layers (49 of 512x512, a 1024-wide "
+                         "input and a 10-way output): many small tensors", 32,
+                         "32 vectors of 1024, 10 classes", 102, 13_400_074),
     "keras-resnet50": ModelSpec("keras-resnet50", "tf", "Keras ResNet50 (weights=None)", 4,
                                 f"4 images {IMAGE}x{IMAGE}x3, 1000 classes", None, 25_583_592),
 }
@@ -62,6 +65,17 @@ def torch_model(name: str):
 
         def loss_fn(logits, targets):
             return nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+    elif name == "mlp-102":
+        layers = [nn.Linear(1024, 512), nn.ReLU()]
+        for _ in range(49):
+            layers += [nn.Linear(512, 512), nn.ReLU()]
+        model = nn.Sequential(*layers, nn.Linear(512, 10))
+
+        def make_batch(gen):
+            return (torch.randn(spec.batch, 1024, generator=gen),
+                    torch.randint(0, 10, (spec.batch,), generator=gen))
+
+        loss_fn = nn.CrossEntropyLoss()
     else:
         raise ValueError(f"not a PyTorch benchmark model: {name!r}")
     params = [p for p in model.parameters() if p.requires_grad]

@@ -19,6 +19,8 @@ def mode_label(mode: str) -> str:
         return f"ranger d={mode.split('-', 1)[1]}"
     if mode.startswith("hook-"):
         return f"ranger hook d={mode.split('-', 1)[1]}"
+    if mode.startswith("global-"):
+        return f"ranger global top-k d={mode.split('-', 1)[1]}"
     return MODE_LABELS.get(mode, mode)
 
 

@@ -26,16 +26,17 @@ LR = 0.001
 
 
 def parse_mode(mode: str) -> tuple[str, float | None]:
-    """"dense" / "fp16" / "floor" / "ranger-D" / "hook-D" -> (kind, density).
+    """"dense" / "fp16" / "floor" / "ranger-D" / "hook-D" / "global-D" -> (kind, density).
 
     ``ranger-D`` is ranger_hvd's own entry point (PyTorch: Horovod's optimizer with
     ``compression=RangerCompressor``; TensorFlow: ``ranger_hvd.tensorflow.DistributedGradientTape``,
     which batches a step into one allgather and one allreduce); ``hook-D`` is always Horovod's own
     optimizer or tape with ``compression=RangerCompressor`` (on PyTorch the same path as
-    ``ranger-D``)."""
+    ``ranger-D``); ``global-D`` is Horovod's optimizer with
+    ``RangerCompressor(exchange="global_topk")`` (PyTorch only)."""
     if mode in ("compute", "dense", "fp16", "floor"):
         return mode, None
-    for kind in ("ranger", "hook"):
+    for kind in ("ranger", "hook", "global"):
         if mode.startswith(kind + "-"):
             return kind, float(mode.split("-", 1)[1])
     raise ValueError(f"unknown mode {mode!r}")
@@ -149,7 +150,8 @@ def run_torch(args) -> tuple[dict, object]:
                 floor = TokensOnly(lambda t: t.reshape(-1)[:1].clone(), zero_grad)
                 opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=floor)
             else:
-                comp = TimedCompressor(density=density)
+                exchange = "global_topk" if kind == "global" else "allgather"
+                comp = TimedCompressor(density=density, exchange=exchange)
                 opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
 
         def step(model=model, opt=opt, loss_fn=loss_fn):
@@ -188,6 +190,8 @@ def run_tf(args) -> tuple[dict, object]:
         opt = tf.keras.optimizers.SGD(LR)
         loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=False)
         comp = None
+        if kind == "global":
+            raise ValueError("global-D runs on PyTorch models only (TensorFlow has no global_topk)")
         if kind == "ranger":   # ranger_hvd's tape keys its state by variable
             comp = RangerCompressor(density=density, name=f"bench_{mode}")
         elif kind == "hook":   # Horovod's tape hands the compressor tensors in this order

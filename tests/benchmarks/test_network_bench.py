@@ -214,5 +214,16 @@ def test_modes_name_the_entry_point():
     assert parse_mode("ranger-0.01") == ("ranger", 0.01) and parse_mode("hook-0.001") == ("hook", 0.001)
     assert mode_label("ranger-0.01") == "ranger d=0.01"
     assert mode_label("hook-0.001") == "ranger hook d=0.001"
+    assert parse_mode("global-0.01") == ("global", 0.01)
+    assert mode_label("global-0.01") == "ranger global top-k d=0.01"
     with pytest.raises(ValueError):
         parse_mode("topk-0.01")
+
+
+def test_global_top_k_only_on_pytorch_models(tmp_path):
+    proc = _bench(["--models", "keras-resnet50", "mlp-102", "--modes", "global-0.01",
+                   "--out", str(tmp_path)])
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    assert "--modes global-0.01: global top-k runs on PyTorch models only, not keras-resnet50" in out
+    assert "not mlp-102" not in out
