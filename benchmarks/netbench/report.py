@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 
 MODE_LABELS = {"compute": "compute only", "dense": "dense fp32", "fp16": "Horovod fp16",
-               "floor": "hook floor"}
+               "floor": "hook floor", "ddp": "DDP fp32"}
 
 
 def mode_label(mode: str) -> str:
@@ -19,6 +19,8 @@ def mode_label(mode: str) -> str:
         return f"ranger d={mode.split('-', 1)[1]}"
     if mode.startswith("hook-"):
         return f"ranger hook d={mode.split('-', 1)[1]}"
+    if mode.startswith("ddp-"):
+        return f"DDP + ranger_hook d={mode.split('-', 1)[1]}"
     if mode.startswith("global-"):
         return f"ranger global top-k d={mode.split('-', 1)[1]}"
     return MODE_LABELS.get(mode, mode)

@@ -33,10 +33,11 @@ def parse_mode(mode: str) -> tuple[str, float | None]:
     which batches a step into one allgather and one allreduce); ``hook-D`` is always Horovod's own
     optimizer or tape with ``compression=RangerCompressor`` (on PyTorch the same path as
     ``ranger-D``); ``global-D`` is Horovod's optimizer with
-    ``RangerCompressor(exchange="global_topk")`` (PyTorch only)."""
-    if mode in ("compute", "dense", "fp16", "floor"):
+    ``RangerCompressor(exchange="global_topk")``; ``ddp`` is PyTorch's DistributedDataParallel
+    over Gloo with its own allreduce and ``ddp-D`` the same with ``ranger_hook`` (PyTorch only)."""
+    if mode in ("compute", "dense", "fp16", "floor", "ddp"):
         return mode, None
-    for kind in ("ranger", "hook", "global"):
+    for kind in ("ranger", "hook", "global", "ddp"):
         if mode.startswith(kind + "-"):
             return kind, float(mode.split("-", 1)[1])
     raise ValueError(f"unknown mode {mode!r}")
@@ -119,6 +120,8 @@ def run_torch(args) -> tuple[dict, object]:
     def barrier(tag):
         hvd.allreduce(torch.zeros(1), name=f"bench.barrier.{tag}")
 
+    if any(parse_mode(m)[0] == "ddp" for m in args.modes):
+        _init_torch_distributed(hvd)
     gen = torch.Generator().manual_seed(1000 + hvd.rank())
     inputs = targets = None  # one fixed batch per rank, shared by every mode
     runners = {}
@@ -135,7 +138,9 @@ def run_torch(args) -> tuple[dict, object]:
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)
             # names of their own per mode: no two modes' collectives can ever be confused
             named = [(f"{mode}/{n}", p) for n, p in model.named_parameters()]
-            if kind == "dense":
+            if kind == "ddp":
+                model, comp = _ddp(model, density)
+            elif kind == "dense":
                 opt = hvd.DistributedOptimizer(opt, named_parameters=named)
             elif kind == "fp16":
                 opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=hvd.Compression.fp16)
@@ -165,6 +170,46 @@ def run_torch(args) -> tuple[dict, object]:
                    lambda p: p.numel(), lambda p: p.element_size()), hvd
 
 
+def _init_torch_distributed(hvd) -> None:
+    """torch.distributed (Gloo) over the ranks horovodrun started: rank 0 picks a free port on its
+    address (each test host maps the hostname to its own) and broadcasts it."""
+    import torch.distributed as dist
+
+    address = None
+    if hvd.rank() == 0:
+        host = socket.gethostbyname(socket.gethostname())
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            address = f"{host}:{probe.getsockname()[1]}"
+    address = hvd.broadcast_object(address, root_rank=0, name="bench.ddp.address")
+    dist.init_process_group("gloo", init_method=f"tcp://{address}", rank=hvd.rank(),
+                            world_size=hvd.size())
+
+
+def _ddp(model, density):
+    """The model under DistributedDataParallel, with ``ranger_hook`` at ``density`` (or DDP's own
+    allreduce for None); returns (wrapped model, hook state or None)."""
+    from torch.nn.parallel import DistributedDataParallel
+    from ranger_hvd.torch.ddp import RangerHookState, ranger_hook
+
+    state = None
+    named = list(model.named_parameters())
+    model = DistributedDataParallel(model)
+    if density is not None:
+        state = RangerHookState(named, density=density)
+        state.compress_s = state.decompress_s = 0.0   # not split for DDP: its hook runs both
+
+        def timed(st, bucket):
+            start = time.perf_counter()
+            try:
+                return ranger_hook(st, bucket)
+            finally:
+                st.compress_s += time.perf_counter() - start
+
+        model.register_comm_hook(state, timed)
+    return model, state
+
+
 # -------------------------------------------------------------------------------------- TensorFlow
 def run_tf(args) -> tuple[dict, object]:
     import numpy as np
@@ -190,8 +235,8 @@ def run_tf(args) -> tuple[dict, object]:
         opt = tf.keras.optimizers.SGD(LR)
         loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=False)
         comp = None
-        if kind == "global":
-            raise ValueError("global-D runs on PyTorch models only (TensorFlow has no global_topk)")
+        if kind in ("global", "ddp"):
+            raise ValueError(f"{mode} runs on PyTorch models only")
         if kind == "ranger":   # ranger_hvd's tape keys its state by variable
             comp = RangerCompressor(density=density, name=f"bench_{mode}")
         elif kind == "hook":   # Horovod's tape hands the compressor tensors in this order
@@ -253,7 +298,7 @@ def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize) 
           f"{1e3 * sorted(times)[len(times) // 2]:.0f} ms over {len(times)} steps", flush=True)
     if kind == "compute":
         fig["bytes_per_step"] = 0
-    elif kind in ("dense", "fp16"):
+    elif kind in ("dense", "fp16") or (kind == "ddp" and comp is None):
         fig["bytes_per_step"] = sum(numel(p) * (2 if kind == "fp16" else itemsize(p)) for p in params)
     elif kind == "floor":
         fig["bytes_per_step"] = sum(itemsize(p) for p in params)   # one entry of each gradient

@@ -215,6 +215,8 @@ def test_modes_name_the_entry_point():
     assert mode_label("ranger-0.01") == "ranger d=0.01"
     assert mode_label("hook-0.001") == "ranger hook d=0.001"
     assert parse_mode("global-0.01") == ("global", 0.01)
+    assert parse_mode("ddp") == ("ddp", None) and parse_mode("ddp-0.01") == ("ddp", 0.01)
+    assert mode_label("ddp-0.01") == "DDP + ranger_hook d=0.01"
     assert mode_label("global-0.01") == "ranger global top-k d=0.01"
     with pytest.raises(ValueError):
         parse_mode("topk-0.01")
@@ -225,5 +227,5 @@ def test_global_top_k_only_on_pytorch_models(tmp_path):
                    "--out", str(tmp_path)])
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2, out
-    assert "--modes global-0.01: global top-k runs on PyTorch models only, not keras-resnet50" in out
+    assert "--modes global-0.01: runs on PyTorch models only, not keras-resnet50" in out
     assert "not mlp-102" not in out
