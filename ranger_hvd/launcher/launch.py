@@ -54,13 +54,20 @@ def launch_problem(res: Resolved, run_dir: Path) -> Optional[Problem]:
     from .preflight import remote_hosts
 
     if res.hosts and remote_hosts(res):
-        paths = [("interpreter", sys.executable)] + ([("working directory", os.getcwd())]
-                                                     if cl.controller == "gloo" else [])
-        for what, path in paths:
-            if shlex.quote(path) != path:
-                return Problem("cluster.hosts", f"horovodrun starts remote hosts with ssh command lines that hold "
-                                                f"this {what} unquoted ({short_repr(path)}): use one whose path "
-                                                "has no spaces or shell characters")
+        return remote_paths_problem(cl.controller, "cluster.hosts")
+    return None
+
+
+def remote_paths_problem(controller: str, key: str) -> Optional[Problem]:
+    """horovodrun starts other hosts with ssh lines holding this interpreter's path and (Gloo) the working
+    directory unquoted: both must be free of spaces and shell characters."""
+    paths = [("interpreter", sys.executable)] + ([("working directory", os.getcwd())]
+                                                 if controller == "gloo" else [])
+    for what, path in paths:
+        if shlex.quote(path) != path:
+            return Problem(key, f"horovodrun starts other hosts with ssh command lines that hold this {what} "
+                                f"unquoted ({short_repr(path)}): use one whose path has no spaces or shell "
+                                "characters")
     return None
 
 

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from .config import Resolved
 from .formatting import clip
+from .launch import remote_paths_problem
 from .progress import MetricsTail, progress_line
 from .records import read_json_object, read_records, read_yaml_mapping, section_value
 from .ranklogs import tail_lines
@@ -41,6 +42,9 @@ def launch_slurm(res: Resolved, *, dry_run: bool, wait: bool, resume_dir: Option
     resume = resume_dir is not None
     run_dir = resume_dir.resolve() if resume else planned_run_dir(res).absolute()
     why = script_paths_problem(str(run_dir), os.getcwd())
+    if why is None and slurm_options(res).nodes > 1:   # horovodrun reaches the other nodes over ssh
+        problem = remote_paths_problem(res.config.cluster.controller, "cluster.slurm.nodes")
+        why = str(problem) if problem else None
     if why:
         _error(err, f"{why} (nothing was submitted)")
         return EXIT_USAGE

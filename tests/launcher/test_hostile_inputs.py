@@ -280,7 +280,7 @@ def test_horovodrun_that_exits_0_without_running_the_job_is_failed(tmp_path):
     assert "never ran" in summary["error"]
 
 
-def test_launch_refuses_paths_horovodrun_would_paste_into_a_remote_shell(tmp_path, monkeypatch):
+def test_launch_refuses_paths_horovodrun_would_paste_into_a_remote_shell(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
     from ranger_hvd.launcher.launch import launch_problem
@@ -294,6 +294,17 @@ def test_launch_refuses_paths_horovodrun_would_paste_into_a_remote_shell(tmp_pat
     assert launch_problem(local, Path("/runs/t/1")) is None        # no remote host: nothing goes over ssh
     problem = launch_problem(local, Path("/old:runs/t/1"))          # launch --resume of a moved run
     assert problem.path == "output.dir" and "Open MPI" in problem.message
+    # a Slurm job on several nodes: horovodrun reaches the others over ssh from the submit directory
+    monkeypatch.undo()
+    args = ["exp.yaml", "--dry-run", "cluster.scheduler=slurm", "cluster.slurm.nodes=2", "cluster.np=2",
+            f"output.dir={tmp_path}/runs"]
+    for workdir, code in ((tmp_path / "plain", 0), (tmp_path / "my project", 2)):
+        workdir.mkdir()
+        (workdir / "exp.yaml").write_text("job: {name: t}\n")
+        monkeypatch.chdir(workdir)
+        assert cli.main(["launch", *args]) == code
+        assert tree(workdir) == {"exp.yaml"}
+    assert "cluster.slurm.nodes: horovodrun starts other hosts" in capsys.readouterr().err
 
 
 def test_report_into_a_file_is_exit_2(tmp_path, monkeypatch, capsys):

@@ -1,8 +1,7 @@
 """What odd or hostile input cannot get past, checked once for every config (the launcher's and the
 run directory's ``config.yaml`` the jobs read):
 
-* files are read with a size limit (a config or hostfile is small; ``/dev/zero`` is not) and must be
-  UTF-8 text;
+* files are regular files (not ``/dev/zero``, not a pipe), read with a size limit, and UTF-8 text;
 * no string holds a control character (newline, carriage return, NUL, tab, the other C0 and C1 codes,
   Unicode's line and paragraph separators), except ``cluster.slurm.setup``, the one key whose lines
   are shell (it may span lines, and the sbatch script must still pass ``bash -n``);
@@ -26,7 +25,7 @@ from .problems import ConfigError, Problem, short_repr
 
 MAX_CONFIG_BYTES = 1 << 20         # a config file or a hostfile
 MAX_STRING = 4096                  # PATH_MAX; any single string value
-MAX_SHELL_TEXT = 65536             # cluster.slurm.setup, all lines together
+MAX_SHELL_TEXT = 65536             # one entry of cluster.slurm.setup
 MAX_LIST = 4096                    # items of any list (hosts, env entries, sbatch lines, ...)
 MAX_NAME_BYTES = 255               # one component of a path (NAME_MAX)
 INT_LIMIT = 1 << 63                # every integer: |x| < 2**63
@@ -103,13 +102,13 @@ def _value_problem(path: str, value: Any, is_key: bool) -> str | None:
     if isinstance(value, str):
         shell = not is_key and re.sub(r"\[\d+\]", "", path) in SHELL_KEYS
         limit = MAX_SHELL_TEXT if shell else MAX_STRING
-        bad = control_chars(value, allowed="\n\t" if shell else "")
         what = "a key" if is_key else "the value"
+        if len(value) > limit:
+            return f"{what} is {len(value)} characters long, more than the {limit} allowed: {short_repr(value)}"
+        bad = control_chars(value, allowed="\n\t" if shell else "")
         if bad:
             return (f"{what} holds control characters ({', '.join(bad)}), which only "
                     f"{', '.join(SHELL_KEYS)} may hold (as lines of shell): {short_repr(value)}")
-        if len(value) > limit:
-            return f"{what} is {len(value)} characters long, more than the {limit} allowed: {short_repr(value)}"
     elif isinstance(value, list) and len(value) > MAX_LIST:
         return f"more than {MAX_LIST} entries"
     elif isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT < value < INT_LIMIT:
