@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.abc
+import importlib.util
 import inspect
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -59,6 +62,7 @@ FACTORY_NAMES = sorted({name for entries in FACTORIES.values() for _, name, _ in
 _current: str | None = None
 _injected: Counter = Counter()
 _reports: dict[str, list] = {}
+_traced_compressors: dict[tuple, object] = {}
 
 
 def _is_no_compression(compression) -> bool:
@@ -68,6 +72,34 @@ def _is_no_compression(compression) -> bool:
     return getattr(compression, "__name__", type(compression).__name__) == "NoneCompressor"
 
 
+def _new_compressor(ranger_module: str, density: float, options: dict):
+    """A fresh compressor, built as user code builds it: before the step, outside any trace.
+
+    Some of Horovod's TF tests build the tape inside a ``tf.function``; user code passing
+    ``compression=comp`` there has made ``comp`` beforehand, so the compressor (and any variable its
+    constructor makes) is built under ``tf.init_scope()``, which lifts it out of the trace.
+
+    A tf.function traces its body more than once (a second time after a first trace that made
+    variables), calling the factory again each time; user code hands every trace the same ``comp``,
+    so inside a trace the compressor is kept per call site and outer context (the v1 graph, or eager).
+    """
+    compressor_cls = importlib.import_module(ranger_module).RangerCompressor
+    if ranger_module != "ranger_hvd.tensorflow":
+        return compressor_cls(density=density, **options)
+    import tensorflow as tf
+    traced = tf.inside_function()
+    caller = sys._getframe(2)
+    with tf.init_scope():
+        outer = "eager" if tf.executing_eagerly() else id(tf.compat.v1.get_default_graph())
+        key = (_current, caller.f_code.co_filename, caller.f_lineno, outer)
+        if traced and key in _traced_compressors:
+            return _traced_compressors[key]
+        compressor = compressor_cls(density=density, **options)
+        if traced:
+            _traced_compressors[key] = compressor
+        return compressor
+
+
 def _wrap(factory, ranger_module: str, density: float, options: dict):
     signature = inspect.signature(factory)
 
@@ -75,8 +107,7 @@ def _wrap(factory, ranger_module: str, density: float, options: dict):
     def with_ranger(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         if _is_no_compression(bound.arguments.get("compression")):
-            compressor_cls = importlib.import_module(ranger_module).RangerCompressor
-            bound.arguments["compression"] = compressor_cls(density=density, **options)
+            bound.arguments["compression"] = _new_compressor(ranger_module, density, options)
             _injected[_current] += 1
         return factory(*bound.args, **bound.kwargs)
 
@@ -129,7 +160,64 @@ def hide_torch_optimizers(names: list[str]) -> list[str]:
     return hidden
 
 
+class _LegacyKerasAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes ``import keras`` and ``import keras.<x>`` give tf-keras's modules (the same objects).
+
+    Horovod 0.28.1's ``horovod.keras`` and its Keras tests import the standalone ``keras`` package
+    and expect Keras 2 (``keras.backend``, ``keras.optimizers.optimizer_v2``); this environment's
+    standalone ``keras`` is Keras 3, while ``tf.keras`` under ``TF_USE_LEGACY_KERAS=1`` is tf-keras
+    (Keras 2). Aliasing gives those imports the Keras 2 that Horovod 0.28.1 was built against.
+    """
+
+    RENAMED = {"keras.optimizers.optimizer_v2": "tf_keras.src.optimizers.legacy"}
+
+    def __init__(self):
+        self.modules = {}
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "keras" and not name.startswith("keras."):
+            return None
+        rest = name[len("keras"):]
+        for candidate in (self.RENAMED.get(name), "tf_keras" + rest, "tf_keras.src" + rest):
+            if candidate is None:
+                continue
+            try:
+                module = importlib.import_module(candidate)
+            except ImportError:
+                continue
+            self.modules[name] = module
+            return importlib.util.spec_from_loader(name, self,
+                                                   is_package=hasattr(module, "__path__"))
+        return None
+
+    def create_module(self, spec):
+        return self.modules[spec.name]
+
+    def exec_module(self, module):
+        pass
+
+
+def legacy_keras_shims() -> list[str]:
+    """Under ``TF_USE_LEGACY_KERAS=1``: Keras 2 for ``import keras``, and ``tf.keras.__version__``."""
+    if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+        return []
+    applied = []
+    if "keras" in sys.modules and not sys.modules["keras"].__name__.startswith("tf_keras"):
+        applied.append("WARNING: Keras 3 was imported before the alias")
+    sys.meta_path.insert(0, _LegacyKerasAlias())
+    applied.append("import keras -> tf_keras")
+    import tf_keras
+    api = importlib.import_module("tf_keras.api._v2.keras")
+    if not hasattr(api, "__version__"):
+        api.__version__ = tf_keras.__version__
+        applied.append(f"tf.keras.__version__ = {tf_keras.__version__!r}")
+    return applied
+
+
 def pytest_configure(config):
+    shims = legacy_keras_shims()
+    if shims:
+        _emit({"event": "shims", "applied": shims})
     hide = [n for n in os.environ.get(ENV_HIDE, "").split(",") if n]
     if hide and os.environ.get(ENV_FRAMEWORK) == "torch":
         _emit({"event": "hidden", "optimizers": hide_torch_optimizers(hide)})
@@ -203,4 +291,4 @@ def pytest_runtest_logfinish(nodeid, location):
         if report.skipped and outcome == "passed":
             outcome, reason = "skipped", _reason(report)
     _emit({"event": "done", "nodeid": nodeid, "outcome": outcome,
-           "reason": " ".join(reason.split())[:500], "injected": _injected.get(nodeid, 0)})
+           "reason": " ".join(reason.split())[:1500], "injected": _injected.get(nodeid, 0)})

@@ -59,6 +59,7 @@ FILES = {  # key: (path under DIR, framework, extra environment)
 }
 DEFAULT_OPTIONS = {"min_elements": 1, "compress_1d": True}
 PASSING = {"passed"}
+SHIMS: dict[str, set] = {}  # file key -> compatibility shims the plugin reported applying
 console = Console(width=160)
 
 
@@ -195,7 +196,14 @@ def run_mode(key: str, horovod_tests: Path, select: dict, np: int, density: floa
         ranks = _read_events(out_dir, np)
         shutil.rmtree(out_dir, ignore_errors=True)
 
+        for event in (e for r in ranks for e in r if e["event"] == "shims"):
+            SHIMS.setdefault(key, set()).update(event["applied"])
         collected = next((e["nodeids"] for r in ranks for e in r if e["event"] == "collected"), None)
+        if collected == [] and not results and not order:
+            errors = [line for line in output.splitlines() if "E   " in line]
+            reason = " ".join((errors[0].split("E   ", 1)[1] if errors else f"exit {rc}").split())
+            return {name: {"outcome": "error (collection)", "reason": reason[:300], "injected": 0}
+                    for name in select["names"]}
         if collected is not None:
             order += [n for n in collected if n not in order]
         done = [{e["nodeid"]: e for e in r if e["event"] == "done"} for r in ranks]
@@ -339,6 +347,10 @@ def write_markdown(store: dict, path: Path) -> None:
                   f"- Horovod test source: {entry['source']}",
                   f"- compressor: `RangerCompressor(density=d, {entry['options']})`",
                   f"- per-test timeout: {entry['timeout']} s; wall time {entry['wall_s']:.0f} s"]
+        if entry.get("shims"):
+            lines.append("- compatibility shims in all runs (tf-keras is Keras 2, what Horovod 0.28.1 "
+                         "targets; the standalone `keras` here is Keras 3): "
+                         + "; ".join(f"`{s}`" for s in entry["shims"]))
         if entry.get("hidden"):
             lines.append(f"- hidden from the tests' sweeps over every `torch.optim` optimizer, in all "
                          f"runs: {', '.join(entry['hidden'])} (newer than Horovod's tests; Muon "
@@ -406,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m tests.horovod_suite.run_suite " + shlex.join(
         sys.argv[1:] if argv is None else argv)
     source = (horovod_tests / "PROVENANCE.txt")
-    source = (" ".join(source.read_text().split()) if source.exists()
-              else f"Horovod test files in {horovod_tests}")
+    source = ("; ".join(line.strip() for line in source.read_text().splitlines() if line.strip())
+              if source.exists() else f"Horovod test files in {horovod_tests}")
     console.print(f"logs: {log_dir}")
 
     exit_code = 0
@@ -436,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["results"][mode] = results
             entry["tests"] += [n for n in results if n not in entry["tests"]]
         entry["wall_s"] = time.monotonic() - started
+        entry["shims"] = sorted(SHIMS.get(key, ()))
         print_table(key, entry)
         for nodeid, mode, result in regressions(entry):
             console.print(f"  [red]passes plain, fails {mode}[/red]: {_short(nodeid)}: "
