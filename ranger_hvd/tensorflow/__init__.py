@@ -4,7 +4,8 @@
   ``horovod.tensorflow.DistributedGradientTape(compression=...)`` (shared random-k through allreduce).
 * :class:`DistributedGradientTape` - Horovod's tape with real per-rank top-k; works with Keras 3.
 * :class:`Ranger` - a Keras 3 optimizer (momentum SGD, DGC momentum correction) with the sparse exchange
-  inside ``apply_gradients``; usable in ``model.compile``.
+  inside ``apply_gradients``; usable in ``model.compile``. :class:`LossScaleOptimizer` wraps it for
+  ``mixed_float16`` (every rank skips an overflowed step alike).
 * :func:`broadcast_variables`, :class:`BroadcastInitialWeights` - rank 0's weights everywhere, for
   Keras 3 variables.
 
@@ -15,15 +16,15 @@
 from .compressor import RangerCompressor, SharedCompressorError
 from .tape import DistributedGradientTape
 
-__all__ = ["RangerCompressor", "DistributedGradientTape", "Ranger", "BroadcastInitialWeights",
-           "broadcast_variables", "SharedCompressorError"]
+__all__ = ["RangerCompressor", "DistributedGradientTape", "Ranger", "LossScaleOptimizer",
+           "BroadcastInitialWeights", "broadcast_variables", "SharedCompressorError"]
 
 
 def __getattr__(name):
-    if name == "Ranger":
-        from .optimizer import Ranger
+    if name in ("Ranger", "LossScaleOptimizer"):
+        from . import optimizer
 
-        return Ranger
+        return getattr(optimizer, name)
     if name in ("BroadcastInitialWeights", "broadcast_variables"):
         from . import callbacks
 

@@ -33,7 +33,7 @@ import tensorflow as tf
 from ranger_hvd import core
 
 from . import _hvd, exchange
-from .state import Slot, TFOps, new_counters, safe_name, variable_key, variable_name
+from .state import Slot, TFOps, new_counters, not_converted, safe_name, variable_key, variable_name
 
 
 class SharedCompressorError(Exception):
@@ -184,6 +184,7 @@ class RangerCompressor(tf.Module):
             self.slot_for(v)
 
     # ----------------------------------------------------------------------------- keyed by variable
+    @not_converted
     def compress_variable(self, variable, grad):
         """One step of one variable's state, without communication: (indices, values) if sparse,
         else (None, the dense tensor to reduce). For tests against ``core.reference`` and PyTorch."""
@@ -197,6 +198,7 @@ class RangerCompressor(tf.Module):
                                                  self.world())
         return idx, values
 
+    @not_converted
     def start_variable(self, variable, grad, process_set=None):
         """The exchange of ranger_hvd's tape: (tensor for Horovod's allreduce, context)."""
         slot = self.slot_for(variable)
@@ -271,6 +273,7 @@ class RangerCompressor(tf.Module):
             f"full while TensorFlow traces the step, and nothing says which variable it belongs to. "
             f"Pass variables=model.trainable_variables when constructing the compressor.")
 
+    @not_converted
     def compress(self, tensor):
         """Horovod's hook: (tensor for Horovod's allreduce, context); see ``exchange.start``."""
         slot = self._position(tensor)
@@ -285,6 +288,7 @@ class RangerCompressor(tf.Module):
         return exchange.start(self.engine, slot, tensor, self.world(),
                               f"RangerTopkHvd_{safe_name(self.tag)}_{slot.index}", self.process_set)
 
+    @not_converted
     def decompress(self, tensor, ctx):
         """Horovod's hook: the reduced gradient in the original shape; see ``exchange.finish``."""
         return exchange.finish(tensor, ctx, self.options.value_dtype)

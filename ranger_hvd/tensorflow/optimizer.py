@@ -44,7 +44,7 @@ import tensorflow as tf
 from ranger_hvd import core
 
 from . import _hvd, exchange
-from .state import OptimizerSlot, TFOps, safe_name, variable_name
+from .state import OptimizerSlot, TFOps, not_converted, safe_name, variable_name
 
 # momentum_masking follows momentum_mode; the other options pass through
 _OPTION_NAMES = (set(core.RangerOptions.model_fields)
@@ -132,6 +132,7 @@ class Ranger(keras.optimizers.Optimizer):
         else:
             self.assign_add(variable, velocity)
 
+    @not_converted
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         """Keras hands the whole step's gradients here before its per-variable ``update_step``
         loop: with N > 1 ranks they are exchanged here, all at once (``exchange.step``: one
@@ -146,6 +147,7 @@ class Ranger(keras.optimizers.Optimizer):
             grads = exchange.step(self._ranger_engine, slots, grads, self.world_size, tag)
         super()._backend_update_step(grads, trainable_variables, learning_rate)
 
+    @not_converted
     def update_step(self, gradient, variable, learning_rate):
         i = self._get_variable_index(variable)
         lr = tf.cast(learning_rate, variable.dtype)
@@ -153,8 +155,8 @@ class Ranger(keras.optimizers.Optimizer):
         velocity = self.ranger_velocities[i]
         if self.world_size == 1:
             slot = self._ranger_slots[i]
-            g = self._ranger_engine.ops.ensure_finite(g, slot.tensor_name, slot) \
-                if self.options.check_finite else g
+            strict = self.options.check_finite and self.options.nonfinite == "raise"
+            g = self._ranger_engine.ops.ensure_finite(g, slot.tensor_name, slot) if strict else g
             self._sgd(variable, g, lr, velocity)
             return
         if self.broadcast_initial:
@@ -199,3 +201,26 @@ class Ranger(keras.optimizers.Optimizer):
                        "broadcast_initial": self.broadcast_initial,
                        "momentum_mode": self.momentum_mode, "nesterov": self.nesterov, **opts})
         return config
+
+
+class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras 3's dynamic loss scaling for an optimizer that exchanges inside ``apply`` (``Ranger``).
+
+    Keras's own skips the inner optimizer on a rank whose local gradients hold NaN or Inf, while
+    the other ranks call it and wait in its collectives forever. Here the verdict is every rank's
+    (one scalar allreduce per step): if any rank overflowed, every rank skips the step and lowers
+    its scale, and no rank's compressor state is touched. Use it in place of Keras's, e.g.
+    ``model.compile(optimizer=LossScaleOptimizer(Ranger(...)))`` under ``mixed_float16`` (Keras
+    then does not wrap the optimizer again).
+    """
+
+    @not_converted
+    def check_finite(self, grads):
+        local = super().check_finite(grads)
+        hvd = _hvd.ensure_init()
+        if hvd.size() == 1:
+            return local
+        overflowed = hvd.allreduce(tf.cast(tf.logical_not(local), tf.float32), op=hvd.Sum,
+                                   name=safe_name(f"RangerLossScale_{self.name}"),
+                                   ignore_name_scope=True)
+        return tf.equal(overflowed, 0.0)

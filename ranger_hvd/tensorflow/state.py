@@ -20,6 +20,12 @@ from . import cpu_path
 from .selection import random_k_indices, seed_pair, topk_indices
 
 
+# Every control flow here is an explicit tf.cond. Autograph converts whatever a traced function calls
+# (Horovod's allreduce_grads, Keras's train step, the user's step), and converting this package
+# took 17 s of a small model's first trace: its entry points are marked to be left as written.
+not_converted = tf.autograph.experimental.do_not_convert
+
+
 def safe_name(name: str) -> str:
     """A name Horovod and TensorFlow accept for an op: letters, digits and underscores."""
     return re.sub(r"[^A-Za-z0-9_]", "_", name)
@@ -201,16 +207,13 @@ class TFOps:
     engine's void path, decided at run time. The compiled CPU pass decides it within its own call.
     """
 
+    checks_in_selection = True  # the compiled pass counts NaN/Inf while it reads g (and voids)
+
     def __init__(self, options: core.RangerOptions, counters):
         self.options = options
         self.counters = counters  # int64 [len(core.COUNTERS)]
         self._sent: dict[int, Sent] = {}  # id(state) -> what its last sparse step sent
         self.skip = options.check_finite and options.nonfinite == "skip"
-
-    @property
-    def checks_in_selection(self) -> bool:
-        """The compiled pass counts NaN/Inf while it reads g (and, under "skip", voids the step)."""
-        return True
 
     def finite(self, g: tf.Tensor, name: str, state):
         if not self.skip:

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from . import _hvd, exchange
 from .compressor import RangerCompressor
-from .state import safe_name
+from .state import not_converted, safe_name
 
 # Horovod's tape arguments that this tape cannot honour, with the value that means "not used".
 _UNSUPPORTED = {"device_dense": "", "device_sparse": "", "num_groups": 0, "groups": None,
@@ -98,6 +98,7 @@ class DistributedGradientTape:
     def __getattr__(self, name):
         return getattr(self._tape, name)
 
+    @not_converted
     def gradient(self, target, sources, output_gradients=None, **kwargs):
         kwargs.pop("use_generic_names", None)  # Horovod's argument; names here are always generic
         grads = self._tape.gradient(target, sources, output_gradients=output_gradients, **kwargs)
@@ -129,6 +130,6 @@ class DistributedGradientTape:
             def traced_exchange(grads):
                 return _exchange(comp, variables, grads, op, predivide, ps)
 
-            fn = tf.function(traced_exchange)
+            fn = tf.function(traced_exchange, autograph=False)  # its own tf.conds, as written
             comp._lookup.functions[key] = fn
         return fn

@@ -20,12 +20,6 @@ def main_reports(tmp_path_factory):
                        timeout=900)
 
 
-@pytest.fixture(scope="module")
-def legacy_reports(tmp_path_factory):
-    return run_workers(WORKERS / "legacy_worker.py", tmp_path_factory.mktemp("tf_legacy"), np=2,
-                       env={"TF_USE_LEGACY_KERAS": "1"}, timeout=900)
-
-
 # ----------------------------------------------------------------------------- (a) our tape
 def test_tape_d1_equals_plain_horovod_averaging(main_reports):
     for r in main_reports:
@@ -99,17 +93,6 @@ def test_horovod_tape_misuse_fails_loudly(main_reports):
     for r in main_reports:
         assert "shared by two models" in r["b_misuse"]
         assert "already serves" in r["b_mode_mix"]
-
-
-def test_tf_keras_with_horovod_tape_and_optimizer(legacy_reports):
-    r0, r1 = legacy_reports
-    assert r0["keras_module"].startswith("tf_keras")
-    assert r0["tape_crc"] == r1["tape_crc"]
-    assert r0["fit_crc"] == r1["fit_crc"]
-    assert r0["slot_names"][0] == "0.dense/kernel"
-    for r in legacy_reports:
-        assert r["tape_stats"]["bytes_sent"] < r["tape_stats"]["bytes_dense"]
-        assert r["fit_losses"][-1] < r["fit_losses"][0]
 
 
 # ----------------------------------------------------------------------------- (c) Ranger, Keras 3
