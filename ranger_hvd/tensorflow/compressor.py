@@ -33,7 +33,18 @@ import tensorflow as tf
 from ranger_hvd import core
 
 from . import _hvd, exchange
-from .state import Slot, TFOps, new_counters, not_converted, safe_name, variable_key, variable_name
+from .state import (Slot, TFOps, new_counters, not_converted, safe_name, tf_options, variable_key,
+                    variable_name)
+
+
+def _initialize_if_needed(variables) -> list:
+    """Ops that set each of ``variables`` to zeros unless it is initialized (state created in a
+    ``tf.compat.v1`` graph after its initializer ran); every state variable starts at zeros."""
+    def init(v):
+        with tf.control_dependencies([v.assign(tf.zeros(v.shape, v.dtype))]):
+            return tf.constant(True)
+    return [tf.cond(v.is_initialized(), lambda: tf.constant(False), lambda v=v: init(v))
+            for v in variables]
 
 
 class SharedCompressorError(Exception):
@@ -118,7 +129,7 @@ class RangerCompressor(tf.Module):
                  variables: Iterable | None = None, name: str | None = None, process_set=None,
                  **options):
         global _instances
-        self.options = core.make_options(density=density, momentum=momentum,
+        self.options = tf_options(density=density, momentum=momentum,
                                          min_elements=min_elements, **options)
         # Creation order is the same on every rank, so it makes rank-independent collective names.
         self.tag = name or f"ranger{_instances}"
@@ -277,6 +288,18 @@ class RangerCompressor(tf.Module):
     def compress(self, tensor):
         """Horovod's hook: (tensor for Horovod's allreduce, context); see ``exchange.start``."""
         slot = self._position(tensor)
+        if not exchange.in_program_order():
+            # A tf.compat.v1 graph may have run its variables' initializer before this compressor
+            # made its state (Horovod's own tests do): initialize what is not, first.
+            with tf.control_dependencies(_initialize_if_needed(self._graph_state(slot))):
+                return self._compress_slot(slot, tensor)
+        return self._compress_slot(slot, tensor)
+
+    def _graph_state(self, slot) -> list:
+        return [v for v in (self.counters, self.rounds, slot.step, slot.residual, slot.velocity)
+                if v is not None]
+
+    def _compress_slot(self, slot, tensor):
         # A runtime check that every slot steps once per round: with two models sharing the
         # compressor (one a prefix of the other) the counts drift apart and this fails loudly.
         if slot.index == 0:

@@ -44,7 +44,7 @@ import tensorflow as tf
 from ranger_hvd import core
 
 from . import _hvd, exchange
-from .state import OptimizerSlot, TFOps, not_converted, safe_name, variable_name
+from .state import OptimizerSlot, TFOps, not_converted, safe_name, tf_options, variable_name
 
 # momentum_masking follows momentum_mode; the other options pass through
 _OPTION_NAMES = (set(core.RangerOptions.model_fields)
@@ -85,7 +85,7 @@ class Ranger(keras.optimizers.Optimizer):
             raise ValueError(f"nesterov=True needs momentum_mode='global': momentum in the compressor "
                              f"({momentum_mode!r}) has no Nesterov form")
         ranger_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_NAMES}
-        options = core.make_options(density=density, min_elements=min_elements, **placement,
+        options = tf_options(density=density, min_elements=min_elements, **placement,
                                     **ranger_kwargs)
         if not 0.0 <= float(momentum) < 1.0:
             raise core.OptionsError(f"invalid Ranger option: momentum must be in [0, 1) (got {momentum!r})")

@@ -26,6 +26,16 @@ from .selection import random_k_indices, seed_pair, topk_indices
 not_converted = tf.autograph.experimental.do_not_convert
 
 
+def tf_options(**kwargs) -> core.RangerOptions:
+    """``core.make_options``, refusing what the TensorFlow backend does not run (so that no option
+    is accepted and then ignored)."""
+    options = core.make_options(**kwargs)
+    if options.exchange != "allgather":
+        raise core.OptionsError(f"invalid Ranger option: exchange={options.exchange!r} runs on "
+                                "PyTorch only so far; TensorFlow exchanges through the allgather")
+    return options
+
+
 def safe_name(name: str) -> str:
     """A name Horovod and TensorFlow accept for an op: letters, digits and underscores."""
     return re.sub(r"[^A-Za-z0-9_]", "_", name)

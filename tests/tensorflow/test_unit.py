@@ -761,3 +761,10 @@ def test_reused_decompress_outputs_are_cleared_where_their_last_pairs_went(batch
             held.append((out, want))  # held across later steps: its buffer is not reused
     for out, want in held:
         np.testing.assert_array_equal(out.numpy(), want)
+
+
+def test_global_topk_is_refused_until_tensorflow_runs_it():
+    with pytest.raises(OptionsError, match="exchange='global_topk' runs on PyTorch only"):
+        RangerCompressor(exchange="global_topk")
+    with pytest.raises(OptionsError, match="exchange='global_topk' runs on PyTorch only"):
+        Ranger(learning_rate=0.1, exchange="global_topk")

@@ -42,22 +42,23 @@ def hvd_tape(traced, registered=False, groups=None):
 
 def hvd_tape_graph(density):
     """tf.compat.v1 graph mode: Horovod compresses each tensor in a tf.cond of the tf.Graph."""
-    with tf.Graph().as_default():
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
         variables = [tf.Variable(tf.zeros(s)) for s in SHAPES]
         holders = [tf.compat.v1.placeholder(tf.float32, s) for s in SHAPES]
+        # as in Horovod's own graph test: the initializer runs before the compressor and the
+        # tape exist, so the compressor's state must initialize itself
+        sess.run(tf.compat.v1.global_variables_initializer())
         comp = compressor(density)
         kwargs = {"compression": comp} if comp is not None else {}
         with tf.GradientTape() as tape:
             loss = linear_loss(variables, holders)
         grads = hvd.DistributedGradientTape(tape, **kwargs).gradient(loss, variables)
         train = tf.group([v.assign_sub(g) for v, g in zip(variables, grads)])
-        with tf.compat.v1.Session() as sess:
-            sess.run(tf.compat.v1.global_variables_initializer())
-            for t in range(T):
-                sess.run(train, dict(zip(holders, grads_at(t, RANK))))
-            weights = sess.run(variables)
-            residuals = [None if s.residual is None else sess.run(s.residual)
-                         for s in comp.slots] if comp else [None] * 3
+        for t in range(T):
+            sess.run(train, dict(zip(holders, grads_at(t, RANK))))
+        weights = sess.run(variables)
+        residuals = [None if s.residual is None else sess.run(s.residual)
+                     for s in comp.slots] if comp else [None] * 3
     return weights, residuals
 
 
