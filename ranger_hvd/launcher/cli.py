@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -69,8 +70,10 @@ def cmd_validate(args) -> int:
     hosts = ",".join(f"{h}:{s}" for h, s in res.hosts) or (
         "the hosts of the discovery script" if el is not None else "a Slurm allocation")
     ranks = f"{res.np} ranks" + ("" if el is None else f" (elastic: {el.min_np} to {el.max_np or 'all slots'})")
-    print(f"ok: {args.config} is valid (job {res.job_name}: {res.config.job.backend}/{res.config.job.model} on "
-          f"{res.config.data.dataset}, {ranks} on {hosts}, {res.config.cluster.controller}, "
+    job = res.config.job
+    what = (f"{job.backend} command {shlex.join(job.command)}" if job.command
+            else f"{job.backend}/{job.model} on {res.config.data.dataset}")
+    print(f"ok: {args.config} is valid (job {res.job_name}: {what}, {ranks} on {hosts}, {res.config.cluster.controller}, "
           f"compression {res.config.compression.type})")
     if res.inactive:
         print(f"inactive ({res.inactive[0].reason}), left out of the run's config: "

@@ -24,9 +24,11 @@ from typing import Mapping, Optional
 
 from .config import Resolved, split_list
 from .config.checks import mpi_arg_list
+from .config.user_command import command_argv
 from .elastic import elastic_flags
 from .quoting import for_horovodrun, mpi_args_value
 
+RUN_DIR_ENV, CONFIG_ENV, RESUME_ENV = "RANGER_HVD_RUN_DIR", "RANGER_HVD_CONFIG", "RANGER_HVD_RESUME"
 MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 HOROVOD_STALL_WARNING_S = 60   # horovodrun's own default for --stall-check-warning-time-seconds
 # Always passed when set in the launcher's environment (besides PATH and PYTHONPATH, which are built).
@@ -177,10 +179,14 @@ def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[
         mpi_args += ["-mca", "plm_rsh_agent", f"ssh -o UserKnownHostsFile={cl.ssh_known_hosts_file}"]
     if mpi_args:
         argv += [f"--mpi-args={mpi_args_value(mpi_args)}"]
-    argv += [python, "-m", cfg.job.entry,
-             "--config", os.path.join(run_dir, "config.yaml"), "--run-dir", run_dir]
-    if resume:
-        argv.append("--resume")   # the job continues from RUN_DIR/checkpoints (launch --resume)
+    config_file = os.path.join(run_dir, "config.yaml")
+    if cfg.job.command:
+        # your own program, its arguments as given: horovodrun quotes them itself (see user_command.py)
+        argv += command_argv(cfg.job.command, python)
+    else:
+        argv += [python, "-m", cfg.job.entry, "--config", config_file, "--run-dir", run_dir]
+        if resume:
+            argv.append("--resume")   # the job continues from RUN_DIR/checkpoints (launch --resume)
 
     env: dict[str, str] = {}
     env["PATH"] = _join_path(venv_bin, environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
@@ -189,6 +195,10 @@ def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[
         if name in environ:
             env[name] = environ[name]
     env["PYTHONUNBUFFERED"] = "1"   # rank output reaches the logs as it is written
+    if cfg.job.command:   # what ranger_hvd.run reads on every rank, and whether this start continues a run
+        env[RUN_DIR_ENV], env[CONFIG_ENV] = run_dir, config_file
+        if resume:
+            env[RESUME_ENV] = "1"
     missing = []
     for entry in cl.env:
         if "=" in entry:

@@ -15,7 +15,7 @@ from .command import LaunchCommand, default_command
 from .config import ConfigError, Problem, Resolved
 from .formatting import short_repr
 from .elastic import write_discovery_files
-from .rundir import create_run_dir, planned_run_dir, write_command, write_config
+from .rundir import copy_script, create_run_dir, planned_run_dir, write_command, write_config
 from .summary import RunResult
 
 
@@ -95,6 +95,8 @@ def launch_one(res: Resolved, console: Console, *, stream: bool = False, live: O
             console.print(f"preflight: {', '.join(checked)} reachable with this environment", highlight=False)
     run_dir = resume_dir.resolve() if resume else create_run_dir(res).resolve()
     write_config(run_dir, res)
+    if not resume:
+        copy_script(run_dir, res)
     return run_in_dir(res, run_dir, exe, console, stream=stream, live=live, resume=resume)
 
 

@@ -66,8 +66,15 @@ class MetricsTail:
         return [r for r in self.records if "step" in r]
 
 
-def progress_line(rec: dict, epochs: int) -> str:
-    parts = [f"epoch {rec.get('epoch', '?')}/{epochs}", f"step {rec.get('step', '?')}"]
+def planned_epochs(res: Resolved) -> Optional[int]:
+    """train.epochs of a reference job; None for a user command, whose script decides."""
+    return None if res.config.job.command else res.config.train.epochs
+
+
+def progress_line(rec: dict, epochs: Optional[int]) -> str:
+    parts = [f"epoch {rec.get('epoch', '?')}/{epochs}"] if epochs is not None else (
+        [f"epoch {rec['epoch']}"] if rec.get("epoch") is not None else [])
+    parts.append(f"step {rec.get('step', '?')}")
     if "loss" in rec:
         parts.append(f"loss {fmt_value(rec['loss'])}")
     for k, v in (rec.get("metrics") or {}).items():
@@ -87,7 +94,8 @@ def progress_table(res: Resolved, run_dir: Path, tail: MetricsTail, started: flo
     steps = tail.steps()
     rec = steps[-1] if steps else {}
     metrics = ", ".join(f"{k}={fmt_value(v)}" for k, v in (rec.get("metrics") or {}).items())
-    t.add_row(f"{rec.get('epoch', '-')}/{res.config.train.epochs}", str(rec.get("step", "-")),
+    epochs = planned_epochs(res)
+    t.add_row(f"{rec.get('epoch', '-')}" + ("" if epochs is None else f"/{epochs}"), str(rec.get("step", "-")),
               fmt_value(rec["loss"]) if "loss" in rec else "-", metrics or "-",
               fmt_bytes(rec.get("bytes_sent")),
               f"{rec['step_time'] * 1000:.1f} ms" if isinstance(rec.get("step_time"), (int, float)) else "-",

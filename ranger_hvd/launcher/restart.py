@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from rich.console import Console
 
-from ranger_hvd.jobs.checkpoint import complete_steps, has_any_checkpoint
+from ranger_hvd.jobs.checkpoint import checkpoint_root, complete_steps, has_any_checkpoint
 
 from .command import LaunchCommand
 from .config import Resolved
@@ -75,7 +75,9 @@ def run_with_restarts(res: Resolved, command_for: Callable[[bool], LaunchCommand
             return result
 
         attempt = len(restarts) + 1
-        from_checkpoint = has_any_checkpoint(run_dir)
+        user_command = bool(res.config.job.command)
+        # a user command's checkpoints are whatever its script keeps in ranger_hvd.run.checkpoint_dir()
+        from_checkpoint = user_checkpoint_saved(run_dir) if user_command else has_any_checkpoint(run_dir)
         record = {
             "attempt": attempt,
             "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -85,7 +87,8 @@ def run_with_restarts(res: Resolved, command_for: Callable[[bool], LaunchCommand
             "steps_logged": result.summary.get("steps"),
             "resumed": from_checkpoint,
             # the latest set complete as seen from here (the job confirms it across hosts on resume)
-            "checkpoint_step": (complete_steps(run_dir, res.np, backend) or [None])[-1] if from_checkpoint else None,
+            "checkpoint_step": ((complete_steps(run_dir, res.np, backend) or [None])[-1]
+                                if from_checkpoint and not user_command else None),
             "logs": _rotate(run_dir / "logs", attempt),
             "metrics": None if from_checkpoint else _rotate(run_dir / "metrics.jsonl", attempt),
         }
@@ -96,6 +99,12 @@ def run_with_restarts(res: Resolved, command_for: Callable[[bool], LaunchCommand
                       f"{what}", highlight=False)
         attempt_resume = from_checkpoint
         time.sleep(RESTART_PAUSE_S)
+
+
+def user_checkpoint_saved(run_dir: Path) -> bool:
+    """Did a user command leave anything in its checkpoint directory (``RUN_DIR/checkpoints``)?"""
+    ckpt = checkpoint_root(run_dir)
+    return ckpt.is_dir() and any(ckpt.iterdir())
 
 
 def _rewrite_summary(run_dir: Path, result: RunResult, extra: dict) -> None:

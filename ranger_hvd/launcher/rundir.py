@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -78,6 +80,27 @@ def write_config(run_dir: Path, res: Resolved) -> Path:
         header += "\n# left out, inactive: " + ", ".join(f"{o.path}={o.value} ({o.reason})" for o in res.inactive)
     path.write_text(header + "\n" + yaml.safe_dump(res.resolved_dict(), sort_keys=False))
     return path
+
+
+SCRIPT_DIR = "script"
+
+
+def copy_script(run_dir: Path, res: Resolved) -> Optional[Path]:
+    """A user command's script (job.command), copied into ``RUN_DIR/script/`` with a line naming its origin
+    and sha256 in ``RUN_DIR/script/SOURCE``, so the run can be reproduced.  The ranks run the original
+    (modules beside it stay importable); None when there is no script (a reference job, ``python -m``)."""
+    from .config.user_command import script_of
+
+    src = script_of(res.config.job.command)
+    if src is None:
+        return None
+    dest_dir = Path(run_dir) / SCRIPT_DIR
+    dest_dir.mkdir(exist_ok=True)
+    dest = dest_dir / Path(src).name
+    shutil.copyfile(src, dest)
+    digest = hashlib.sha256(dest.read_bytes()).hexdigest()
+    (dest_dir / "SOURCE").write_text(f"{src} sha256 {digest}\n")
+    return dest
 
 
 def write_command(run_dir: Path, cmd: LaunchCommand) -> Path:

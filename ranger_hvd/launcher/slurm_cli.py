@@ -18,10 +18,10 @@ from rich.table import Table
 from .config import Resolved
 from .formatting import clip
 from .launch import remote_paths_problem
-from .progress import MetricsTail, progress_line
+from .progress import MetricsTail, planned_epochs, progress_line
 from .records import read_json_object, read_records, read_yaml_mapping, section_value
 from .ranklogs import tail_lines
-from .rundir import create_run_dir, planned_run_dir, write_config, write_json
+from .rundir import copy_script, create_run_dir, planned_run_dir, write_config, write_json
 from .slurm import (ACTIVE_STATES, JOB_FILE, OUTPUT_PATTERN, SCRIPT_NAME, SlurmError, check_with_test_only,
                     default_script, job_state, read_job_file, require, sbatch_argv, script_paths_problem,
                     slurm_options, submit, write_job_file)
@@ -74,6 +74,8 @@ def launch_slurm(res: Resolved, *, dry_run: bool, wait: bool, resume_dir: Option
     script_path = run_dir / SCRIPT_NAME
     script_path.write_text(default_script(res, str(run_dir), resume=resume))
     write_config(run_dir, res)
+    if not resume:
+        copy_script(run_dir, res)
     argv = sbatch_argv(str(script_path))
     (run_dir / "command.txt").write_text(
         f"{shlex.join(argv)}\n# the batch script is {script_path}; once the job starts this file holds the "
@@ -93,10 +95,10 @@ def launch_slurm(res: Resolved, *, dry_run: bool, wait: bool, resume_dir: Option
     if not wait:
         out.print(f"follow it with: ranger-hvd status {run_dir}   (stop it with: scancel {job_id})", highlight=False)
         return EXIT_OK
-    return wait_for_job(run_dir, job_id, res.config.train.epochs, out, resume=resume)
+    return wait_for_job(run_dir, job_id, planned_epochs(res), out, resume=resume)
 
 
-def wait_for_job(run_dir: Path, job_id: str, epochs: int, out: Console, resume: bool = False) -> int:
+def wait_for_job(run_dir: Path, job_id: str, epochs: Optional[int], out: Console, resume: bool = False) -> int:
     """Follows the job until it ends: a progress line per epoch, then the summary's outcome and exit code."""
     summary_path = run_dir / "summary.json"
     old_mtime = summary_path.stat().st_mtime if (resume and summary_path.exists()) else None
@@ -200,7 +202,8 @@ def cmd_status(args) -> int:
         epochs = section_value(config or {}, "train", "epochs")
         notes += [n for n in (why, bad_summary, bad_config, metrics.note(d / "metrics.jsonl")) if n]
         t.add_row(str(d), str(job_id or "-"), state, status + (" (damaged)" if bad_summary else ""),
-                  progress_line(steps[-1], epochs if isinstance(epochs, int) else "?") if steps else "-")
+                  progress_line(steps[-1], epochs if isinstance(epochs, int)
+                                else None if section_value(config or {}, "job", "command") else "?") if steps else "-")
     out.print(t)
     for note in notes:
         err.print(f"[yellow]warning:[/] {note}", highlight=False)

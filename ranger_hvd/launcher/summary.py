@@ -103,6 +103,10 @@ def failure_cause(stall, cause, failed_rank: Optional[int], failed_exit: Optiona
 def print_outcome(console: Console, summary: dict, run_dir: Path, rank_logs: dict) -> None:
     """What happened, in a few lines; for a failure, the failed rank's last stderr lines."""
     c, status = console, summary["status"]
+    if summary.get("metrics_logged") is False:
+        c.print("[yellow]no metrics were logged[/]: the command wrote no step record to metrics.jsonl "
+                "(call ranger_hvd.run.log(step, loss=..., ...) on rank 0 to have progress, report and sweep)",
+                highlight=False)
     if status == "success":
         loss = summary["final_loss"]
         extra = ", ".join(f"{k} {fmt_value(v)}" for k, v in summary["final_metrics"].items())

@@ -17,7 +17,7 @@ from rich.live import Live
 from .command import LaunchCommand, stall_needs_timeline, timeline_path
 from .config import Resolved
 from .processes import GRACE_S, ProcessTree, become_subreaper, reap_zombies, stop_processes
-from .progress import MetricsTail, progress_line, progress_table
+from .progress import MetricsTail, planned_epochs, progress_line, progress_table
 from .ranklogs import find_failed_rank, rank_log_files, read_tail, read_whole_lines
 from .rundir import write_json
 from .stall import StallWatch, job_error, start_failure
@@ -102,16 +102,19 @@ class Supervisor:
                 signal.signal(sig, h)
         metrics.poll()
         error = None
-        if status == "success" and not ran_the_job(metrics.records):
+        user_command = bool(self.res.config.job.command)
+        if status == "success" and not ran_the_job(metrics.records) and not user_command:
             status = "failed"
             error = (f"{Path(self.cmd.argv[0]).name} exited 0, but the job wrote no training step and no end "
                      f"line to metrics.jsonl: it never ran (see horovodrun.log)")
+        if user_command:   # a script of yours may log nothing (ranger_hvd.run.log): then say so
+            self.summary_extra["metrics_logged"] = bool(metrics.steps())
         return self._finish(status, hvd_exit, started, metrics, error=error)
 
     def _watch(self, proc: subprocess.Popen, root: psutil.Process, metrics: MetricsTail, started: float,
                log_path: Path) -> None:
         """Until horovodrun exits: progress (live table, lines or the ranks' own output) and signals."""
-        epochs = self.res.config.train.epochs
+        epochs = planned_epochs(self.res)
         last_epoch, last_print = None, 0.0
         stream_offset = 0
         live = None

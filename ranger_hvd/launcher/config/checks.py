@@ -15,6 +15,7 @@ from .hosts import parse_host_list, parse_hostfile, split_list
 from .problems import Problem, short_repr
 from .safety import name_too_long, plain_path_problem
 from .schema import DEFAULT_ENTRY, SEED_LIMIT, Config
+from .user_command import check_user_command
 
 Where = Callable[[str], str]
 # whole-string grammars (fullmatch): Python's '$' would also match before a final newline
@@ -169,14 +170,14 @@ def check_momentum(cfg: Config, where: Where) -> list[Problem]:
 
 def check_gan(cfg: Config, where: Where) -> list[Problem]:
     """The gan section changes only the GAN job: on another model it would be silently ignored."""
-    if cfg.job.model == "gan":
+    if cfg.job.model == "gan" or cfg.job.command:   # a user command: check_user_command names gan.*
         return []
     defaults = type(cfg.gan)()
     return [Problem(f"gan.{key}", f"only used with job.model 'gan' (model is '{cfg.job.model}')", where(f"gan.{key}"))
             for key in type(cfg.gan).model_fields if getattr(cfg.gan, key) != getattr(defaults, key)]
 
 
-SECTION_CHECKS = (check_data, check_cluster, check_horovod, check_momentum, check_gan)
+SECTION_CHECKS = (check_data, check_cluster, check_horovod, check_momentum, check_gan, check_user_command)
 
 
 def config_path(cwd: Path, p: str) -> Path:

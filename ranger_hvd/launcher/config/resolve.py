@@ -25,6 +25,7 @@ from .safety import check_raw
 from .schema import GROUPS, Config
 from .sources import Sources
 from .translate import problems_from
+from .user_command import drop_job_only, resolve_command
 from .yamlfile import read_yaml
 
 
@@ -64,6 +65,8 @@ class Resolved:
         elif d["cluster"]["hostfile"] is None and self.hosts:   # none: the elastic discovery script lists them
             d["cluster"]["hosts"] = [f"{h}:{s}" for h, s in self.hosts]
         d["job"]["name"] = self.job_name
+        if self.config.job.command:
+            d = drop_job_only(d)
         if isinstance(d["cluster"]["network_interfaces"], str):
             d["cluster"]["network_interfaces"] = split_list(d["cluster"]["network_interfaces"])
         return d
@@ -165,6 +168,10 @@ def load_config(path: Union[str, Path, None], overrides: list[str] = (), *, cwd:
         raise ConfigError(problems)
     cfg = _absolutize(cfg, cwd)
     problems = path_problems(cfg, np_, where)
+    if cfg.job.command:   # the script is relative to the config file's folder
+        base = (cpath if cpath.is_absolute() else cwd / cpath).parent if path is not None else cwd
+        cfg.job.command, more = resolve_command(cfg.job.command, base, where)
+        problems += more
     if problems:
         raise ConfigError(problems)
 
@@ -175,7 +182,7 @@ def load_config(path: Union[str, Path, None], overrides: list[str] = (), *, cwd:
         sources["cluster.hosts"] = ("from the Slurm allocation" if cfg.cluster.scheduler == "slurm"
                                     else "default (localhost:np)")
     if cfg.job.name is None:
-        sources["job.name"] = "default (MODEL-DATASET)"
+        sources["job.name"] = "default (the script's name)" if cfg.job.command else "default (MODEL-DATASET)"
     for opt in inactive:
         sources[opt.path] = where.describe(opt.path)
     res = Resolved(config=cfg, sources=sources, hosts=hosts, np=np_, config_path=Path(path) if path else None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import typing
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ranger_hvd.core.options import RangerOptions
 
@@ -40,6 +40,22 @@ class JobSection(Section):
     model: Literal["cnn", "rnn", "gan"] = "cnn"
     # Advanced, mainly for tests: the Python module each rank runs (``python -m ENTRY --config ...``).
     entry: str = Field(DEFAULT_ENTRY, pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+    # Your own training script instead of a reference job: a list of arguments, never a shell string
+    # (see user_command.py); ``python`` is the run's interpreter, a relative script path is relative to
+    # the config file's folder.
+    command: Optional[list[str]] = Field(None, min_length=1, max_length=4096,
+                                         description="your own program and its arguments, e.g. "
+                                                     "[python, train.py, --lr, '0.1']")
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _command_is_a_list_of_strings(cls, value):
+        from .user_command import command_item_problem
+
+        problem = command_item_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class DataSection(Section):
@@ -219,7 +235,13 @@ class Config(Section):
 
     @property
     def job_name(self) -> str:
-        return self.job.name or f"{self.job.model}-{self.data.dataset}"
+        if self.job.name:
+            return self.job.name
+        if self.job.command:
+            from .user_command import default_name
+
+            return default_name(self.job.command)
+        return f"{self.job.model}-{self.data.dataset}"
 
 
 def section_model(path: tuple) -> Optional[type[BaseModel]]:

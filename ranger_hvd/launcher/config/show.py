@@ -14,6 +14,9 @@ def yaml_text(value: Any) -> str:
     return text.removesuffix("...").strip()
 
 
+_ABSENT = object()
+
+
 def show_lines(res: Resolved) -> list[tuple[str, str, str]]:
     """(dotted path, value as YAML, source) for every leaf of the resolved config."""
     resolved = res.resolved_dict()
@@ -21,8 +24,9 @@ def show_lines(res: Resolved) -> list[tuple[str, str, str]]:
     for leaf in leaf_paths(res.config):
         node: Any = resolved
         for part in leaf.split("."):
-            node = node[part]
-        out.append((leaf, yaml_text(node), res.sources.get(leaf, "default")))
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:   # a user command's config leaves out what only the reference jobs read
+            out.append((leaf, yaml_text(node), res.sources.get(leaf, "default")))
     return out
 
 
