@@ -177,7 +177,17 @@ def check_gan(cfg: Config, where: Where) -> list[Problem]:
             for key in type(cfg.gan).model_fields if getattr(cfg.gan, key) != getattr(defaults, key)]
 
 
-SECTION_CHECKS = (check_data, check_cluster, check_horovod, check_momentum, check_gan, check_user_command)
+def check_exchange(cfg: Config, where: Where) -> list[Problem]:
+    """The global top-k exchange runs on PyTorch only so far: refused up front, not at run time."""
+    if getattr(cfg.compression, "exchange", "allgather") != "allgather" and cfg.job.backend != "torch":
+        return [Problem("compression.exchange", f"'{cfg.compression.exchange}' runs on job.backend "
+                        f"'torch' only so far (backend is '{cfg.job.backend}')",
+                        where("compression.exchange"))]
+    return []
+
+
+SECTION_CHECKS = (check_data, check_cluster, check_horovod, check_momentum, check_gan, check_user_command,
+                  check_exchange)
 
 
 def config_path(cwd: Path, p: str) -> Path:
