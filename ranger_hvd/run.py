@@ -99,6 +99,7 @@ def compression(backend: Optional[str] = None, **ranger_kwargs):
         from ranger_hvd.tensorflow import RangerCompressor
     compressor = RangerCompressor(**options, **ranger_kwargs)
     _state["compressor"] = compressor
+    _state["sent"] = (0, 0, 0)     # (step, bytes_sent, bytes_dense): nothing before the first step
     return compressor
 
 
@@ -181,14 +182,13 @@ def log(step: int, *, rank: int = 0, **metrics: Any) -> Optional[dict]:
     steps_between = step - last[0] if last is not None and step > last[0] else None
     if "step_time" not in record and steps_between:
         record["step_time"] = round((now - last[1]) / steps_between, 6)
-    comp = _state["compressor"]
-    if comp is not None and "bytes_sent" not in record:
+    comp, before = _state["compressor"], _state["sent"]
+    if comp is not None and "bytes_sent" not in record and before is not None and step > before[0]:
         stats = comp.stats()
         sent, dense = int(stats.get("bytes_sent", 0)), int(stats.get("bytes_dense", 0))
-        if _state["sent"] is not None and steps_between:
-            record["bytes_sent"] = (sent - _state["sent"][0]) // steps_between
-            record["bytes_dense"] = (dense - _state["sent"][1]) // steps_between
-        _state["sent"] = (sent, dense)
+        record["bytes_sent"] = (sent - before[1]) // (step - before[0])
+        record["bytes_dense"] = (dense - before[2]) // (step - before[0])
+        _state["sent"] = (step, sent, dense)
     _state["last"] = (step, now)
     base = run_dir()
     if base is None:

@@ -45,7 +45,7 @@ def build_summary(res: Resolved, *, status: str, records: list[dict], started: f
     last = steps[-1] if steps else {}
     bytes_list = [r.get("bytes_sent") for r in steps if isinstance(r.get("bytes_sent"), (int, float))]
     bytes_total = end.get("bytes_sent_total") if end and end.get("bytes_sent_total") is not None else (
-        sum(bytes_list) if bytes_list else None)
+        _bytes_over_steps(steps) if bytes_list else None)
     final_metrics = dict(last.get("metrics") or {})
     if end and isinstance(end.get("metrics"), dict):
         final_metrics.update(end["metrics"])
@@ -79,6 +79,19 @@ def build_summary(res: Resolved, *, status: str, records: list[dict], started: f
         "resumed": resumed,
         "elastic": elastic_summary(res, records),
     }
+
+
+def _bytes_over_steps(steps: list[dict]) -> float:
+    """Bytes sent in all, from step records whose ``bytes_sent`` is per step: each record stands for the
+    steps since the record before it (a record every N steps, as ``ranger_hvd.run.log`` may write)."""
+    total, prev = 0, None
+    for r in steps:
+        b = r.get("bytes_sent")
+        if isinstance(b, (int, float)):
+            gap = r["step"] - prev if isinstance(r.get("step"), int) and isinstance(prev, int) and r["step"] > prev else 1
+            total += b * gap
+        prev = r.get("step")
+    return total
 
 
 def failure_cause(stall, cause, failed_rank: Optional[int], failed_exit: Optional[int],
