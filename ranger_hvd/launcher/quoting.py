@@ -11,7 +11,9 @@ Where a value meets a shell, and what this module does about it:
   ``-i`` (pasted into ssh lines, and under MPI inside ``"..."`` that Open MPI splits at spaces: no
   quoting serves both, so the path must be plain, see ``safety.PLAIN_PATH``), host names and interface
   names (grammars with no shell character), the names of exported variables (``NAME`` grammar; their
-  values horovodrun quotes itself).  :func:`for_horovodrun` quotes the first three;
+  values horovodrun quotes itself).  :func:`for_horovodrun` quotes the first three.  The job's own
+  command line (a user's ``job.command`` included) horovodrun quotes itself, item by item, so it is
+  passed as it is: quoting it here too would hand the program the quotes;
 * the sbatch script: ``#SBATCH`` lines are split into words by sbatch itself (quotes and backslashes
   group, ``#`` starts a comment, but not as in a shell: a backslash escapes inside quotes too, and old
   Slurm versions know only double quotes) and its file names expand ``%`` patterns:
