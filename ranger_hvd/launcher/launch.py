@@ -14,6 +14,7 @@ from rich.console import Console
 from .command import LaunchCommand, default_command
 from .config import ConfigError, Problem, Resolved
 from .formatting import short_repr
+from .records import read_yaml_mapping, section_value
 from .elastic import write_discovery_files
 from .rundir import copy_script, create_run_dir, planned_run_dir, write_command, write_config
 from .summary import RunResult
@@ -36,6 +37,14 @@ def resume_problem(run_dir: Path) -> Optional[str]:
         return f"{run_dir} is not a directory"
     if not (run_dir / "config.yaml").is_file():
         return f"{run_dir} has no config.yaml (not a run directory of ranger-hvd launch)"
+    config, _ = read_yaml_mapping(run_dir / "config.yaml")
+    if section_value(config or {}, "job", "command"):   # a user command keeps what it likes there
+        from .restart import user_checkpoint_saved
+
+        if not user_checkpoint_saved(run_dir):
+            return (f"{run_dir} has nothing in checkpoints/ (the command saved nothing in "
+                    f"ranger_hvd.run.checkpoint_dir())")
+        return None
     if not has_any_checkpoint(run_dir):
         return (f"{run_dir} has no checkpoints/step-*/rank* (the run wrote no checkpoint: train.checkpoint "
                 f"false, or it stopped before its first epoch ended)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import CLI, REPO, VENV_BIN, assert_refused, needs_horovod, run_cli
+from .conftest import CLI, REPO, VENV_BIN, assert_refused, needs_horovod, run_cli, tree
 
 EXAMPLES = REPO / "examples"
 SCRIPT = Path(__file__).with_name("user_script.py")
@@ -210,3 +210,40 @@ def test_command_killed_by_sigkill_is_restarted_from_its_checkpoint(tmp_path):
     (restart,) = summary["restarts"]
     assert restart["failed_rank"] == 1 and restart["resumed"] is True, restart
     assert restart["error"] == "rank 1 was killed by SIGKILL", restart
+
+
+# --------------------------------------------------------------------------------------------------
+def test_run_config_round_trip_resume_and_slurm_dry_run(tmp_path):
+    """The run's config.yaml of a user command is itself valid (what slurm_run and --resume load) and
+    gives the same command; --resume needs something in checkpoints/; a Slurm dry-run creates nothing."""
+    from ranger_hvd.launcher.command import build_command
+    from ranger_hvd.launcher.config import load_config
+    from ranger_hvd.launcher.rundir import copy_script, write_config
+
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    cfg = _write(tmp_path, {"job": {"command": ["python", "train.py", "a b"]}, "train": {"max_restarts": 1},
+                            "output": {"dir": str(tmp_path / "runs")}})
+    res = load_config(cfg)
+    run = tmp_path / "runs" / "train" / "20260101-000000"
+    run.mkdir(parents=True)
+    write_config(run, res)
+    copy_script(run, res)
+    assert (run / "script" / "train.py").read_text() == "print('hi')\n"
+    assert (run / "script" / "SOURCE").read_text().startswith(f"{tmp_path / 'train.py'} sha256 ")
+    again = load_config(run / "config.yaml")
+    kw = dict(python="/py", environ={}, uid=1000, project_root="/repo")
+    assert build_command(again, str(run), **kw).argv == build_command(res, str(run), **kw).argv
+
+    r = run_cli(["launch", "--resume", run, "--dry-run"], tmp_path)
+    assert r.returncode == 2 and "nothing in checkpoints/" in r.stderr, r.stdout + r.stderr
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "state.pt").write_text("x")
+    r = run_cli(["launch", "--resume", run, "--dry-run"], tmp_path)
+    assert r.returncode == 0 and "RANGER_HVD_RESUME=1" in r.stdout and "--resume" not in r.stdout.splitlines()[0]
+
+    before = tree(tmp_path)
+    r = run_cli(["launch", cfg, "cluster.scheduler=slurm", "cluster.slurm.partition=debug", "--dry-run"], tmp_path,
+                env={"PATH": "/nonexistent"})   # no Slurm needed to look at the script
+    assert r.returncode == 0, r.stderr
+    assert "-m ranger_hvd.launcher.slurm_run" in r.stdout and "#SBATCH --job-name=train" in r.stdout, r.stdout
+    assert tree(tmp_path) == before
