@@ -19,6 +19,7 @@ from .config import Resolved
 from .processes import GRACE_S, ProcessTree, become_subreaper, reap_zombies, stop_processes
 from .progress import MetricsTail, planned_epochs, progress_line, progress_table
 from .ranklogs import find_failed_rank, rank_log_files, read_tail, read_whole_lines
+from .records import read_records
 from .rundir import write_json
 from .stall import StallWatch, job_error, start_failure
 from .summary import RunResult, build_summary, failure_cause, print_outcome
@@ -185,6 +186,18 @@ class Supervisor:
         seen = self.stall.shutdown_seen_at
         return seen is not None and now - seen > STALL_EXIT_GRACE_S
 
+    def _write_tensorboard(self, started: float) -> Optional[str]:
+        """RUN_DIR/tensorboard/ from the whole metrics.jsonl (earlier launches of a resumed run too); a
+        failure to write it is a warning, never the run's failure."""
+        from .tensorboard import write_events
+
+        try:
+            path = write_events(self.run_dir, read_records(self.run_dir / "metrics.jsonl").records, started)
+        except OSError as exc:
+            self.console.print(f"[yellow]warning:[/] TensorBoard events not written: {exc}", highlight=False)
+            return None
+        return None if path is None else str(path.parent)
+
     def _finish(self, status: str, hvd_exit: Optional[int], started: float, metrics: MetricsTail,
                 error: Optional[str] = None) -> RunResult:
         rank_logs = rank_log_files(self.run_dir)
@@ -206,6 +219,7 @@ class Supervisor:
         summary["job_error"] = None if cause is None else {"rank": cause.rank, "message": cause.message,
                                                            "config": cause.config}
         summary.update(self.summary_extra)
+        summary["tensorboard"] = self._write_tensorboard(started)
         write_json(self.run_dir / "summary.json", summary)
         print_outcome(self.console, summary, self.run_dir, rank_logs)
         return RunResult(status=status, exit_code=summary["exit_code"], run_dir=self.run_dir,

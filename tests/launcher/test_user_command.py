@@ -147,6 +147,8 @@ def test_example_sweep_none_fp16_ranger_and_report(tmp_path):
                    for s in steps), steps
         assert steps[-1]["metrics"]["eval_accuracy"] > 0.5
         assert (run / "script" / "torch_digits.py").read_bytes() == (EXAMPLES / "torch_digits.py").read_bytes()
+        assert summary["tensorboard"] == str(run / "tensorboard")
+        assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert types == ["none", "fp16", "ranger"]
     ranger_steps = [json.loads(x) for x in (runs[2] / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < s["bytes_sent"] < s["bytes_dense"] for s in ranger_steps), ranger_steps
