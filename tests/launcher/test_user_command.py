@@ -249,3 +249,32 @@ def test_run_config_round_trip_resume_and_slurm_dry_run(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "-m ranger_hvd.launcher.slurm_run" in r.stdout and "#SBATCH --job-name=train" in r.stdout, r.stdout
     assert tree(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_switching_to_a_dense_type_keeps_the_momentum(config):
+    """Every shipped config: the none and fp16 twins train with the momentum of the Ranger run, wherever
+    the Ranger run applies it (the optimizer, or the compressor)."""
+    from ranger_hvd.jobs.common import optimizer_momentum
+    from ranger_hvd.launcher.config import load_config
+
+    path = REPO / "configs" / config
+    ranger = load_config(path, ["compression.type=ranger"], cwd=REPO).config
+    momentum = optimizer_momentum(ranger) + ranger.compression.compressor_momentum
+    for ctype in ("none", "fp16"):
+        res = load_config(path, [f"compression.type={ctype}"], cwd=REPO)
+        assert optimizer_momentum(res.config) == momentum, (ctype, res.sources["train.momentum"])
+    # an override of train.momentum still wins
+    assert load_config(path, ["compression.type=none", "train.momentum=0.5"], cwd=REPO).config.train.momentum == 0.5
+
+
+def test_dense_twin_of_a_user_command_warns_that_compressor_momentum_is_dropped(tmp_path):
+    from ranger_hvd.launcher.config import load_config
+
+    (tmp_path / "train.py").write_text("")
+    cfg = _write(tmp_path, {"job": {"command": ["python", "train.py"]},
+                            "compression": {"type": "ranger", "momentum": 0.9}})
+    assert load_config(cfg).warnings == []
+    (warning,) = load_config(cfg, ["compression.type=none"]).warnings
+    assert "compression.momentum=0.9 is inactive" in warning and "script's optimizer" in warning

@@ -176,6 +176,7 @@ def load_config(path: Union[str, Path, None], overrides: list[str] = (), *, cwd:
         raise ConfigError(problems)
 
     sources = {leaf: where.describe(leaf) for leaf in leaf_paths(cfg)}
+    warnings = _keep_momentum(cfg, inactive, where, sources)
     if cfg.cluster.np is None:
         sources["cluster.np"] = "default (total slots)"
     if cfg.cluster.hosts is None and cfg.cluster.hostfile is None:
@@ -186,7 +187,7 @@ def load_config(path: Union[str, Path, None], overrides: list[str] = (), *, cwd:
     for opt in inactive:
         sources[opt.path] = where.describe(opt.path)
     res = Resolved(config=cfg, sources=sources, hosts=hosts, np=np_, config_path=Path(path) if path else None,
-                   overrides=list(overrides), inactive=inactive)
+                   overrides=list(overrides), inactive=inactive, warnings=warnings)
     for opt in inactive:
         if sources[opt.path] == "override":
             res.warnings.append(f"{opt.path}={opt.value} has no effect: {opt.reason}")
@@ -194,6 +195,27 @@ def load_config(path: Union[str, Path, None], overrides: list[str] = (), *, cwd:
         if "=" not in entry and entry not in os.environ:
             res.warnings.append(f"cluster.env: {entry} is not set in this environment, so the ranks will not get it")
     return res
+
+
+def _keep_momentum(cfg: Config, inactive: list[Inactive], where: Sources, sources: dict[str, str]) -> list[str]:
+    """One momentum across compression types: a config whose momentum lives in the compressor
+    (``compression.momentum: m``, ``train.momentum: 0``) switched to a type without one (``none``,
+    ``fp16``) gives the optimizer that momentum, so the dense twin trains with the same momentum (for a
+    dense exchange, momentum before the average equals momentum after it).  An override of
+    ``train.momentum`` wins.  A user command's optimizer is in its script: a warning says it is dropped."""
+    moved = next((o for o in inactive if o.path == "compression.momentum"
+                  and isinstance(o.value, (int, float)) and o.value > 0), None)
+    if moved is None or cfg.compression.compressor_momentum > 0:
+        return []
+    if cfg.job.command:
+        return [f"compression.momentum={moved.value} is inactive ({moved.reason}): your script's optimizer runs "
+                "without it unless it sets its own momentum"]
+    if where("train.momentum") == "override" or cfg.train.momentum:
+        return []
+    cfg.train.momentum = float(moved.value)
+    sources["train.momentum"] = (f"compression.momentum ({where.describe('compression.momentum')}), applied by "
+                                 f"the optimizer as {moved.reason}")
+    return []
 
 
 def job_config(data: dict, fname: str = "", lines: Optional[dict[str, int]] = None) -> Config:
