@@ -20,15 +20,26 @@ CELLS = ["average", "sum", "predivide", "passes", "groups_int", "groups_list", "
          "sparse_embedding", "frozen", "toggled", "fp64", "fp16", "bf16", "process_set"]
 
 
+_LAUNCHES: dict = {}
+
+
+def _compat(np: int, tmp_path_factory) -> list[dict]:
+    """One launch per rank count, shared by the fixtures below."""
+    if np not in _LAUNCHES:
+        _LAUNCHES[np] = run_workers(WORKERS / "compat_scenario.py",
+                                    tmp_path_factory.mktemp(f"compat_np{np}"), np=np)
+    return _LAUNCHES[np]
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=["np2", "np3"])
 def matrix(request, tmp_path_factory):
-    return run_workers(WORKERS / "compat_scenario.py",
-                       tmp_path_factory.mktemp(f"compat_np{request.param}"), np=request.param)
+    return _compat(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def nonfinite(tmp_path_factory):
-    return run_workers(WORKERS / "nonfinite_scenario.py", tmp_path_factory.mktemp("nonfinite"), np=2)
+    """The 2-rank matrix launch also runs workers/nonfinite_scenario.py."""
+    return [rep["nonfinite"] for rep in _compat(2, tmp_path_factory)]
 
 
 # Half precision gradients and residuals round to fp16/bf16 (8 and 11 bits less than fp32): a
