@@ -278,3 +278,18 @@ def test_dense_twin_of_a_user_command_warns_that_compressor_momentum_is_dropped(
     assert load_config(cfg).warnings == []
     (warning,) = load_config(cfg, ["compression.type=none"]).warnings
     assert "compression.momentum=0.9 is inactive" in warning and "script's optimizer" in warning
+
+
+def test_elastic_user_command_on_tensorflow_is_not_refused(tmp_path):
+    """Only the TensorFlow reference jobs lack an elastic mode; a script may use Horovod's elastic API."""
+    from ranger_hvd.launcher.command import build_command
+    from ranger_hvd.launcher.config import ConfigError, load_config
+
+    (tmp_path / "train.py").write_text("")
+    cfg = _write(tmp_path, {"job": {"backend": "tensorflow", "command": ["python", "train.py"]},
+                            "cluster": {"hosts": ["localhost:3"], "elastic": {"min_np": 2}}})
+    res = load_config(cfg)
+    argv = build_command(res, "/runs/x", python="/py", environ={}, uid=1000, project_root="/repo").argv
+    assert "--min-np" in argv and argv[-2:] == ["/py", str(tmp_path / "train.py")]
+    with pytest.raises(ConfigError, match="no elastic mode"):
+        load_config(cfg, ["job.command=null"])

@@ -116,7 +116,7 @@ def elastic_problems(cfg: Config, where: Where) -> list[Problem]:
         key = "cluster.hosts" if cl.hosts is not None else "cluster.hostfile"
         problems.append(Problem(key, "not used with cluster.elastic.discovery_script, which lists the hosts "
                                 "(set one of them to null)", where(key)))
-    if cfg.job.backend == "tensorflow" and cfg.job.entry == DEFAULT_ENTRY:
+    if cfg.job.backend == "tensorflow" and cfg.job.entry == DEFAULT_ENTRY and not cfg.job.command:
         problems.append(Problem("cluster.elastic", "the TensorFlow reference jobs have no elastic mode (use "
                                 "job.backend 'torch', or leave cluster.elastic null)", where("job.backend")))
     if cfg.horovod.cycle_time_ms is not None:
