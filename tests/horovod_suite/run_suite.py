@@ -302,15 +302,10 @@ def regressions(entry: dict) -> list[tuple[str, str, dict]]:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()}, {os.cpu_count()} CPUs ({cpu}), {platform.platform()}, no GPU used"
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from machine import cpu_model
+
+    return f"{platform.node()}, {os.cpu_count()} CPUs ({cpu_model()}), {platform.platform()}, no GPU used"
 
 
 def _versions(framework_keys) -> str:

@@ -55,12 +55,18 @@ def forward(model, x, poison):
     return model[4](model[3](model[2](h)))
 
 
-def void_step():
+def build(prefix: str, lr: float):
+    """A fresh model under Horovod's optimizer with the compressor (names under ``prefix``)."""
     model = make_model()
-    named = [(f"void.{n}", p) for n, p in model.named_parameters()]
+    named = [(f"{prefix}.{n}", p) for n, p in model.named_parameters()]
     comp = RangerCompressor(density=0.05, min_elements=64)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr),
                                    named_parameters=named, compression=comp)
+    return model, named, comp, opt
+
+
+def void_step():
+    model, named, comp, opt = build("void", 0.1)
     result = {}
     for step in range(5):
         x, y = batch(step)
@@ -93,11 +99,7 @@ def void_step():
 
 
 def scaler_run():
-    model = make_model()
-    named = [(f"amp.{n}", p) for n, p in model.named_parameters()]
-    comp = RangerCompressor(density=0.05, min_elements=64)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
-                                   named_parameters=named, compression=comp)
+    model, _, comp, opt = build("amp", 0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     log = []
