@@ -12,6 +12,8 @@ no_sync    4 micro-batches under no_sync at d = 1 equal one batch of all of them
 from __future__ import annotations
 
 import io
+import os
+import sys
 
 from common import max_diff, params_of
 
@@ -212,4 +214,10 @@ drain()
 scaler()
 no_sync()
 report(RANK, out)
-dist.destroy_process_group()
+dist.barrier()
+# Exit without tearing down Gloo's process group and the interpreter: once in a while that teardown
+# aborted ("terminate called without an active exception", after both reports were written), which
+# says nothing about the hook and would fail the launch.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
