@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.hvdrun import run_workers
+from tests.tensorflow.launches import tf_keras_reports
 
 pytestmark = pytest.mark.horovod
 WORKERS = Path(__file__).parent / "workers"
@@ -26,8 +27,7 @@ def keras3(request, tmp_path_factory):
 
 @pytest.fixture(scope="module", params=[2, 3])
 def tf_keras(request, tmp_path_factory):
-    return run_workers(WORKERS / "compat_legacy_worker.py", tmp_path_factory.mktemp("legacy"),
-                       np=request.param, env={"TF_USE_LEGACY_KERAS": "1"}, timeout=900)
+    return tf_keras_reports(request.param, tmp_path_factory)
 
 
 def assert_cells(reports, cells):

@@ -3,22 +3,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("horovod.tensorflow")
 
-from tests.hvdrun import run_workers  # noqa: E402
+from tests.tensorflow.launches import tf_keras_reports  # noqa: E402
 
 pytestmark = pytest.mark.horovod
-WORKER = Path(__file__).parent / "workers" / "hook_worker.py"
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["np2", "np3"])
 def reports(request, tmp_path_factory):
-    return run_workers(WORKER, tmp_path_factory.mktemp(f"hook_np{request.param}"), np=request.param,
-                       env={"TF_USE_LEGACY_KERAS": "1"}, timeout=900)
+    """workers/hook_worker.py's checks, run inside the tf-keras compatibility launch."""
+    return tf_keras_reports(request.param, tmp_path_factory)
 
 
 def _tolerance(size: int) -> float:

@@ -6,7 +6,8 @@ through ``minimize``, eagerly and traced, with and without ``variables=``, with 
 aggregation (``backward_passes_per_step=2``) and with a local variable (``register_local_var``),
 and ``hvd.PartialDistributedGradientTape`` with a local layer. Then ``model.fit``
 (``jit_compile=False``) of a model with an Embedding under ``sparse_as_dense=True``, the optimizer
-wrapped before the model exists and no ``variables=`` (issue 30, causes 2 and 3).
+wrapped before the model exists and no ``variables=`` (issue 30, causes 2 and 3). Last, the checks
+of ``hook_worker.py`` (one launch for both test files).
 """
 
 import os
@@ -102,4 +103,7 @@ out["fit"] = {
     "slots": [[s.label, list(s.shape)] for s in comp.slots],
     "stats": comp.stats(),
 }
+from tests.tensorflow.workers import hook_worker  # noqa: E402 - after the matrix, in the same job
+
+out.update(hook_worker.run())
 report(RANK, out)

@@ -90,41 +90,44 @@ def compressor(density, model=None):
     return RangerCompressor(density=density, min_elements=256, variables=variables)
 
 
-# density 1: Horovod's tape (Average, Sum, predivide 2) and Horovod's Keras optimizer
-for label, kwargs in {"average": {}, "sum": {"op": hvd.Sum},
-                      "predivide": {"gradient_predivide_factor": 2.0}}.items():
-    plain = tape_run(lambda m: lambda t: hvd.DistributedGradientTape(t, **kwargs))
+def run() -> dict:
+    """Every check of this file; ``compat_legacy_worker`` runs it in its launch (one launch fewer)."""
+    # density 1: Horovod's tape (Average, Sum, predivide 2) and Horovod's Keras optimizer
+    for label, kwargs in {"average": {}, "sum": {"op": hvd.Sum},
+                          "predivide": {"gradient_predivide_factor": 2.0}}.items():
+        plain = tape_run(lambda m: lambda t: hvd.DistributedGradientTape(t, **kwargs))
 
-    def with_ranger(model):
-        comp = compressor(1.0, model)
-        return lambda t: hvd.DistributedGradientTape(t, compression=comp, **kwargs)
+        def with_ranger(model):
+            comp = compressor(1.0, model)
+            return lambda t: hvd.DistributedGradientTape(t, compression=comp, **kwargs)
 
-    ranger = tape_run(with_ranger)
-    out[f"tape_d1_{label}"] = diffs(plain, ranger)
-    out[f"tape_d1_{label}_moved"] = diffs(plain[:1], plain[-1:])[0]
-out["keras_d1"] = diffs(keras_run(None)[0], keras_run(1.0)[0])
+        ranger = tape_run(with_ranger)
+        out[f"tape_d1_{label}"] = diffs(plain, ranger)
+        out[f"tape_d1_{label}_moved"] = diffs(plain[:1], plain[-1:])[0]
+    out["keras_d1"] = diffs(keras_run(None)[0], keras_run(1.0)[0])
 
-# density 0.01: three entry points, one exchange
-comps = {}
+    # density 0.01: three entry points, one exchange
+    comps = {}
+
+    def hvd_tape_wrap(model):
+        comps["hvd_tape"] = comp = compressor(0.01, model)
+        return lambda t: hvd.DistributedGradientTape(t, compression=comp)
+
+    def our_wrap(model):
+        comps["ours"] = comp = compressor(0.01)
+        return lambda t: DistributedGradientTape(t, compression=comp)
+
+    hvd_tape = tape_run(hvd_tape_wrap, steps=20)
+    keras_opt, keras_comp = keras_run(0.01, steps=20)
+    ours = tape_run(our_wrap, steps=20)
+    hvd_tape_comp, our_comp = comps["hvd_tape"], comps["ours"]
+    out["d001_hvd_tape_vs_ours"] = diffs(hvd_tape[-1:], ours[-1:])[0]
+    out["d001_keras_vs_ours"] = diffs(keras_opt[-1:], ours[-1:])[0]
+    out["d001_moved"] = diffs(ours[:1], ours[-1:])[0]
+    out["d001_stats"] = [hvd_tape_comp.stats(), keras_comp.stats(), our_comp.stats()]
+    out["d001_weights_sum"] = float(sum(np.abs(w).sum() for w in ours[-1]))
+    return out
 
 
-def hvd_tape_wrap(model):
-    comps["hvd_tape"] = comp = compressor(0.01, model)
-    return lambda t: hvd.DistributedGradientTape(t, compression=comp)
-
-
-def our_wrap(model):
-    comps["ours"] = comp = compressor(0.01)
-    return lambda t: DistributedGradientTape(t, compression=comp)
-
-
-hvd_tape = tape_run(hvd_tape_wrap, steps=20)
-keras_opt, keras_comp = keras_run(0.01, steps=20)
-ours = tape_run(our_wrap, steps=20)
-hvd_tape_comp, our_comp = comps["hvd_tape"], comps["ours"]
-out["d001_hvd_tape_vs_ours"] = diffs(hvd_tape[-1:], ours[-1:])[0]
-out["d001_keras_vs_ours"] = diffs(keras_opt[-1:], ours[-1:])[0]
-out["d001_moved"] = diffs(ours[:1], ours[-1:])[0]
-out["d001_stats"] = [hvd_tape_comp.stats(), keras_comp.stats(), our_comp.stats()]
-out["d001_weights_sum"] = float(sum(np.abs(w).sum() for w in ours[-1]))
-report(RANK, out)
+if __name__ == "__main__":
+    report(RANK, run())
