@@ -267,16 +267,21 @@ class _ListOps:
         self.counts = [a + int(b) for a, b in zip(self.counts, inc)]
 
 
+def _engine_and_reference(opts):
+    """(options, ops, engine, a 600-entry state, the reference) of one tensor, world size 2."""
+    from ranger_hvd.core import ErrorFeedback
+    options = make_options(min_elements=10, **opts)
+    ops = _ListOps()
+    state = {"e": np.zeros(600, np.float32), "u": np.zeros(600, np.float32), "step": 0}
+    return options, ops, ErrorFeedback(options, ops), state, ReferenceCompressor(600, options, world_size=2)
+
+
 @pytest.mark.parametrize("opts", [dict(density=0.05), dict(density=0.05, momentum=0.9),
                                   dict(density=0.05, momentum=0.9, momentum_masking=False),
                                   dict(density=0.02, warmup_steps=3, clip_norm=5.0)])
 def test_engine_equals_reference(opts):
-    from ranger_hvd.core import ErrorFeedback, sparse_counts
-    options = make_options(min_elements=10, **opts)
-    ops = _ListOps()
-    engine = ErrorFeedback(options, ops)
-    state = {"e": np.zeros(600, np.float32), "u": np.zeros(600, np.float32), "step": 0}
-    ref = ReferenceCompressor(600, options, world_size=2)
+    from ranger_hvd.core import sparse_counts
+    options, ops, engine, state, ref = _engine_and_reference(opts)
     rng = np.random.default_rng(3)
     expected_counts = [0] * 7
     for _ in range(8):
@@ -346,12 +351,7 @@ def test_batched_engine_steps_equal_one_tensor_at_a_time(opts):
 def test_engine_void_steps_equal_reference(opts):
     """Non-finite gradients (nonfinite="skip") and undone steps: the engine does what the
     reference does, and a rank whose step was void keeps its state bit for bit."""
-    from ranger_hvd.core import ErrorFeedback
-    options = make_options(min_elements=10, **opts)
-    ops = _ListOps()
-    engine = ErrorFeedback(options, ops)
-    state = {"e": np.zeros(600, np.float32), "u": np.zeros(600, np.float32), "step": 0}
-    ref = ReferenceCompressor(600, options, world_size=2)
+    options, ops, engine, state, ref = _engine_and_reference(opts)
     rng = np.random.default_rng(5)
     for step in range(8):
         g = rng.standard_normal((20, 30)).astype(np.float32)
