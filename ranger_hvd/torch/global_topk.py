@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ranger_hvd.core import COUNTERS
 from ranger_hvd.core import global_topk as rule
 
 from .selection import topk_indices
@@ -121,26 +122,27 @@ class GlobalTopk:
         del self.pending[name]
         g_idx, g_sums = _unrows(rows, ex.state.residual.dtype)
         self.comp._received += rows.numel() - ex.sent_bytes
-        self.comp._stats.add([ex.sent_bytes, 0, 0, 0, 0, 0, 0])
+        self.comp._stats.add([ex.sent_bytes] + [0] * (len(COUNTERS) - 1))   # bytes_sent only
         self.last[name] = g_idx.numpy().astype(np.int64)
         self._give_back_unkept(ex.state, g_idx)
         return g_idx, g_sums, len(ex.bounds) - 1
 
-    @staticmethod
-    def _give_back_unkept(st: TensorState, g_idx: torch.Tensor) -> None:
-        """Step 4: e[i] += v[i] (and u[i] restored) for this rank's pairs outside G; what stays
-        remembered for an undo is the part that was delivered."""
+    def _give_back_unkept(self, st: TensorState, g_idx: torch.Tensor) -> None:
+        """Step 4: the pairs of this rank outside G go back as an undone step's would (e[i] += v[i],
+        u[i] restored: ``ErrorFeedback.undo``); what stays remembered for an undo of the whole step
+        is the part that was delivered."""
         if st.sent is None:   # a void step already undone, or this rank's own g was not finite
             return
         indices, values, kept_u = st.sent
         delivered = torch.isin(indices, g_idx)
-        back = ~delivered
-        if bool(back.any()):
-            st.residual.index_add_(0, indices[back], values[back].to(st.residual.dtype))
-            if kept_u is not None:
-                st.velocity.index_copy_(0, indices[back].long(), kept_u[back])
-        st.sent = (indices[delivered], values[delivered],
-                   None if kept_u is None else kept_u[delivered])
+
+        def part(mask):
+            return indices[mask], values[mask], None if kept_u is None else kept_u[mask]
+
+        if not bool(delivered.all()):
+            st.sent = part(~delivered)
+            self.comp.engine.undo(st)
+        st.sent = part(delivered)
 
     def state_dict(self) -> dict:
         return {name: sel.copy() for name, sel in self.last.items()}
