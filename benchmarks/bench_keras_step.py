@@ -10,11 +10,9 @@ then the median of 8. The argument is the density, or ``dense``.
 """
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -22,6 +20,7 @@ tf.config.threading.set_inter_op_parallelism_threads(1)
 import horovod.tensorflow as hvd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_seconds  # noqa: E402
 from netbench import models  # noqa: E402
 
 from ranger_hvd.tensorflow import RangerCompressor  # noqa: E402
@@ -47,11 +46,5 @@ def train(x, y):
     return loss
 
 
-for _ in range(3):
-    train(x, y).numpy()
-times = []
-for _ in range(8):
-    start = time.perf_counter()
-    train(x, y).numpy()
-    times.append(time.perf_counter() - start)
-print(f"rank {hvd.rank()} mode {mode} median {np.median(times) * 1e3:.0f} ms", flush=True)
+median = median_seconds(lambda: train(x, y).numpy(), 8, warmup=3)
+print(f"rank {hvd.rank()} mode {mode} median {median * 1e3:.0f} ms", flush=True)

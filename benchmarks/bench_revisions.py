@@ -11,7 +11,7 @@ load reaches both alike, and writes a table of every round's medians and a plot:
         --hosts 2 --links none 10gbit --models keras-resnet50 --modes dense ranger-0.01 ranger-0.001 \\
         --steps 10 --warmup 2
 
-writes ``benchmarks/revisions/revisions.{md,json,png}`` (``--out`` to change) and keeps each
+writes ``docs/results/revisions/revisions.{md,json,png}`` (``--out`` to change) and keeps each
 launch's own results under ``<out>/<label>-<round>/``. ``--summarize`` rebuilds the table and plot
 from those without running anything. Needs root, as ``bench_network.py`` does; both revisions must
 have ``benchmarks/bench_network.py`` accepting the arguments after ``--``.
@@ -32,10 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import REPO, RESULTS  # noqa: E402
 from machine import cpu_and_load  # noqa: E402
 
 
@@ -45,8 +44,8 @@ def parse_args(argv):
     p.add_argument("before", help="git revision A (the baseline)")
     p.add_argument("after", help="git revision B (the change)")
     p.add_argument("--rounds", type=int, default=2, help="launches of each revision (default 2)")
-    p.add_argument("--out", type=Path, default=HERE / "revisions", help="results directory "
-                   "(default benchmarks/revisions)")
+    p.add_argument("--out", type=Path, default=RESULTS / "revisions", help="results directory "
+                   "(default docs/results/revisions)")
     p.add_argument("--summarize", action="store_true", help="only rebuild the table and plot from "
                    "the launches already in --out")
     p.epilog += "\nArguments after -- go to bench_network.py (all but --out, --append, --quick)."

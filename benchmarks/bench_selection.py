@@ -13,8 +13,8 @@ For each size n (1e5 .. 2.5e7 float32 entries) and density d (0.01, 0.001), one 
                        coordinates, error feedback) plus ``decompress``.
 
 Times are medians over repetitions; ratios come from the same run. The Markdown table goes to
-stdout and between the PyTorch markers of benchmarks/results.md (the rest of that file, including
-the TensorFlow section, is left as it is).
+stdout and between the PyTorch markers of docs/results/selection.md (the rest of that file,
+including the TensorFlow section of ``bench_selection_tf.py``, is left as it is).
 
     python benchmarks/bench_selection.py [--quick]
 """
@@ -23,25 +23,23 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import platform
 import re
-import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, RESULTS, machine, median_seconds
+
 sys.path.insert(0, str(REPO))
 
-from machine import cpu_and_load  # noqa: E402
 from ranger_hvd import core  # noqa: E402
 from ranger_hvd.torch import RangerCompressor, topk_indices  # noqa: E402
+# No public name packs one rank's pairs into the bytes RangerCompressor.combine reads (reported).
 from ranger_hvd.torch.compressor import _payload  # noqa: E402
 from ranger_hvd.torch.selection import SelectionScratch  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results.md"
+SELECTION = RESULTS / "selection.md"
 TORCH_BEGIN = "<!-- BEGIN PYTORCH SECTION: written by benchmarks/bench_selection.py -->"
 TORCH_END = "<!-- END PYTORCH SECTION -->"
 TF_BEGIN = "<!-- BEGIN TENSORFLOW SECTION: maintained by the TensorFlow backend -->"
@@ -49,23 +47,6 @@ TF_END = "<!-- END TENSORFLOW SECTION -->"
 
 SIZES = [100_000, 1_000_000, 5_000_000, 25_000_000]
 DENSITIES = [0.01, 0.001]
-
-
-def timed(fn, reps: int) -> float:
-    """Median seconds of ``fn()`` over ``reps`` runs, after one warm-up run."""
-    fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def machine() -> str:
-    return (f"{cpu_and_load()}; "
-            f"Python {platform.python_version()}, PyTorch {torch.__version__}; "
-            f"torch.set_num_threads(1)")
 
 
 def bench(n: int, d: float, reps: int) -> dict:
@@ -76,9 +57,9 @@ def bench(n: int, d: float, reps: int) -> dict:
     scratch = SelectionScratch()
 
     row = {"n": n, "d": d, "k": k}
-    row["clone"] = timed(lambda: x.clone(), reps)
-    row["topk"] = timed(lambda: torch.topk(x.abs(), k), max(1, reps // 2))
-    row["select"] = timed(lambda: topk_indices(x, k, 0.01, scratch), reps)
+    row["clone"] = median_seconds(lambda: x.clone(), reps)
+    row["topk"] = median_seconds(lambda: torch.topk(x.abs(), k), max(1, reps // 2))
+    row["select"] = median_seconds(lambda: topk_indices(x, k, 0.01, scratch), reps)
 
     comp = RangerCompressor(density=d, min_elements=1)
     grad = x.view(shape)
@@ -88,7 +69,7 @@ def bench(n: int, d: float, reps: int) -> dict:
         values, indices = comp.compress_sparse("w", grad)
         comp.combine(_payload(indices, values), k, out.zero_())
 
-    row["topk_cd"] = timed(topk_round, reps)
+    row["topk_cd"] = median_seconds(topk_round, reps)
 
     param = torch.nn.Parameter(torch.zeros(shape))
     param.grad = grad
@@ -100,7 +81,7 @@ def bench(n: int, d: float, reps: int) -> dict:
         values, ctx = rand.compress(param.grad)
         rand.decompress(values, ctx)
 
-    row["random_cd"] = timed(random_round, reps)
+    row["random_cd"] = median_seconds(random_round, reps)
     # Sanity: the selected set is torch.topk's (no ties in continuous random data).
     want = torch.sort(torch.topk(x.abs(), k).indices).values.to(torch.int32)
     assert torch.equal(topk_indices(x, k, 0.01, scratch), want)
@@ -153,8 +134,8 @@ TF_PLACEHOLDER = f"""{TF_BEGIN}
 
 
 def write_results(section: str) -> None:
-    if RESULTS.exists():
-        text = RESULTS.read_text()
+    if SELECTION.exists():
+        text = SELECTION.read_text()
         pattern = re.compile(re.escape(TORCH_BEGIN) + ".*?" + re.escape(TORCH_END), re.S)
         if pattern.search(text):
             text = pattern.sub(lambda _: section, text)
@@ -167,16 +148,16 @@ def write_results(section: str) -> None:
                 "Compression cost per tensor against `topk` and a plain copy (the memory-bandwidth "
                 "floor). Each backend's script rewrites only its own section.\n\n"
                 f"{section}\n\n{TF_PLACEHOLDER}\n")
-    RESULTS.write_text(text)
+    SELECTION.write_text(text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, no results.md")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, no results file")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    facts = machine()
+    facts = machine(f"PyTorch {torch.__version__}", "torch.set_num_threads(1)")
     start = time.perf_counter()
     rows = []
     for n in SIZES:
@@ -189,7 +170,7 @@ def main() -> None:
     print(table(rows))
     if not (args.quick or args.no_write):
         write_results(torch_section(rows, facts, seconds))
-        print(f"\nwrote {RESULTS.relative_to(REPO)}")
+        print(f"\nwrote {SELECTION.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

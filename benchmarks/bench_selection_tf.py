@@ -18,41 +18,36 @@ c+d, TF ops   the same step traced with the compiled pass switched off: TensorFl
               the path of GPUs and of tensors too small for a sampled threshold; the baseline;
 random-k c+d  RangerCompressor.compress + decompress, the path under Horovod's own tape.
 
-Rewrites only the TensorFlow section of benchmarks/results.md (between its markers).
+Rewrites only the TensorFlow section of docs/results/selection.md (between its markers).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import re
-import statistics
+import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from ranger_hvd.core import num_selected
-from ranger_hvd.tensorflow import RangerCompressor, cpu_path, exchange
-from ranger_hvd.tensorflow.selection import topk_indices
+from common import REPO, RESULTS, machine, median_seconds, tf_ready
 
-RESULTS = Path(__file__).with_name("results.md")
+sys.path.insert(0, str(REPO))
+
+from ranger_hvd.core import num_selected  # noqa: E402
+from ranger_hvd.tensorflow import RangerCompressor, cpu_path, exchange  # noqa: E402
+from ranger_hvd.tensorflow.selection import topk_indices  # noqa: E402
+
+SELECTION = RESULTS / "selection.md"
 BEGIN = "<!-- BEGIN TENSORFLOW SECTION: maintained by the TensorFlow backend -->"
 END = "<!-- END TENSORFLOW SECTION -->"
 
 
 def median_ms(fn, repeats):
-    fn()  # trace and warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        _ = [o.shape for o in tf.nest.flatten(out)]  # a traced CPU function's outputs are ready
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    """Median ms of a traced function; the first call traces it and is not timed."""
+    return median_seconds(fn, repeats, ready=tf_ready) * 1e3
 
 
 def _topk_step(n, d, x):
@@ -65,6 +60,7 @@ def _topk_step(n, d, x):
     @tf.function
     def step():
         idx, vals = bench.compress_variable(variable, x)
+        # No public name packs pairs into the wire layout exchange.finish reads (reported).
         packed = exchange._pack(idx, vals, tf.float32)
         ctx = exchange.Context("topk", (n,), tf.float32, gathered=packed, k=tf.size(idx))
         return exchange.finish(tf.ones([1]), ctx, "float32")
@@ -114,16 +110,14 @@ def run(sizes, densities, repeats):
     return rows
 
 
-def section(rows, seconds, load):
+def section(rows, seconds, facts):
     lines = [
         BEGIN,
         "## TensorFlow",
         "",
         f"Run on {datetime.date.today()} by `python benchmarks/bench_selection_tf.py` in "
         f"{seconds:.0f} s.",
-        f"Machine: {platform.processor() or platform.machine()}; {os.cpu_count()} logical CPUs; "
-        f"load average {load} at start; Python {platform.python_version()}, TensorFlow "
-        f"{tf.__version__}; one intra-op and one inter-op thread.",
+        f"Machine: {facts}.",
         "",
         "Float32 tensors of n standard-normal entries, k = ceil(d * n); medians of repeated runs, all "
         "traced with `tf.function`. *copy* is `x * s` (s a variable); *select* is "
@@ -168,20 +162,20 @@ def main():
     args = ap.parse_args()
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    facts = machine(f"TensorFlow {tf.__version__}", "one intra-op and one inter-op thread")
     t0 = time.time()
     rows = run([int(float(s)) for s in args.sizes.split(",")],
                [float(s) for s in args.densities.split(",")], args.repeats)
-    text = section(rows, time.time() - t0, load)
+    text = section(rows, time.time() - t0, facts)
     print(text)
-    if not args.no_write and RESULTS.exists():
-        old = RESULTS.read_text()
+    if not args.no_write and SELECTION.exists():
+        old = SELECTION.read_text()
         if BEGIN in old and END in old:
             new = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: text, old,
                          flags=re.S)
         else:
             new = old.rstrip("\n") + "\n\n" + text + "\n"
-        RESULTS.write_text(new)
+        SELECTION.write_text(new)
 
 
 if __name__ == "__main__":
