@@ -21,8 +21,10 @@ The job's momentum is the config's, wherever the config keeps it (``train.moment
 ``compression.momentum`` for a config that ships DGC's); every mode says where it goes, so each mode
 means the same thing whatever the config's own choice.
 
-Writes ``benchmarks/accuracy-results.md`` (the table, with machine and date) and
-a PNG of the same name (eval metric per mode, one panel per job), and prints the table.
+Writes ``docs/results/accuracy-results.md`` (``--out``: the table, with machine and date), its
+JSON and a PNG of the same name (eval metric per mode, one panel per job), and prints the table; a
+sweep of three or more ``ranger-D`` densities also draws ``<out>-curve.png``. ``docs/accuracy.md``
+says which committed file came from which command.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ import textwrap
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, RESULTS, density_mode
+
 CONFIGS = ["cnn-digits", "cnn-digits-tf", "rnn-digits", "rnn-digits-tf", "gan-digits", "gan-digits-tf"]
 DEFAULT_MODES = ["dense", "fp16", "ranger-0.01", "ranger-0.01-dgc", "ranger-0.01-local", "ranger-0.001",
                  "ranger-0.001-dgc", "ranger-0.001-local"]
@@ -50,18 +53,10 @@ FIXED_MODES = {"dense": ["compression.type=none", "train.momentum=CONFIG"],
 MOMENTUM_IN_COMPRESSOR = {"dgc": "true", "local": "false"}    # mode suffix: compression.momentum_masking
 
 
-def _ranger_mode(mode: str) -> tuple[float, str] | None:
-    """(density, suffix) of ``ranger-D`` (suffix ""), ``ranger-D-dgc`` and ``ranger-D-local`` with
-    0 < D <= 1; None for any other name."""
-    parts = mode.split("-")
-    if (parts[0] != "ranger" or len(parts) not in (2, 3)
-            or (len(parts) == 3 and parts[2] not in MOMENTUM_IN_COMPRESSOR)):
-        return None
-    try:
-        density = float(parts[1])
-    except ValueError:
-        return None
-    return (density, parts[2] if len(parts) == 3 else "") if 0.0 < density <= 1.0 else None
+def _ranger_mode(mode: str) -> tuple[str, float, str] | None:
+    """("ranger", D, suffix) of ``ranger-D`` (suffix ""), ``ranger-D-dgc`` and ``ranger-D-local``
+    with 0 < D <= 1; None for any other name."""
+    return density_mode(mode, ("ranger",), tuple(MOMENTUM_IN_COMPRESSOR))
 
 
 def mode_spec(mode: str) -> list[str] | None:
@@ -74,11 +69,12 @@ def mode_spec(mode: str) -> list[str] | None:
     if parsed is None:
         return None
     spec = ["compression.type=ranger", f"compression.density={mode.split('-')[1]}"]
-    if parsed[1]:
-        masking = MOMENTUM_IN_COMPRESSOR[parsed[1]]
+    if parsed[2]:
+        masking = MOMENTUM_IN_COMPRESSOR[parsed[2]]
         return spec + ["compression.momentum=CONFIG", f"compression.momentum_masking={masking}",
                        "train.momentum=0"]
-    return spec + ["compression.momentum=0", "train.momentum=CONFIG"]
+    # the masking back at its default: with no momentum in the compressor it has nothing to mask
+    return spec + ["compression.momentum=0", "compression.momentum_masking=true", "train.momentum=CONFIG"]
 
 
 # What judges a job: (metric in summary.json's final_metrics, higher is better)
@@ -288,7 +284,7 @@ def density_png(out: Path) -> Path:
 def swept_densities(modes: list[str]) -> dict[float, str]:
     """{density: mode} of the plain ``ranger-D`` modes, densities ascending."""
     parsed = {m: _ranger_mode(m) for m in modes}
-    return dict(sorted((p[0], m) for m, p in parsed.items() if p is not None and not p[1]))
+    return dict(sorted((p[1], m) for m, p in parsed.items() if p is not None and not p[2]))
 
 
 def plot_density(results: dict, names: list[str], modes: list[str], scale: int, path: Path) -> None:
@@ -352,7 +348,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0", help="train.seed values; each cell is their mean ± stdev")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run (e.g. train.lr_schedule=cosine)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "accuracy-results.md"))
+    ap.add_argument("--out", default=str(RESULTS / "accuracy-results.md"))
     ap.add_argument("--runs", default=str(REPO / "runs" / "accuracy"))
     ap.add_argument("--from-runs", metavar="DIR",
                     help="tabulate the run directories an earlier sweep left in DIR, running nothing")

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO
+
 sys.path.insert(0, str(REPO))
 
 from ranger_hvd.core import is_compressed, make_options  # noqa: E402

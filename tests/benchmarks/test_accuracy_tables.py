@@ -112,7 +112,8 @@ def test_table_shows_spread_only_over_several_seeds_and_the_gap_to_dense():
 
 def test_mode_names_carry_any_density_and_each_mode_says_where_the_jobs_momentum_goes():
     assert accuracy.mode_overrides("ranger-0.03", 0.9) == [
-        "compression.type=ranger", "compression.density=0.03", "compression.momentum=0", "train.momentum=0.9"]
+        "compression.type=ranger", "compression.density=0.03", "compression.momentum=0",
+        "compression.momentum_masking=true", "train.momentum=0.9"]
     assert accuracy.mode_overrides("ranger-0.3-dgc", 0.9) == [
         "compression.type=ranger", "compression.density=0.3", "compression.momentum=0.9",
         "compression.momentum_masking=true", "train.momentum=0"]
@@ -121,7 +122,8 @@ def test_mode_names_carry_any_density_and_each_mode_says_where_the_jobs_momentum
         "compression.momentum_masking=false", "train.momentum=0"]
     assert accuracy.mode_overrides("ranger-0.01-local", 0.0) is None
     assert accuracy.mode_overrides("ranger-0.3-dgc", 0.0) is None      # no momentum to move: not run
-    assert accuracy.mode_overrides("ranger-0.3", 0.0)[-2:] == ["compression.momentum=0", "train.momentum=0.0"]
+    assert accuracy.mode_overrides("ranger-0.3", 0.0)[-3:] == [
+        "compression.momentum=0", "compression.momentum_masking=true", "train.momentum=0.0"]
     assert accuracy.mode_overrides("dense", 0.9) == ["compression.type=none", "train.momentum=0.9"]
     assert accuracy.mode_overrides("fp16", 0.5) == ["compression.type=fp16", "train.momentum=0.5"]
 
@@ -160,4 +162,4 @@ def test_a_density_sweep_is_read_from_the_plain_ranger_modes_only():
     modes = ["dense", "ranger-0.1", "ranger-0.01-dgc", "fp16", "ranger-0.001", "ranger-0.03"]
     swept = accuracy.swept_densities(modes)
     assert list(swept.items()) == [(0.001, "ranger-0.001"), (0.03, "ranger-0.03"), (0.1, "ranger-0.1")]
-    assert accuracy.density_png(Path("benchmarks/x.md")) == Path("benchmarks/x-curve.png")
+    assert accuracy.density_png(Path("docs/results/x.md")) == Path("docs/results/x-curve.png")
