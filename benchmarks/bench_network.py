@@ -54,7 +54,8 @@ def parse_args(argv):
     p.add_argument("--hosts", type=int, nargs="+", help=f"host counts (default {FULL['hosts']})")
     p.add_argument("--links", nargs="+", help=f"tc rates or none (default {FULL['links']})")
     p.add_argument("--models", nargs="+", help=f"of {sorted(SPECS)} (default {FULL['models']})")
-    p.add_argument("--modes", nargs="+", help=f"dense, fp16, floor, ranger-D, hook-D, global-D, ddp, ddp-D "
+    p.add_argument("--modes", nargs="+", help=f"dense, fp16, floor, ranger-D, hook-D, pertensor-D, "
+                   f"global-D, ddp, ddp-D "
                    f"(default {FULL['modes']})")
     p.add_argument("--steps", type=int, help="timed steps per mode (default 20; quick 6)")
     p.add_argument("--warmup", type=int, help="warm-up steps per mode (default 3; quick 2)")
@@ -78,7 +79,7 @@ def parse_args(argv):
     errors += [f"--hosts {h}: give 2 to 9" for h in args.hosts if not 2 <= h <= 9]
     errors += [f"--models {m}: not one of {sorted(SPECS)}" for m in args.models if m not in SPECS]
     errors += [f"--modes {mode}: runs on PyTorch models only, not {m}"
-               for mode in args.modes if mode.startswith(("global-", "ddp"))
+               for mode in args.modes if mode.startswith(("global-", "ddp", "pertensor-"))
                for m in args.models if m in SPECS and SPECS[m].framework != "torch"]
     for mode in args.modes:
         try:
@@ -86,8 +87,8 @@ def parse_args(argv):
             if kind == "compute" or (density is not None and not 0 < density <= 1):
                 raise ValueError
         except ValueError:
-            errors.append(f"--modes {mode}: give dense, fp16, floor, ddp, ranger-D, hook-D, global-D "
-                          "or ddp-D with 0 < D <= 1")
+            errors.append(f"--modes {mode}: give dense, fp16, floor, ddp, ranger-D, hook-D, "
+                          "pertensor-D, global-D or ddp-D with 0 < D <= 1")
     errors += [f"--links {x}: give a tc rate such as 1gbit or 500mbit, or none" for x in args.links
                if x != "none" and not (x[:1].isdigit() and x.rstrip("0123456789.").endswith("bit"))]
     if args.cycle_time_ms is not None and not args.cycle_time_ms > 0:

@@ -19,6 +19,8 @@ def mode_label(mode: str) -> str:
         return f"ranger d={mode.split('-', 1)[1]}"
     if mode.startswith("hook-"):
         return f"ranger hook d={mode.split('-', 1)[1]}"
+    if mode.startswith("pertensor-"):
+        return f"ranger hook, allgather per tensor d={mode.split('-', 1)[1]}"
     if mode.startswith("ddp-"):
         return f"DDP + ranger_hook d={mode.split('-', 1)[1]}"
     if mode.startswith("global-"):
@@ -184,11 +186,15 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
         "Modes: *dense fp32* is `hvd.DistributedOptimizer` (TF: `hvd.DistributedGradientTape`); "
         "*Horovod fp16* adds `compression=hvd.Compression.fp16`; *ranger d=D* is ranger_hvd's own "
         "entry point (per-rank top-k with error feedback, sent through an allgather): on PyTorch "
-        "Horovod's optimizer with `compression=RangerCompressor(density=D)`, on TF "
+        "`ranger_hvd.torch.DistributedOptimizer` with `compression=RangerCompressor(density=D)`, which "
+        "hands Horovod groups cut like the compressor's buckets (one allgather and one grouped "
+        "allreduce per bucket of up to 25 MB of gradient), on TF "
         "`ranger_hvd.tensorflow.DistributedGradientTape`, which batches each step's tensors into one "
         "grouped allgather and one grouped allreduce. *ranger hook d=D* passes "
-        "`compression=RangerCompressor(density=D)` to Horovod's own optimizer or tape (one allgather "
-        "and one token allreduce per tensor; on PyTorch the same path as *ranger*). *hook floor* passes a compressor that does "
+        "`compression=RangerCompressor(density=D)` to Horovod's own optimizer or tape (PyTorch: one "
+        "allgather per bucket, one token allreduce per tensor; TF: one allgather and one token per "
+        "tensor). *ranger hook, allgather per tensor d=D* (PyTorch) is the same with `bucket_mb=0`: "
+        "one allgather and one token per tensor, the exchange before buckets. *hook floor* passes a compressor that does "
         "nothing: each gradient's first entry goes to Horovod's allreduce and a zero gradient comes "
         "back, so its exchange time is what Horovod's per-parameter hook costs by "
         "itself, a floor for every `compression=` plug-in (`netbench/worker.py`, `TokensOnly`). "

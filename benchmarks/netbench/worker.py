@@ -26,18 +26,22 @@ LR = 0.001
 
 
 def parse_mode(mode: str) -> tuple[str, float | None]:
-    """"dense" / "fp16" / "floor" / "ranger-D" / "hook-D" / "global-D" -> (kind, density).
+    """"dense" / "fp16" / "floor" / "ranger-D" / "hook-D" / "pertensor-D" / "global-D" -> (kind,
+    density).
 
-    ``ranger-D`` is ranger_hvd's own entry point (PyTorch: Horovod's optimizer with
-    ``compression=RangerCompressor``; TensorFlow: ``ranger_hvd.tensorflow.DistributedGradientTape``,
-    which batches a step into one allgather and one allreduce); ``hook-D`` is always Horovod's own
-    optimizer or tape with ``compression=RangerCompressor`` (on PyTorch the same path as
-    ``ranger-D``); ``global-D`` is Horovod's optimizer with
+    ``ranger-D`` is ranger_hvd's own entry point (PyTorch: ``ranger_hvd.torch.DistributedOptimizer``
+    with ``compression=RangerCompressor``, which hands Horovod groups that match the compressor's
+    allgather buckets; TensorFlow: ``ranger_hvd.tensorflow.DistributedGradientTape``, which batches a
+    step into one allgather and one allreduce); ``hook-D`` is always Horovod's own optimizer or tape
+    with ``compression=RangerCompressor`` (PyTorch: one allgather per bucket, one token allreduce per
+    tensor); ``pertensor-D`` (PyTorch) is Horovod's optimizer with ``RangerCompressor(bucket_mb=0)``,
+    one allgather and one token per tensor, the exchange before buckets; ``global-D`` is Horovod's
+    optimizer with
     ``RangerCompressor(exchange="global_topk")``; ``ddp`` is PyTorch's DistributedDataParallel
     over Gloo with its own allreduce and ``ddp-D`` the same with ``ranger_hook`` (PyTorch only)."""
     if mode in ("compute", "dense", "fp16", "floor", "ddp"):
         return mode, None
-    for kind in ("ranger", "hook", "global", "ddp"):
+    for kind in ("ranger", "hook", "pertensor", "global", "ddp"):
         if mode.startswith(kind + "-"):
             return kind, float(mode.split("-", 1)[1])
     raise ValueError(f"unknown mode {mode!r}")
@@ -154,9 +158,15 @@ def run_torch(args) -> tuple[dict, object]:
 
                 floor = TokensOnly(lambda t: t.reshape(-1)[:1].clone(), zero_grad)
                 opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=floor)
+            elif kind == "ranger":
+                from ranger_hvd.torch import DistributedOptimizer
+
+                comp = TimedCompressor(density=density)
+                opt = DistributedOptimizer(opt, named_parameters=named, compression=comp)
             else:
                 exchange = "global_topk" if kind == "global" else "allgather"
-                comp = TimedCompressor(density=density, exchange=exchange)
+                buckets = {"bucket_mb": 0} if kind == "pertensor" else {}
+                comp = TimedCompressor(density=density, exchange=exchange, **buckets)
                 opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
 
         def step(model=model, opt=opt, loss_fn=loss_fn):
@@ -235,7 +245,7 @@ def run_tf(args) -> tuple[dict, object]:
         opt = tf.keras.optimizers.SGD(LR)
         loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=False)
         comp = None
-        if kind in ("global", "ddp"):
+        if kind in ("global", "ddp", "pertensor"):
             raise ValueError(f"{mode} runs on PyTorch models only")
         if kind == "ranger":   # ranger_hvd's tape keys its state by variable
             comp = RangerCompressor(density=density, name=f"bench_{mode}")

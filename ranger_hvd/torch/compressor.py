@@ -5,21 +5,22 @@ Pass it as ``compression=`` to ``horovod.torch.DistributedOptimizer`` (or to
 ``state_dict()``). Horovod calls :meth:`compress` on each gradient, allreduces what it returns with its
 own ``op``, pre- and postscale factors, then calls :meth:`decompress`.
 
-**Top-k (default).** ``compress`` runs the error-feedback step (``core.ErrorFeedback``), starts this
-rank's own allgather of (int32 indices, values) under the parameter's name, and hands Horovod a
-1-element tensor of ones. Horovod's allreduce of it returns 1 for ``Average`` (pre- and postscale
-cancel) and N for ``Sum``. ``decompress`` waits for the allgather, scatter-adds every rank's pairs into
-a zero gradient in rank order (so every rank gets the same bits) and multiplies by (that result) / N.
-The ones fuse into one tiny allreduce per cycle. Bytes per compressed tensor: k * (value + 4) + 4.
+**Top-k (default).** ``compress`` runs the error-feedback step (``core.ErrorFeedback``), adds this
+rank's (int32 indices, values) to the tensor's bucket, and hands Horovod a 1-element tensor of ones.
+A bucket is up to ``bucket_mb`` of gradient in backward order; it leaves in one allgather as soon as
+its last tensor is compressed (``bucketed_allgather.py``; ``bucket_mb=0``: one allgather per tensor).
+Horovod's allreduce of the token returns 1 for ``Average`` (pre- and postscale cancel) and N for
+``Sum``. ``decompress`` waits for the bucket's allgather, scatter-adds every rank's pairs into a zero
+gradient in rank order (so every rank gets the same bits) and multiplies by (that result) / N. The
+ones fuse into one tiny allreduce per cycle. Bytes per compressed tensor: k * (value + 4) + 4.
 
 **Shared random-k** (``selection="random"``). Every rank sends the values at the same k coordinates,
 drawn from (seed, name, step), and ``compress`` returns them to Horovod's allreduce: no indices and no
 allgather, so the traffic does not grow with N; but random coordinates carry far less of the gradient.
 
-**Names.** Collectives must carry the same name on every rank, and Horovod does not tell a compressor
-which parameter it is handed. ``compress`` finds the Horovod optimizer that called it (the frame whose
-``self`` holds this compressor) and the parameter whose ``.grad`` is the tensor, and uses the
-optimizer's own name for it; code that calls ``compress`` otherwise must give ``named_parameters``.
+**Names.** Collectives must carry the same name on every rank: ``compress`` finds the Horovod
+optimizer that called it and takes its name for the parameter (``naming.py``); code that calls
+``compress`` otherwise must give ``named_parameters``.
 
 **Memory.** Each compressed parameter keeps one reusable output buffer, which becomes its ``.grad``
 after the exchange (zeroed and refilled at its next exchange): one more parameter-sized buffer, in
@@ -32,19 +33,20 @@ allreduce whole (with momentum: their local u = m*u + g).
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
 from ranger_hvd import core
 
+from .bucketed_allgather import DEFAULT_BUCKET_MB, BucketedAllgather
 from .global_topk import GlobalTopk
+from .naming import identify
 from .state import NonFiniteGradientError, TensorState, TorchOps, all_finite  # noqa: F401
+from .step_round import StepRound
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_SEARCH_DEPTH = 6  # frames between compress() and Horovod's optimizer (grouped: a comprehension)
 
 
 @dataclass
@@ -54,45 +56,7 @@ class _Context:
     shape: torch.Size
     dtype: torch.dtype
     indices: torch.Tensor | None = None   # random: the shared coordinates
-    handle: Any = None                    # topk: the allgather in flight
-    k: int = 0
     name: str = ""
-
-
-class StepRound:
-    """The tensors of one optimizer step, so that a void step can be undone for all of them.
-
-    Every rank receives the same exchanged values, so every rank finds the same NaN/Inf and marks
-    the same step void; then each tensor of the step takes back what it sent
-    (``ErrorFeedback.undo``), those exchanged earlier in the step at once and later ones as their
-    exchange completes (a second undo does nothing).
-    """
-
-    def __init__(self, engine: core.ErrorFeedback):
-        self.engine = engine
-        self.states: dict[str, TensorState] = {}
-        self.void = False
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.states
-
-    def reset(self) -> None:
-        self.states, self.void = {}, False
-
-    def add(self, name: str, state: TensorState) -> None:
-        self.states[name] = state
-
-    def check(self, names: list[str], received: list[torch.Tensor]) -> None:
-        """After the exchange of ``names``: if what arrived holds NaN/Inf, the step is void."""
-        if not self.void:
-            if all(all_finite(r) for r in received):
-                return
-            self.void = True
-            for st in self.states.values():
-                self.engine.undo(st)
-        for name in names:
-            if name in self.states:
-                self.engine.undo(self.states[name])
 
 
 def _payload(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -108,6 +72,8 @@ class RangerCompressor:
         momentum: DGC momentum correction m (0 = plain error feedback). With m > 0 the optimizer
             must not add momentum of its own.
         min_elements: tensors with fewer entries go dense.
+        bucket_mb: megabytes (2**20 bytes) of gradient whose pairs share one allgather (default
+            25, DDP's bucket size); 0 sends each tensor's pairs in an allgather of its own.
         named_parameters: ``model.named_parameters()``; only needed when ``compress`` is called by
             something other than a Horovod ``DistributedOptimizer``.
         **options: the rest of :class:`ranger_hvd.core.RangerOptions` (``selection``,
@@ -118,9 +84,12 @@ class RangerCompressor:
     """
 
     def __init__(self, density: float = 0.01, momentum: float = 0.0, min_elements: int = 1024,
-                 named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None, **options):
+                 named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+                 bucket_mb: float = DEFAULT_BUCKET_MB, **options):
         self.options = core.make_options(density=density, momentum=momentum,
                                          min_elements=min_elements, **options)
+        if not (isinstance(bucket_mb, (int, float)) and math.isfinite(bucket_mb) and bucket_mb >= 0):
+            raise core.OptionsError(f"bucket_mb must be a number of megabytes >= 0, got {bucket_mb!r}")
         self.value_dtype = WIRE_DTYPES[self.options.value_dtype]
         self._stats = core.CompressionStats()
         self._ops = TorchOps(self.options, self._stats)
@@ -133,6 +102,8 @@ class RangerCompressor:
         self.round = StepRound(self.engine)
         self._in_flight = 0
         self._global = GlobalTopk(self)
+        self.bucket_bytes = int(bucket_mb * 2 ** 20)
+        self._buckets = BucketedAllgather(self.value_dtype, self.bucket_bytes, self.is_compressed)
         self._received = 0   # bytes the collectives brought from other ranks (see stats())
         if named_parameters is not None:
             self.set_named_parameters(named_parameters)
@@ -202,49 +173,17 @@ class RangerCompressor:
         return out.clone() if self.options.momentum > 0 else out  # never hand over u itself
 
     # ------------------------------------------------------------------ Horovod's interface
-    def _identify(self, tensor: torch.Tensor):
-        """(name, process set) of the parameter whose gradient ``tensor`` is; see the module doc."""
-        frame = sys._getframe(2)
-        param = None
-        for _ in range(_SEARCH_DEPTH):
-            if frame is None:
-                break
-            local = frame.f_locals
-            p = local.get("p")
-            if param is None and isinstance(p, torch.Tensor) and (
-                    p.grad is tensor or local.get("tensor") is tensor):
-                param = p
-            owner = local.get("self")
-            if getattr(owner, "_compression", None) is self and hasattr(owner, "_starting_models"):
-                raise ValueError(
-                    "RangerCompressor cannot serve op=hvd.Adasum: Adasum combines each rank's whole "
-                    "update vector through dot products, which a sparse (index, value) exchange "
-                    "cannot reproduce. Use op=hvd.Average or hvd.Sum with the compressor, or "
-                    "Adasum without it.")
-            if param is not None and getattr(owner, "_compression", None) is self:
-                names = getattr(owner, "_parameter_names", {})
-                if param in names:
-                    return names[param], getattr(owner, "process_set", None)
-            frame = frame.f_back
-        for name, p in self._params.items():
-            if p.grad is tensor:
-                return name, None
-        raise ValueError(
-            f"RangerCompressor.compress got a tensor of shape {tuple(tensor.shape)} that it cannot "
-            "name: it is not a gradient handed over by horovod.torch.DistributedOptimizer, and no "
-            "parameter in named_parameters has it as .grad. Collectives need the same name on every "
-            "rank: pass named_parameters=model.named_parameters() to RangerCompressor.")
-
     def _enter_round(self, name: str) -> None:
         if self._in_flight == 0 or name in self.round:  # a new step begins
             self.round.reset()
+            self._buckets.reset()
             self._in_flight = 0
         self.round.add(name, self._state_of(name))
         self._in_flight += 1
 
     def compress(self, tensor: torch.Tensor):
         """Horovod's hook: returns (tensor for Horovod's allreduce, context)."""
-        name, process_set = self._identify(tensor)
+        name, process_set, owner = identify(self, tensor, self._params)
         self._enter_round(name)
         shape, dtype = tensor.shape, tensor.dtype
         if not self.is_compressed(shape):
@@ -262,11 +201,8 @@ class RangerCompressor:
         if self.options.exchange == "global_topk":
             self._global.start(name, math.prod(shape), indices, values, process_set)
             return token, _Context("global", shape, dtype, name=name)
-        import horovod.torch as hvd
-
-        kwargs = {} if process_set is None else {"process_set": process_set}
-        handle = hvd.allgather_async(_payload(indices, values), name=f"ranger.topk.{name}", **kwargs)
-        return token, _Context("topk", shape, dtype, handle=handle, k=indices.numel(), name=name)
+        self._buckets.add(name, indices, values, process_set, owner)
+        return token, _Context("topk", shape, dtype, name=name)
 
     def decompress(self, tensor: torch.Tensor, ctx: _Context | None) -> torch.Tensor:
         """Horovod's hook: the reduced gradient in the original shape and dtype.
@@ -292,13 +228,9 @@ class RangerCompressor:
             out = self._output(ctx, tensor.device)
             out[ctx.indices.long()] = tensor.to(ctx.dtype)
             return out.view(ctx.shape)
-        import horovod.torch as hvd
-
-        gathered = hvd.synchronize(ctx.handle)
-        self._received += gathered.numel() - self._row_bytes(ctx.k)
-        self.round.check([ctx.name], [self._gathered_values(gathered, ctx.k)])
+        indices, values, world = self._buckets.wait(ctx.name)
+        self.round.check([ctx.name], [values])
         out = self._output(ctx, tensor.device)
-        world = gathered.numel() // self._row_bytes(ctx.k)
         # The token: 1 after an average, N after a sum (rounded: predivide factors leave float noise).
         scale = round(float(tensor.reshape(-1)[0])) / world
         # Scaling each value by a power of two before the scatter-add gives the same bits as scaling
@@ -306,7 +238,7 @@ class RangerCompressor:
         # the whole buffer; any other factor (3 ranks, half precision) scales the buffer afterwards.
         early = scale == 1.0 or (out.dtype in (torch.float32, torch.float64)
                                  and math.frexp(scale)[0] == 0.5)
-        self.combine(gathered, ctx.k, out, scale if early else 1.0)
+        out.index_add_(0, indices, values.to(out.dtype), alpha=scale if early else 1.0)
         if not early:
             out.mul_(scale)
         return out.view(ctx.shape)
@@ -359,7 +291,7 @@ class RangerCompressor:
         ``bytes_dense``, what plain fp32 allreduce of the same tensors would have handed over."""
         out = self._stats.as_dict()
         out["steps"] = max([out["steps"]] + [st.step for st in self._state.values()])
-        out["bytes_received"] = self._received
+        out["bytes_received"] = self._received + self._buckets.received
         return out
 
     def residual_norms(self) -> dict[str, float]:
@@ -387,7 +319,7 @@ class RangerCompressor:
             }
         stats = self._stats.as_dict()
         stats.pop("compression_ratio", None)
-        stats["bytes_received"] = self._received
+        stats["bytes_received"] = self._received + self._buckets.received
         return {"options": self.options.model_dump(), "tensors": tensors, "stats": stats,
                 "global_selection": self._global.state_dict()}
 
@@ -401,6 +333,7 @@ class RangerCompressor:
                 step=int(t.get("step", 0)))
         self._stats.load(state.get("stats", {}))
         self._received = int(state.get("stats", {}).get("bytes_received", 0))
+        self._buckets.received = 0
         # the ranges of the global exchange follow the last selection: part of the state
         self._global.load_state_dict(state.get("global_selection", {}))
 

@@ -8,6 +8,10 @@ There is one exchange: Horovod's ``DistributedOptimizer`` calls ``RangerCompress
   the compressor's state (residuals, momentum, step and byte counters) added to ``state_dict()`` and
   ``load_state_dict()``, and ``compressor`` and ``stats()`` on the optimizer.
 * :func:`Ranger` is momentum SGD built that way in one line.
+
+Both hand Horovod ``groups`` that match the compressor's buckets unless the caller gives ``groups``
+or ``num_groups``: each bucket's tokens and small dense tensors then go in one grouped allreduce
+beside its one allgather, instead of a collective per parameter.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from horovod.torch.mpi_ops import Average, Sum, global_process_set
 
 from ranger_hvd import core
 
+from .bucketed_allgather import cut_buckets
 from .compressor import RangerCompressor
 
 MomentumMode = Literal["global", "dgc", "local"]
@@ -50,6 +55,14 @@ def _with_compressor_state(opt, comp: RangerCompressor):
     return opt
 
 
+def bucket_groups(optimizer: torch.optim.Optimizer, bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Horovod ``groups`` cut as the compressor cuts its buckets: the trainable parameters in
+    reverse order (as backward produces their gradients), up to ``bucket_bytes`` of gradient each.
+    Horovod starts a group's collectives once all of its gradients are in."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    return cut_buckets(params[::-1], bucket_bytes)
+
+
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None,
                          compression=hvd.Compression.none, backward_passes_per_step: int = 1,
                          op=Average, gradient_predivide_factor: float = 1.0, num_groups: int = 0,
@@ -58,7 +71,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     """``horovod.torch.DistributedOptimizer`` with the same arguments; with a ``RangerCompressor``
     its ``state_dict()`` also holds the compressor's state.
 
-    Every argument goes to Horovod unchanged (``groups``, ``backward_passes_per_step``,
+    Without ``groups`` or ``num_groups``, a ``RangerCompressor``'s buckets become Horovod's groups
+    (:func:`bucket_groups`). Every argument goes to Horovod unchanged (``groups``,
+    ``backward_passes_per_step``,
     ``gradient_predivide_factor``, ``sparse_as_dense``, ``process_set`` all take effect). ``op`` must
     be ``hvd.Average`` or ``hvd.Sum`` with a ``RangerCompressor``: sparse updates can only be added.
     """
@@ -66,6 +81,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     if ranger and op not in (Average, Sum):
         raise ValueError("RangerCompressor supports op=hvd.Average and op=hvd.Sum (Adasum, Min, Max "
                          "and Product do not commute with sparsification)")
+    if ranger and groups is None and num_groups == 0 and compression.bucket_bytes > 0:
+        groups = bucket_groups(optimizer, compression.bucket_bytes)
     opt = hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters,
                                    compression=compression,
                                    backward_passes_per_step=backward_passes_per_step, op=op,
@@ -123,8 +140,8 @@ def Ranger(params, lr: float, momentum: float = 0.9, density: float = 0.01, *,
             raise ValueError(f"parameter group(s) {odd} set their own momentum; with "
                              f"momentum_mode={momentum_mode!r} one momentum lives in the compressor. "
                              "Use momentum_mode='global' for per-group momentum")
-    if not in_compressor:       # one process: SGD keeps the momentum whatever the mode
-        placement["momentum"] = 0.0
+    if not in_compressor:       # one process: SGD keeps the momentum, the compressor none to mask
+        placement = {"momentum": 0.0}
     comp = RangerCompressor(density=density, **placement, **compressor_options)
     return DistributedOptimizer(sgd, named_parameters=named_parameters, compression=comp,
                                 backward_passes_per_step=backward_passes_per_step, op=op,

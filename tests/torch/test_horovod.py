@@ -108,11 +108,35 @@ def test_every_entry_point_is_one_exchange(core):
             assert rep["agree_a"]["params"] == rep["agree_b"]["params"] == rep["agree_ranger"]["params"]
 
 
+BUCKET_RUNS = ["buckets_default", "buckets_small", "buckets_none", "buckets_groups"]
+
+
+def test_buckets_change_the_collectives_not_the_bits(core):
+    """The two compressed weights (2.weight, then 0.weight: backward order) share one allgather per
+    step by default or under one Horovod group, and travel alone in 5 KB buckets or with
+    bucket_mb=0; the parameters end with the same bits (on 2 ranks; on 3, Horovod's fusion of the
+    dense tensors may add three summands in another order) and the same byte counts."""
+    for rep in core:
+        steps = 20
+        for run in BUCKET_RUNS:
+            assert rep[run]["stats"]["bytes_sent"] == rep["agree_b"]["stats"]["bytes_sent"], run
+            if rep["size"] == 2:
+                assert rep[run]["params"] == rep["agree_b"]["params"], run
+        for run in ("buckets_default", "buckets_groups"):
+            assert rep[run]["allgathers"] == steps, run
+            [name] = rep[run]["allgather_names"]
+            assert name.startswith("ranger.topk.") and name.endswith(".2.weight+1"), name
+        for run in ("buckets_small", "buckets_none"):
+            assert rep[run]["allgathers"] == 2 * steps, run
+            assert [n.rsplit(".", 2)[-2:] for n in rep[run]["allgather_names"]] == [
+                ["0", "weight"], ["2", "weight"]], rep[run]["allgather_names"]
+
+
 # ---------------------------------------------------------------- agreement across ranks
 AGREEMENT_RUNS = ["agree_a", "agree_b", "agree_ranger", "agree_r", "agree_a_momentum_warmup",
                   "agree_b_momentum_warmup", "agree_r_momentum_warmup", "agree_b_fp16_wire",
                   "agree_b_bf16_model", "agree_r_bf16_model", "agree_b_fp16_model",
-                  "agree_r_fp16_wire"]
+                  "agree_r_fp16_wire", *BUCKET_RUNS]
 
 
 @pytest.mark.parametrize("run", AGREEMENT_RUNS)

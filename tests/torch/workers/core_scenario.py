@@ -222,7 +222,7 @@ class Recording(RangerCompressor):
         return sent, ctx
 
 
-def agreement(mode: str, dtype=torch.float32, momentum=0.0, steps=20, **options):
+def agreement(mode: str, dtype=torch.float32, momentum=0.0, steps=20, hvd_kwargs=None, **options):
     model = make_model(dtype)
     named = prefixed(model, f"agree_{mode}_{len(out)}")
     # SGD's momentum, unless the compressor carries DGC momentum (never both).
@@ -237,7 +237,7 @@ def agreement(mode: str, dtype=torch.float32, momentum=0.0, steps=20, **options)
         comp = opt.compressor
     else:
         opt, comp = make_optimizer(mode, sgd, named, 0.02, 256,
-                                   options=dict(options, momentum=momentum))
+                                   options=dict(options, momentum=momentum), **(hvd_kwargs or {}))
     trace = train(model, opt, steps, dtype=dtype)
     result = {"params": digest(model.parameters()), "moved": max_diff(trace[0], trace[-1]),
               "param_sum": float(sum(p.double().sum() for p in model.parameters())), "stats": comp.stats()}
@@ -261,6 +261,32 @@ out["agree_b_bf16_model"] = agreement("b", dtype=torch.bfloat16, value_dtype="bf
 out["agree_r_bf16_model"] = agreement("r", dtype=torch.bfloat16)
 out["agree_b_fp16_model"] = agreement("b", dtype=torch.float16)
 out["agree_r_fp16_wire"] = agreement("r", value_dtype="float16")
+
+
+# Buckets: the two compressed weights share one allgather by default; in buckets of 5 KB each
+# travels alone, and bucket_mb=0 is one allgather per tensor. Every rank must end with the bits of
+# the default, whatever the buckets, and the count of top-k allgathers tells the paths apart.
+def counted(run: str, **options):
+    names, start = [], hvd.allgather_async
+
+    def allgather_async(tensor, name=None, **kwargs):
+        if name and name.startswith("ranger.topk."):
+            names.append(name)
+        return start(tensor, name=name, **kwargs)
+
+    hvd.allgather_async = allgather_async
+    try:
+        out[run] = agreement("b", **options)
+    finally:
+        hvd.allgather_async = start
+    out[run]["allgathers"] = len(names)
+    out[run]["allgather_names"] = sorted(set(names))
+
+
+counted("buckets_default")
+counted("buckets_small", bucket_mb=5 / 1024)
+counted("buckets_none", bucket_mb=0)
+counted("buckets_groups", hvd_kwargs={"groups": 1})
 
 
 # ---------------------------------------------------------------- 5. a NaN gradient, last
