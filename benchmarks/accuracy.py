@@ -87,7 +87,7 @@ def config_epochs(name: str) -> tuple[str, int, float]:
     optimizer's) of a reference config."""
     sys.path.insert(0, str(REPO))
     from ranger_hvd.jobs.common import optimizer_momentum
-    from ranger_hvd.launcher.config import load_config
+    from ranger_hvd.config import load_config
 
     cfg = load_config(REPO / "configs" / f"{name}.yaml", [], cwd=REPO).config
     return cfg.job.model, cfg.train.epochs, cfg.compression.compressor_momentum or optimizer_momentum(cfg)

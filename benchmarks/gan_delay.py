@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     bad = [c for c in choices if c not in ("both", "discriminator", "generator", "none")]
     if bad:
         ap.error(f"--compress: unknown choice {', '.join(bad)} (both, discriminator, generator, none)")
-    from ranger_hvd.launcher.config import ConfigError, load_config
+    from ranger_hvd.config import ConfigError, load_config
 
     seeds = [int(s) for s in args.seeds.split(",")]
     try:

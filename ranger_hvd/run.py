@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ranger_hvd.launcher.command import CONFIG_ENV, RESUME_ENV, RUN_DIR_ENV
+from ranger_hvd.rundir.layout import CONFIG_ENV, RESUME_ENV, RUN_DIR_ENV
 
 __all__ = ["RunError", "compression", "log", "config", "run_dir", "checkpoint_dir", "resumed", "this_rank"]
 
@@ -58,9 +58,9 @@ _config_cache: dict[str, Any] = {}
 
 
 def config():
-    """The run's config (:class:`ranger_hvd.launcher.config.Config`), read once from ``RANGER_HVD_CONFIG``
+    """The run's config (:class:`ranger_hvd.config.Config`), read once from ``RANGER_HVD_CONFIG``
     and validated against the launcher's schema (``ConfigError`` names the key)."""
-    from ranger_hvd.launcher.config import read_run_config
+    from ranger_hvd.config import read_run_config
 
     path = config_file()
     key = str(path.resolve())
@@ -112,7 +112,7 @@ def run_dir() -> Optional[Path]:
 def checkpoint_dir() -> Path:
     """``RUN_DIR/checkpoints`` (created): keep what a restart needs there.  After a rank dies the launcher
     (``train.max_restarts``) starts the command again with :func:`resumed` true when this holds a file."""
-    from ranger_hvd.jobs.checkpoint import checkpoint_root
+    from ranger_hvd.rundir.checkpoint import checkpoint_root
 
     base = run_dir()
     if base is None:
@@ -150,7 +150,7 @@ def _number(name: str, value: Any) -> Optional[float]:
 
 
 def _writer():
-    from ranger_hvd.jobs.metrics import MetricsWriter
+    from ranger_hvd.rundir.metrics import MetricsWriter
 
     if _state["writer"] is None:
         _state["writer"] = MetricsWriter(run_dir(), enabled=True)
@@ -195,7 +195,7 @@ def log(step: int, *, rank: int = 0, **metrics: Any) -> Optional[dict]:
         print(f"[ranger_hvd.run] {json.dumps(record)}", flush=True)
         return record
     if resumed() and not _state["trimmed"]:
-        from ranger_hvd.jobs.checkpoint import trim_metrics
+        from ranger_hvd.rundir.checkpoint import trim_metrics
 
         trim_metrics(base, max(step - 1, 0))      # the failed attempt's records from this step on
     _state["trimmed"] = True

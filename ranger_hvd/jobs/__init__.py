@@ -5,11 +5,11 @@ Run on every rank under ``horovodrun`` (the ``ranger-hvd`` launcher does this)::
     horovodrun -np 2 -H localhost:2 --gloo python -m ranger_hvd.jobs --config RUN_DIR/config.yaml --run-dir RUN_DIR
 
 Inputs: the launcher's resolved config (YAML), validated on every rank against the launcher's schema,
-:mod:`ranger_hvd.launcher.config.schema`, which defines every key and default. The jobs use ``job``
+:mod:`ranger_hvd.config.schema`, which defines every key and default. The jobs use ``job``
 (backend, model), ``data``, ``train`` (epochs, per-rank batch_size, lr, seed, the optimizer's momentum,
 set to 0 when the compressor has momentum of its own, max_steps, log_every, checkpoint: every rank
 writes ``RUN_DIR/checkpoints/step-SSSSSSSS/rank{r}.pt`` (torch) or ``.pkl`` (TensorFlow) after each
-epoch, keeping its two newest; see :mod:`ranger_hvd.jobs.checkpoint`) and ``compression`` (type
+epoch, keeping its two newest; see :mod:`ranger_hvd.rundir.checkpoint`) and ``compression`` (type
 none | fp16 | ranger, and ranger's options: :class:`ranger_hvd.core.options.RangerOptions`). The
 cluster, horovod and output sections are validated but used only by the launcher, except
 ``cluster.elastic``: with it the PyTorch jobs train under ``hvd.elastic.run`` (see
@@ -19,7 +19,7 @@ Models: ``cnn`` two conv layers + MLP head; ``rnn`` a GRU reading the image rows
 ``gan`` an MLP generator and discriminator on the flattened images, both trained through the
 distributed optimizer (torch) or tape (TF).
 
-Outputs (rank 0 only), all in ``RUN_DIR/metrics.jsonl`` (see :mod:`ranger_hvd.jobs.metrics`):
+Outputs (rank 0 only), all in ``RUN_DIR/metrics.jsonl`` (see :mod:`ranger_hvd.rundir.metrics`):
   - one line per logged step: ``step, epoch, loss, metrics, bytes_sent, bytes_dense, step_time, time``.
     ``loss`` and ``metrics.accuracy`` are rank 0's on its batch (no extra collective in the timed
     step); GAN: ``loss = d_loss + g_loss`` and ``metrics`` holds ``d_loss``, ``g_loss``. The last line of
@@ -55,11 +55,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ranger_hvd.launcher.config import Config, ConfigError, job_config, read_run_config
+from ranger_hvd.config import Config, ConfigError, job_config, read_run_config
 
-from .data import DataError, load_dataset
+from ranger_hvd.jobs.data import DataError, load_dataset
 
-from .checkpoint import CheckpointError  # noqa: E402
+from ranger_hvd.rundir.checkpoint import CheckpointError  # noqa: E402
 
 __all__ = ["run_job", "run_config_file", "ConfigError", "DataError", "CheckpointError", "Config"]
 
@@ -74,10 +74,10 @@ def run_job(cfg: dict | Config, run_dir: str | Path | None, resume: bool = False
         cfg = job_config(cfg)
     dataset = load_dataset(cfg.data)   # before any framework import: a missing file fails fast
     if cfg.job.backend == "torch":
-        from .torch_jobs import run
+        from ranger_hvd.jobs.torch_jobs import run
 
         return run(cfg, dataset, run_dir, resume=resume)
-    from .tf_jobs import run
+    from ranger_hvd.jobs.tf_jobs import run
 
     return run(cfg, dataset, run_dir, resume=resume)
 

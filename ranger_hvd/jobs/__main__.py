@@ -19,8 +19,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.config))
 
-    from . import ConfigError, DataError, run_config_file
-    from .checkpoint import CheckpointError
+    from ranger_hvd.jobs import ConfigError, DataError, run_config_file
+    from ranger_hvd.rundir.checkpoint import CheckpointError
 
     rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
     try:

@@ -1,6 +1,6 @@
 """Backend-neutral pieces of the reference jobs: the training loop, byte meters and small helpers.
 
-The config is the launcher's schema (:mod:`ranger_hvd.launcher.config`), re-validated on every rank."""
+The config is the launcher's schema (:mod:`ranger_hvd.config`), re-validated on every rank."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from ranger_hvd.launcher.config import Config, ConfigError, job_config, read_run_config
+from ranger_hvd.config import Config, ConfigError, job_config, read_run_config
 
 __all__ = ["Config", "ConfigError", "job_config", "read_run_config", "optimizer_momentum", "ByteMeter",
            "train_loop", "digest_arrays", "log", "set_tf_threads_from_env"]
@@ -117,13 +117,13 @@ def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int,
     """
     import time
 
-    from .data import epoch_batches
-    from .metrics import MetricsWriter
+    from ranger_hvd.jobs.data import epoch_batches
+    from ranger_hvd.rundir.metrics import MetricsWriter
 
     train = cfg.train
     total_steps = train.epochs * n_steps   # the schedule spans the planned epochs, whatever max_steps stops
     if resume_from is not None and rank == 0 and run_dir is not None:
-        from .checkpoint import trim_metrics
+        from ranger_hvd.rundir.checkpoint import trim_metrics
 
         trim_metrics(run_dir, int(resume_from["step"]))   # the failed run's steps after the checkpoint
     writer = MetricsWriter(run_dir, enabled=(rank == 0))

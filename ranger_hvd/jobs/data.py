@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ranger_hvd.launcher.config import DataSection
+from ranger_hvd.config import DataSection
 
 # The held-out split must not depend on train.seed, so runs that differ only in seed share the eval set.
 SPLIT_SEED = 12345

@@ -13,9 +13,9 @@ import pickle
 
 import numpy as np
 
-from . import checkpoint
-from .common import ByteMeter, Config, log, optimizer_momentum, set_tf_threads_from_env, train_loop
-from .data import Dataset, shard_indices, steps_per_epoch
+from ranger_hvd.rundir import checkpoint
+from ranger_hvd.jobs.common import ByteMeter, Config, log, optimizer_momentum, set_tf_threads_from_env, train_loop
+from ranger_hvd.jobs.data import Dataset, shard_indices, steps_per_epoch
 
 
 def _import_tf():
@@ -124,7 +124,7 @@ def broadcast_weights(tf, hvd, variables, tag: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# checkpoints: one pickle of NumPy arrays per rank and save point (see :mod:`ranger_hvd.jobs.checkpoint`)
+# checkpoints: one pickle of NumPy arrays per rank and save point (see :mod:`ranger_hvd.rundir.checkpoint`)
 
 
 def _write_pickle(path, state: dict) -> None:
@@ -198,7 +198,7 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         broadcast_weights(tf, hvd, net.weights, net.name)
     quality = None
     if gan and rank == 0:     # samples are scored on rank 0 (every rank holds the same generator)
-        from .quality import GanSampleQuality
+        from ranger_hvd.jobs.quality import GanSampleQuality
 
         quality = GanSampleQuality(data, seed=cfg.train.seed, z_dim=z_dim, run_dir=run_dir)
 

@@ -31,10 +31,10 @@ from collections import Counter
 
 import numpy as np
 
-from ranger_hvd.launcher.elastic import RESET_EVENT   # the launcher's summary collects these lines
+from ranger_hvd.rundir.layout import RESET_EVENT   # the launcher's summary collects these lines
 
-from .common import digest_arrays, log, lr_at
-from .metrics import MetricsWriter
+from ranger_hvd.jobs.common import digest_arrays, log, lr_at
+from ranger_hvd.rundir.metrics import MetricsWriter
 
 
 def epoch_order(n_train: int, seed: int, epoch: int) -> np.ndarray:
@@ -248,7 +248,7 @@ def run_elastic(cfg, *, dataset: str, n_train: int, modules, opts, step_fn, eval
         return record
 
     if resume_from is not None and hvd.rank() == 0 and run_dir is not None:
-        from .checkpoint import trim_metrics
+        from ranger_hvd.rundir.checkpoint import trim_metrics
 
         trim_metrics(run_dir, int(resume_from["step"]))
     try:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint
-from .common import ByteMeter, Config, log, optimizer_momentum, train_loop
-from .data import Dataset, shard_indices, steps_per_epoch
+from ranger_hvd.rundir import checkpoint
+from ranger_hvd.jobs.common import ByteMeter, Config, log, optimizer_momentum, train_loop
+from ranger_hvd.jobs.data import Dataset, shard_indices, steps_per_epoch
 
 
 def _torch():
@@ -139,7 +139,7 @@ def _broadcast(hvd, modules, opts):
 
 # --------------------------------------------------------------------------------------------------
 # checkpoints: one file per rank and save point (each rank's compressor residuals differ); see
-# :mod:`ranger_hvd.jobs.checkpoint` for the layout and how a complete set is chosen
+# :mod:`ranger_hvd.rundir.checkpoint` for the layout and how a complete set is chosen
 
 
 def _write_torch(path: Path, state: dict) -> None:
@@ -194,7 +194,7 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
     quality = None
     # samples are scored on rank 0 (every rank holds the same generator); elastic: any worker may become it
     if gan and (rank == 0 or elastic):
-        from .quality import GanSampleQuality
+        from ranger_hvd.jobs.quality import GanSampleQuality
 
         quality = GanSampleQuality(data, seed=cfg.train.seed, z_dim=z_dim, run_dir=run_dir)
 
@@ -323,7 +323,7 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
                 g["lr"] = lr * o.lr_scale
 
     if elastic:
-        from .torch_elastic import run_elastic
+        from ranger_hvd.jobs.torch_elastic import run_elastic
 
         return run_elastic(cfg, dataset=data.name, n_train=len(tr), modules=modules, opts=opts, step_fn=step_fn,
                            evaluate=evaluate, run_dir=run_dir, resume_from=resume_from, set_lr=set_lr,

@@ -1,10 +1,8 @@
-"""The ranger-hvd launcher: YAML experiment configs -> horovodrun, supervised, with a run directory.
+"""The ranger-hvd launcher: YAML experiment configs -> horovodrun (or Slurm), supervised, with a run directory.
 
-Modules: ``config`` (a package: schema, config groups, YAML, overrides, checks, sources, ``show``),
-``command`` (config -> horovodrun argv and environment, a pure function), ``rundir`` (where runs and
-reports go, the files written there), ``launch`` (one run), ``supervisor`` (start, watch, stop),
-``processes`` (the process tree and stopping it), ``progress`` (live view of metrics.jsonl),
-``ranklogs`` (rank logs and failure reports), ``summary`` (summary.json and the closing message),
-``formatting``, ``labels`` (naming runs by what differs), ``report`` (tables and plots), ``sweep``
-and ``cli`` (the ``ranger-hvd`` command).
+Sub-packages: ``run`` (one run: command, preflight, supervision, restarts, elastic, logs, summary),
+``slurm`` (batch script, submission, status, the allocation side) and ``compare`` (labels, report, sweep);
+``cli`` is the ``ranger-hvd`` command and ``quoting`` the shell quoting for horovodrun's ``sh -c`` lines.
+Below it, shared with the reference jobs: :mod:`ranger_hvd.config` (the schema and its checks) and
+:mod:`ranger_hvd.rundir` (the run directory's files and records).
 """

@@ -15,12 +15,13 @@ from typing import Optional
 
 from rich.console import Console
 
-from .command import default_command
-from .config import ConfigError, Resolved, load_config, show_text
-from .config.problems import problem_lines
-from .launch import launch_one, planned_abs_run_dir, resume_problem
-from .preflight import PreflightError
-from .rundir import RunDirError
+from ranger_hvd.launcher.run.command import default_command
+from ranger_hvd.config import ConfigError, Resolved, load_config, show_text
+from ranger_hvd.config.problems import problem_lines
+from ranger_hvd.launcher.run.launch import launch_one, planned_abs_run_dir, resume_problem
+from ranger_hvd.launcher.run.preflight import PreflightError
+from ranger_hvd.launcher.run.rundir import RunDirError
+from ranger_hvd.rundir import layout
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -101,7 +102,7 @@ def _dry_run(res: Resolved, out=None) -> None:
 
 def _dry_run_elastic(res: Resolved, run_dir: Path, out) -> None:
     """The discovery files a real launch writes, in elastic mode."""
-    from .elastic import discovery_script, hosts_file, hosts_text
+    from ranger_hvd.launcher.run.elastic import discovery_script, hosts_file, hosts_text
 
     el = res.config.cluster.elastic
     if el is None or el.discovery_script is not None:
@@ -136,7 +137,7 @@ def cmd_launch(args) -> int:
         problem = resume_problem(resume_dir)
         if problem:
             return _usage_error(f"cannot resume: {problem}")
-        res = load_config(resume_dir / "config.yaml", args.overrides)
+        res = load_config(resume_dir / layout.CONFIG, args.overrides)
     elif args.config is None:
         # as argparse does for a missing positional: usage and message on stderr, SystemExit(2)
         args.launch_parser.error("the following arguments are required: CONFIG (or --resume RUN_DIR)")
@@ -144,7 +145,7 @@ def cmd_launch(args) -> int:
         res = _load(args)
     _warn(res)
     if res.config.cluster.scheduler == "slurm":
-        from .slurm_cli import launch_slurm
+        from ranger_hvd.launcher.slurm.cli import launch_slurm
 
         return launch_slurm(res, dry_run=args.dry_run, wait=args.wait, resume_dir=resume_dir,
                             out=_out_console(), err=_err_console())
@@ -167,7 +168,7 @@ def cmd_launch(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import parse_axes, resolve_combinations, run_sweep
+    from ranger_hvd.launcher.compare.sweep import parse_axes, resolve_combinations, run_sweep
 
     try:
         axes = parse_axes(args.axes)
@@ -200,7 +201,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import ReportError, make_report
+    from ranger_hvd.launcher.compare.report import ReportError, make_report
 
     try:
         make_report([Path(p) for p in args.run_dirs], out_dir=Path(args.out) if args.out else None,
@@ -212,7 +213,7 @@ def cmd_report(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from .slurm_cli import cmd_status
+    from ranger_hvd.launcher.slurm.cli import cmd_status
 
     return cmd_status(args)
 

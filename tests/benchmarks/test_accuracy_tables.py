@@ -133,7 +133,7 @@ def test_mode_names_carry_any_density_and_each_mode_says_where_the_jobs_momentum
 def test_every_mode_puts_the_jobs_momentum_in_one_place_on_every_shipped_config(name, mode):
     """The modes mean the same on every config, whether it ships momentum in the optimizer or DGC's in
     the compressor: the launcher accepts the overrides and the momentum ends where the mode says."""
-    from ranger_hvd.launcher.config import load_config
+    from ranger_hvd.config import load_config
 
     model, _, momentum = accuracy.config_epochs(name)
     overrides = accuracy.mode_overrides(mode, momentum)

@@ -12,8 +12,9 @@ import pytest
 
 from ranger_hvd.jobs import data as D
 from ranger_hvd.jobs.common import ConfigError, job_config, lr_at, optimizer_momentum
-from ranger_hvd.launcher.config import DataSection
-from ranger_hvd.jobs.metrics import MetricsWriter, read_metrics
+from ranger_hvd.config import DataSection
+from ranger_hvd.rundir.metrics import MetricsWriter
+from ranger_hvd.rundir.records import read_records
 from tests.hvdrun import REPO, worker_env
 
 
@@ -148,11 +149,11 @@ def test_metrics_writer(tmp_path):
     w = MetricsWriter(tmp_path)
     w.step(step=1, epoch=0, loss=np.float32(1.5), metrics={"accuracy": 0.5}, bytes_sent=10,
            bytes_dense=40, step_time=0.01)
-    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 1     # flushed at once
+    assert len(read_records(tmp_path / "metrics.jsonl").records) == 1     # flushed at once
     w.step(step=2, epoch=0, loss=float("nan"), metrics={}, bytes_sent=10, bytes_dense=40, step_time=0.01)
     w.end(eval_accuracy=0.9)
     w.close()
-    lines = read_metrics(tmp_path / "metrics.jsonl")
+    lines = read_records(tmp_path / "metrics.jsonl").records
     assert set(lines[0]) == {"step", "epoch", "loss", "metrics", "bytes_sent", "bytes_dense", "step_time", "time"}
     assert lines[1]["loss"] is None                                 # strict JSON, no NaN
     assert lines[2]["event"] == "end" and lines[2]["eval_accuracy"] == 0.9

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from ranger_hvd.jobs.data import load_dataset, steps_per_epoch
-from ranger_hvd.jobs.metrics import read_metrics
-from ranger_hvd.launcher.config import DataSection
+from ranger_hvd.rundir.records import read_records
+from ranger_hvd.config import DataSection
 from tests.hvdrun import HOROVODRUN, MPI_ROOT_ENV, REPO, worker_env
 from tests.launcher.conftest import run_cli
 
@@ -40,7 +40,7 @@ def _run_jobs(tmp_path: Path, jobs: list[dict]) -> None:
 
 def _run_many(tmp_path: Path, configs: dict[str, dict]) -> dict[str, list[dict]]:
     _run_jobs(tmp_path, [{"config": cfg, "run_dir": str(tmp_path / name)} for name, cfg in configs.items()])
-    return {name: read_metrics(tmp_path / name / "metrics.jsonl") for name in configs}
+    return {name: read_records(tmp_path / name / "metrics.jsonl").records for name in configs}
 
 
 def _split(lines):
@@ -88,7 +88,7 @@ def test_default_torch_cnn_on_digits_with_ranger(tmp_path):
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     proc = _horovodrun(["-m", "ranger_hvd.jobs", "--config", str(run_dir / "config.yaml"),
                         "--run-dir", str(run_dir)])
-    steps, end = _common_checks(read_metrics(run_dir / "metrics.jsonl"))
+    steps, end = _common_checks(read_records(run_dir / "metrics.jsonl").records)
 
     # every rank printed the same digest as the one gathered to rank 0
     out = proc.stdout + proc.stderr
@@ -166,7 +166,7 @@ def test_gan_sample_score_on_both_backends(tmp_path):
     ends = {}
     for backend, config in (("torch", "gan-digits.yaml"), ("tensorflow", "gan-digits-tf.yaml")):
         run = _launch_gan(tmp_path / backend, config)
-        steps, end = _common_checks(read_metrics(run / "metrics.jsonl"))  # two compressors, D and G
+        steps, end = _common_checks(read_records(run / "metrics.jsonl").records)  # two compressors, D and G
         assert end["backend"] == backend and end["epochs"] == 2 and len(steps) == 2 * 22, (end, len(steps))
         for ln in steps:
             assert set(ln["metrics"]) >= {"d_loss", "g_loss"}
@@ -200,14 +200,14 @@ def test_torch_gan_recipe_matches_the_one_process_replay(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import gan_delay
 
-    from ranger_hvd.launcher.config import load_config
+    from ranger_hvd.config import load_config
 
     config = REPO / "configs" / "gan-digits.yaml"
     r = run_cli(["launch", str(config), "train.epochs=1", "train.checkpoint=false", f"output.dir={tmp_path}"],
                 tmp_path, timeout=400, env=MPI_ROOT_ENV)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
-    fd = read_metrics(run / "metrics.jsonl")[-1]["eval_fd"]
+    fd = read_records(run / "metrics.jsonl").records[-1]["eval_fd"]
     cfg = load_config(config, ["train.epochs=1"]).config
     assert cfg.gan.r1_penalty > 0 and cfg.gan.disc_lr_scale != 1
     assert fd == pytest.approx(gan_delay.simulate("both", cfg), rel=1e-3)
@@ -233,9 +233,9 @@ def _check_resume_bit_for_bit(tmp_path: Path, backend: str, ext: str) -> None:
             {"config": off, "run_dir": str(tmp_path / "off")}]
     _run_jobs(tmp_path, jobs)
 
-    a = read_metrics(tmp_path / "A" / "metrics.jsonl")
+    a = read_records(tmp_path / "A" / "metrics.jsonl").records
     steps_a, end_a = _common_checks(a)
-    b = read_metrics(tmp_path / "B" / "metrics.jsonl")
+    b = read_records(tmp_path / "B" / "metrics.jsonl").records
     ends_b = [ln for ln in b if ln.get("event") == "end"]
     assert len(ends_b) == 2 and b[-1] is ends_b[1], "one end line per launch, appended"
     resumes = [ln for ln in b if ln.get("event") == "resume"]
@@ -263,7 +263,7 @@ def _check_resume_bit_for_bit(tmp_path: Path, backend: str, ext: str) -> None:
             assert files == [f"rank0.{ext}", f"rank1.{ext}"], files
     assert not (tmp_path / "off" / "checkpoints").exists()          # train.checkpoint: false
     # the schedule reaches the optimizer: the same run at a constant lr ends elsewhere
-    end_off = read_metrics(tmp_path / "off" / "metrics.jsonl")[-1]
+    end_off = read_records(tmp_path / "off" / "metrics.jsonl").records[-1]
     assert end_off["param_digest"] != end_a["param_digest"] and end_off["steps"] == end_a["steps"]
 
 
@@ -291,9 +291,9 @@ def test_gan_resume_keeps_the_discriminators_lr(tmp_path, backend):
             {"config": plain, "run_dir": str(tmp_path / "plain")}]
     _run_jobs(tmp_path, jobs)
 
-    end_a = read_metrics(tmp_path / "A" / "metrics.jsonl")[-1]
-    first, end_b = [ln for ln in read_metrics(tmp_path / "B" / "metrics.jsonl") if ln.get("event") == "end"]
-    end_plain = read_metrics(tmp_path / "plain" / "metrics.jsonl")[-1]
+    end_a = read_records(tmp_path / "A" / "metrics.jsonl").records[-1]
+    first, end_b = [ln for ln in read_records(tmp_path / "B" / "metrics.jsonl").records if ln.get("event") == "end"]
+    end_plain = read_records(tmp_path / "plain" / "metrics.jsonl").records[-1]
     assert first["epochs"] == 1 and end_b["epochs"] == 2 and end_b["steps"] == end_a["steps"]
     assert end_b["param_digest"] == end_a["param_digest"], (end_a["param_digests"], end_b["param_digests"])
     assert end_b["eval_fd"] == end_a["eval_fd"]

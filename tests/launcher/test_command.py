@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from ranger_hvd.launcher.command import build_command
-from ranger_hvd.launcher.config import load_config
+from ranger_hvd.launcher.run.command import build_command
+from ranger_hvd.config import load_config
 
 from .conftest import REPO, run_cli, tree
 
@@ -205,7 +205,7 @@ def test_default_config_dry_run_from_repo(tmp_path):
 @pytest.mark.parametrize("text,expected", [("a,b", ["a", "b"]), ("[a:1,b:1],[c:2]", ["[a:1,b:1]", "[c:2]"]),
                                            ("'x,y',z", ["'x,y'", "z"]), ("0.1", ["0.1"])])
 def test_sweep_value_split(text, expected):
-    from ranger_hvd.launcher.sweep import split_values
+    from ranger_hvd.launcher.compare.sweep import split_values
     assert split_values(text) == expected
 
 
@@ -218,7 +218,7 @@ def test_stall_limits(tmp_path):
     cmd = build(tmp_path, "horovod: {stall_check_shutdown_time_seconds: 0}\n")     # warn only
     assert not any(a.startswith("--stall") or a == "--no-stall-check" for a in cmd.argv)
     assert "--no-stall-check" in build(tmp_path, "horovod: {stall_check: false}\n").argv
-    from ranger_hvd.launcher.config import ConfigError
+    from ranger_hvd.config import ConfigError
     for text, path in (("horovod: {stall_check_warning_time_seconds: 30, stall_check_shutdown_time_seconds: 10}",
                         "horovod.stall_check_shutdown_time_seconds"),
                        ("horovod: {stall_check: false, stall_check_warning_time_seconds: 30}",
@@ -229,7 +229,7 @@ def test_stall_limits(tmp_path):
     r = run_cli(["validate", "exp.yaml"], tmp_path)
     assert r.returncode == 2 and "horovod.stall_check_warning_time_seconds" in r.stderr, r.stderr
     # the run's config.yaml spells out the default limits; with the check off it must still validate
-    from ranger_hvd.launcher.config import job_config
+    from ranger_hvd.config import job_config
     (tmp_path / "off.yaml").write_text("horovod: {stall_check: false}\n")
     res = load_config(tmp_path / "off.yaml", cwd=tmp_path)
     assert job_config(res.resolved_dict()).horovod.stall_check is False

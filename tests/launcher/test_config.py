@@ -8,7 +8,7 @@ import yaml
 from ranger_hvd.core.options import RangerOptions
 from ranger_hvd.jobs.common import optimizer_momentum
 from ranger_hvd.launcher import cli
-from ranger_hvd.launcher.config import (ConfigError, TrainSection, job_config, load_config, read_run_config,
+from ranger_hvd.config import (ConfigError, TrainSection, job_config, load_config, read_run_config,
                                         show_lines)
 
 from .conftest import REPO, assert_refused, run_cli, tree

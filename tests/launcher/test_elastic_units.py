@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from ranger_hvd.jobs.torch_elastic import (epoch_has_step, epoch_order, membership_change, step_slice)
-from ranger_hvd.launcher.command import build_command
-from ranger_hvd.launcher.config import ConfigError, load_config
-from ranger_hvd.launcher.elastic import elastic_summary, write_discovery_files
+from ranger_hvd.launcher.run.command import build_command
+from ranger_hvd.config import ConfigError, load_config
+from ranger_hvd.launcher.run.elastic import elastic_summary, write_discovery_files
 
 from .conftest import run_cli, tree
 

@@ -9,12 +9,12 @@ import pytest
 import yaml
 
 from ranger_hvd.launcher import cli
-from ranger_hvd.launcher.config import ConfigError, load_config
-from ranger_hvd.launcher.config.safety import MAX_CONFIG_BYTES
+from ranger_hvd.config import ConfigError, load_config
+from ranger_hvd.config.safety import MAX_CONFIG_BYTES
 from ranger_hvd.launcher.quoting import sbatch_path, sbatch_word
-from ranger_hvd.launcher.slurm import render_sbatch
-from ranger_hvd.launcher.slurm_config import owned_option, sbatch_words
-from ranger_hvd.launcher.supervisor import ran_the_job
+from ranger_hvd.launcher.slurm.batch import render_sbatch
+from ranger_hvd.config.slurm import owned_option, sbatch_words
+from ranger_hvd.launcher.run.supervisor import ran_the_job
 
 from .conftest import assert_refused, tree
 
@@ -266,8 +266,8 @@ def test_horovodrun_that_exits_0_without_running_the_job_is_failed(tmp_path):
 
     from rich.console import Console
 
-    from ranger_hvd.launcher.command import LaunchCommand
-    from ranger_hvd.launcher.supervisor import Supervisor
+    from ranger_hvd.launcher.run.command import LaunchCommand
+    from ranger_hvd.launcher.run.supervisor import Supervisor
 
     res = load_config(None, ["job.entry=tests.launcher.tiny_job"], cwd=tmp_path)
     run_dir = tmp_path / "run"
@@ -283,7 +283,7 @@ def test_horovodrun_that_exits_0_without_running_the_job_is_failed(tmp_path):
 def test_launch_refuses_paths_horovodrun_would_paste_into_a_remote_shell(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
-    from ranger_hvd.launcher.launch import launch_problem
+    from ranger_hvd.launcher.run.launch import launch_problem
 
     res = load_config(None, ["cluster.hosts=[192.0.2.7:1]", "cluster.np=1"], cwd=tmp_path)
     assert launch_problem(res, Path("/runs/t/1")) is None

@@ -23,13 +23,13 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from ranger_hvd.launcher import cli  # noqa: E402
-from ranger_hvd.launcher.command import build_command  # noqa: E402
-from ranger_hvd.launcher.config import ConfigError, load_config, read_run_config  # noqa: E402
-from ranger_hvd.launcher.config.checks import mpi_arg_list  # noqa: E402
-from ranger_hvd.launcher.elastic import hosts_file, script_text  # noqa: E402
-from ranger_hvd.launcher.rundir import planned_run_dir  # noqa: E402
-from ranger_hvd.launcher.slurm import render_sbatch, script_paths_problem  # noqa: E402
-from ranger_hvd.launcher.slurm_config import owned_option, sbatch_words  # noqa: E402
+from ranger_hvd.launcher.run.command import build_command  # noqa: E402
+from ranger_hvd.config import ConfigError, load_config, read_run_config  # noqa: E402
+from ranger_hvd.config.checks import mpi_arg_list  # noqa: E402
+from ranger_hvd.launcher.run.elastic import hosts_file, script_text  # noqa: E402
+from ranger_hvd.launcher.run.rundir import planned_run_dir  # noqa: E402
+from ranger_hvd.launcher.slurm.batch import render_sbatch, script_paths_problem  # noqa: E402
+from ranger_hvd.config.slurm import owned_option, sbatch_words  # noqa: E402
 
 from .horovod_lines import discovery_line, gloo_rank_lines, mpirun_line, ssh_check_line  # noqa: E402
 
@@ -290,7 +290,7 @@ def test_slurm_script(root, value, key):
     assert f"--output={run_dir.replace('%', '%%')}/slurm-%j.out" in flat
     assert f"--chdir={workdir}" in flat
     assert sum(1 for w in flat if owned_option(w) == "job-name") == 1      # none set twice
-    assert words(script.splitlines()[-1]) == ["exec", PYTHON, "-m", "ranger_hvd.launcher.slurm_run", run_dir]
+    assert words(script.splitlines()[-1]) == ["exec", PYTHON, "-m", "ranger_hvd.launcher.slurm.allocation", run_dir]
     if key in ("partition", "account", "time"):
         assert [f"--{key}={value}"] in options
     if key == "modules":

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ranger_hvd.launcher.command import build_command
-from ranger_hvd.launcher.config import load_config
-from ranger_hvd.launcher.preflight import (LocalEnv, PreflightError, check_host, env_mismatch, format_problems,
+from ranger_hvd.launcher.run.command import build_command
+from ranger_hvd.config import load_config
+from ranger_hvd.launcher.run.preflight import (LocalEnv, PreflightError, check_host, env_mismatch, format_problems,
                                            is_local, run_preflight, ssh_failure, ssh_options)
 
 from .conftest import CLI, REPO, needs_horovod, netns_script, netns_unusable, run_cli

@@ -11,21 +11,21 @@ import yaml
 from rich.console import Console
 
 from ranger_hvd.launcher import cli
-from ranger_hvd.launcher.labels import run_labels
-from ranger_hvd.launcher.report import load_run, make_report, table_text
-from ranger_hvd.launcher.summary import RunResult
+from ranger_hvd.launcher.compare.labels import run_labels
+from ranger_hvd.launcher.compare.report import load_run, make_report, table_text
+from ranger_hvd.launcher.run.summary import RunResult
 
 from .conftest import run_cli, tree
 
 
 def fake_run(root: Path, name: str, density: float = 0.01, steps: int = 20, status: str = "success",
-             metrics=("accuracy",), compression=None, lr: float = 0.05) -> Path:
+             metrics=("accuracy",), compression=None, lr: float = 0.05, momentum: float = 0.0) -> Path:
     """A run directory as a launch leaves it: resolved config, metrics.jsonl (torn last line), summary."""
     run = root / "fake" / name
     run.mkdir(parents=True)
     comp = compression or {"type": "ranger", "density": density, "momentum": 0.0, "min_elements": 1024}
     (run / "config.yaml").write_text(yaml.safe_dump({
-        "job": {"name": "fake", "backend": "torch", "model": "cnn"}, "train": {"lr": lr, "epochs": 2},
+        "job": {"name": "fake", "backend": "torch", "model": "cnn"}, "train": {"lr": lr, "epochs": 2, "momentum": momentum},
         "compression": comp, "cluster": {"np": 2}, "output": {"dir": str(root)}}))
     lines = []
     for s in range(1, steps + 1):
@@ -77,18 +77,27 @@ RANGER = {"type": "ranger", "density": 0.01, "momentum": 0.9, "min_elements": 10
 @pytest.mark.parametrize("configs,expected", [
     # the three-way comparison: the type, and ranger's headline options
     ([{"compression": {"type": "none"}}, {"compression": {"type": "fp16"}}, {"compression": RANGER}],
-     ["none", "fp16", "ranger d=0.01 m=0.9"]),
+     ["none", "fp16", "ranger d=0.01 m=0.9@DGC"]),
     # runs that differ only in momentum
-    ([{"compression": RANGER}, {"compression": {**RANGER, "momentum": 0.0}}], ["ranger m=0.9", "ranger m=0"]),
+    ([{"compression": RANGER}, {"compression": {**RANGER, "momentum": 0.0}}], ["ranger m=0.9@DGC", "ranger"]),
     # two ranger runs that differ in momentum, beside a dense one
     ([{"compression": {"type": "none"}}, {"compression": RANGER}, {"compression": {**RANGER, "momentum": 0.5}}],
-     ["none", "ranger d=0.01 m=0.9", "ranger d=0.01 m=0.5"]),
+     ["none", "ranger d=0.01 m=0.9@DGC", "ranger d=0.01 m=0.5@DGC"]),
     # a section that also holds other types' options, as null
     ([{"compression": {"type": "none", "density": None, "check_finite": None}}, {"compression": RANGER}],
-     ["none", "ranger d=0.01 m=0.9"]),
-    # other keys by their last name; train.momentum and compression.momentum never mix
+     ["none", "ranger d=0.01 m=0.9@DGC"]),
+    # one momentum, labelled where it is applied: the dense twin's, SGD's after the exchange, in the
+    # compressor with and without DGC's masking
+    ([{"train": {"momentum": 0.9}, "compression": {"type": "none"}},
+      {"train": {"momentum": 0.9}, "compression": {**RANGER, "momentum": 0.0}},
+      {"train": {"momentum": 0.0}, "compression": RANGER},
+      {"train": {"momentum": 0.0}, "compression": {**RANGER, "momentum_masking": False}}],
+     ["none m=0.9", "ranger d=0.01 m=0.9@optimizer", "ranger d=0.01 m=0.9@DGC", "ranger d=0.01 m=0.9@compressor"]),
+    ([{"train": {"momentum": 0.0}, "compression": {"type": "fp16"}},
+      {"train": {"momentum": 0.0}, "compression": {**RANGER, "momentum": 0.0}}], ["fp16 m=0", "ranger d=0.01 m=0"]),
+    # other keys by their last name
     ([{"train": {"lr": 0.1, "momentum": 0.9}, "compression": RANGER},
-      {"train": {"lr": 0.2, "momentum": 0.0}, "compression": RANGER}], ["lr=0.1 momentum=0.9", "lr=0.2 momentum=0"]),
+      {"train": {"lr": 0.2, "momentum": 0.9}, "compression": RANGER}], ["lr=0.1", "lr=0.2"]),
     # a key with the same last name in two sections: the dotted path
     ([{"job": {"name": "a"}, "data": {"name": "x"}}, {"job": {"name": "b"}, "data": {"name": "y"}}],
      ["data.name=x job.name=a", "data.name=y job.name=b"]),
@@ -96,7 +105,7 @@ RANGER = {"type": "ranger", "density": 0.01, "momentum": 0.9, "min_elements": 10
     ([{"compression": RANGER}, {"compression": RANGER}], ["fake/1", "fake/2"]),
     ([{"compression": RANGER, "train": {"lr": 0.1}}, {"compression": RANGER, "train": {"lr": 0.1}},
       {"compression": RANGER, "train": {"lr": 0.2}}], ["lr=0.1 (fake/1)", "lr=0.1 (fake/2)", "lr=0.2"]),
-], ids=["three-way", "momentum-only", "mixed", "other-types-null", "other-keys", "same-last-name", "identical",
+], ids=["three-way", "momentum-only", "mixed", "other-types-null", "where-momentum", "no-momentum", "other-keys", "same-last-name", "identical",
         "repeated"])
 def test_labels_name_what_differs(configs, expected):
     names = [f"fake/{i}" for i in range(1, len(configs) + 1)]
@@ -116,7 +125,7 @@ def test_table_is_readable_at_100_columns(tmp_path):
     too_long = [ln for ln in lines if len(ln) > 100]
     assert not too_long, "\n".join(f"{len(ln)}: {ln}" for ln in too_long)
     labels = [run.label for run in loaded]
-    assert labels == ["none lr=0.05", "fp16 lr=0.05", "ranger d=0.01 m=0.9 warmup_steps=100 lr=0.125",
+    assert labels == ["none m=0 lr=0.05", "fp16 m=0 lr=0.05", "ranger d=0.01 m=0.9@DGC warmup_steps=100 lr=0.125",
                       "ranger d=0.01 m=0 lr=0.05"]
     body = lines[lines.index(next(ln for ln in lines if ln.startswith("─"))) + 1:
                  lines.index(next(ln for ln in lines if ln.startswith("train loss:")))]
@@ -158,7 +167,7 @@ def _fake_launch(results):
         c = res.config.compression
         name = f"{c.type}-{getattr(c, 'density', '')}-lr{res.config.train.lr}"
         run = fake_run(Path(res.config.output.dir), name, getattr(c, "density", 0.0), lr=res.config.train.lr,
-                       compression=res.resolved_dict()["compression"])
+                       compression=res.resolved_dict()["compression"], momentum=res.config.train.momentum)
         status = "failed" if res.config.train.lr > 1 else "success"
         summ = json.loads((run / "summary.json").read_text())
         summ.update(status=status, steps=20, final_loss=0.1, final_metrics={"accuracy": 0.9},
@@ -200,7 +209,8 @@ def test_sweep_over_compression_types_labels_each_type(tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""        # options of another type are not worth a warning
     sweep_dir = next((tmp_path / "runs" / "_reports").glob("*-sweep"))
     labels = [r["label"] for r in json.loads((sweep_dir / "report.json").read_text())["runs"]]
-    assert labels == ["none", "fp16", "ranger d=0.01 m=0.9"]
+    # the dense twins keep the momentum, in the optimizer (the one place they have)
+    assert labels == ["none m=0.9", "fp16 m=0.9", "ranger d=0.01 m=0.9@DGC"]
 
 
 def test_sweep_with_a_failed_run_exits_1(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from ranger_hvd.jobs.checkpoint import complete_steps
+from ranger_hvd.rundir.checkpoint import complete_steps
 
 from .conftest import CLI, REPO, needs_horovod, run_cli
 from .test_launch import gone, processes_mentioning

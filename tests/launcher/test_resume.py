@@ -5,9 +5,9 @@ from pathlib import Path
 
 import yaml
 
-from ranger_hvd.launcher.command import build_command
-from ranger_hvd.launcher.config import load_config
-from ranger_hvd.launcher.rundir import write_config
+from ranger_hvd.launcher.run.command import build_command
+from ranger_hvd.config import load_config
+from ranger_hvd.launcher.run.rundir import write_config
 
 from .conftest import REPO, run_cli, tree
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ranger_hvd.launcher.config import ConfigError, load_config
-from ranger_hvd.launcher.slurm import (SlurmError, allocation_from_env, culprit, expand_counts, render_sbatch,
+from ranger_hvd.config import ConfigError, load_config
+from ranger_hvd.launcher.slurm.batch import (SlurmError, allocation_from_env, culprit, expand_counts, render_sbatch,
                                        slurm_options)
-from ranger_hvd.launcher.slurm_run import ended_by
+from ranger_hvd.launcher.slurm.allocation import ended_by
 
 from .conftest import REPO, run_cli, tree
 
@@ -70,10 +70,10 @@ def test_sbatch_script_of_two_nodes_four_tasks_line_by_line(tmp_path):
         "module load cuda/12.2",
         "source /opt/site/env.sh",
         "export PYTHONPATH=/opt/rhvd${PYTHONPATH:+:$PYTHONPATH}",
-        f"exec /opt/rhvd/.venv/bin/python -m ranger_hvd.launcher.slurm_run {run}",
+        f"exec /opt/rhvd/.venv/bin/python -m ranger_hvd.launcher.slurm.allocation {run}",
     ]
     resumed = render_sbatch(res, run, python="/p", project_root="/r", workdir="/w", resume=True)
-    assert resumed.splitlines()[-1] == f"exec /p -m ranger_hvd.launcher.slurm_run {run} --resume"
+    assert resumed.splitlines()[-1] == f"exec /p -m ranger_hvd.launcher.slurm.allocation {run} --resume"
 
 
 def test_defaults_and_resolved_config_round_trip(tmp_path):
@@ -155,7 +155,7 @@ def test_dry_run_prints_the_script_and_creates_nothing(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0].startswith("# sbatch --parsable ") and lines[0].endswith("/job.sbatch")
     assert "#!/bin/bash" in lines and "#SBATCH --partition=debug" in lines and "#SBATCH --ntasks=2" in lines
-    assert lines[-2].startswith("exec ") and "-m ranger_hvd.launcher.slurm_run" in lines[-2]
+    assert lines[-2].startswith("exec ") and "-m ranger_hvd.launcher.slurm.allocation" in lines[-2]
     assert tree(tmp_path) == set()
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ranger_hvd.launcher.stall import StallWatch, parse_stall_reports, start_failure
+from ranger_hvd.launcher.run.stall import StallWatch, parse_stall_reports, start_failure
 
 from .conftest import needs_horovod, run_cli
 from .test_launch import gone, processes_mentioning

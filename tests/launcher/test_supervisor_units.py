@@ -3,9 +3,10 @@ layouts, incremental metrics reading, and a launch when horovodrun is missing.""
 
 import json
 
-from ranger_hvd.launcher import cli, launch
-from ranger_hvd.launcher.progress import MetricsTail
-from ranger_hvd.launcher.ranklogs import find_failed_rank, rank_log_files
+from ranger_hvd.launcher import cli
+from ranger_hvd.launcher.run import launch
+from ranger_hvd.launcher.run.progress import MetricsTail
+from ranger_hvd.launcher.run.ranklogs import find_failed_rank, rank_log_files
 
 from .conftest import tree
 

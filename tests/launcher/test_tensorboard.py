@@ -2,7 +2,8 @@
 
 import pytest
 
-from ranger_hvd.launcher.tensorboard import crc32c, write_events
+from ranger_hvd.launcher.compare.report import make_report, tensorboard_name
+from ranger_hvd.launcher.run.tensorboard import crc32c, write_events
 
 
 def test_crc32c_check_value():
@@ -27,3 +28,30 @@ def test_events_read_back_by_tensorflow(tmp_path):
 
 def test_no_step_records_no_events(tmp_path):
     assert write_events(tmp_path, [{"event": "end"}]) is None and not (tmp_path / "tensorboard").exists()
+
+
+def test_report_names_tensorboard_runs_by_their_labels(tmp_path):
+    """``tensorboard --logdir REPORT/tensorboard`` shows each run under the label the report gives it."""
+    tf = pytest.importorskip("tensorflow")
+    from rich.console import Console
+
+    from tests.launcher.test_report_sweep import fake_run
+
+    a = fake_run(tmp_path, "a", compression={"type": "none"}, momentum=0.9)
+    b = fake_run(tmp_path, "b", density=0.01, momentum=0.9)
+    runs, _, out = make_report([a, b], out_dir=tmp_path / "rep", console=Console(width=100, file=open(
+        tmp_path / "out.txt", "w")))
+    assert [r.label for r in runs] == ["none m=0.9", "ranger d=0.01 m=0.9@optimizer"]
+    folders = sorted(p.name for p in (out / "tensorboard").iterdir())
+    assert folders == ["none_m=0.9", "ranger_d=0.01_m=0.9@optimizer"]
+    for run in runs:
+        (path,) = (out / "tensorboard" / tensorboard_name(run.label)).iterdir()
+        losses = [v.simple_value for e in tf.compat.v1.train.summary_iterator(str(path))
+                  for v in e.summary.value if v.tag == "loss"]
+        assert losses == pytest.approx([r["loss"] for r in run.records if "step" in r], rel=1e-6)
+
+
+@pytest.mark.parametrize("label", ["", "..", "a/b", "x" * 300, "ranger d=0.01\n$(rm -rf /)", "é ü"])
+def test_tensorboard_names_are_one_plain_folder(label):
+    name = tensorboard_name(label)
+    assert name and "/" not in name and name not in (".", "..") and len(name) <= 120 and name.isascii()
