@@ -97,6 +97,26 @@ def test_default_job_runs_through_slurm(cluster, tmp_path):
     print(f"slurm run of cnn-digits (2 epochs, 2 ranks): {took:.1f}s from submission to summary")
 
 
+def test_user_command_runs_through_slurm(cluster, tmp_path):
+    """A user's own script (examples/torch_digits.py via job.command) submitted to Slurm: the same run
+    directory contract as a reference job, with the script's own records."""
+    out = tmp_path / "runs"
+    r = run_cli(["launch", str(REPO / "examples" / "torch.yaml"), *ON_SLURM, f"output.dir={out}",
+                 'job.command=[python, torch_digits.py, --epochs, "1"]', "--wait"], tmp_path,
+                timeout=300, env=cluster.env)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    job_id = job_id_of(r.stdout)
+    run = only_run_dir(out, "torch_digits")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "success" and summary["slurm"]["job_id"] == job_id, summary
+    assert (run / "script" / "torch_digits.py").read_bytes() == (REPO / "examples" / "torch_digits.py").read_bytes()
+    command = (run / "command.txt").read_text().splitlines()[0]
+    assert command.startswith(f"horovodrun -np 2 -H {cluster.node}:2 --gloo") and "torch_digits.py" in command
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    assert steps and summary["steps"] == steps[-1]["step"] and summary["records"] == len(steps)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_scancel_stops_every_rank_and_summary_says_cancelled(cluster, tmp_path):
     out = tmp_path / "runs"
     r = run_cli(["launch", DEFAULT_JOB, *ON_SLURM, "train.epochs=1000", "job.name=cancel-me", f"output.dir={out}"],
