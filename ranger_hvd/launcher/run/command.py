@@ -169,7 +169,7 @@ def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[
         argv += ["--network-interfaces", ",".join(split_list(cl.network_interfaces))]
     if cl.start_timeout is not None:
         argv += ["--start-timeout", str(cl.start_timeout)]
-    logs = os.path.join(run_dir, "logs")
+    logs = os.path.join(run_dir, layout.RANK_LOGS)
     # Gloo opens the files itself; under MPI horovodrun pastes the path into the mpirun line
     argv += ["--output-filename", for_horovodrun(logs) if cl.controller == "mpi" else logs]
     argv += horovod_flags(res, run_dir)

@@ -90,7 +90,7 @@ def run_with_restarts(res: Resolved, command_for: Callable[[bool], LaunchCommand
             # the latest set complete as seen from here (the job confirms it across hosts on resume)
             "checkpoint_step": ((complete_steps(run_dir, res.np, backend) or [None])[-1]
                                 if from_checkpoint and not user_command else None),
-            "logs": _rotate(run_dir / "logs", attempt),
+            "logs": _rotate(run_dir / layout.RANK_LOGS, attempt),
             "metrics": None if from_checkpoint else _rotate(run_dir / layout.METRICS, attempt),
         }
         restarts.append(record)
