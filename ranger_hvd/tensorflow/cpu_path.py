@@ -2,9 +2,9 @@
 
 TensorFlow's own ops take five passes or more over a compressed tensor (the add into the residual,
 two column reductions to find candidates, the gathers and masks of the candidate block), and its
-scatters cost about 100 ns per index, so the residual update alone costs more than a copy at
-d = 0.01. PyTorch's backend runs the add, the screen and the exact selection in compiled loops
-(``core/cpu_scan.py``); this module gives TensorFlow the same loops through ``tf.numpy_function``:
+scatters are slow per index, so the residual update alone costs more than a copy at d = 0.01.
+``core/cpu_scan.py`` runs the add, the screen and the exact selection in compiled loops, the CPU
+selection of both backends; this module gives TensorFlow those loops through ``tf.numpy_function``:
 TensorFlow hands NumPy views of its CPU tensors (no copy) and, in a traced function, takes back an
 output buffer aligned for Eigen (no copy either; eagerly it copies). Output buffers are reused from
 step to step once TensorFlow has let go of them (:class:`_Buffers`). One call per tensor and step:
@@ -18,7 +18,8 @@ so the engine's ``gather`` and ``keep_unsent`` only pick up what this call produ
 pass counts NaN and Inf in g, which replaces the finiteness check's own pass over g.
 
 :func:`scatter_add` is the decompress side: every rank's pairs added into a zero tensor in one
-compiled loop, instead of ``scatter_nd`` at 30-150 ns per pair.
+compiled loop, instead of ``scatter_nd``. (Measurements: docs/results/, from
+``benchmarks/bench_selection_tf.py`` and ``benchmarks/bench_keras_exchange.py``.)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from ranger_hvd.core import cpu_scan, uses_sampling
+from ranger_hvd.core import cpu_scan
 from ranger_hvd.core.reference import select_non_finite
 
 _ALIGN = 64  # bytes: TensorFlow adopts a NumPy buffer without copying only if it is this aligned
@@ -66,11 +67,10 @@ class _Buffers:
     """Aligned output buffers of one call site, each reused once TensorFlow has let go of it.
 
     A new buffer costs a page fault per 4 KiB at its first write (the kernel maps and zeroes every
-    page): on a 2-core Intel VM, rewriting old buffers instead of 100 MB of new ones per step halved
-    the time of a pass that writes them. From a traced function TensorFlow adopts an aligned NumPy
-    output without copying and keeps a reference to the array while any tensor uses its memory (a
-    variable it was assigned to included; eagerly it copies instead), so an array that only this
-    object references is free to overwrite.
+    page), which can cost as much as the pass that writes it. From a traced function TensorFlow
+    adopts an aligned NumPy output without copying and keeps a reference to the array while any
+    tensor uses its memory (a variable it was assigned to included; eagerly it copies instead), so
+    an array that only this object references is free to overwrite.
     """
 
     keep = 2  # the residual alternates between two: the variable holds one while we write the other
@@ -115,9 +115,8 @@ def usable(residual_dtype: tf.DType, numel: int, k, sample_fraction: float) -> b
     """Whether the fused step applies: float32/64 on a CPU, a tensor large and sparse enough for a
     sampled threshold (k may be a tensor under density warm-up: then only n decides), numba here."""
     static_k = k if isinstance(k, int) else None
-    return (residual_dtype in (tf.float32, tf.float64) and numel < 2 ** 31
-            and uses_sampling(numel, static_k, sample_fraction)
-            and not tf.config.list_logical_devices("GPU") and cpu_scan.available())
+    return (residual_dtype in (tf.float32, tf.float64) and not tf.config.list_logical_devices("GPU")
+            and cpu_scan.usable(numel, static_k, sample_fraction))
 
 
 def accumulate_topk(residual: tf.Tensor, grad: tf.Tensor, k, sample_fraction: float,
@@ -226,9 +225,8 @@ def scatter_add(indices: tf.Tensor, values: tf.Tensor, numel: int, factor: tf.Te
         return _scatter_into(buffers, idx.copy(), vals, f)  # idx is TensorFlow's memory
 
     # Stateless: a traced function runs its stateful ops in program order, so a stateful scatter
-    # would hold back the next tensor's compress until this tensor's allgather is done (measured:
-    # Keras ResNet50's step 0.8 s instead of 0.55 s). A folded constant would be a copy, so the
-    # reused buffers stay safe.
+    # would hold back the next tensor's compress until this tensor's allgather is done, a much
+    # slower step. A folded constant would be a copy, so the reused buffers stay safe.
     out = tf.numpy_function(scatter, [indices, values, tf.cast(factor, values.dtype)],
                             values.dtype, stateful=False)
     return tf.ensure_shape(out, [numel])

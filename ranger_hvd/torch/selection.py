@@ -19,16 +19,14 @@ then the non-zero entries are the candidates instead (``_mostly_zero``).
 Steps 2 and 3 cost one streaming pass (|x| and a comparison); steps 4 and 5 touch only candidates.
 
 ``accumulate_topk`` is what the error-feedback step calls: ``e += g`` and the selection on the sum. On
-CPU it folds the add and steps 2-3 into one compiled loop (``cpu_scan``), estimating the threshold from
-the sampled sums before the add; the result is the same set.
+CPU it runs ``core.cpu_scan.accumulate_select``, which folds the add and steps 2-3 into one compiled
+loop, estimating the threshold from the sampled sums before the add; the result is the same set.
 
 ``random_k_indices`` serves Horovod's own optimizer, which sums compressed tensors elementwise: every
 rank must pick the same coordinates without a message, so they come from a seeded generator.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -81,9 +79,9 @@ def _magnitudes(flat: torch.Tensor, scratch: SelectionScratch | None) -> torch.T
 def _true_positions(mask: torch.Tensor) -> torch.Tensor:
     """Ascending int64 positions of the True entries of a 1-D bool mask.
 
-    ``nonzero`` over the full mask is the slowest pass of the selection (several ns per entry on
-    one thread). Candidates are rare, so the mask is first read as 64-bit words, eight entries at a
-    time: only the words that are not zero are expanded and looked at entry by entry.
+    ``nonzero`` over the full mask is the slowest pass of the selection on one thread. Candidates
+    are rare, so the mask is first read as 64-bit words, eight entries at a time: only the words
+    that are not zero are expanded and looked at entry by entry.
     """
     n = mask.numel()
     whole = n - n % 8
@@ -173,45 +171,19 @@ def accumulate_topk(residual: torch.Tensor, grad: torch.Tensor, k: int,
                     scratch: SelectionScratch | None = None) -> torch.Tensor:
     """``residual += grad`` in place, then the top-k indices of the sum (as :func:`topk_indices`).
 
-    On CPU, for float32/float64, the add and the candidate screen share one pass over memory
-    (``cpu_scan``): the threshold is estimated first from the sampled sums, which are the same
-    numbers the add will produce. If the estimate let fewer than k or far too many through, the
-    residual already holds the sum and the ordinary selection runs on it. An estimate of 0 (most
-    sampled sums are zero) screens for the non-zero entries instead.
+    On CPU, for float32/float64, the add and the candidate screen share one pass over memory:
+    ``core.cpu_scan.accumulate_select``, the CPU selection both backends run, on NumPy views of the
+    tensors (the add stays in place). Elsewhere the add, then :func:`topk_indices`.
     """
     n = residual.numel()
     if not 0 < k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if not _fused_ok(residual, grad, k, sample_fraction):
         return topk_indices(residual.add_(grad), k, sample_fraction, scratch)
-    stride = sample_stride(sample_fraction)
-    # acc[::stride], bit-for-bit what the add will leave there (one rounding, same precision)
-    sample = (residual[::stride] + grad[::stride]).abs_()
-    rank = sample_rank(SAMPLE_TRIES[0], k, sample.numel(), n)
-    estimate = float(torch.topk(sample, rank, sorted=False).values.min())
-    slots = _screen_room(k, stride, n)
+    slots = cpu_scan.screen_room(k, sample_fraction, n)
     room = scratch.positions(slots) if scratch is not None else np.empty(slots, dtype=np.int32)
-    acc = residual.numpy()
-    if not estimate > 0:
-        # Mostly zeros (an embedding's gradient touches a few rows): the pass lists the non-zero
-        # entries of the sum, about as many as the sample holds times the stride.
-        expected = int(torch.count_nonzero(sample)) * stride
-        count = cpu_scan.accumulate_and_screen(acc, grad.numpy(), cpu_scan.non_zero_threshold(acc.dtype),
-                                               room, expected=expected)
-        if count > room.size:
-            return topk_indices(residual, k, sample_fraction, scratch)
-        return torch.from_numpy(cpu_scan.select_among_non_zeros(acc, room[:count], k))
-    count = cpu_scan.accumulate_and_screen(acc, grad.numpy(), estimate, room, expected=k)
-    if not k <= count <= room.size:
-        return topk_indices(residual, k, sample_fraction, scratch)
-    # Every entry at or above the estimate is a candidate and at least k are: as in topk_indices.
-    return torch.from_numpy(cpu_scan.select_candidates(acc, room[:count], k))
-
-
-def _screen_room(k: int, stride: int, n: int) -> int:
-    """Candidate slots for the fused screen: the first estimate lets about k + 3*sqrt(k*stride)
-    through; four times k plus a margin for small k keeps a retry rare without a full-size buffer."""
-    return min(n, 4 * k + 64 * stride)
+    return torch.from_numpy(cpu_scan.accumulate_select(residual.numpy(), grad.numpy(), k,
+                                                       sample_fraction, positions=room))
 
 
 def _fused_ok(residual: torch.Tensor, grad: torch.Tensor, k: int, sample_fraction: float) -> bool:
@@ -221,8 +193,7 @@ def _fused_ok(residual: torch.Tensor, grad: torch.Tensor, k: int, sample_fractio
             and residual.is_contiguous() and grad.is_contiguous()
             and not residual.requires_grad and not grad.requires_grad
             and not residual.is_neg() and not grad.is_neg()   # lazy views .numpy() refuses
-            and residual.numel() < 2 ** 31 and uses_sampling(residual.numel(), k, sample_fraction)
-            and cpu_scan.available())
+            and cpu_scan.usable(residual.numel(), k, sample_fraction))
 
 
 def random_k_indices(n: int, k: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
