@@ -24,6 +24,7 @@ from .rules import (
     random_k_seed,
     sample_rank,
     sample_stride,
+    scale_each_value,
     sparse_bytes,
     sparse_counts,
     stats_dict,
@@ -36,6 +37,6 @@ __all__ = [
     "compressor_momentum", "make_options",
     "COUNTERS", "SAMPLE_TRIES", "SAMPLING_MIN_NUMEL", "TOKEN_BYTES", "CompressionStats",
     "clip_threshold", "dense_counts", "dense_fp32_bytes", "density_at", "is_compressed", "k_schedule",
-    "num_selected", "numel_of", "random_k_seed", "sample_rank", "sample_stride", "sparse_bytes", "sparse_counts",
-    "stats_dict", "uses_sampling",
+    "num_selected", "numel_of", "random_k_seed", "sample_rank", "sample_stride", "scale_each_value",
+    "sparse_bytes", "sparse_counts", "stats_dict", "uses_sampling",
 ]

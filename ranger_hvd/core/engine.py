@@ -54,10 +54,11 @@ class TensorOps(Protocol):
     def accumulate(self, state, flat) -> Any:
         """acc = e + flat (e: the residual, or v with momentum). acc may share e's buffer."""
     def accumulate_topk(self, state, flat, k, check_name: str | None) -> tuple[Any, Any]:
-        """(acc, ``topk(acc, k)``) with acc from ``accumulate``: one call, so that a backend can
-        fuse the add with the selection's pass over memory. With ``check_name`` (only for a backend
-        whose ``checks_in_selection`` is true) it first does what ``finite`` does (a fused pass may
-        check while it reads, if a failure leaves the state untouched)."""
+        """(acc, the ascending indices of the k largest |acc|, ties to the lower index) with acc
+        from ``accumulate``: one call, so that a backend can fuse the add with the selection's pass
+        over memory. With ``check_name`` (only for a backend whose ``checks_in_selection`` is true)
+        it first does what ``finite`` does (a fused pass may check while it reads, if a failure
+        leaves the state untouched)."""
     def accumulate_topk_many(self, states: list, flats: list, ks: list,
                              check_names: list) -> list[tuple[Any, Any]]:
         """Optional: ``accumulate_topk`` of several tensors, in order, in one call, so that a backend
@@ -65,8 +66,6 @@ class TensorOps(Protocol):
         for each."""
     def k_at(self, state, schedule: list[int]) -> Any:
         """k at the state's current step (an int, or a scalar tensor under warm-up)."""
-    def topk(self, acc, k) -> Any:
-        """Ascending int32 indices of the k largest |acc|, ties to the lower index."""
     def random_k(self, numel: int, k, base_seed: int, state) -> Any:
         """k distinct ascending indices drawn from (base_seed, the state's step)."""
     def gather(self, acc, indices) -> Any: ...

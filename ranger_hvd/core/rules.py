@@ -103,6 +103,15 @@ def k_schedule(numel: int, options: RangerOptions) -> list[int]:
     return [num_selected(numel, density_at(t, options)) for t in range(total + 1)]
 
 
+def scale_each_value(scale: float, float32_or_64: bool) -> bool:
+    """Whether the factor of a scatter-added sum of every rank's pairs (1/N for an average, 1 for a
+    sum) may multiply each value before the adds instead of the whole sum after them, with the same
+    bits: yes for 1, and for any other power of two in float32 or float64 (exact above their
+    subnormal range), so that averages over 2, 4, 8... ranks spare a pass over the output. Any
+    other factor, or a half-precision output, scales the sum afterwards."""
+    return scale == 1.0 or (float32_or_64 and scale > 0 and math.frexp(scale)[0] == 0.5)
+
+
 # ------------------------------------------------------------------------------------------ bytes
 TOKEN_BYTES = 4
 """A top-k tensor also hands Horovod a 1-element fp32 tensor to allreduce: its result (1 for an average,
@@ -167,9 +176,6 @@ class CompressionStats:
     def add(self, increments) -> None:
         self.counts = [a + int(b) for a, b in zip(self.counts, increments)]
         self._last_step_bytes += int(increments[0])
-
-    def record_sparse(self, numel: int, k: int, value_dtype: str, with_indices: bool = True) -> None:
-        self.add(sparse_counts(numel, k, value_dtype, with_indices))
 
     def record_dense(self, numel: int, itemsize: int) -> None:
         self.add(dense_counts(numel, itemsize))

@@ -1,8 +1,12 @@
 """ranger_hvd for TensorFlow: sparse top-k compression with error feedback on Horovod.
 
-* :class:`RangerCompressor` - the compressor; hand it to our tape (top-k through allgather) or to
-  ``horovod.tensorflow.DistributedGradientTape(compression=...)`` (shared random-k through allreduce).
-* :class:`DistributedGradientTape` - Horovod's tape with real per-rank top-k; works with Keras 3.
+* :class:`RangerCompressor` - the compressor; hand it to our tape or to Horovod's own
+  ``horovod.tensorflow.DistributedGradientTape(compression=...)`` / tf-keras ``DistributedOptimizer``.
+  Either way each rank's top-k pairs travel through an allgather started inside ``compress`` (and
+  Horovod's allreduce carries a 1-element token); ``selection="random"`` sends shared random
+  coordinates through the allreduce instead.
+* :class:`DistributedGradientTape` - Horovod's tape API, the same exchange batched per step (one
+  allgather, one allreduce); works with Keras 3 variables.
 * :class:`Ranger` - a Keras 3 optimizer (momentum SGD, DGC momentum correction) with the sparse exchange
   inside ``apply_gradients``; usable in ``model.compile``. :class:`LossScaleOptimizer` wraps it for
   ``mixed_float16`` (every rank skips an overflowed step alike).

@@ -11,7 +11,7 @@ import keras
 import tensorflow as tf
 
 from . import _hvd
-from .state import safe_name
+from .slots import safe_name
 
 
 def broadcast_variables(variables, root_rank: int = 0, prefix: str = "ranger_bcast") -> None:

@@ -33,8 +33,9 @@ import tensorflow as tf
 from ranger_hvd import core
 
 from . import _hvd, exchange
-from .state import (Slot, TFOps, new_counters, not_converted, safe_name, tf_options, variable_key,
+from .slots import (Slot, new_counters, not_converted, safe_name, tf_options, variable_key,
                     variable_name)
+from .state import TFOps
 
 
 def _initialize_if_needed(variables) -> list:
@@ -208,14 +209,6 @@ class RangerCompressor(tf.Module):
         idx, values, _ = self.engine.sparse_step(slot, grad, slot.tensor_name, slot.shape,
                                                  self.world())
         return idx, values
-
-    @not_converted
-    def start_variable(self, variable, grad, process_set=None):
-        """The exchange of ranger_hvd's tape: (tensor for Horovod's allreduce, context)."""
-        slot = self.slot_for(variable)
-        return exchange.start(self.engine, slot, grad, self.world(),
-                              f"RangerTopk_{safe_name(self.tag)}_{slot.index}",
-                              process_set or self.process_set)
 
     def end_step(self) -> None:
         self.counters.assign_add(tf.constant(core.rules.STEP_COUNTS, tf.int64))

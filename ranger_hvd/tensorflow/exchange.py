@@ -19,7 +19,6 @@ another order).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -29,8 +28,8 @@ from ranger_hvd import core
 from . import _hvd, cpu_path
 from .state import when
 
-# Largest output for which unsorted_segment_sum may replace scatter_nd (its per-entry counters would
-# no longer fit in cache; measured 3x slower than scatter_nd on 25M entries).
+# Largest output for which unsorted_segment_sum may replace scatter_nd (beyond it its per-entry
+# counters no longer fit in cache and it is the slower of the two).
 _SEGMENT_SUM_MAX = 1 << 23
 
 WIRE_DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
@@ -46,6 +45,7 @@ class Context:
     k: object = 0                      # top-k: pairs per rank (an int, or a tensor under warm-up)
     slot: object = None                # the state to take the step back from if it turns out void
     engine: object = None              # its engine, where finish() itself may take the step back
+    world: int | None = None           # top-k: the ranks of the exchange (None: not known here)
 
 
 def _pack(idx: tf.Tensor, values: tf.Tensor, wire) -> tf.Tensor:
@@ -91,7 +91,7 @@ def start(engine: core.ErrorFeedback, slot, grad, world_size: int, gather_name: 
     gathered = _hvd.module().allgather(_pack(idx, values, wire), name=gather_name,
                                        ignore_name_scope=True, **kwargs)
     return tf.ones([1], tf.float32), Context("topk", slot.shape, slot.dtype, gathered=gathered,
-                                           k=k, slot=slot, engine=engine)
+                                           k=k, slot=slot, engine=engine, world=world_size)
 
 
 def in_program_order() -> bool:
@@ -115,11 +115,8 @@ def step(engine: core.ErrorFeedback, slots: list, grads: list, world_size: int, 
     the dense (and random-k) tensors and one grouped allgather of the top-k tensors' pairs
     (:func:`start_topk_many`); Horovod negotiates each once instead of once per tensor. Returns
     the gradients averaged (or summed) over ranks, in order. ``tag`` names the collectives and must
-    be the same on every rank.
-
-    (Measured on Keras ResNet50, 2 ranks on localhost with one core each: buckets of 8 or 25 MB,
-    last layers first, to start collectives during backpropagation were 11-14 ms slower per step;
-    the allgather before the allreduce made no difference.)
+    be the same on every rank. (Buckets started during backpropagation were tried and were slower:
+    docs/results/, ``benchmarks/bench_keras_exchange.py``.)
     """
     hvd = _hvd.module()
     kwargs = {"process_set": process_set} if process_set is not None else {}
@@ -188,7 +185,7 @@ def start_topk_many(engine: core.ErrorFeedback, slots: list, grads: list, world_
     kwargs = {"process_set": process_set} if process_set is not None else {}
     gathered = _hvd.module().grouped_allgather(packed, name=gather_name, ignore_name_scope=True,
                                                **kwargs)
-    return [Context("topk", s.shape, s.dtype, gathered=g, k=k, slot=s)
+    return [Context("topk", s.shape, s.dtype, gathered=g, k=k, slot=s, world=world_size)
             for s, g, (_, _, k) in zip(slots, gathered, steps)]
 
 
@@ -202,9 +199,9 @@ def finish_topk_many(contexts: list[Context], value_dtype: str, scale: float) ->
         if value_dtype == "float32" and cpu_path.scatter_usable(ctx.dtype, core.numel_of(ctx.shape)):
             batch.append(j)
         else:
-            out[j] = _combine(ctx, value_dtype, tf.constant(scale, tf.float64))
+            out[j] = _combine(ctx, value_dtype, tf.constant(scale, tf.float64), (scale,))
     if batch:
-        early = _power_of_two(scale)
+        early = core.scale_each_value(scale, True)  # the batch is float32/64
         flats = cpu_path.scatter_add_pairs_many(
             [contexts[j].gathered for j in batch], [core.numel_of(contexts[j].shape) for j in batch],
             [contexts[j].dtype for j in batch], scale if early else 1.0)
@@ -214,10 +211,6 @@ def finish_topk_many(contexts: list[Context], value_dtype: str, scale: float) ->
                 flat = flat * tf.constant(scale, ctx.dtype)
             out[j] = tf.reshape(flat, ctx.shape)
     return out
-
-
-def _power_of_two(x: float) -> bool:
-    return x > 0 and math.frexp(x)[0] == 0.5
 
 
 def finish(reduced: tf.Tensor, ctx: Context, value_dtype: str, undo: bool = True) -> tf.Tensor:
@@ -230,8 +223,8 @@ def finish(reduced: tf.Tensor, ctx: Context, value_dtype: str, undo: bool = True
         return tf.reshape(tf.cast(reduced, ctx.dtype), ctx.shape)
     numel = core.numel_of(ctx.shape)
     if ctx.kind == "random":
-        # The indices are distinct and ascending, so writing beats a scatter-add (about 100 ns per
-        # index on CPU); adding +0 keeps the scatter-add's +0.0 where a value is -0.0.
+        # The indices are distinct and ascending, so writing beats a scatter-add (slow per index
+        # on CPU); adding +0 keeps the scatter-add's +0.0 where a value is -0.0.
         values = tf.cast(reduced, ctx.dtype) + tf.zeros([], ctx.dtype)
         return tf.reshape(tf.raw_ops.SparseToDense(sparse_indices=ctx.indices, output_shape=[numel],
                                                    sparse_values=values,
@@ -240,40 +233,39 @@ def finish(reduced: tf.Tensor, ctx: Context, value_dtype: str, undo: bool = True
     # (rounded: predivide factors leave float noise).
     world = tf.cast(tf.shape(ctx.gathered)[0], tf.float64) / tf.cast(ctx.k, tf.float64)
     token = tf.round(tf.cast(tf.reshape(reduced, [-1])[0], tf.float64))
-    return _combine(ctx, value_dtype, token / world)
+    known = (1.0,) if ctx.world is None else (1.0, 1.0 / ctx.world)  # a sum's, an average's
+    return _combine(ctx, value_dtype, token / world, known)
 
 
-def _combine(ctx: Context, value_dtype: str, scale: tf.Tensor) -> tf.Tensor:
-    """Every rank's pairs of a top-k tensor added into zeros, times ``scale`` (a float64 scalar)."""
+def _combine(ctx: Context, value_dtype: str, scale: tf.Tensor, known: tuple) -> tf.Tensor:
+    """Every rank's pairs of a top-k tensor added into zeros, times ``scale`` (a float64 scalar).
+
+    ``known``: values that ``scale`` may take, as Python floats; where it takes one of those that
+    ``core.scale_each_value`` lets multiply each value, it does, else the sum is scaled after."""
     numel = core.numel_of(ctx.shape)
     values, indices = _unpack(ctx.gathered, WIRE_DTYPES[value_dtype])
     values = tf.cast(values, ctx.dtype)
-    if ctx.dtype in (tf.float32, tf.float64):
-        # A power of two times each value gives the bits of the same factor times their sum (exact
-        # above the subnormal range), so averages over 2, 4, 8... ranks need no pass over the output.
-        two = tf.constant(2.0, tf.float64)
-        early = tf.equal(scale, tf.pow(two, tf.round(tf.math.log(scale) / tf.math.log(two))))
-        factor = tf.cast(scale, ctx.dtype)
-        if cpu_path.scatter_usable(ctx.dtype, numel):  # the same bits, without TF's scatter
-            one = tf.ones([], ctx.dtype)
-            out = tf.cond(early, lambda: cpu_path.scatter_add(indices, values, numel, factor),
-                          lambda: cpu_path.scatter_add(indices, values, numel, one) * factor)
-        else:
-            out = tf.cond(early, lambda: _scatter_add(indices, values * factor, numel),
-                          lambda: _scatter_add(indices, values, numel) * factor)
+    wide = ctx.dtype in (tf.float32, tf.float64)
+    early_at = [v for v in known if core.scale_each_value(v, wide)]
+    early = tf.reduce_any(tf.stack([tf.equal(scale, v) for v in early_at] or [False]))
+    factor = tf.cast(scale, ctx.dtype)
+    if cpu_path.scatter_usable(ctx.dtype, numel):  # the same bits, without TF's scatter
+        one = tf.ones([], ctx.dtype)
+        out = tf.cond(early, lambda: cpu_path.scatter_add(indices, values, numel, factor),
+                      lambda: cpu_path.scatter_add(indices, values, numel, one) * factor)
     else:
-        out = _scatter_add(indices, values, numel)
-        out = tf.cond(tf.equal(scale, 1.0), lambda: out, lambda: out * tf.cast(scale, ctx.dtype))
+        out = tf.cond(early, lambda: _scatter_add(indices, values * factor, numel),
+                      lambda: _scatter_add(indices, values, numel) * factor)
     return tf.reshape(out, ctx.shape)
 
 
 def _scatter_add(indices: tf.Tensor, values: tf.Tensor, numel: int) -> tf.Tensor:
     """A zero tensor of numel entries with every pair added in, in the gathered (rank) order.
 
-    Both ops add in input order for each output entry, so they give the same bits. ``scatter_nd``
-    costs 70-150 ns per pair on a CPU; ``unsorted_segment_sum`` about 30, but it also clears a
-    counter per output entry, which costs more than it saves when pairs are few (measured on
-    0.6-25M entries: it wins from about one pair per 64 entries, on tensors that fit in cache).
+    Both ops add in input order for each output entry, so they give the same bits.
+    ``unsorted_segment_sum`` costs less per pair than ``scatter_nd`` on a CPU, but it also clears a
+    counter per output entry, which costs more than it saves when pairs are few: it is used from one
+    pair per 64 entries on, on tensors that fit in cache.
     """
     if numel > _SEGMENT_SUM_MAX:
         return tf.scatter_nd(indices[:, None], values, [numel])

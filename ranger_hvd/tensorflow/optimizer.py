@@ -44,7 +44,8 @@ import tensorflow as tf
 from ranger_hvd import core
 
 from . import _hvd, exchange
-from .state import OptimizerSlot, TFOps, not_converted, safe_name, tf_options, variable_name
+from .slots import OptimizerSlot, not_converted, safe_name, tf_options, variable_name
+from .state import TFOps
 
 # momentum_masking follows momentum_mode; the other options pass through
 _OPTION_NAMES = (set(core.RangerOptions.model_fields)

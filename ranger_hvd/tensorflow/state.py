@@ -1,15 +1,14 @@
-"""TensorFlow's side of the error-feedback engine: per-tensor state and the tensor primitives.
+"""TensorFlow's side of the error-feedback engine: the tensor primitives.
 
 ``core.ErrorFeedback`` runs the step; :class:`TFOps` supplies it on TF tensors and variables. Every
 primitive is plain TF ops on variables, so the step runs eagerly or inside a traced function alike.
-State lives in variables: a :class:`Slot` of the compressor (flat ``tf.Variable``s and a step
-counter), or the Keras ``Ranger``'s optimizer variables (shaped like the model variable, stepped by
-the optimizer's ``iterations``).
+State lives in variables: a ``slots.Slot`` of the compressor (flat ``tf.Variable``s and a step
+counter), or a ``slots.OptimizerSlot`` of the Keras ``Ranger`` (its optimizer variables, shaped like
+the model variable, stepped by the optimizer's ``iterations``).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -18,88 +17,7 @@ from ranger_hvd import core
 
 from . import cpu_path
 from .selection import random_k_indices, seed_pair, topk_indices
-
-
-# Every control flow here is an explicit tf.cond. Autograph converts whatever a traced function calls
-# (Horovod's allreduce_grads, Keras's train step, the user's step), and converting this package
-# took 17 s of a small model's first trace: its entry points are marked to be left as written.
-not_converted = tf.autograph.experimental.do_not_convert
-
-
-def tf_options(**kwargs) -> core.RangerOptions:
-    """``core.make_options``, refusing what the TensorFlow backend does not run (so that no option
-    is accepted and then ignored)."""
-    options = core.make_options(**kwargs)
-    if options.exchange != "allgather":
-        raise core.OptionsError(f"invalid Ranger option: exchange={options.exchange!r} runs on "
-                                "PyTorch only so far; TensorFlow exchanges through the allgather")
-    return options
-
-
-def safe_name(name: str) -> str:
-    """A name Horovod and TensorFlow accept for an op: letters, digits and underscores."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", name)
-
-
-def variable_key(variable):
-    """A hashable identity of a tf.Variable or a Keras 3 variable (keyed by its tf.Variable)."""
-    if isinstance(variable, tf.Variable):
-        return variable.ref()
-    inner = getattr(variable, "value", None)  # Keras 3: the backing tf.Variable
-    if isinstance(inner, tf.Variable):
-        return inner.ref()
-    raise TypeError(f"expected a tf.Variable or a Keras variable, got {type(variable).__name__}")
-
-
-def variable_name(variable) -> str:
-    """Keras 3 paths are unique within a model ("dense/kernel"); tf.Variable names may repeat."""
-    return str(getattr(variable, "path", None) or variable.name).split(":")[0]
-
-
-class Slot(tf.Module):
-    """State of one tensor: residual e (or v), velocity u (with momentum) and a step counter."""
-
-    own_step = True  # the compressor advances it; the Keras optimizer's slots use its iterations
-
-    def __init__(self, index: int, name: str, shape, dtype, compressed: bool, momentum: float,
-                 label: str | None = None):
-        super().__init__(name=f"slot{index}")
-        self.index = index
-        self.tensor_name = name
-        self.label = label  # the variable's own name, for messages (None: not known)
-        self.shape = tuple(int(s) for s in shape)
-        self.dtype = tf.as_dtype(dtype)
-        self.numel = core.numel_of(self.shape)
-        self.compressed = compressed
-        with tf.init_scope():  # created once, eagerly, even when first met inside a trace
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-            self.residual = (tf.Variable(tf.zeros([self.numel], self.dtype), trainable=False,
-                                         name="residual") if compressed else None)
-            self.velocity = (tf.Variable(tf.zeros([self.numel], self.dtype), trainable=False,
-                                         name="velocity") if momentum > 0 else None)
-
-
-class OptimizerSlot:
-    """The Keras ``Ranger``'s state of one variable: its optimizer variables and ``iterations``."""
-
-    own_step = False
-
-    def __init__(self, index: int, name: str, shape, dtype, compressed: bool, residual, velocity,
-                 iterations):
-        self.index, self.tensor_name, self.compressed = index, name, compressed
-        self.label = name
-        self.shape = tuple(int(s) for s in shape)
-        self.dtype = tf.as_dtype(dtype)
-        self.numel = core.numel_of(self.shape)
-        self.residual, self.velocity, self.step = residual, velocity, iterations
-
-
-def _backing(variable):
-    """The tf.Variable behind a tf.Variable or a Keras 3 variable (None if there is none)."""
-    if isinstance(variable, tf.Variable):
-        return variable
-    inner = getattr(variable, "value", None)
-    return inner if isinstance(inner, tf.Variable) else None
+from .slots import backing
 
 
 def _read_flat(variable) -> tf.Tensor:
@@ -107,7 +25,7 @@ def _read_flat(variable) -> tf.Tensor:
 
 
 def _assign_flat(variable, flat: tf.Tensor):
-    target = _backing(variable)
+    target = backing(variable)
     target = variable if target is None else target
     return target.assign(tf.reshape(flat, target.shape))
 
@@ -188,7 +106,7 @@ def _scatter(variable, indices: tf.Tensor, values: tf.Tensor, add: bool) -> None
     """variable[indices] += values (or = values), on its flat view. A flat tf.Variable takes one
     scatter op, which needs no ordering against anything but its inputs (v1 graph mode has no
     automatic control dependencies)."""
-    target = _backing(variable)
+    target = backing(variable)
     target = variable if target is None else target
     values = tf.cast(values, target.dtype)
     if isinstance(target, tf.Variable) and target.shape.rank == 1:
@@ -308,7 +226,7 @@ class TFOps:
         if isinstance(flat, Flagged):
             return Flagged(tf.cond(flat.ok, lambda: self.accumulate(state, flat.tensor),
                                    lambda: tf.identity(flat.tensor)), flat.ok)
-        tfv = _backing(state.residual)
+        tfv = backing(state.residual)
         if tfv is None:
             return _read_flat(state.residual) + flat
         tfv.assign_add(tf.reshape(flat, tfv.shape))
@@ -319,9 +237,6 @@ class TFOps:
             return schedule[0]
         index = tf.minimum(tf.cast(state.step, tf.int32), len(schedule) - 1)
         return tf.gather(tf.constant(schedule, tf.int32), index)
-
-    def topk(self, acc: tf.Tensor, k) -> tf.Tensor:
-        return topk_indices(acc, k, self.options.sample_fraction)
 
     def _compiled(self, state, flat, k) -> bool:
         """Whether this tensor's step takes the compiled CPU pass (``cpu_path``)."""
@@ -355,7 +270,7 @@ class TFOps:
                                lambda: (tf.identity(g), select_non_finite(g, k)))
             return Flagged(acc, flat.ok), idx
         acc = self.accumulate(state, flat)
-        return acc, self.topk(acc, k)
+        return acc, topk_indices(acc, k, self.options.sample_fraction)
 
     def accumulate_topk_many(self, states, flats, ks, check_names):
         """``accumulate_topk`` of several tensors: those that take the compiled CPU pass all in one
@@ -413,8 +328,3 @@ class TFOps:
 
     def count(self, increments: list) -> None:
         self.counters.assign_add(tf.stack([tf.cast(x, tf.int64) for x in increments]))
-
-
-def new_counters(name: str = "counters") -> tf.Variable:
-    with tf.init_scope():
-        return tf.Variable(tf.zeros([len(core.COUNTERS)], tf.int64), trainable=False, name=name)

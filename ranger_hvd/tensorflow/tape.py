@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from . import _hvd, exchange
 from .compressor import RangerCompressor
-from .state import not_converted, safe_name
+from .slots import not_converted, safe_name
 
 # Horovod's tape arguments that this tape cannot honour, with the value that means "not used".
 _UNSUPPORTED = {"device_dense": "", "device_sparse": "", "num_groups": 0, "groups": None,

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from ranger_hvd.core import (
-    CompressionStats, OptionsError, clip_threshold, density_at, is_compressed, make_options,
-    num_selected, random_k_seed, sparse_bytes,
+    CompressionStats, OptionsError, clip_threshold, dense_counts, density_at, is_compressed,
+    make_options, num_selected, random_k_seed, sparse_bytes, sparse_counts,
 )
 from ranger_hvd.core import reference
 from ranger_hvd.core.reference import ReferenceCompressor, combine, select
@@ -81,8 +81,8 @@ def test_byte_accounting():
     assert sparse_bytes(10, "float16") == 64
     assert sparse_bytes(10, "bfloat16", with_indices=False) == 20
     stats = CompressionStats()
-    stats.record_sparse(numel=1000, k=10, value_dtype="float32")
-    stats.record_dense(numel=20, itemsize=4)
+    stats.add(sparse_counts(1000, 10, "float32"))
+    stats.add(dense_counts(20, 4))
     assert stats.end_step() == 84 + 80
     d = stats.as_dict()
     assert d["bytes_sent"] == 164 and d["bytes_dense"] == 4080 and d["steps"] == 1
@@ -241,13 +241,10 @@ class _ListOps:
     def k_at(self, state, schedule):
         return schedule[min(state["step"], len(schedule) - 1)]
 
-    def topk(self, acc, k):
-        return select(acc, k)
-
     def accumulate_topk(self, state, g, k, check_name):
         assert check_name is None   # no checks_in_selection: the engine checks first
         acc = self.accumulate(state, g)
-        return acc, self.topk(acc, k)
+        return acc, select(acc, k)
 
     def random_k(self, numel, k, base, state):
         return np.sort(np.random.default_rng([base, state["step"]]).choice(numel, k, replace=False))

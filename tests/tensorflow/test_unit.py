@@ -166,7 +166,8 @@ def test_in_place_residual_update_is_safe():
     # The residual is updated in its own buffer: a residual read earlier must not change, a variable
     # in copy-on-read mode (after a sparse read) must still step exactly, and Keras 3 variables too.
     from ranger_hvd.core import ErrorFeedback
-    from ranger_hvd.tensorflow.state import OptimizerSlot, TFOps
+    from ranger_hvd.tensorflow.slots import OptimizerSlot
+    from ranger_hvd.tensorflow.state import TFOps
     rng = np.random.default_rng(9)
     for momentum in (0.0, 0.9):
         comp = RangerCompressor(density=0.02, momentum=momentum, min_elements=100)
@@ -504,7 +505,7 @@ def test_decompress_through_the_compiled_scatter_gives_the_bits_of_tf_scatter(dt
     idx = np.concatenate([np.sort(rng.choice(numel, k, replace=False)) for _ in range(ranks)])
     vals = rng.standard_normal(idx.size).astype(dtype.as_numpy_dtype)
     packed = exchange._pack(tf.constant(idx, tf.int32), tf.constant(vals), tf.float32)
-    ctx = exchange.Context("topk", (300, 400), dtype, gathered=packed, k=k)
+    ctx = exchange.Context("topk", (300, 400), dtype, gathered=packed, k=k, world=ranks)
     token = tf.ones([1])  # an average: the sum scaled by 1/ranks
     assert cpu_path.scatter_usable(dtype, numel)
     fast = exchange.finish(token, ctx, "float32").numpy()
