@@ -129,12 +129,14 @@ def test_plain_horovodrun_with_the_config_gets_the_same_compressor(tmp_path):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.horovod
 @needs_horovod
-def test_example_sweep_none_fp16_ranger_and_report(tmp_path):
-    r = run_cli(["sweep", EXAMPLES / "torch.yaml", "compression.type=none,fp16,ranger",
-                 "job.command=[python, torch_digits.py, --epochs, '2']",
+@pytest.mark.parametrize("config,script", [("torch.yaml", "torch_digits"), ("tf.yaml", "tf_digits")])
+def test_example_sweep_none_fp16_ranger_and_report(config, script, tmp_path):
+    """The examples (PyTorch, TensorFlow/Keras): ordinary Horovod scripts changed in three lines."""
+    r = run_cli(["sweep", EXAMPLES / config, "compression.type=none,fp16,ranger",
+                 f"job.command=[python, {script}.py, --epochs, '2']",
                  f"output.dir={tmp_path / 'runs'}", "--no-live"], tmp_path, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
-    runs = sorted((tmp_path / "runs" / "torch_digits").iterdir())
+    runs = sorted((tmp_path / "runs" / script).iterdir())
     assert len(runs) == 3
     types = []
     for run in runs:
@@ -146,7 +148,7 @@ def test_example_sweep_none_fp16_ranger_and_report(tmp_path):
         assert all({"loss", "step", "time"} <= set(s) and {"eval_loss", "eval_accuracy"} == set(s["metrics"])
                    for s in steps), steps
         assert steps[-1]["metrics"]["eval_accuracy"] > 0.5
-        assert (run / "script" / "torch_digits.py").read_bytes() == (EXAMPLES / "torch_digits.py").read_bytes()
+        assert (run / "script" / f"{script}.py").read_bytes() == (EXAMPLES / f"{script}.py").read_bytes()
         assert summary["tensorboard"] == str(run / "tensorboard")
         assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert types == ["none", "fp16", "ranger"]
