@@ -149,6 +149,6 @@ def print_outcome(console: Console, summary: dict, run_dir: Path, rank_logs: dic
                     f"no rank reported a failure. Run directory kept: {run_dir}", highlight=False)
             if summary.get("error"):
                 c.print(f"[red]cause:[/] {summary['error']}", highlight=False)
-            c.print(f"--- last lines of {run_dir / 'horovodrun.log'} ---", highlight=False)
+            c.print(f"--- last lines of {run_dir / layout.HOROVODRUN_LOG} ---", highlight=False)
             c.out("\n".join(tail_lines(str(run_dir / layout.HOROVODRUN_LOG), 30)), highlight=False)
-    c.print(f"summary: {run_dir / 'summary.json'}", highlight=False)
+    c.print(f"summary: {run_dir / layout.SUMMARY}", highlight=False)
