@@ -42,7 +42,8 @@ class RangerOptions(BaseModel):
         1-D tensors (biases, norms) go dense unless this is true, as in DGC.
     warmup_steps, warmup_start_density
         DGC's density warm-up, off by default: the density falls geometrically from
-        ``warmup_start_density`` to ``density`` over the first ``warmup_steps`` steps.
+        ``warmup_start_density`` to ``density`` over the first ``warmup_steps`` steps. Setting
+        ``warmup_start_density`` without warm-up steps is an error.
     clip_norm
         Local gradient clipping before accumulation: each worker scales a compressed tensor's gradient so
         its L2 norm is at most clip_norm / sqrt(N) (N workers), so that the sum over workers stays within
@@ -61,7 +62,8 @@ class RangerOptions(BaseModel):
         in that step goes back into their residuals). ``"raise"``: fail fast with an error naming
         the variable, for training without a loss scaler.
     sample_fraction
-        Fraction of a large tensor sampled to estimate the top-k threshold before the exact selection.
+        Fraction of a large tensor sampled to estimate the top-k threshold before the exact selection
+        (top-k only: setting it with ``selection="random"`` is an error).
     selection
         ``"topk"`` (default): each rank sends its own k largest entries, values and int32 indices,
         through an allgather started inside the compressor. ``"random"``: every rank sends the values
@@ -69,7 +71,8 @@ class RangerOptions(BaseModel):
         Horovod's own allreduce; no indices travel and the traffic does not grow with the number of
         workers, but random coordinates carry much less of the gradient than the largest ones.
     seed
-        Seed of the shared random-k coordinates (``selection="random"``).
+        Seed of the shared random-k coordinates (``selection="random"`` only: setting it with top-k
+        is an error).
     exchange
         How top-k pairs travel. ``"allgather"`` (default): every rank receives every other rank's k
         pairs, (N-1)·k per tensor, the least latency for few workers. ``"global_topk"``: a sparse
@@ -106,6 +109,32 @@ class RangerOptions(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _no_inactive_option(self) -> "RangerOptions":
+        # An option set to a value other than its default where nothing reads it would be accepted
+        # and ignored: refused instead, naming it and why (as the launcher refuses gan.* off-model).
+        problems = [f"{key} ({getattr(self, key)!r}) has no effect: {why}"
+                    for key, why in self._inactive().items()
+                    if key in self.model_fields_set
+                    and getattr(self, key) != RangerOptions.model_fields[key].default]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _inactive(self) -> dict[str, str]:
+        """The options that nothing reads under the others' values, each with the reason."""
+        inactive = {}
+        if self.selection == "topk":
+            inactive["seed"] = "only selection 'random' draws coordinates from a seed"
+        if self.selection == "random":
+            inactive["sample_fraction"] = ("it sizes the sample that estimates the top-k threshold, "
+                                           "and selection 'random' estimates none")
+        if self.warmup_steps == 0:
+            inactive["warmup_start_density"] = "there is no density warm-up (warmup_steps is 0)"
+        if self.momentum == 0:
+            inactive["momentum_masking"] = "there is no momentum to mask (momentum is 0)"
+        return inactive
+
+    @model_validator(mode="after")
     def _nonfinite_needs_check(self) -> "RangerOptions":
         if self.nonfinite != "skip" and not self.check_finite:
             raise ValueError(f"nonfinite={self.nonfinite!r} has no effect with check_finite=False: "
@@ -134,15 +163,18 @@ def compressor_momentum(momentum_mode: str, momentum: float, options: dict) -> d
     """Where a ``Ranger`` optimizer's momentum goes, as the compressor's ``momentum`` and
     ``momentum_masking``: ``"global"`` keeps none in the compressor (the optimizer applies it to the
     averaged update), ``"dgc"`` keeps DGC's masked momentum there, ``"local"`` the same unmasked.
-    ``options`` are the other compressor options given; the mode alone decides the masking."""
+    ``options`` are the other compressor options given; the mode alone decides the masking, which
+    is left out where the compressor keeps no momentum (nothing to mask)."""
     if momentum_mode not in MOMENTUM_MODES:
         raise ValueError(f"momentum_mode must be 'global', 'dgc' or 'local', got {momentum_mode!r}")
     if "momentum_masking" in options:
         raise ValueError("Ranger takes no momentum_masking=... for its compressor: momentum_mode "
                          "chooses where the momentum is applied and whether it is masked ('dgc' "
                          "masks, 'local' does not)")
-    return {"momentum": 0.0 if momentum_mode == "global" else momentum,
-            "momentum_masking": momentum_mode != "local"}
+    inside = 0.0 if momentum_mode == "global" else momentum
+    if not inside > 0:
+        return {"momentum": inside}
+    return {"momentum": inside, "momentum_masking": momentum_mode != "local"}
 
 
 class OptionsError(ValueError):

@@ -55,9 +55,10 @@ class DistributedGradientTape:
     Args mirror ``horovod.tensorflow.DistributedGradientTape``: ``compression`` (a
     :class:`RangerCompressor`, required), ``op`` (``hvd.Average`` default, or ``hvd.Sum``),
     ``gradient_predivide_factor`` (Average only), ``process_set``. ``tf.IndexedSlices`` gradients are
-    made dense first (as ``sparse_as_dense=True``). ``device_dense``, ``device_sparse``,
-    ``num_groups``/``groups`` and ``scale_local_gradients=False`` have no meaning here and raise
-    when set (this tape already groups each step into one allgather and one allreduce).
+    made dense first (as ``sparse_as_dense=True``; ``sparse_as_dense=False`` raises).
+    ``device_dense``, ``device_sparse``, ``num_groups``/``groups`` and
+    ``scale_local_gradients=False`` have no meaning here and raise when set (this tape already
+    groups each step into one allgather and one allreduce).
     """
 
     def __init__(self, gradtape, device_dense='', device_sparse='', compression=None,
@@ -74,6 +75,10 @@ class DistributedGradientTape:
             if given[arg] != default:
                 raise ValueError(f"ranger_hvd.tensorflow.DistributedGradientTape does not support "
                                  f"{arg}={given[arg]!r} (only the default, {default!r})")
+        if not sparse_as_dense:
+            raise ValueError("ranger_hvd.tensorflow.DistributedGradientTape: sparse_as_dense=False "
+                             "has no effect here: every tf.IndexedSlices gradient is made dense and "
+                             "goes through the compressor's exchange, as with sparse_as_dense=True")
         hvd = _hvd.ensure_init()
         op = hvd.Average if op is None else op
         if op not in (hvd.Average, hvd.Sum):

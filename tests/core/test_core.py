@@ -163,7 +163,10 @@ def test_momentum_masking_is_on_by_default():
 
 def test_ranger_momentum_modes_place_the_momentum():
     from ranger_hvd.core import compressor_momentum
-    assert compressor_momentum("global", 0.9, {}) == {"momentum": 0.0, "momentum_masking": True}
+    # no momentum in the compressor: no masking option either (it would have no effect)
+    assert compressor_momentum("global", 0.9, {}) == {"momentum": 0.0}
+    assert compressor_momentum("local", 0.0, {}) == {"momentum": 0.0}
+    make_options(**compressor_momentum("local", 0.0, {}))
     assert compressor_momentum("dgc", 0.9, {}) == {"momentum": 0.9, "momentum_masking": True}
     assert compressor_momentum("local", 0.9, {"min_elements": 4}) == {"momentum": 0.9,
                                                                       "momentum_masking": False}

@@ -254,12 +254,20 @@ def test_cross_backend_parity_with_torch_and_reference():
 @pytest.mark.parametrize("kwargs", [dict(density=0.0), dict(density=1.5), dict(momentum=-0.1),
                                     dict(momentum=1.0), dict(min_elements=0), dict(bogus=1),
                                     dict(value_dtype="int8"),
-                                    dict(warmup_steps=5, warmup_start_density=0.001)])
+                                    dict(warmup_steps=5, warmup_start_density=0.001),
+                                    dict(seed=3), dict(warmup_start_density=0.5),
+                                    dict(selection="random", sample_fraction=0.1)])
 def test_bad_options_raise_at_construction(kwargs):
     with pytest.raises(OptionsError):
         RangerCompressor(**kwargs)
     with pytest.raises((OptionsError, ValueError)):
         Ranger(**kwargs)
+
+
+def test_the_tape_refuses_sparse_as_dense_false_which_it_would_ignore():
+    with pytest.raises(ValueError, match="sparse_as_dense=False has no effect"):
+        DistributedGradientTape(tf.GradientTape(), compression=RangerCompressor(),
+                                sparse_as_dense=False)
 
 
 def test_ranger_momentum_modes_and_their_refusals():
