@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import statistics
 
+from .models import SPECS
+
 MODE_LABELS = {"compute": "compute only", "dense": "dense fp32", "fp16": "Horovod fp16",
                "floor": "hook floor", "ddp": "DDP fp32"}
 
@@ -20,12 +22,29 @@ def mode_label(mode: str) -> str:
     if mode.startswith("hook-"):
         return f"ranger hook d={mode.split('-', 1)[1]}"
     if mode.startswith("pertensor-"):
-        return f"ranger hook, allgather per tensor d={mode.split('-', 1)[1]}"
+        return f"ranger hook per tensor d={mode.split('-', 1)[1]} (before)"
     if mode.startswith("ddp-"):
         return f"DDP + ranger_hook d={mode.split('-', 1)[1]}"
     if mode.startswith("global-"):
         return f"ranger global top-k d={mode.split('-', 1)[1]}"
     return MODE_LABELS.get(mode, mode)
+
+
+# What each PyTorch ranger mode does per step, for the plot's legend (the tables keep mode_label)
+TORCH_EXCHANGES = {
+    "ranger-": "ranger_hvd.torch.DistributedOptimizer: per bucket one allgather + one grouped allreduce",
+    "hook-": "hvd.DistributedOptimizer: per bucket one allgather, per tensor one token allreduce",
+    "pertensor-": "hvd.DistributedOptimizer with bucket_mb=0: per tensor one allgather + one token allreduce",
+}
+
+
+def plot_label(mode: str, torch_only: bool) -> str:
+    """``mode_label``, and on PyTorch models what the ranger mode's exchange does per step."""
+    label = mode_label(mode)
+    for prefix, what in TORCH_EXCHANGES.items():
+        if torch_only and mode.startswith(prefix):
+            return f"{label}\n  ({what})"
+    return label
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -249,8 +268,12 @@ def plot(runs: list[dict], path, meta: dict) -> None:
     # one colour per mode in every panel, whichever modes a panel has
     colours = {m: f"C{i % 10}" for i, m in
                enumerate(dict.fromkeys(m for r in runs for m in (r.get("figures") or {})))}
-    fig, axes = plt.subplots(len(hosts), len(links), figsize=(max(7.0, 5.5 * len(links)), 4.4 * len(hosts)),
-                             squeeze=False)
+    # long legends (what each PyTorch ranger mode does) go under their panel
+    notes = any("\n" in plot_label(m, True) for m in colours)
+    lines = len(colours) * (2 if notes else 0)
+    fig, axes = plt.subplots(len(hosts), len(links), squeeze=False,
+                             figsize=(max(7.0, (7.5 if notes else 5.5) * len(links)),
+                                      (4.4 + 0.16 * lines) * len(hosts)))
     for i, h in enumerate(hosts):
         for j, link in enumerate(links):
             ax = axes[i][j]
@@ -260,6 +283,8 @@ def plot(runs: list[dict], path, meta: dict) -> None:
                 ax.text(0.5, 0.5, f"{h} hosts, link {link}: not measured", ha="center", transform=ax.transAxes)
                 continue
             models = [r["model"] for r in cell]
+            torch_only = all(r["model"] in SPECS and SPECS[r["model"]].framework == "torch"
+                             for r in cell)
             modes = list(dict.fromkeys(m for r in cell for m in r["figures"]))
             width = 0.8 / max(1, len(modes))
             for k, mode in enumerate(modes):
@@ -271,12 +296,15 @@ def plot(runs: list[dict], path, meta: dict) -> None:
                         ys.append(f["median_ms"])
                         lo.append(f["median_ms"] - f["p10_ms"])
                         hi.append(f["p90_ms"] - f["median_ms"])
-                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=mode_label(mode),
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=plot_label(mode, torch_only),
                        color=colours[mode])
             ax.set_xticks(range(len(models)), models)
             ax.set_ylabel("step time, ms (median; bars p10-p90)")
             ax.set_title(f"{h} hosts, link {link if link != 'none' else 'not limited'}")
-            ax.legend(fontsize=7)
+            if notes:
+                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+            else:
+                ax.legend(fontsize=7)
     fig.suptitle(f"Step time by exchange mode, one rank per host, Gloo, 1 thread per rank\n"
                  f"{meta['date']}, all hosts on {meta['cpus']} shared CPU cores", fontsize=9)
     fig.tight_layout()
