@@ -186,8 +186,58 @@ def check_exchange(cfg: Config, where: Where) -> list[Problem]:
     return []
 
 
+# cluster keys that only horovodrun reads (its ssh start of remote ranks and its own start timeout)
+_HOROVODRUN_ONLY = {"ssh_port": "ssh port", "ssh_identity_file": "ssh key", "ssh_known_hosts_file": "known_hosts file",
+                    "start_timeout": "start timeout", "network_interfaces": "interface list"}
+
+
+def check_runner(cfg: Config, where: Where) -> list[Problem]:
+    """cluster.runner 'torchrun' runs the PyTorch reference jobs under DDP: what only Horovod reads is refused,
+    each key named (the horovod section's tunables are set aside as inactive in resolve.validate)."""
+    cl = cfg.cluster
+    if cl.runner != "torchrun":
+        if cl.rdzv_port is not None:
+            return [Problem("cluster.rdzv_port", "only used with cluster.runner 'torchrun'", where("cluster.rdzv_port"))]
+        return []
+    problems = []
+
+    def refuse(key: str, why: str, at: Optional[str] = None) -> None:
+        problems.append(Problem(key, f"{why} (cluster.runner is 'torchrun')", where(at or key)))
+
+    if cfg.job.command:
+        refuse("job.command", "torchrun runs the PyTorch reference jobs only; start your own DDP script with "
+                              "torchrun yourself, or use cluster.runner 'horovodrun'")
+    elif cfg.job.backend != "torch":
+        refuse("job.backend", f"DDP is PyTorch's: job.backend must be 'torch', not '{cfg.job.backend}'")
+    if cl.controller != "gloo":
+        refuse("cluster.controller", f"'{cl.controller}' is Horovod's controller; DDP talks over torch.distributed "
+                                     "(Gloo on CPU, NCCL on GPU): set cluster.controller: gloo")
+    if cl.elastic is not None:
+        refuse("cluster.elastic", "elastic mode is Horovod's (hvd.elastic); set cluster.elastic: null")
+    for key, what in _HOROVODRUN_ONLY.items():
+        if getattr(cl, key) is not None:
+            hint = ("; give Gloo's interface as cluster.env GLOO_SOCKET_IFNAME=NAME" if key == "network_interfaces"
+                    else "")
+            refuse(f"cluster.{key}", f"horovodrun's {what}, unused by torchrun{hint}")
+    comp = cfg.compression
+    if getattr(comp, "exchange", "allgather") != "allgather":
+        refuse("compression.exchange", f"ranger_hook (ranger_hvd.torch.ddp) has the allgather exchange only; "
+                                       f"'{comp.exchange}' runs under Horovod so far")
+    if getattr(comp, "selection", "topk") != "topk":
+        refuse("compression.selection", f"ranger_hook exchanges top-k pairs; '{comp.selection}' is for Horovod's "
+                                        "compression= hook")
+    if cl.scheduler == "slurm":
+        opts = cl.slurm or SlurmOptions()
+        per_node = tasks_per_node(opts, cl.np)
+        if opts.nodes > 1 and cl.np is not None and cl.np != opts.nodes * per_node:
+            refuse("cluster.np", f"torchrun starts the same number of ranks on every node: {cl.np} ranks on "
+                                 f"{opts.nodes} nodes x {per_node} task(s) would leave slots empty; set cluster.np to "
+                                 f"{opts.nodes * per_node} or cluster.slurm.ntasks_per_node")
+    return problems
+
+
 SECTION_CHECKS = (check_data, check_cluster, check_horovod, check_momentum, check_gan, check_user_command,
-                  check_exchange)
+                  check_exchange, check_runner)
 
 
 def config_path(cwd: Path, p: str) -> Path:
@@ -217,6 +267,11 @@ def resolve_hosts(cfg: Config, where: Where, cwd: Path) -> tuple[list[tuple[str,
         hosts = parse_host_list(split_list(cl.hosts), "cluster.hosts", where, problems)
     else:
         hosts = [("localhost", cl.np or 2)]
+    if cl.runner == "torchrun" and len({h for h, _ in hosts}) > 1:
+        key = "cluster.hostfile" if cl.hostfile is not None else "cluster.hosts"
+        problems.append(Problem(key, f"cluster.runner 'torchrun' starts the ranks on one host "
+                                f"({len({h for h, _ in hosts})} are listed); for several nodes use cluster.scheduler "
+                                "'slurm', where srun starts torchrun on each node", where(key)))
     total = sum(s for _, s in hosts)
     if cl.scheduler == "slurm":
         total = (cl.slurm or SlurmOptions()).nodes * tasks_per_node(cl.slurm or SlurmOptions(), cl.np)

@@ -22,7 +22,7 @@ from ranger_hvd.config.hosts import split_list
 from ranger_hvd.config.overrides import apply_override, parse_overrides
 from ranger_hvd.config.problems import ConfigError, Problem
 from ranger_hvd.config.safety import check_raw
-from ranger_hvd.config.schema import GROUPS, Config
+from ranger_hvd.config.schema import GROUPS, Config, HorovodSection
 from ranger_hvd.config.sources import Sources
 from ranger_hvd.config.translate import problems_from
 from ranger_hvd.config.user_command import drop_job_only, resolve_command
@@ -128,11 +128,25 @@ def validate(data: dict, where: Sources) -> tuple[Config, list[Inactive]]:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(problems + problems_from(exc, where)) from None
+    inactive += _horovod_unused(cfg)
     for check in SECTION_CHECKS:
         problems += check(cfg, where)
     if problems:
         raise ConfigError(problems)
     return cfg, inactive
+
+
+def _horovod_unused(cfg: Config) -> list[Inactive]:
+    """Under cluster.runner 'torchrun' no Horovod runs: the horovod section's values are set aside as
+    inactive (back to their defaults, left out of the run's config.yaml), so that a shipped config's
+    tunables do not stop its DDP twin; load_config warns about each one."""
+    if cfg.cluster.runner != "torchrun":
+        return []
+    defaults = HorovodSection()
+    unused = [Inactive(f"horovod.{key}", getattr(cfg.horovod, key), "cluster.runner is 'torchrun' (no Horovod)")
+              for key in HorovodSection.model_fields if getattr(cfg.horovod, key) != getattr(defaults, key)]
+    cfg.horovod = defaults
+    return unused
 
 
 def _absolutize(cfg: Config, cwd: Path) -> Config:
@@ -191,6 +205,10 @@ def load_config(path: Union[str, Path, None], overrides: list[str] = (), *, cwd:
     for opt in inactive:
         if sources[opt.path] == "override":
             res.warnings.append(f"{opt.path}={opt.value} has no effect: {opt.reason}")
+    unused = [o for o in inactive if o.path.startswith("horovod.") and sources[o.path] != "override"]
+    if unused:
+        res.warnings.append(", ".join(f"{o.path}={o.value}" for o in unused) + " have no effect: "
+                            f"{unused[0].reason}; left out of the run's config")
     for entry in cfg.cluster.env:
         if "=" not in entry and entry not in os.environ:
             res.warnings.append(f"cluster.env: {entry} is not set in this environment, so the ranks will not get it")

@@ -167,6 +167,13 @@ class ClusterSection(Section):
     hosts: Optional[Union[list[str], str]] = Field(None, description="host:slots entries (or one comma-separated string)")
     hostfile: Optional[str] = Field(None, min_length=1, description="file of 'host slots=N' lines")
     controller: Literal["gloo", "mpi"] = "gloo"
+    runner: Literal["horovodrun", "torchrun"] = Field(
+        "horovodrun", description="torchrun: the PyTorch reference jobs train under DistributedDataParallel "
+        "with the compression as a DDP communication hook, started by torchrun (one host, or srun on a Slurm "
+        "allocation); the horovod section is unused")
+    rdzv_port: Optional[int] = Field(None, ge=1, le=65535, description="port of torchrun's c10d rendezvous on "
+                                     "the first node of a multi-node Slurm allocation (runner: torchrun; null: "
+                                     "29400; one host picks a free port itself)")
     ssh_port: Optional[int] = Field(None, ge=1, le=65535)
     ssh_identity_file: Optional[str] = Field(None, min_length=1)
     network_interfaces: Optional[Union[list[str], str]] = None

@@ -19,10 +19,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.config))
 
+    from ranger_hvd.jobs.ddp import under_torchrun, write_own_rank_logs
+
+    if under_torchrun():   # cluster.runner torchrun: RUN_DIR/logs/rank.N/ as under horovodrun's Gloo
+        write_own_rank_logs(run_dir)
+
     from ranger_hvd.jobs import ConfigError, DataError, run_config_file
     from ranger_hvd.rundir.checkpoint import CheckpointError
 
-    rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+    rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", "0")))
     try:
         run_config_file(args.config, run_dir, resume=args.resume)
     except (ConfigError, DataError, CheckpointError) as exc:

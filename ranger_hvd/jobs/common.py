@@ -195,7 +195,8 @@ def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int,
             total_sent = sum(comp_totals)     # the compressors' own cumulative count
         record = {
             "steps": step, "epochs": epoch + 1, "train_time": round(train_time, 6),
-            "backend": backend, "model": cfg.job.model, "dataset": dataset, "compression": cfg.compression.type,
+            "backend": backend, "runner": cfg.cluster.runner, "model": cfg.job.model, "dataset": dataset,
+            "compression": cfg.compression.type,
             "size": size, **eval_metrics, "metrics": dict(eval_metrics),
             **(end_fields() if end_fields is not None else {}),
             "bytes_sent_total": int(total_sent), "bytes_dense_total": int(total_dense),

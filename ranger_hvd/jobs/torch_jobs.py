@@ -1,4 +1,6 @@
-"""PyTorch reference jobs (CNN, RNN, GAN) under Horovod; see :mod:`ranger_hvd.jobs` for inputs/outputs."""
+"""PyTorch reference jobs (CNN, RNN, GAN) under Horovod, or under DDP when torchrun started them
+(``cluster.runner: torchrun``, see :mod:`ranger_hvd.jobs.ddp`); see :mod:`ranger_hvd.jobs` for
+inputs/outputs."""
 
 from __future__ import annotations
 
@@ -103,6 +105,7 @@ class DistOpt(ByteMeter):
         params = [p for _, p in self.named]
         self.dense_bytes = sum(4 * p.numel() for p in params)
         self.comp = None
+        self.net = module      # what the training step calls: Horovod's hooks sit on the parameters
         self.lr_scale = lr_scale
         sgd = torch.optim.SGD(params, lr=cfg.train.lr * lr_scale, momentum=optimizer_momentum(cfg))
         if cfg.compression.type == "ranger":
@@ -118,6 +121,42 @@ class DistOpt(ByteMeter):
             self.sent_per_step = sum(p.numel() * (2 if fp16 and p.is_floating_point() else p.element_size())
                                      for p in params)
         self.reset_baseline()
+
+    def hook_state_dict(self):
+        return None     # Horovod: the compressor's state travels in the optimizer's state_dict
+
+    def load_hook_state(self, state) -> None:
+        pass
+
+
+class HvdComm:
+    """The jobs' collectives besides the gradients, through Horovod (see ddp.DdpComm for DDP's)."""
+
+    runner = "horovodrun"
+
+    def __init__(self):
+        import horovod.torch as hvd
+
+        self.hvd = hvd
+        hvd.init()
+
+    def rank(self) -> int:
+        return self.hvd.rank()
+
+    def size(self) -> int:
+        return self.hvd.size()
+
+    def allreduce_sum(self, tensor, name: str):
+        return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=name)
+
+    def allgather_object(self, obj, name=None) -> list:
+        return self.hvd.allgather_object(obj, name=name)
+
+    def broadcast(self, modules, opts) -> None:
+        _broadcast(self.hvd, modules, opts)
+
+    def close(self) -> None:
+        pass
 
 
 def _broadcast(hvd, modules, opts):
@@ -157,11 +196,22 @@ def _read_torch(path: Path) -> dict:
 
 
 def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
-    torch, nn, F = _torch()
-    import horovod.torch as hvd
+    ddp = cfg.cluster.runner == "torchrun"
+    if ddp:
+        from ranger_hvd.jobs.ddp import DdpComm, DdpOpt
 
-    hvd.init()
-    rank, size = hvd.rank(), hvd.size()
+        comm, Opt = DdpComm(), DdpOpt
+    else:
+        comm, Opt = HvdComm(), DistOpt
+    record = _run(cfg, data, run_dir, resume, comm, Opt)
+    comm.close()
+    return record
+
+
+def _run(cfg: Config, data: Dataset, run_dir, resume: bool, comm, Opt) -> dict:
+    torch, nn, F = _torch()
+
+    rank, size = comm.rank(), comm.size()
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed + rank)
 
@@ -175,22 +225,22 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
 
     def eval_shard():
         """This rank's held-out samples among the current workers."""
-        ev = shard_indices(len(data.x_eval), hvd.rank(), hvd.size(), equalize=False)
+        ev = shard_indices(len(data.x_eval), comm.rank(), comm.size(), equalize=False)
         return torch.from_numpy(data.x_eval[ev]).unsqueeze(1), torch.from_numpy(data.y_eval[ev])
 
     gan = cfg.job.model == "gan"
     if gan:
         gen, disc = build_gan(H * W)
         modules = [gen, disc]
-        opts = [DistOpt(disc, "D.", cfg, lr_scale=cfg.gan.disc_lr_scale), DistOpt(gen, "G.", cfg)]
+        opts = [Opt(disc, "D.", cfg, lr_scale=cfg.gan.disc_lr_scale), Opt(gen, "G.", cfg)]
         noise = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)   # each rank its own noise
         z_dim = gen[0].in_features
     else:
         model = build_cnn((H, W), data.num_classes) if cfg.job.model == "cnn" else build_rnn((H, W), data.num_classes)
         modules = [model]
-        opts = [DistOpt(model, "", cfg)]
+        opts = [Opt(model, "", cfg)]
     if not elastic:       # elastic: TorchState's sync broadcasts rank 0's state
-        _broadcast(hvd, modules, opts)
+        comm.broadcast(modules, opts)
     quality = None
     # samples are scored on rank 0 (every rank holds the same generator); elastic: any worker may become it
     if gan and (rank == 0 or elastic):
@@ -208,12 +258,18 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
     resume_from = None
     if resume:
         ckpt = checkpoint.load_for_resume(run_dir, rank=rank, size=size, backend="torch", model=cfg.job.model,
-                                          compression=cfg.compression.type, allgather_object=hvd.allgather_object,
+                                          compression=cfg.compression.type, allgather_object=comm.allgather_object,
                                           read=_read_torch)
+        saved_by = ckpt.get("runner", "horovodrun")
+        if saved_by != comm.runner:
+            raise checkpoint.CheckpointError(f"cannot resume: the checkpoints were saved under {saved_by}, this "
+                                             f"run's cluster.runner is {comm.runner}")
         for m, sd in zip(modules, ckpt["modules"]):
             m.load_state_dict(sd)
-        for o, sd, base in zip(opts, ckpt["optimizers"], ckpt["byte_baselines"]):
+        for o, sd, base, hook in zip(opts, ckpt["optimizers"], ckpt["byte_baselines"],
+                                     ckpt.get("hook_states", [None] * len(opts))):
             o.opt.load_state_dict(sd)
+            o.load_hook_state(hook)     # DDP + ranger_hook: residuals, momentum, counters by parameter name
             for g in o.opt.param_groups:     # the config's values win (e.g. an lr override on resume)
                 g["lr"], g["momentum"] = cfg.train.lr * o.lr_scale, optimizer_momentum(cfg)
             o.reset_baseline(base)       # steps count from the restored compressor; totals from the start
@@ -223,19 +279,21 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         resume_from = ckpt["loop"]
 
     def save(loop_state: dict) -> None:
-        rank, size = hvd.rank(), hvd.size()    # elastic: the current ones
+        rank, size = comm.rank(), comm.size()    # elastic: the current ones
         checkpoint.save(run_dir, rank=rank, backend="torch", write=_write_torch, state={
             **checkpoint.header(rank=rank, size=size, backend="torch", model=cfg.job.model,
                                 compression=cfg.compression.type),
             "modules": [m.state_dict() for m in modules],
-            "optimizers": [o.opt.state_dict() for o in opts],      # ranger: with the compressor state
+            "optimizers": [o.opt.state_dict() for o in opts],      # Horovod + ranger: with the compressor state
+            "hook_states": [o.hook_state_dict() for o in opts],    # DDP + ranger: the hook's state
+            "runner": comm.runner,
             "byte_baselines": [o.baseline for o in opts],
             "noise": noise.get_state() if gan else None,
             "torch_rng": torch.get_rng_state(),
             "loop": loop_state,
         })
 
-    log(rank, f"torch {cfg.job.model} on {data.name}: {size} ranks, {len(tr)} train samples/rank, "
+    log(rank, f"torch {cfg.job.model} on {data.name} ({'DDP' if comm.runner == 'torchrun' else 'Horovod'}): {size} ranks, {len(tr)} train samples/rank, "
               f"{n_steps} steps/epoch, compression={cfg.compression.type}"
               + (f" {cfg.compression.options()}" if cfg.compression.options() else ""))
 
@@ -243,7 +301,7 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         model.train()
         opt = opts[0].opt
         opt.zero_grad()
-        out = model(xb)
+        out = opts[0].net(xb)
         loss = F.cross_entropy(out, yb)
         loss.backward()
         opt.step()
@@ -255,6 +313,8 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
 
     def gan_step(xb, _yb):
         opt_d, opt_g = opts[0].opt, opts[1].opt
+        # through the wrappers (DDP) where a module's gradients are exchanged; plain modules elsewhere
+        disc_net, gen_net = opts[0].net, opts[1].net
         real = xb.flatten(1) * 2 - 1
         b = real.shape[0]
         ones, zeros = torch.ones(b, 1), torch.zeros(b, 1)
@@ -263,8 +323,8 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
         fake = gen(torch.randn(b, z_dim, generator=noise)).detach()
         if r1 > 0:
             real.requires_grad_(True)
-        d_real = disc(real)
-        d_loss = bce(d_real, ones) + bce(disc(fake), zeros)
+        d_real = disc_net(real)
+        d_loss = bce(d_real, ones) + bce(disc_net(fake), zeros)
         objective = d_loss + r1_penalty(d_real, real, r1) if r1 > 0 else d_loss
         objective.backward()
         opt_d.step()
@@ -273,7 +333,7 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
             p.requires_grad_(False)
         try:
             opt_g.zero_grad()
-            g_loss = bce(disc(gen(torch.randn(b, z_dim, generator=noise))), ones)
+            g_loss = bce(disc(gen_net(torch.randn(b, z_dim, generator=noise))), ones)
             g_loss.backward()
             opt_g.step()
         finally:
@@ -291,7 +351,7 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
             if gan:
                 real = x_ev.flatten(1) * 2 - 1
                 n = real.shape[0]
-                g = torch.Generator().manual_seed(777 + hvd.rank())
+                g = torch.Generator().manual_seed(777 + comm.rank())
                 fake = gen(torch.randn(n, z_dim, generator=g))
                 dr, df = disc(real), disc(fake)
                 sums = torch.tensor([
@@ -303,12 +363,12 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
                 out = model(x_ev)
                 sums = torch.tensor([F.cross_entropy(out, y_ev, reduction="sum").item(),
                                      (out.argmax(1) == y_ev).sum().item(), len(y_ev)], dtype=torch.float64)
-        tot = hvd.allreduce(sums, op=hvd.Sum, name=f"ranger_hvd.jobs.eval.{epoch_tag}")
+        tot = comm.allreduce_sum(sums, name=f"ranger_hvd.jobs.eval.{epoch_tag}")
         n = max(tot[-1].item(), 1.0)
         if gan:
             return {"eval_d_loss": tot[0].item() / n, "eval_g_loss": tot[1].item() / n,
                     "eval_d_real_acc": tot[2].item() / n, "eval_d_fake_acc": tot[3].item() / n,
-                    **(quality.evaluate(generate, epoch_tag) if quality is not None and hvd.rank() == 0 else {})}
+                    **(quality.evaluate(generate, epoch_tag) if quality is not None and comm.rank() == 0 else {})}
         return {"eval_loss": tot[0].item() / n, "eval_accuracy": tot[1].item() / n}
 
     train_step = gan_step if gan else classifier_step
@@ -332,7 +392,7 @@ def run(cfg: Config, data: Dataset, run_dir, resume: bool = False) -> dict:
     return train_loop(cfg, backend="torch", dataset=data.name, rank=rank, size=size, n_train=len(tr),
                       n_steps=n_steps, step_fn=step_fn, meters=opts, evaluate=evaluate,
                       param_arrays=lambda: [p.detach().cpu().numpy() for m in modules for p in m.parameters()],
-                      allgather_object=hvd.allgather_object, run_dir=run_dir, set_lr=set_lr,
+                      allgather_object=comm.allgather_object, run_dir=run_dir, set_lr=set_lr,
                       end_fields=quality.references if quality is not None else None,
                       save_checkpoint=save if cfg.train.checkpoint and run_dir is not None else None,
                       resume_from=resume_from)

@@ -31,6 +31,7 @@ from ranger_hvd.rundir import layout
 
 RUN_DIR_ENV, CONFIG_ENV, RESUME_ENV = layout.RUN_DIR_ENV, layout.CONFIG_ENV, layout.RESUME_ENV
 MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+TORCHRUN_RDZV_PORT = 29400      # torchrun's own default port of a c10d rendezvous
 HOROVOD_STALL_WARNING_S = 60   # horovodrun's own default for --stall-check-warning-time-seconds
 # Always passed when set in the launcher's environment (besides PATH and PYTHONPATH, which are built).
 BASE_ENV = ("HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TMPDIR")
@@ -52,7 +53,7 @@ class LaunchCommand:
     def text(self) -> str:
         """What --dry-run prints and command.txt holds."""
         out = [self.line,
-               "# environment of horovodrun and every rank (nothing else is passed):"]
+               f"# environment of {os.path.basename(self.argv[0])} and every rank (nothing else is passed):"]
         out += [f"#   {x}" for x in self.env_lines()]
         for name in self.missing_env:
             out.append(f"#   ({name} is listed in cluster.env but not set here, so it is not passed)")
@@ -83,7 +84,8 @@ def stall_needs_timeline(res: Resolved) -> bool:
     hv = res.config.horovod
     # Not in elastic mode: after a resize the timeline's collectives have fewer ranks than it expects
     return (hv.stall_check and hv.stall_check_shutdown_time_seconds > 0 and not hv.timeline
-            and res.config.cluster.controller == "gloo" and res.config.cluster.elastic is None)
+            and res.config.cluster.controller == "gloo" and res.config.cluster.elastic is None
+            and res.config.cluster.runner == "horovodrun")
 
 
 def horovod_flags(res: Resolved, run_dir: str) -> list[str]:
@@ -155,6 +157,72 @@ def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[
     cfg = res.config
     cl = cfg.cluster
     run_dir = str(run_dir)
+    if cl.runner == "torchrun":
+        argv = torchrun_argv(res, run_dir, resume=resume)
+    else:
+        argv = horovodrun_argv(res, run_dir, python=python, resume=resume)
+    config_file = os.path.join(run_dir, layout.CONFIG)
+
+    env: dict[str, str] = {}
+    env["PATH"] = _join_path(venv_bin, environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
+    env["PYTHONPATH"] = _join_path(project_root, environ.get("PYTHONPATH"))
+    for name in BASE_ENV:
+        if name in environ:
+            env[name] = environ[name]
+    env["PYTHONUNBUFFERED"] = "1"   # rank output reaches the logs as it is written
+    if cfg.job.command:   # what ranger_hvd.run reads on every rank, and whether this start continues a run
+        env[RUN_DIR_ENV], env[CONFIG_ENV] = run_dir, config_file
+        if resume:
+            env[RESUME_ENV] = "1"
+    missing = []
+    for entry in cl.env:
+        if "=" in entry:
+            name, value = entry.split("=", 1)
+            env[name] = value
+        elif entry in environ:
+            env[entry] = environ[entry]
+        else:
+            missing.append(entry)
+    if cl.controller == "mpi" and uid == 0:
+        env.update(MPI_ROOT_ENV)
+    return LaunchCommand(argv=argv, env=env, missing_env=missing)
+
+
+def job_argv(res: Resolved, run_dir: str, resume: bool) -> list[str]:
+    """What follows ``python -m`` on every rank: the reference job's module and its arguments."""
+    argv = [res.config.job.entry, "--config", os.path.join(run_dir, layout.CONFIG), "--run-dir", run_dir]
+    if resume:
+        argv.append("--resume")   # the job continues from RUN_DIR/checkpoints (launch --resume)
+    return argv
+
+
+def torchrun_argv(res: Resolved, run_dir: str, *, resume: bool) -> list[str]:
+    """torchrun (and, on a Slurm allocation, the srun that starts one torchrun per node).
+
+    One host: ``--standalone`` (a c10d rendezvous on a free local port) with ``np`` ranks.  Slurm: srun
+    starts one torchrun on each node of the allocation, which meet in a c10d rendezvous on the first node
+    (``cluster.rdzv_port``, default 29400) under the run directory's name, each starting the node's tasks.
+    torchrun's own restarts stay off: ``train.max_restarts`` restarts the whole launch from a checkpoint.
+    The argv is exec'd as a list (srun passes it on as such); nothing goes through a shell.  The ranks run
+    the interpreter of the torchrun found first on PATH, the run's environment (see build_command).
+    """
+    cl = res.config.cluster
+    tail = ["--max-restarts", "0", "-m", *job_argv(res, run_dir, resume)]
+    if cl.scheduler != "slurm":
+        return ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", str(res.np), *tail]
+    nodes = [h for h, _ in res.hosts] or ["localhost"]
+    per_node = -(-res.np // len(nodes))
+    port = cl.rdzv_port or TORCHRUN_RDZV_PORT
+    srun = ["srun", "--nodes", str(len(nodes)), "--ntasks", str(len(nodes)), "--ntasks-per-node", "1",
+            "--kill-on-bad-exit=1"]
+    return srun + ["torchrun", "--nnodes", str(len(nodes)), "--nproc-per-node", str(per_node),
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{nodes[0]}:{port}",
+                   "--rdzv-id", os.path.basename(os.path.normpath(run_dir)), *tail]
+
+
+def horovodrun_argv(res: Resolved, run_dir: str, *, python: str, resume: bool) -> list[str]:
+    cfg = res.config
+    cl = cfg.cluster
     argv = ["horovodrun", "-np", str(res.np)]
     if cl.elastic is not None:   # the discovery script lists the hosts
         argv += elastic_flags(res, run_dir)
@@ -180,38 +248,12 @@ def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[
         mpi_args += ["-mca", "plm_rsh_agent", f"ssh -o UserKnownHostsFile={cl.ssh_known_hosts_file}"]
     if mpi_args:
         argv += [f"--mpi-args={mpi_args_value(mpi_args)}"]
-    config_file = os.path.join(run_dir, layout.CONFIG)
     if cfg.job.command:
         # your own program, its arguments as given: horovodrun quotes them itself (see user_command.py)
         argv += command_argv(cfg.job.command, python)
     else:
-        argv += [python, "-m", cfg.job.entry, "--config", config_file, "--run-dir", run_dir]
-        if resume:
-            argv.append("--resume")   # the job continues from RUN_DIR/checkpoints (launch --resume)
-
-    env: dict[str, str] = {}
-    env["PATH"] = _join_path(venv_bin, environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
-    env["PYTHONPATH"] = _join_path(project_root, environ.get("PYTHONPATH"))
-    for name in BASE_ENV:
-        if name in environ:
-            env[name] = environ[name]
-    env["PYTHONUNBUFFERED"] = "1"   # rank output reaches the logs as it is written
-    if cfg.job.command:   # what ranger_hvd.run reads on every rank, and whether this start continues a run
-        env[RUN_DIR_ENV], env[CONFIG_ENV] = run_dir, config_file
-        if resume:
-            env[RESUME_ENV] = "1"
-    missing = []
-    for entry in cl.env:
-        if "=" in entry:
-            name, value = entry.split("=", 1)
-            env[name] = value
-        elif entry in environ:
-            env[entry] = environ[entry]
-        else:
-            missing.append(entry)
-    if cl.controller == "mpi" and uid == 0:
-        env.update(MPI_ROOT_ENV)
-    return LaunchCommand(argv=argv, env=env, missing_env=missing)
+        argv += [python, "-m", *job_argv(res, run_dir, resume)]
+    return argv
 
 
 def default_command(res: Resolved, run_dir: str, resume: bool = False) -> LaunchCommand:

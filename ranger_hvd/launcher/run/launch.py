@@ -26,7 +26,7 @@ def planned_abs_run_dir(res: Resolved, now: Optional[float] = None) -> Path:
 
 
 def horovodrun_path(cmd: LaunchCommand) -> Optional[str]:
-    """Where the command's horovodrun is on its own PATH (None: not installed)."""
+    """Where the command's horovodrun (torchrun, srun: ``argv[0]``) is on its own PATH (None: not installed)."""
     return shutil.which(cmd.argv[0], path=cmd.env.get("PATH"))
 
 
@@ -64,6 +64,10 @@ def launch_problem(res: Resolved, run_dir: Path) -> Optional[Problem]:
     from ranger_hvd.launcher.run.preflight import remote_hosts
 
     if res.hosts and remote_hosts(res):
+        if cl.runner == "torchrun":
+            key = "cluster.hostfile" if cl.hostfile is not None else "cluster.hosts"
+            return Problem(key, f"cluster.runner 'torchrun' starts the ranks on this machine; {res.hosts[0][0]} is "
+                                "another host (give localhost, or use cluster.scheduler 'slurm' for other nodes)")
         return remote_paths_problem(cl.controller, "cluster.hosts")
     return None
 
@@ -91,7 +95,7 @@ def launch_one(res: Resolved, console: Console, *, stream: bool = False, live: O
     probe = default_command(res, str(planned), resume=resume)
     exe = horovodrun_path(probe)
     if exe is None:
-        console.print(f"[red]error:[/] horovodrun not found on PATH ({probe.env.get('PATH')}); "
+        console.print(f"[red]error:[/] {probe.argv[0]} not found on PATH ({probe.env.get('PATH')}); "
                       f"build the environment with launch/setup.sh (see ranger-hvd doctor)", highlight=False)
         return None
     problem = launch_problem(res, planned)

@@ -13,6 +13,10 @@ from ranger_hvd.rundir import layout
 _FIRST_FAILED = re.compile(
     r"first process to do so was:\s*Process name:\s*(?:\[\[\d+,\d+\],(\d+)\]|(\d+))\s*Exit code:\s*(-?\d+)")
 _GLOO_EXIT = re.compile(r"Process (\d+) exit with status code (-?\d+)")
+# torchrun's ChildFailedError report: "Root Cause (first observed failure):" ... "rank : R (local_rank: L)",
+# "exitcode : C" (a negative C: killed by signal -C)
+_TORCHRUN_ROOT = re.compile(r"Root Cause \(first observed failure\):\s*\[\d+\]:(?:\s*\w+\s*:[^\n]*\n)*?"
+                            r"\s*rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
 
 
 def rank_log_files(run_dir: Path) -> dict[int, dict[str, str]]:
@@ -32,12 +36,12 @@ def rank_log_files(run_dir: Path) -> dict[int, dict[str, str]]:
 
 
 def find_failed_rank(launcher_log: str, rank_logs: dict[int, dict[str, str]]) -> tuple[Optional[int], Optional[int]]:
-    """(rank, its exit code) of the first rank that failed, from horovodrun's / mpirun's report, else the
+    """(rank, its exit code) of the first rank that failed, from horovodrun's / mpirun's / torchrun's report, else the
     first rank whose stderr holds a Python traceback (exit code unknown)."""
     m = _FIRST_FAILED.search(launcher_log)
     if m:
         return int(m.group(1) or m.group(2)), int(m.group(3))
-    m = _GLOO_EXIT.search(launcher_log)
+    m = _GLOO_EXIT.search(launcher_log) or _TORCHRUN_ROOT.search(launcher_log)
     if m:
         return int(m.group(1)), int(m.group(2))
     for rank in sorted(rank_logs):

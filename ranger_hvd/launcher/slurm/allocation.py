@@ -55,7 +55,7 @@ def run(run_dir: Path, resume: bool, console: Console) -> int:
     try:
         res = load_config(run_dir / layout.CONFIG)
     except ConfigError as exc:
-        return _start_failed(run_dir, console, f"invalid {run_dir / 'config.yaml'}: {exc}", slurm, EXIT_USAGE)
+        return _start_failed(run_dir, console, f"invalid {run_dir / layout.CONFIG}: {exc}", slurm, EXIT_USAGE)
     try:
         alloc = allocation_from_env(environ)
     except SlurmError as exc:
@@ -73,7 +73,7 @@ def run(run_dir: Path, resume: bool, console: Console) -> int:
     probe = default_command(res, str(run_dir), resume=resume)
     exe = horovodrun_path(probe)
     if exe is None:
-        return _start_failed(run_dir, console, f"horovodrun not found on PATH ({probe.env.get('PATH')}) on node "
+        return _start_failed(run_dir, console, f"{probe.argv[0]} not found on PATH ({probe.env.get('PATH')}) on node "
                                                f"{os.uname().nodename}", slurm, 1)
     console.print(f"Slurm job {alloc.job_id}: {res.np} ranks on {','.join(slurm['hosts'])}", highlight=False)
     result = run_in_dir(res, run_dir, exe, console, live=False, resume=resume)
