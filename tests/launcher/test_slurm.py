@@ -97,6 +97,26 @@ def test_default_job_runs_through_slurm(cluster, tmp_path):
     print(f"slurm run of cnn-digits (2 epochs, 2 ranks): {took:.1f}s from submission to summary")
 
 
+def test_ddp_job_runs_through_slurm_with_srun_and_torchrun(cluster, tmp_path):
+    """cluster.runner torchrun on an allocation: srun starts torchrun on the node, its ranks meet in a c10d
+    rendezvous and train under DDP + ranger_hook; the run directory is a Horovod run's."""
+    out = tmp_path / "runs"
+    r = run_cli(["launch", DEFAULT_JOB, *ON_SLURM, "cluster.runner=torchrun", "cluster.rdzv_port=29517",
+                 "train.epochs=1", "train.max_steps=10", f"output.dir={out}", "--wait"], tmp_path, timeout=300,
+                env=cluster.env)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    run = only_run_dir(out, "cnn-digits")
+    command = (run / "command.txt").read_text().splitlines()[0]
+    assert command.startswith("srun --nodes 1 --ntasks 1 --ntasks-per-node 1 --kill-on-bad-exit=1 torchrun --nnodes 1 "
+                              f"--nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint {cluster.node}:29517 "), command
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "success" and summary["slurm"]["job_id"] == job_id_of(r.stdout), summary
+    end = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()][-1]
+    assert end["event"] == "end" and end["runner"] == "torchrun" and end["steps"] == 10, end
+    assert end["params_identical"] is True and len(end["param_digests"]) == 2, end
+    assert all((run / "logs" / f"rank.{rank}" / "stdout").is_file() for rank in (0, 1))
+
+
 def test_user_command_runs_through_slurm(cluster, tmp_path):
     """A user's own script (examples/torch_digits.py via job.command) submitted to Slurm: the same run
     directory contract as a reference job, with the script's own records."""

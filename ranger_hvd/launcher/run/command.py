@@ -170,6 +170,9 @@ def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[
         if name in environ:
             env[name] = environ[name]
     env["PYTHONUNBUFFERED"] = "1"   # rank output reaches the logs as it is written
+    if cl.runner == "torchrun" and cl.scheduler == "slurm":
+        # srun finds its allocation (SLURM_JOB_ID, ...) and the cluster's slurm.conf (SLURM_CONF) here
+        env.update({k: v for k, v in environ.items() if k.startswith("SLURM_")})
     if cfg.job.command:   # what ranger_hvd.run reads on every rank, and whether this start continues a run
         env[RUN_DIR_ENV], env[CONFIG_ENV] = run_dir, config_file
         if resume:
