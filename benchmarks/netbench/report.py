@@ -69,6 +69,9 @@ def summarize(raw: dict) -> dict:
                "steps": len(s), "bytes_per_step": ranks[0][mode]["bytes_per_step"]}
         if "profile" in ranks[0][mode]:
             fig["profile"] = ranks[0][mode]["profile"]
+        if "cpu_s" in ranks[0][mode]:   # the busier rank's CPU time of each step, all its threads
+            cpu = [max(r[mode]["cpu_s"][i] for r in ranks) * 1e3 for i in range(len(s))]
+            fig["cpu_ms"] = statistics.median(cpu)
         out[mode] = fig
     compute = out["compute"]["median_ms"]
     dense_bytes = out.get("dense", {}).get("bytes_per_step")
@@ -132,6 +135,24 @@ def profile_rows(runs: list[dict]) -> list[list[str]]:
 
 PROFILE_HEADER = ["hosts", "link", "model", "mode", "compressed tensors/step", "dense tensors/step",
                   "elements sent/step", "compress ms/step", "decompress ms/step", "exchange ms"]
+
+
+CPU_HEADER = ["hosts", "link", "model", "mode", "CPU ms/step (median)", "CPU over compute only, ms",
+              "step ms (median)"]
+
+
+def cpu_rows(runs: list[dict]) -> list[list[str]]:
+    out = []
+    for run in runs:
+        f = run.get("figures") or {}
+        if "cpu_ms" not in f.get("compute", {}):
+            continue
+        for mode, fig in f.items():
+            out.append([str(run["hosts"]), run["link"], run["model"], mode_label(mode),
+                        f"{fig['cpu_ms']:.0f}",
+                        "" if mode == "compute" else f"{fig['cpu_ms'] - f['compute']['cpu_ms']:.0f}",
+                        f"{fig['median_ms']:.0f}"])
+    return out
 
 
 TARGET_MODELS = ("resnet50", "lstm-lm", "keras-resnet50")  # the benchmark models the targets name
@@ -249,6 +270,14 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
         "",
         table(PROFILE_HEADER, profile_rows(runs)),
         "",
+        *(["## CPU time per step", "",
+           "What each step cost the busier rank in CPU time, all its threads together (the "
+           "framework's, Horovod's background thread, Gloo's; `time.process_time`), median over the "
+           "timed steps. Other work on the machine lengthens step times but hardly the CPU a step "
+           "itself uses, so this column shows what an exchange costs where the wall-clock figures "
+           "are noisy. Waiting counts where it spins: Horovod's `synchronize` polls its handles in a "
+           "loop that yields the core.", "",
+           table(CPU_HEADER, cpu_rows(runs)), ""] if cpu_rows(runs) else []),
         "## Targets of issue 10 (2 hosts; benchmark models only)",
         "",
         *(targets(runs) or ["- none measured in this run"]),

@@ -47,10 +47,11 @@ def parse_mode(mode: str) -> tuple[str, float | None]:
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def interleaved(steps_by_mode: dict, warmup: int, steps: int, barrier, on_warm=None) -> dict:
-    """({mode: seconds per timed step}, {mode: each timed step's start, s after the first}):
-    ``warmup`` untimed steps of each mode, then ``steps`` rounds of one timed step per mode, the
-    order rotated by one each round."""
+def interleaved(steps_by_mode: dict, warmup: int, steps: int, barrier, on_warm=None) -> tuple:
+    """({mode: seconds per timed step}, {mode: each timed step's start, s after the first},
+    {mode: CPU seconds this process used in each timed step, all its threads}): ``warmup`` untimed
+    steps of each mode, then ``steps`` rounds of one timed step per mode, the order rotated by one
+    each round."""
     for step in steps_by_mode.values():
         for _ in range(warmup):
             step()
@@ -58,17 +59,19 @@ def interleaved(steps_by_mode: dict, warmup: int, steps: int, barrier, on_warm=N
         on_warm()
     times = {mode: [] for mode in steps_by_mode}
     starts = {mode: [] for mode in steps_by_mode}
+    cpus = {mode: [] for mode in steps_by_mode}
     order = list(steps_by_mode)
     origin = time.perf_counter()
     for _ in range(steps):
         for mode in order:
             barrier(mode)  # every rank starts each timed step together
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             steps_by_mode[mode]()
             times[mode].append(time.perf_counter() - start)
+            cpus[mode].append(time.process_time() - cpu)
             starts[mode].append(start - origin)
         order = order[1:] + order[:1]
-    return times, starts
+    return times, starts, cpus
 
 
 class TokensOnly:
@@ -295,15 +298,15 @@ def measure(runners: dict, args, barrier, snapshot, numel, itemsize) -> dict:
             if comp is not None:
                 before[mode] = snapshot(comp)
 
-    times, starts = interleaved({m: r[0] for m, r in runners.items()}, args.warmup, args.steps,
-                                barrier, on_warm)
+    times, starts, cpus = interleaved({m: r[0] for m, r in runners.items()}, args.warmup, args.steps,
+                                      barrier, on_warm)
     return {mode: _figures(times[mode], starts[mode], params, kind, comp, before.get(mode), args.steps,
-                           numel, itemsize)
+                           numel, itemsize, cpus[mode])
             for mode, (_, params, kind, comp) in runners.items()}
 
 
-def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize) -> dict:
-    fig = {"times_s": times, "starts_s": starts}
+def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize, cpus) -> dict:
+    fig = {"times_s": times, "starts_s": starts, "cpu_s": cpus}
     print(f"[bench] {kind}{'' if comp is None else ' d=' + str(comp.options.density)}: median "
           f"{1e3 * sorted(times)[len(times) // 2]:.0f} ms over {len(times)} steps", flush=True)
     if kind == "compute":
