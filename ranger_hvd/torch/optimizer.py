@@ -71,8 +71,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     """``horovod.torch.DistributedOptimizer`` with the same arguments; with a ``RangerCompressor``
     its ``state_dict()`` also holds the compressor's state.
 
-    Without ``groups`` or ``num_groups``, a ``RangerCompressor``'s buckets become Horovod's groups
-    (:func:`bucket_groups`). Every argument goes to Horovod unchanged (``groups``,
+    Without ``groups``, ``num_groups`` or a ``gradient_predivide_factor``, a ``RangerCompressor``'s
+    buckets become Horovod's groups (:func:`bucket_groups`). Every argument goes to Horovod unchanged (``groups``,
     ``backward_passes_per_step``,
     ``gradient_predivide_factor``, ``sparse_as_dense``, ``process_set`` all take effect). ``op`` must
     be ``hvd.Average`` or ``hvd.Sum`` with a ``RangerCompressor``: sparse updates can only be added.
@@ -81,7 +81,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     if ranger and op not in (Average, Sum):
         raise ValueError("RangerCompressor supports op=hvd.Average and op=hvd.Sum (Adasum, Min, Max "
                          "and Product do not commute with sparsification)")
-    if ranger and groups is None and num_groups == 0 and compression.bucket_bytes > 0:
+    # (Horovod's grouped allreduce drops the predivide factor: with one, no groups are made.)
+    if (ranger and groups is None and num_groups == 0 and compression.bucket_bytes > 0
+            and gradient_predivide_factor == 1.0):
         groups = bucket_groups(optimizer, compression.bucket_bytes)
     opt = hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters,
                                    compression=compression,
