@@ -15,7 +15,11 @@ reads each run's ``summary.json``. Modes:
   would be ``ranger-D`` itself;
 * ``ranger-D-local``: the same momentum in the compressor without DGC's factor masking, so the residual
   is error feedback on the local momentum (``compression.momentum_masking: false``); not run for the
-  GANs either.
+  GANs either;
+* ``ddp-MODE`` (``ddp-dense``, ``ddp-fp16``, ``ddp-ranger-D``, ...): MODE with ``cluster.runner=torchrun``:
+  the PyTorch jobs under DDP, started by torchrun, the compression as DDP's communication hook (DDP's
+  allreduce, ``fp16_compress_hook``, ``ranger_hook``); not run for the TensorFlow configs. Its "vs dense"
+  is against ``ddp-dense`` where that ran.
 
 The job's momentum is the config's, wherever the config keeps it (``train.momentum``, or
 ``compression.momentum`` for a config that ships DGC's); every mode says where it goes, so each mode
@@ -59,10 +63,16 @@ def _ranger_mode(mode: str) -> tuple[str, float, str] | None:
     return density_mode(mode, ("ranger",), tuple(MOMENTUM_IN_COMPRESSOR))
 
 
+DDP_PREFIX = "ddp-"    # the same mode under DDP + the communication hook, started by torchrun
+
+
 def mode_spec(mode: str) -> list[str] | None:
     """The config overrides of a mode name (``CONFIG`` stands for the job's momentum), or None if the
     name means nothing: ``dense``, ``fp16``, ``ranger-D``, ``ranger-D-dgc`` or ``ranger-D-local`` with
-    0 < D <= 1."""
+    0 < D <= 1, each also with the prefix ``ddp-``."""
+    if mode.startswith(DDP_PREFIX):
+        spec = mode_spec(mode[len(DDP_PREFIX):])
+        return None if spec is None else spec + ["cluster.runner=torchrun"]
     if mode in FIXED_MODES:
         return FIXED_MODES[mode]
     parsed = _ranger_mode(mode)
@@ -82,6 +92,11 @@ METRICS = {"cnn": ("eval_accuracy", True), "rnn": ("eval_accuracy", True),
            "gan": ("eval_fd", False)}
 
 
+def dense_of(mode: str) -> str:
+    """The row a mode's "vs dense" is taken against: ``ddp-dense`` for a DDP mode, else ``dense``."""
+    return DDP_PREFIX + "dense" if mode.startswith(DDP_PREFIX) else "dense"
+
+
 def config_epochs(name: str) -> tuple[str, int, float]:
     """(model, epochs, the job's momentum: the compressor's where the config ships DGC's, else the
     optimizer's) of a reference config."""
@@ -93,10 +108,13 @@ def config_epochs(name: str) -> tuple[str, int, float]:
     return cfg.job.model, cfg.train.epochs, cfg.compression.compressor_momentum or optimizer_momentum(cfg)
 
 
-def mode_overrides(mode: str, momentum: float) -> list[str] | None:
-    """The overrides of a mode for a job whose momentum is ``momentum`` (None: not applicable)."""
+def mode_overrides(mode: str, momentum: float, config: str = "") -> list[str] | None:
+    """The overrides of a mode for a job whose momentum is ``momentum`` (None: not applicable, e.g. DGC's
+    momentum for a job without momentum, a DDP mode for a TensorFlow ``config``)."""
     spec = mode_spec(mode)
     if "compression.momentum=CONFIG" in spec and momentum == 0:
+        return None
+    if mode.startswith(DDP_PREFIX) and config.endswith("-tf"):
         return None
     return [x.replace("CONFIG", str(momentum)) for x in spec]
 
@@ -162,7 +180,7 @@ def table(results: dict, names: list[str], modes: list[str], scales: list[int]) 
             row = f"| {mode} |"
             for s in scales:
                 r = results[name]["runs"].get((mode, s))
-                d = results[name]["runs"].get(("dense", s))
+                d = results[name]["runs"].get((dense_of(mode), s))
                 if r is None:
                     row += " - | - |"
                     continue
@@ -198,15 +216,15 @@ def targets(results: dict, names: list[str]) -> str:
     for name in names:
         model, base = results[name]["model"], results[name]["epochs"]
         metric, higher = METRICS[model]
-        judged = [(plain + suffix, scale, gap_pt, ratio) for plain, scale, gap_pt, ratio in TARGETS
-                  for suffix in ["", *(f"-{s}" for s in MOMENTUM_IN_COMPRESSOR)]]
+        judged = [(ddp + plain + suffix, scale, gap_pt, ratio) for plain, scale, gap_pt, ratio in TARGETS
+                  for ddp in ("", DDP_PREFIX) for suffix in ["", *(f"-{s}" for s in MOMENTUM_IN_COMPRESSOR)]]
         for mode, scale, gap_pt, ratio in judged:
-            r, d = results[name]["runs"].get((mode, scale)), results[name]["runs"].get(("dense", scale))
+            r, d = results[name]["runs"].get((mode, scale)), results[name]["runs"].get((dense_of(mode), scale))
             if r is None or d is None:
                 continue
             v, dv = r["metrics"].get(metric), d["metrics"].get(metric)
             if higher:
-                goal = f"{mode} at {base * scale} ep within {gap_pt} pt of dense"
+                goal = f"{mode} at {base * scale} ep within {gap_pt} pt of {dense_of(mode)}"
                 # accuracies are fractions of the eval set: a gap of exactly gap_pt must count as met
                 # although 100 * (dv - v) carries float noise (0.97 - 0.96 -> 1.0000000000000009)
                 ok = v is not None and dv is not None and 100 * (dv - v) <= gap_pt + 1e-9
@@ -214,7 +232,7 @@ def targets(results: dict, names: list[str]) -> str:
             else:
                 if ratio is None:
                     continue
-                goal = f"{mode} at {base * scale} ep: {metric} at most {ratio:.2f}x dense's"
+                goal = f"{mode} at {base * scale} ep: {metric} at most {ratio:.2f}x {dense_of(mode)}'s"
                 ok = v is not None and dv is not None and v <= ratio * dv
                 got = "failed" if v is None else f"{v:.2f} vs {dv:.2f} ({v / dv:.2f}x)"
             lines.append(f"| {name} | {goal} | {got} | {'yes' if ok else 'no'} |")
@@ -342,8 +360,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                    help="dense, fp16, ranger-D (any density D), ranger-D-dgc and ranger-D-local, "
-                         "comma-separated")
+                    help="dense, fp16, ranger-D (any density D), ranger-D-dgc and ranger-D-local, each "
+                         "also as ddp-MODE (PyTorch DDP started by torchrun), comma-separated")
     ap.add_argument("--scales", default="1,3", help="multiples of each config's own epochs")
     ap.add_argument("--seeds", default="0", help="train.seed values; each cell is their mean ± stdev")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -376,9 +394,13 @@ def main(argv=None) -> int:
               f"Gloo, one thread each. Command: `.venv/bin/python benchmarks/accuracy.py "
               f"--configs {args.configs} --modes {args.modes} --scales {args.scales} --seeds {args.seeds} "
               + "".join(f"--set {x} " for x in args.set)
+              + (f"--from-runs {args.from_runs} " if args.from_runs else "")
               + f"--out {out.relative_to(REPO) if out.is_relative_to(REPO) else out}`. Run "
               f"directories: `{out_root.relative_to(REPO) if out_root.is_relative_to(REPO) else out_root}`."
               " Wall times include start-up and were taken on a shared machine."
+              + (" Modes ddp-*: the same compression under PyTorch DDP (cluster.runner=torchrun, started by "
+                 "torchrun), as a DDP communication hook; vs ddp-dense." if any(m.startswith(DDP_PREFIX)
+                                                                              for m in modes) else "")
               + (f" Each cell: mean ± sample stdev over seeds {args.seeds}." if len(seeds) > 1 else "") + "\n\n")
     results = {}
     for name in names:
@@ -386,7 +408,7 @@ def main(argv=None) -> int:
         results[name] = {"model": model, "epochs": epochs, "runs": {}}
         for s in scales:
             for mode in modes:
-                overrides = mode_overrides(mode, momentum)
+                overrides = mode_overrides(mode, momentum, name)
                 if overrides is None:
                     continue     # the table shows "-": e.g. DGC momentum for a config without momentum
                 each = [read_run(out_root / run_name(name, mode, epochs * s, seed)) if args.from_runs

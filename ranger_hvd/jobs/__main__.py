@@ -46,4 +46,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from ranger_hvd.jobs.ddp import exit_without_teardown, under_torchrun
+
+    if under_torchrun():
+        exit_without_teardown(code)
+    sys.exit(code)

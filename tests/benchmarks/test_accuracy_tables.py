@@ -163,3 +163,32 @@ def test_a_density_sweep_is_read_from_the_plain_ranger_modes_only():
     swept = accuracy.swept_densities(modes)
     assert list(swept.items()) == [(0.001, "ranger-0.001"), (0.03, "ranger-0.03"), (0.1, "ranger-0.1")]
     assert accuracy.density_png(Path("docs/results/x.md")) == Path("docs/results/x-curve.png")
+
+
+@pytest.mark.parametrize("name", ["cnn-digits", "rnn-digits", "gan-digits"])
+@pytest.mark.parametrize("mode", ["ddp-dense", "ddp-fp16", "ddp-ranger-0.01"])
+def test_ddp_modes_are_the_same_modes_under_torchrun_on_the_pytorch_configs(name, mode):
+    """``ddp-MODE`` is MODE's overrides plus the launcher's switch alone: the launcher accepts them on every
+    shipped PyTorch config, which then runs under torchrun with the same compression and momentum."""
+    from ranger_hvd.config import load_config
+
+    _, _, momentum = accuracy.config_epochs(name)
+    plain = accuracy.mode_overrides(mode.removeprefix("ddp-"), momentum, name)
+    overrides = accuracy.mode_overrides(mode, momentum, name)
+    assert overrides == plain + ["cluster.runner=torchrun"]
+    ddp = load_config(REPO / "configs" / f"{name}.yaml", overrides, cwd=REPO).config
+    hvd = load_config(REPO / "configs" / f"{name}.yaml", plain, cwd=REPO).config
+    assert ddp.cluster.runner == "torchrun" and hvd.cluster.runner == "horovodrun"
+    assert ddp.compression == hvd.compression and ddp.train == hvd.train
+    assert accuracy.mode_overrides(mode, momentum, name + "-tf") is None   # DDP is PyTorch's
+
+
+def test_ddp_rows_are_compared_with_ddp_dense():
+    results = _results("cnn", 0.97, 0.96, 1)
+    runs = results["cnn-x"]["runs"]
+    runs[("ddp-dense", 1)] = {**runs[("dense", 1)], "metrics": {"eval_accuracy": 0.95}}
+    runs[("ddp-ranger-0.01", 1)] = {**runs[("dense", 1)], "metrics": {"eval_accuracy": 0.9455}}
+    text = accuracy.table(results, ["cnn-x"], ["dense", "ranger-0.01", "ddp-dense", "ddp-ranger-0.01"], [1])
+    assert "| ddp-dense | 0.9500 | +0.0 pt |" in text and "| ddp-ranger-0.01 | 0.9455 | -0.4 pt |" in text
+    rows = [line for line in accuracy.targets(results, ["cnn-x"]).splitlines() if "ddp-ranger-0.01 at" in line]
+    assert rows == ["| cnn-x | ddp-ranger-0.01 at 5 ep within 1.0 pt of ddp-dense | 0.9455 vs 0.9500 (-0.4 pt) | yes |"]
