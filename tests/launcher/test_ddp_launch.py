@@ -82,7 +82,7 @@ def test_default_config_runs_under_torchrun(runs):
     # the shipped horovod tunables are set aside, said once
     assert "horovod.fusion_threshold_mb=64" in r.stderr and "have no effect" in r.stderr, r.stderr
     s = json.loads((run / "summary.json").read_text())
-    assert s["status"] == "success" and s["exit_code"] == 0, s
+    assert s["status"] == "success" and s["exit_code"] == 0 and s["runner"] == "torchrun", s
     command = (run / "command.txt").read_text()
     assert command.startswith("torchrun --standalone --nnodes 1 --nproc-per-node 2 --max-restarts 0 -m "
                               "ranger_hvd.jobs --config "), command

@@ -53,7 +53,7 @@ def build_summary(res: Resolved, *, status: str, records: list[dict], started: f
     return {
         "status": status,
         "exit_code": exit_code_of(status, stop_signal),
-        "horovodrun_exit_code": hvd_exit,
+        "horovodrun_exit_code": hvd_exit,     # the exit code of the runner's process (torchrun, srun too)
         "failed_rank": failed_rank,
         "failed_rank_exit_code": failed_exit,
         "signal": signal.Signals(stop_signal).name if stop_signal else None,
@@ -62,6 +62,7 @@ def build_summary(res: Resolved, *, status: str, records: list[dict], started: f
         "np": res.np,
         "hosts": [f"{h}:{s}" for h, s in res.hosts],
         "controller": res.config.cluster.controller,
+        "runner": res.config.cluster.runner,
         "compression": res.config.compression.type,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "duration_s": round(ended - started, 3),
@@ -145,7 +146,8 @@ def print_outcome(console: Console, summary: dict, run_dir: Path, rank_logs: dic
                 c.out("\n".join(tail_lines(err, 30)), highlight=False)
                 c.print("---", highlight=False)
         else:
-            c.print(f"[red]job failed[/] (horovodrun exit code {summary['horovodrun_exit_code']}); "
+            c.print(f"[red]job failed[/] ({summary.get('runner', 'horovodrun')} exit code "
+                    f"{summary['horovodrun_exit_code']}); "
                     f"no rank reported a failure. Run directory kept: {run_dir}", highlight=False)
             if summary.get("error"):
                 c.print(f"[red]cause:[/] {summary['error']}", highlight=False)
