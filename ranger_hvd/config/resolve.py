@@ -143,7 +143,7 @@ def _horovod_unused(cfg: Config) -> list[Inactive]:
     if cfg.cluster.runner != "torchrun":
         return []
     defaults = HorovodSection()
-    unused = [Inactive(f"horovod.{key}", getattr(cfg.horovod, key), "cluster.runner is 'torchrun' (no Horovod)")
+    unused = [Inactive(f"horovod.{key}", getattr(cfg.horovod, key), "no Horovod under cluster.runner 'torchrun'")
               for key in HorovodSection.model_fields if getattr(cfg.horovod, key) != getattr(defaults, key)]
     cfg.horovod = defaults
     return unused

@@ -20,13 +20,16 @@ _ABSENT = object()
 def show_lines(res: Resolved) -> list[tuple[str, str, str]]:
     """(dotted path, value as YAML, source) for every leaf of the resolved config."""
     resolved = res.resolved_dict()
+    # a key set aside while its section stays (horovod.* under cluster.runner torchrun) runs at its default
+    set_aside = {o.path: o.reason for o in res.inactive}
     out = []
     for leaf in leaf_paths(res.config):
         node: Any = resolved
         for part in leaf.split("."):
             node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
         if node is not _ABSENT:   # a user command's config leaves out what only the reference jobs read
-            out.append((leaf, yaml_text(node), res.sources.get(leaf, "default")))
+            source = f"default ({set_aside[leaf]})" if leaf in set_aside else res.sources.get(leaf, "default")
+            out.append((leaf, yaml_text(node), source))
     return out
 
 

@@ -74,11 +74,12 @@ def cmd_validate(args) -> int:
     job = res.config.job
     what = (f"{job.backend} command {shlex.join(job.command)}" if job.command
             else f"{job.backend}/{job.model} on {res.config.data.dataset}")
-    print(f"ok: {args.config} is valid (job {res.job_name}: {what}, {ranks} on {hosts}, {res.config.cluster.controller}, "
+    how = "torchrun + DDP" if res.config.cluster.runner == "torchrun" else res.config.cluster.controller
+    print(f"ok: {args.config} is valid (job {res.job_name}: {what}, {ranks} on {hosts}, {how}, "
           f"compression {res.config.compression.type})")
-    if res.inactive:
-        print(f"inactive ({res.inactive[0].reason}), left out of the run's config: "
-              + ", ".join(f"{o.path}={o.value}" for o in res.inactive))
+    for reason in dict.fromkeys(o.reason for o in res.inactive):   # one line per reason, in order
+        print(f"inactive ({reason}), left out of the run's config: "
+              + ", ".join(f"{o.path}={o.value}" for o in res.inactive if o.reason == reason))
     return EXIT_OK
 
 

@@ -191,3 +191,28 @@ REFUSED = [
 @pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
 def test_what_ddp_cannot_use_exits_2_naming_the_key(tmp_path, monkeypatch, capsys, case):
     assert_refused(tmp_path, case, monkeypatch, capsys)
+
+
+def test_horovod_tunables_are_set_aside_and_shown_as_such():
+    """The shipped config's horovod tunables under torchrun: defaults in the run's config, listed as
+    inactive with their origin, one warning; a compression type's inactive options keep their own reason."""
+    from ranger_hvd.config import load_config
+    from ranger_hvd.config.show import show_text
+
+    res = load_config(DEFAULT_JOB, ["cluster.runner=torchrun", "compression.type=none"])
+    assert res.resolved_dict()["horovod"] == load_config(DEFAULT_JOB, ["horovod.fusion_threshold_mb=null",
+                                                                       "horovod.cycle_time_ms=null",
+                                                                       "horovod.log_level=null"]
+                                                         ).resolved_dict()["horovod"]
+    reasons = {o.path: o.reason for o in res.inactive}
+    assert reasons["horovod.cycle_time_ms"] == "no Horovod under cluster.runner 'torchrun'"
+    assert reasons["compression.density"] == "compression.type is 'none'"
+    assert [w for w in res.warnings if "horovod." in w] == [
+        "horovod.fusion_threshold_mb=64, horovod.cycle_time_ms=5.0, horovod.log_level=WARNING have no effect: "
+        "no Horovod under cluster.runner 'torchrun'; left out of the run's config"]
+    text = show_text(res, "t")
+    assert "horovod.cycle_time_ms: null" in text and "# default (no Horovod under cluster.runner 'torchrun')" in text
+    assert "# horovod.cycle_time_ms: 5.0" in text
+    # under horovodrun nothing of the kind
+    plain = load_config(DEFAULT_JOB, [])
+    assert not [o for o in plain.inactive if o.path.startswith("horovod.")] and plain.config.horovod.cycle_time_ms == 5
