@@ -210,8 +210,8 @@ def check_runner(cfg: Config, where: Where) -> list[Problem]:
     elif cfg.job.backend != "torch":
         refuse("job.backend", f"DDP is PyTorch's: job.backend must be 'torch', not '{cfg.job.backend}'")
     if cl.controller != "gloo":
-        refuse("cluster.controller", f"'{cl.controller}' is Horovod's controller; DDP talks over torch.distributed "
-                                     "(Gloo on CPU, NCCL on GPU): set cluster.controller: gloo")
+        refuse("cluster.controller", f"'{cl.controller}' is Horovod's controller; DDP's ranks talk over "
+                                     "torch.distributed's Gloo: set cluster.controller: gloo")
     if cl.elastic is not None:
         refuse("cluster.elastic", "elastic mode is Horovod's (hvd.elastic); set cluster.elastic: null")
     for key, what in _HOROVODRUN_ONLY.items():

@@ -44,21 +44,19 @@ def write_own_rank_logs(run_dir) -> None:
 
 
 class DdpComm:
-    """The process group torchrun set up (Gloo on CPU, NCCL with a GPU) and the jobs' collectives on it.
-    The collectives are called in the same order on every rank; ``name`` is Horovod's and unused here."""
+    """The process group on torchrun's rendezvous and the jobs' collectives on it.  Gloo: the reference
+    jobs train on the CPU, under Horovod too (``ranger_hook`` itself runs on NCCL as well, by
+    construction).  The collectives are called in the same order on every rank; ``name`` is Horovod's
+    and unused here."""
 
     runner = RUNNER
 
     def __init__(self):
-        import torch
         import torch.distributed as dist
 
         self.dist = dist
-        self.cuda = torch.cuda.is_available()
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.cuda else "gloo")
-        if self.cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend="gloo")
 
     def rank(self) -> int:
         return self.dist.get_rank()
