@@ -105,6 +105,8 @@ def test_default_config_runs_under_torchrun(runs):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000088", "step-00000132"]
     state = __import__("torch").load(run / "checkpoints" / "step-00000132" / "rank1.pt", weights_only=False)
     assert state["runner"] == "torchrun" and state["hook_states"][0]["tensors"], state.keys()
+    rep = run_cli(["report", str(run), "--out", str(run.parent / "report")], run.parent, timeout=120)
+    assert rep.returncode == 0 and (run.parent / "report" / "loss_vs_step.png").is_file(), rep.stdout + rep.stderr
 
 
 def test_killed_rank_restarts_from_the_checkpoint_and_ends_bit_for_bit(runs):
