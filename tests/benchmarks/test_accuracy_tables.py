@@ -124,8 +124,8 @@ def test_mode_names_carry_any_density_and_each_mode_says_where_the_jobs_momentum
     assert accuracy.mode_overrides("ranger-0.3-dgc", 0.0) is None      # no momentum to move: not run
     assert accuracy.mode_overrides("ranger-0.3", 0.0)[-3:] == [
         "compression.momentum=0", "compression.momentum_masking=true", "train.momentum=0.0"]
-    assert accuracy.mode_overrides("dense", 0.9) == ["compression.type=none", "train.momentum=0.9"]
-    assert accuracy.mode_overrides("fp16", 0.5) == ["compression.type=fp16", "train.momentum=0.5"]
+    assert accuracy.mode_overrides("dense", 0.9) == ["compression.type=none"]      # the plain switch
+    assert accuracy.mode_overrides("fp16", 0.5) == ["compression.type=fp16"]
 
 
 @pytest.mark.parametrize("name", accuracy.CONFIGS)
@@ -140,8 +140,10 @@ def test_every_mode_puts_the_jobs_momentum_in_one_place_on_every_shipped_config(
     if overrides is None:
         assert mode.endswith(("-dgc", "-local")) and momentum == 0
         return
+    from ranger_hvd.jobs.common import optimizer_momentum
+
     cfg = load_config(REPO / "configs" / f"{name}.yaml", overrides, cwd=REPO).config
-    inside, outside = cfg.compression.compressor_momentum, cfg.train.momentum
+    inside, outside = cfg.compression.compressor_momentum, optimizer_momentum(cfg)   # what the job applies
     if mode.endswith(("-dgc", "-local")):
         assert (inside, outside) == (momentum, 0)
         assert cfg.compression.momentum_masking is mode.endswith("-dgc")
@@ -192,3 +194,22 @@ def test_ddp_rows_are_compared_with_ddp_dense():
     assert "| ddp-dense | 0.9500 | +0.0 pt |" in text and "| ddp-ranger-0.01 | 0.9455 | -0.4 pt |" in text
     rows = [line for line in accuracy.targets(results, ["cnn-x"]).splitlines() if "ddp-ranger-0.01 at" in line]
     assert rows == ["| cnn-x | ddp-ranger-0.01 at 5 ep within 1.0 pt of ddp-dense | 0.9455 vs 0.9500 (-0.4 pt) | yes |"]
+
+
+@pytest.mark.parametrize("config", accuracy.CONFIGS)
+def test_dense_rows_from_the_plain_switch_equal_the_explicit_momentum(config):
+    """The dense and fp16 rows come from ``compression.type=none|fp16`` alone; they resolve to the very
+    config the committed tables were made with (the job's momentum given to the optimizer by hand)."""
+    from ranger_hvd.config import load_config
+    from ranger_hvd.jobs.common import optimizer_momentum
+
+    path = accuracy.REPO / "configs" / f"{config}.yaml"
+    _, _, momentum = accuracy.config_epochs(config)
+    for ctype in ("none", "fp16"):
+        plain = load_config(path, [f"compression.type={ctype}"], cwd=accuracy.REPO)
+        by_hand = load_config(path, [f"compression.type={ctype}", f"train.momentum={momentum}"], cwd=accuracy.REPO)
+        assert optimizer_momentum(plain.config) == optimizer_momentum(by_hand.config) == momentum, config
+        # the rest is the same config (train.momentum: null means the default the job applies, 0.9)
+        a, b = plain.resolved_dict(), by_hand.resolved_dict()
+        a["train"]["momentum"] = b["train"]["momentum"] = None
+        assert a == b, config
