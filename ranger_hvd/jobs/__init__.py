@@ -1,6 +1,8 @@
 """Reference jobs of ranger_hvd: a CNN, an RNN and a GAN, for PyTorch and TensorFlow (Keras 3).
 
-Run on every rank under ``horovodrun`` (the ``ranger-hvd`` launcher does this)::
+Run on every rank under ``horovodrun``, or for the PyTorch jobs under ``torchrun`` (DDP with the
+compression as a communication hook, ``cluster.runner: torchrun``, see :mod:`ranger_hvd.jobs.ddp`); the
+``ranger-hvd`` launcher does this::
 
     horovodrun -np 2 -H localhost:2 --gloo python -m ranger_hvd.jobs --config RUN_DIR/config.yaml --run-dir RUN_DIR
 
