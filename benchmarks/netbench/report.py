@@ -233,7 +233,7 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
         "grouped allgather and one grouped allreduce. *ranger hook d=D* passes "
         "`compression=RangerCompressor(density=D)` to Horovod's own optimizer or tape (PyTorch: one "
         "allgather per bucket, one token allreduce per tensor; TF: one allgather and one token per "
-        "tensor). *ranger hook, allgather per tensor d=D* (PyTorch) is the same with `bucket_mb=0`: "
+        "tensor). *ranger hook per tensor d=D (before)* (PyTorch) is the same with `bucket_mb=0`: "
         "one allgather and one token per tensor, the exchange before buckets. *hook floor* passes a compressor that does "
         "nothing: each gradient's first entry goes to Horovod's allreduce and a zero gradient comes "
         "back, so its exchange time is what Horovod's per-parameter hook costs by "
