@@ -16,6 +16,7 @@ beside its one allgather, instead of a collective per parameter.
 
 from __future__ import annotations
 
+import os
 from types import MethodType
 from typing import Literal
 
@@ -72,7 +73,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     its ``state_dict()`` also holds the compressor's state.
 
     Without ``groups``, ``num_groups`` or a ``gradient_predivide_factor``, a ``RangerCompressor``'s
-    buckets become Horovod's groups (:func:`bucket_groups`). Every argument goes to Horovod unchanged (``groups``,
+    buckets become Horovod's groups (:func:`bucket_groups`), except under elastic horovodrun. Every argument goes to Horovod unchanged (``groups``,
     ``backward_passes_per_step``,
     ``gradient_predivide_factor``, ``sparse_as_dense``, ``process_set`` all take effect). ``op`` must
     be ``hvd.Average`` or ``hvd.Sum`` with a ``RangerCompressor``: sparse updates can only be added.
@@ -81,9 +82,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     if ranger and op not in (Average, Sum):
         raise ValueError("RangerCompressor supports op=hvd.Average and op=hvd.Sum (Adasum, Min, Max "
                          "and Product do not commute with sparsification)")
-    # (Horovod's grouped allreduce drops the predivide factor: with one, no groups are made.)
+    # (Horovod's grouped allreduce drops the predivide factor: with one, no groups are made.)  Not under
+    # elastic horovodrun: Horovod broadcasts the group layout from the optimizer's constructor, and a worker
+    # that joins a running job builds its optimizer while the others are in their state sync (a hang).
+    elastic = os.environ.get("HOROVOD_ELASTIC") == "1"
     if (ranger and groups is None and num_groups == 0 and compression.bucket_bytes > 0
-            and gradient_predivide_factor == 1.0):
+            and gradient_predivide_factor == 1.0 and not elastic):
         groups = bucket_groups(optimizer, compression.bucket_bytes)
     opt = hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters,
                                    compression=compression,
