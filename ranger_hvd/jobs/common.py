@@ -7,13 +7,14 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 
 import numpy as np
 
 from ranger_hvd.config import Config, ConfigError, job_config, read_run_config
 
 __all__ = ["Config", "ConfigError", "job_config", "read_run_config", "optimizer_momentum", "ByteMeter",
-           "train_loop", "digest_arrays", "log", "set_tf_threads_from_env"]
+           "train_loop", "timed_step", "record_step", "finish_run", "digest_arrays", "log", "set_tf_threads_from_env"]
 
 
 DEFAULT_MOMENTUM = 0.9
@@ -97,6 +98,64 @@ def lr_at(train, step: int, total_steps: int) -> float:
     return train.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
 
 
+def timed_step(step_fn, indices, meters, *, lr: float, set_lr, step_no: int, where: str):
+    """One optimizer step as both training loops (plain and elastic) take it: the schedule's learning
+    rate set, the step timed, its bytes summed over the meters, a non-finite loss refused.
+    Returns ``(loss, metrics, seconds, bytes_sent, bytes_dense)``."""
+    set_lr(lr)
+    t0 = time.perf_counter()
+    loss, metrics = step_fn(indices)
+    seconds = time.perf_counter() - t0
+    sent = dense = 0
+    for meter in meters:
+        s, d = meter.step_bytes()
+        sent, dense = sent + s, dense + d
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step_no} ({where}); lower train.lr")
+    return loss, metrics, seconds, sent, dense
+
+
+def record_step(writer, train, evaluate, *, step: int, epoch: int, loss: float, metrics: dict, sent: int,
+                dense: int, seconds: float, ends: bool) -> dict | None:
+    """Evaluates on the held-out set when the step ends an epoch or the run (``ends``) and writes the
+    step's metrics line when it is due; returns the held-out metrics when it evaluated, else None."""
+    held_out = None
+    if ends:
+        held_out = evaluate(str(step))
+        metrics = {**metrics, **held_out}
+    if step % train.log_every == 0 or ends:
+        writer.step(step=step, epoch=epoch, loss=loss, metrics=metrics, bytes_sent=sent, bytes_dense=dense,
+                    step_time=seconds)
+    return held_out
+
+
+def finish_run(cfg: Config, writer, *, backend: str, dataset: str, rank: int, size: int, steps: int,
+               epochs: int, train_time: float, eval_metrics: dict, sent_total: int, dense_total: int,
+               param_arrays, allgather_object, end_fields=None, extra: dict | None = None) -> dict:
+    """The end record, the same for both loops: every rank's parameters hashed and gathered (they must be
+    identical after training), the totals, and ``extra`` fields; written by rank 0, returned by all."""
+    digest = digest_arrays(param_arrays())
+    digests = allgather_object(digest, name="ranger_hvd.jobs.param_digests")
+    print(f"[ranger_hvd.jobs] rank {rank} param_digest {digest}", flush=True)
+    record = {
+        "steps": steps, "epochs": epochs, "train_time": round(train_time, 6),
+        "backend": backend, "runner": cfg.cluster.runner, "model": cfg.job.model, "dataset": dataset,
+        "compression": cfg.compression.type,
+        "size": size, **eval_metrics, "metrics": dict(eval_metrics),
+        **(end_fields() if end_fields is not None else {}),
+        "bytes_sent_total": int(sent_total), "bytes_dense_total": int(dense_total),
+        "compression_ratio": (dense_total / sent_total) if sent_total else None,
+        "param_digest": digest, "param_digests": list(digests),
+        "params_identical": len(set(digests)) == 1,
+        **(extra or {}),
+    }
+    writer.end(**record)
+    log(rank, "end: " + ", ".join(f"{k}={record[k]}" for k in
+                                  ("steps", "size", *eval_metrics, "compression_ratio", "params_identical",
+                                   *(extra or {}))))
+    return record
+
+
 def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int, n_train: int,
                n_steps: int, step_fn, meters, evaluate, param_arrays, allgather_object, run_dir,
                set_lr, save_checkpoint=None, resume_from: dict | None = None, end_fields=None) -> dict:
@@ -115,8 +174,6 @@ def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int,
 
     ``end_fields()``, if given, returns more fields for the end line (the GAN's sample-score references).
     """
-    import time
-
     from ranger_hvd.jobs.data import epoch_batches
     from ranger_hvd.rundir.metrics import MetricsWriter
 
@@ -155,28 +212,19 @@ def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int,
             for i, idx in enumerate(batches):
                 if i < start:
                     continue
-                set_lr(lr_at(train, step, total_steps))
-                t0 = time.perf_counter()
-                loss, metrics = step_fn(idx)
-                dt = time.perf_counter() - t0
+                loss, metrics, dt, sent, dense = timed_step(
+                    step_fn, idx, meters, lr=lr_at(train, step, total_steps), set_lr=set_lr, step_no=step + 1,
+                    where=f"epoch {epoch}")
                 train_time += dt
                 step += 1
-                sent = dense = 0
-                for meter in meters:
-                    s, d = meter.step_bytes()
-                    sent, dense = sent + s, dense + d
                 total_sent += sent
                 total_dense += dense
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch}); lower train.lr")
                 last_of_epoch = i == len(batches) - 1
                 done = train.max_steps is not None and step >= train.max_steps
-                if last_of_epoch or done:
-                    eval_metrics = evaluate(str(step))
-                    metrics = {**metrics, **eval_metrics}
-                if step % train.log_every == 0 or last_of_epoch or done:
-                    writer.step(step=step, epoch=epoch, loss=loss, metrics=metrics, bytes_sent=sent,
-                                bytes_dense=dense, step_time=dt)
+                held_out = record_step(writer, train, evaluate, step=step, epoch=epoch, loss=loss, metrics=metrics,
+                                       sent=sent, dense=dense, seconds=dt, ends=last_of_epoch or done)
+                if held_out is not None:
+                    eval_metrics = held_out
                 if save_checkpoint is not None and (last_of_epoch or done):
                     save_checkpoint(loop_state(epoch + 1, 0) if last_of_epoch else loop_state(epoch, i + 1))
                 if done:
@@ -186,27 +234,12 @@ def train_loop(cfg: Config, *, backend: str, dataset: str, rank: int, size: int,
             if done:
                 break
 
-        # every rank's parameters, hashed and gathered: they must be identical after training
-        digest = digest_arrays(param_arrays())
-        digests = allgather_object(digest, name="ranger_hvd.jobs.param_digests")
-        print(f"[ranger_hvd.jobs] rank {rank} param_digest {digest}", flush=True)
         comp_totals = [m.total_sent() for m in meters]
         if all(t is not None for t in comp_totals):
             total_sent = sum(comp_totals)     # the compressors' own cumulative count
-        record = {
-            "steps": step, "epochs": epoch + 1, "train_time": round(train_time, 6),
-            "backend": backend, "runner": cfg.cluster.runner, "model": cfg.job.model, "dataset": dataset,
-            "compression": cfg.compression.type,
-            "size": size, **eval_metrics, "metrics": dict(eval_metrics),
-            **(end_fields() if end_fields is not None else {}),
-            "bytes_sent_total": int(total_sent), "bytes_dense_total": int(total_dense),
-            "compression_ratio": (total_dense / total_sent) if total_sent else None,
-            "param_digest": digest, "param_digests": list(digests),
-            "params_identical": len(set(digests)) == 1,
-        }
-        writer.end(**record)
-        log(rank, "end: " + ", ".join(f"{k}={record[k]}" for k in
-                                      ("steps", *eval_metrics, "compression_ratio", "params_identical")))
-        return record
+        return finish_run(cfg, writer, backend=backend, dataset=dataset, rank=rank, size=size, steps=step,
+                          epochs=epoch + 1, train_time=train_time, eval_metrics=eval_metrics,
+                          sent_total=total_sent, dense_total=total_dense, param_arrays=param_arrays,
+                          allgather_object=allgather_object, end_fields=end_fields)
     finally:
         writer.close()

@@ -33,7 +33,7 @@ import numpy as np
 
 from ranger_hvd.rundir.layout import RESET_EVENT   # the launcher's summary collects these lines
 
-from ranger_hvd.jobs.common import digest_arrays, log, lr_at
+from ranger_hvd.jobs.common import finish_run, log, lr_at, record_step, timed_step
 from ranger_hvd.rundir.metrics import MetricsWriter
 
 
@@ -88,13 +88,6 @@ class _Meters:
     def resync(self) -> None:
         for o in self.opts:
             o._last = o._stat("bytes_sent") if o.comp is not None else 0
-
-    def step(self) -> tuple[int, int]:
-        sent = dense = 0
-        for o in self.opts:
-            s, d = o.step_bytes()
-            sent, dense = sent + s, dense + d
-        return sent, dense
 
     def residual_sq(self) -> float | None:
         comps = [o.comp for o in self.opts if o.comp is not None]
@@ -192,13 +185,10 @@ def run_elastic(cfg, *, dataset: str, n_train: int, modules, opts, step_fn, eval
         while state.epoch < train.epochs and not done:
             order = epoch_order(n_train, train.seed, state.epoch)
             while epoch_has_step(n_train, state.pos, size, train.batch_size) and not done:
-                set_lr(lr_at(train, state.epoch * n_train + state.pos, train.epochs * n_train))
-                t0 = time.perf_counter()
-                loss, metrics = step_fn(step_slice(order, state.pos, rank, size, train.batch_size))
-                dt = time.perf_counter() - t0
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {state.step + 1}; lower train.lr")
-                sent, dense = meters.step()
+                loss, metrics, dt, sent, dense = timed_step(
+                    step_fn, step_slice(order, state.pos, rank, size, train.batch_size), opts,
+                    lr=lr_at(train, state.epoch * n_train + state.pos, train.epochs * n_train), set_lr=set_lr,
+                    step_no=state.step + 1, where=f"epoch {state.epoch}, {size} workers")
                 state.pos += per_step
                 state.step += 1
                 local["last_step_run"] = state.step
@@ -208,12 +198,10 @@ def run_elastic(cfg, *, dataset: str, n_train: int, modules, opts, step_fn, eval
                 state.bytes_dense_total += dense
                 end_of_epoch = not epoch_has_step(n_train, state.pos, size, train.batch_size)
                 done = train.max_steps is not None and state.step >= train.max_steps
-                if end_of_epoch or done:
-                    state.eval_metrics = evaluate(str(state.step))
-                    metrics = {**metrics, **state.eval_metrics}
-                if state.step % train.log_every == 0 or end_of_epoch or done:
-                    writer.step(step=state.step, epoch=state.epoch, loss=loss, metrics=metrics, bytes_sent=sent,
-                                bytes_dense=dense, step_time=dt)
+                held_out = record_step(writer, train, evaluate, step=state.step, epoch=state.epoch, loss=loss,
+                                       metrics=metrics, sent=sent, dense=dense, seconds=dt, ends=end_of_epoch or done)
+                if held_out is not None:
+                    state.eval_metrics = held_out
                 if end_of_epoch:
                     log(rank, f"epoch {state.epoch}: step {state.step} loss {loss:.4f} {size} workers "
                               + " ".join(f"{k} {v:.4f}" for k, v in state.eval_metrics.items()))
@@ -228,24 +216,12 @@ def run_elastic(cfg, *, dataset: str, n_train: int, modules, opts, step_fn, eval
         return finish(rank, size)
 
     def finish(rank: int, size: int) -> dict:
-        digest = digest_arrays([p.detach().cpu().numpy() for m in modules for p in m.parameters()])
-        digests = hvd.allgather_object(digest, name="ranger_hvd.jobs.param_digests")
-        print(f"[ranger_hvd.jobs] rank {rank} param_digest {digest}", flush=True)
-        sent, dense = state.bytes_sent_total, state.bytes_dense_total
-        record = {
-            "steps": state.step, "epochs": state.epoch, "train_time": round(state.train_time, 6),
-            "backend": "torch", "model": cfg.job.model, "dataset": dataset, "compression": cfg.compression.type,
-            "size": size, **state.eval_metrics, "metrics": dict(state.eval_metrics),
-            **(end_fields() if end_fields is not None else {}),
-            "bytes_sent_total": int(sent), "bytes_dense_total": int(dense),
-            "compression_ratio": (dense / sent) if sent else None,
-            "param_digest": digest, "param_digests": list(digests), "params_identical": len(set(digests)) == 1,
-            "elastic_resets": state.resets,
-        }
-        writer.end(**record)
-        log(rank, "end: " + ", ".join(f"{k}={record[k]}" for k in
-                                      ("steps", "size", *state.eval_metrics, "elastic_resets", "params_identical")))
-        return record
+        return finish_run(cfg, writer, backend="torch", dataset=dataset, rank=rank, size=size, steps=state.step,
+                          epochs=state.epoch, train_time=state.train_time, eval_metrics=state.eval_metrics,
+                          sent_total=state.bytes_sent_total, dense_total=state.bytes_dense_total,
+                          param_arrays=lambda: [p.detach().cpu().numpy() for m in modules for p in m.parameters()],
+                          allgather_object=hvd.allgather_object, end_fields=end_fields,
+                          extra={"elastic_resets": state.resets})
 
     if resume_from is not None and hvd.rank() == 0 and run_dir is not None:
         from ranger_hvd.rundir.checkpoint import trim_metrics

@@ -31,6 +31,20 @@ def run_cli(args, cwd, timeout=120, env=None, **kw):
                           timeout=timeout, **kw)
 
 
+def stop_launcher(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """Ends a launcher a test started and left running (a failed assertion, a timeout): SIGTERM first, so
+    the launcher stops horovodrun and every rank it started, SIGKILL only if it has not ended after
+    ``grace`` seconds (a killed launcher leaves its ranks behind, loading the machine for later tests)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def tree(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in Path(path).rglob("*")}
 

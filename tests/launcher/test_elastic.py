@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, needs_horovod, netns_script, netns_unusable
+from .conftest import REPO, needs_horovod, netns_script, netns_unusable, stop_launcher
 
 pytestmark = [pytest.mark.horovod, needs_horovod]
 
@@ -121,8 +121,7 @@ def test_elastic_run_survives_a_lost_host(hosts, tmp_path):
         epoch0_end = _lose_host3(run)
         log, _ = lost.communicate(timeout=240)
     finally:
-        if lost.poll() is None:
-            lost.kill()
+        stop_launcher(lost)
     assert lost.returncode == 0, log[-4000:]
 
     recs = _records(run)
@@ -174,8 +173,7 @@ def test_elastic_run_takes_a_new_worker(tmp_path):
         (run / "elastic" / "hosts").write_text("localhost:3\n")
         log, _ = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_launcher(proc)
     assert proc.returncode == 0, log[-4000:]
     end = _records(run)[-1]
     assert end["event"] == "end" and end["size"] == 3 and end["elastic_resets"] == 1, end
