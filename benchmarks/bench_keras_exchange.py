@@ -40,8 +40,7 @@ def measure(density: float, variables, grads) -> str:
 
     outs = compress()
     # Two ranks' payloads: this rank's twice (same indices: a worst case for cache, fine for cost).
-    # No public name packs pairs into the wire layout exchange.finish reads (reported).
-    gathered = [None if i is None else tf.concat([exchange._pack(i, v, tf.float32)] * 2, 0) for i, v in outs]
+    gathered = [None if i is None else tf.concat([exchange.pack_pairs(i, v, tf.float32)] * 2, 0) for i, v in outs]
     contexts = [exchange.Context("topk", s.shape, s.dtype, gathered=g, k=int(g.shape[0]) // 2)
                 for s, g in zip(slots, gathered) if g is not None]
     token = tf.ones([1])

@@ -60,8 +60,7 @@ def _topk_step(n, d, x):
     @tf.function
     def step():
         idx, vals = bench.compress_variable(variable, x)
-        # No public name packs pairs into the wire layout exchange.finish reads (reported).
-        packed = exchange._pack(idx, vals, tf.float32)
+        packed = exchange.pack_pairs(idx, vals, tf.float32)
         ctx = exchange.Context("topk", (n,), tf.float32, gathered=packed, k=tf.size(idx))
         return exchange.finish(tf.ones([1]), ctx, "float32")
 

@@ -48,7 +48,9 @@ class Context:
     world: int | None = None           # top-k: the ranks of the exchange (None: not known here)
 
 
-def _pack(idx: tf.Tensor, values: tf.Tensor, wire) -> tf.Tensor:
+def pack_pairs(idx: tf.Tensor, values: tf.Tensor, wire) -> tf.Tensor:
+    """One rank's k pairs in the layout that travels and that :func:`finish` reads: rows of (value bits,
+    index) as int32 for a float32 wire, rows of (value bits, index low/high halves) as int16 for fp16."""
     vals = tf.cast(values, wire)
     if wire == tf.float32:
         return tf.stack([tf.bitcast(vals, tf.int32), idx], axis=1)
@@ -88,7 +90,7 @@ def start(engine: core.ErrorFeedback, slot, grad, world_size: int, gather_name: 
         return tf.cast(values, wire), Context("random", slot.shape, slot.dtype, indices=idx,
                                              slot=slot, engine=engine)
     kwargs = {"process_set": process_set} if process_set is not None else {}
-    gathered = _hvd.module().allgather(_pack(idx, values, wire), name=gather_name,
+    gathered = _hvd.module().allgather(pack_pairs(idx, values, wire), name=gather_name,
                                        ignore_name_scope=True, **kwargs)
     return tf.ones([1], tf.float32), Context("topk", slot.shape, slot.dtype, gathered=gathered,
                                            k=k, slot=slot, engine=engine, world=world_size)
@@ -181,7 +183,7 @@ def start_topk_many(engine: core.ErrorFeedback, slots: list, grads: list, world_
     steps = engine.sparse_steps(slots, grads, [s.tensor_name for s in slots],
                                 [s.shape for s in slots], world_size, token=False)
     wire = WIRE_DTYPES[engine.options.value_dtype]
-    packed = [_pack(idx, values, wire) for idx, values, _ in steps]
+    packed = [pack_pairs(idx, values, wire) for idx, values, _ in steps]
     kwargs = {"process_set": process_set} if process_set is not None else {}
     gathered = _hvd.module().grouped_allgather(packed, name=gather_name, ignore_name_scope=True,
                                                **kwargs)

@@ -512,7 +512,7 @@ def test_decompress_through_the_compiled_scatter_gives_the_bits_of_tf_scatter(dt
     rng = np.random.default_rng(9)
     idx = np.concatenate([np.sort(rng.choice(numel, k, replace=False)) for _ in range(ranks)])
     vals = rng.standard_normal(idx.size).astype(dtype.as_numpy_dtype)
-    packed = exchange._pack(tf.constant(idx, tf.int32), tf.constant(vals), tf.float32)
+    packed = exchange.pack_pairs(tf.constant(idx, tf.int32), tf.constant(vals), tf.float32)
     ctx = exchange.Context("topk", (300, 400), dtype, gathered=packed, k=k, world=ranks)
     token = tf.ones([1])  # an average: the sum scaled by 1/ranks
     assert cpu_path.scatter_usable(dtype, numel)
@@ -527,7 +527,7 @@ def test_decompress_through_the_compiled_scatter_gives_the_bits_of_tf_scatter(dt
     monkeypatch.undo()
     idx[5] = numel
     bad = exchange.Context("topk", (300, 400), dtype, k=k,
-                           gathered=exchange._pack(tf.constant(idx, tf.int32), tf.constant(vals),
+                           gathered=exchange.pack_pairs(tf.constant(idx, tf.int32), tf.constant(vals),
                                                             tf.float32))
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"index {numel}, outside a tensor"):
         exchange.finish(token, bad, "float32")
@@ -539,7 +539,7 @@ def test_compiled_scatter_is_stateless_so_it_does_not_serialize_the_exchange():
     exchange."""
     from ranger_hvd.tensorflow import cpu_path, exchange
     numel = 1 << 17
-    packed = exchange._pack(tf.constant([3, 9], tf.int32), tf.constant([1.0, 2.0]), tf.float32)
+    packed = exchange.pack_pairs(tf.constant([3, 9], tf.int32), tf.constant([1.0, 2.0]), tf.float32)
     ctx = exchange.Context("topk", (numel,), tf.float32, gathered=packed, k=2)
     assert cpu_path.scatter_usable(tf.float32, numel)
     graph = tf.function(lambda t: exchange.finish(t, ctx, "float32")).get_concrete_function(
@@ -693,7 +693,7 @@ def test_batched_decompress_gives_the_bits_of_one_tensor_at_a_time(ranks, op):
         numel = int(np.prod(shape))
         idx = np.concatenate([np.sort(rng.choice(numel, k, replace=False)) for _ in range(ranks)])
         vals = rng.standard_normal(idx.size).astype(np.float32)
-        packed = exchange._pack(tf.constant(idx, tf.int32), tf.constant(vals), tf.float32)
+        packed = exchange.pack_pairs(tf.constant(idx, tf.int32), tf.constant(vals), tf.float32)
         contexts.append(exchange.Context("topk", shape, dtype, gathered=packed, k=k))
     token = tf.ones([1]) if op == "average" else tf.fill([1], float(ranks))
     scale = 1.0 / ranks if op == "average" else 1.0
@@ -761,8 +761,8 @@ def test_reused_decompress_outputs_are_cleared_where_their_last_pairs_went(batch
             bad = idx.copy()
             bad[k + 3] = numel  # the second rank's fourth pair: after some pairs were added
             with pytest.raises(tf.errors.InvalidArgumentError, match="outside a tensor"):
-                decompress(exchange._pack(tf.constant(bad, tf.int32), tf.constant(vals), tf.float32))
-        out = decompress(exchange._pack(tf.constant(idx, tf.int32), tf.constant(vals), tf.float32))
+                decompress(exchange.pack_pairs(tf.constant(bad, tf.int32), tf.constant(vals), tf.float32))
+        out = decompress(exchange.pack_pairs(tf.constant(idx, tf.int32), tf.constant(vals), tf.float32))
         want = np.zeros(numel, np.float32)
         np.add.at(want, idx, vals * np.float32(0.5))
         np.testing.assert_array_equal(out.numpy().view(np.uint8), want.view(np.uint8))
