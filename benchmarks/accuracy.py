@@ -42,10 +42,10 @@ import platform
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
+from accuracy_plots import plot, plot_density
 from common import REPO, RESULTS, density_mode
 
 CONFIGS = ["cnn-digits", "cnn-digits-tf", "rnn-digits", "rnn-digits-tf", "gan-digits", "gan-digits-tf"]
@@ -241,112 +241,19 @@ def targets(results: dict, names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, names: list[str], modes: list[str], scales: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, (len(names) + 1) // 2, figsize=(5 * ((len(names) + 1) // 2), 8),
-                             squeeze=False)
-    width = 0.8 / len(scales)
-    for ax, name in zip(axes.flat, names):
-        model, base = results[name]["model"], results[name]["epochs"]
-        metric, higher = METRICS[model]
-        shown, labels = [], []
-        for j, s in enumerate(scales):
-            cells = [results[name]["runs"].get((m, s), {}).get("metrics", {}) for m in modes]
-            values = [c.get(metric) for c in cells]
-            spreads = [c.get(metric + "_std", 0.0) for c in cells]
-            xs = [i + j * width for i in range(len(modes))]
-            ax.bar(xs, [v if v is not None else 0 for v in values], width, label=f"{base * s} epochs",
-                   yerr=spreads if any(spreads) else None, capsize=2)
-            for x, v, m in zip(xs, values, modes):   # the figure on each bar; say why one is missing
-                missing = "not run" if (m, s) not in results[name]["runs"] else "failed"
-                labels.append((x, missing if v is None else f"{v:.3f}", v is None))
-            shown += [v for v in values if v is not None]
-        if higher and shown:   # accuracies sit near 1: start the axis near the lowest one
-            ax.set_ylim(max(0.0, min(shown) - 0.05), 1.01)
-        bottom = ax.get_ylim()[0]
-        for x, text, missing in labels:   # inside the bar's foot, clear of the whiskers
-            ax.annotate(text, (x, bottom), xytext=(0, 3), textcoords="offset points", ha="center",
-                        va="bottom", fontsize=7, rotation=90, color="black" if missing else "white")
-        ax.set_xticks([i + width * (len(scales) - 1) / 2 for i in range(len(modes))])
-        ax.set_xticklabels(modes, rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"{name}: {metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
-        ax.legend(fontsize=8)
-    seeds = _seed_count(results, names)
-    _finish(fig, axes, len(names), "Eval metric by mode after the same epochs (2 ranks, Gloo)"
-            + (f"; bars: mean over {seeds} seeds, whiskers: stdev" if seeds > 1 else ""), path)
-
-
-def _seed_count(results: dict, names: list[str]) -> int:
-    return max((r.get("seeds", 1) for n in names for r in results[n]["runs"].values()), default=1)
-
-
-def _finish(fig, axes, used: int, title: str, path: Path) -> None:
-    """Blanks the panels past the ``used`` ones, titles the figure and writes it."""
-    import matplotlib.pyplot as plt
-
-    for ax in list(axes.flat)[used:]:
-        ax.axis("off")
-    # wrapped to the figure's width, so that a one-column figure keeps the whole title
-    fig.suptitle(textwrap.fill(title, width=max(40, int(fig.get_figwidth() * 13))), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def density_png(out: Path) -> Path:
     return out.with_name(out.stem + "-curve.png")
+
+
+def density_bar(scale: int) -> tuple:
+    """The accuracy issue's bar for d = 0.01 at this many epochs: (allowed points, allowed GAN ratio)."""
+    return next(((g, r) for m, sc, g, r in TARGETS if m == "ranger-0.01" and sc == scale), (None, None))
 
 
 def swept_densities(modes: list[str]) -> dict[float, str]:
     """{density: mode} of the plain ``ranger-D`` modes, densities ascending."""
     parsed = {m: _ranger_mode(m) for m in modes}
     return dict(sorted((p[1], m) for m, p in parsed.items() if p is not None and not p[2]))
-
-
-def plot_density(results: dict, names: list[str], modes: list[str], scale: int, path: Path) -> None:
-    """The eval metric against the density (log axis), dense as a line with its stdev as a band and
-    the accuracy issue's bar for d = 0.01 at these epochs (from ``TARGETS``) dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by_density = swept_densities(modes)
-    # the accuracy issue's bar for d = 0.01 at this many epochs: (allowed points, allowed GAN ratio)
-    bar_gap, bar_ratio = next(((g, r) for m, sc, g, r in TARGETS if m == "ranger-0.01" and sc == scale),
-                              (None, None))
-    cols = 2 if len(names) in (2, 4) else min(3, len(names))
-    rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        model, base = results[name]["model"], results[name]["epochs"]
-        metric, higher = METRICS[model]
-        points = [(d, results[name]["runs"].get((m, scale), {}).get("metrics", {})) for d, m in by_density.items()]
-        points = [(d, c[metric], c.get(metric + "_std", 0.0)) for d, c in points if metric in c]
-        if points:
-            xs, ys, es = zip(*points)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label="Ranger (top-k + error feedback)")
-        dense = results[name]["runs"].get(("dense", scale), {}).get("metrics", {})
-        if metric in dense:
-            dv, ds = dense[metric], dense.get(metric + "_std", 0.0)
-            ax.axhline(dv, color="black", lw=1, label="dense fp32")
-            ax.axhspan(dv - ds, dv + ds, color="black", alpha=0.08)
-            if higher and bar_gap is not None:
-                ax.axhline(dv - bar_gap / 100, color="tab:red", ls="--", lw=1, label=f"target: dense - {bar_gap:g} pt")
-            elif not higher and bar_ratio is not None:
-                ax.axhline(bar_ratio * dv, color="tab:red", ls="--", lw=1, label=f"target: {bar_ratio:g}x dense")
-        ax.set_xscale("log")
-        ax.set_xlabel("density d (fraction of entries sent per step)")
-        ax.set_ylabel(f"{metric} ({'higher' if higher else 'lower'} is better)")
-        ax.set_title(f"{name}, {base * scale} epochs", fontsize=9)
-        ax.legend(fontsize=7)
-    seeds = _seed_count(results, names)
-    _finish(fig, axes, len(names), "Eval metric against density after the same epochs as dense"
-            + (f" (mean over {seeds} seeds, whiskers and band: stdev)" if seeds > 1 else ""), path)
 
 
 def _runs_to_json(results: dict) -> dict:
@@ -379,9 +286,10 @@ def main(argv=None) -> int:
     if args.replot:
         saved = json.loads(out.with_suffix(".json").read_text())
         results = _runs_from_json(saved["results"])
-        plot(results, saved["names"], saved["modes"], saved["scales"], out.with_suffix(".png"))
+        plot(results, saved["names"], saved["modes"], saved["scales"], out.with_suffix(".png"), METRICS)
         if len(swept_densities(saved["modes"])) >= 3:
-            plot_density(results, saved["names"], saved["modes"], saved["scales"][0], density_png(out))
+            plot_density(results, saved["names"], swept_densities(saved["modes"]), saved["scales"][0],
+                         density_png(out), METRICS, density_bar(saved["scales"][0]))
         return 0
     names, modes = args.configs.split(","), args.modes.split(",")
     scales = [int(s) for s in args.scales.split(",")]
@@ -429,10 +337,11 @@ def main(argv=None) -> int:
     out.write_text(header + text)
     out.with_suffix(".json").write_text(json.dumps(
         {"names": names, "modes": modes, "scales": scales, "results": _runs_to_json(results)}, indent=1))
-    plot(results, names, modes, scales, out.with_suffix(".png"))
+    plot(results, names, modes, scales, out.with_suffix(".png"), METRICS)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     if len(swept_densities(modes)) >= 3:      # a density sweep: the metric against d tells more
-        plot_density(results, names, modes, scales[0], density_png(out))
+        plot_density(results, names, swept_densities(modes), scales[0], density_png(out), METRICS,
+                     density_bar(scales[0]))
         print(f"wrote {density_png(out)}")
     return 0
 
