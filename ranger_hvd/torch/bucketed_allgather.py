@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from .state import all_finite
+
 DEFAULT_BUCKET_MB = 25.0   # gradient bytes per bucket, DDP's bucket_cap_mb
 
 
@@ -54,6 +56,7 @@ class _Bucket:
     gathered: torch.Tensor | None = None
     offsets: dict[str, tuple[int, int]] = field(default_factory=dict)   # name -> (first pair, k)
     total: int = 0                                                      # pairs per rank
+    non_finite: torch.Tensor | None = None   # every value of the bucket, if one is NaN or Inf
 
 
 def cut_buckets(params: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
@@ -157,9 +160,11 @@ class BucketedAllgather:
                                             + (f"+{rest}" if rest else ""), **kwargs)
         bucket.members = []   # the payload holds them now
 
-    def wait(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def wait(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
         """Every rank's pairs of one tensor, in rank order: (int32 indices, values, number of
-        ranks). Sends the open buckets first if this tensor's is one of them."""
+        ranks, every value of its bucket if one of them is NaN or Inf, else None: the bucket is
+        checked once, when it arrives). Sends the open buckets first if this tensor's is one of
+        them."""
         bucket = self._waiting.pop(name)
         if bucket.handle is None:
             self.flush()
@@ -169,10 +174,13 @@ class BucketedAllgather:
 
             bucket.gathered = hvd.synchronize(bucket.handle)
             self.received += bucket.gathered.numel() - row
+            every = bucket.gathered.view(-1, row)[:, 4 * bucket.total:].reshape(-1)
+            every = every.view(self.value_dtype)
+            bucket.non_finite = None if all_finite(every) else every
         rows = bucket.gathered.view(-1, row)
         first, k = bucket.offsets[name]
         values_at = 4 * bucket.total + first * self.value_dtype.itemsize
         # reshape(-1) copies the column blocks of several rows into one contiguous buffer
         indices = rows[:, 4 * first: 4 * (first + k)].reshape(-1).view(torch.int32)
         values = rows[:, values_at: values_at + k * self.value_dtype.itemsize].reshape(-1)
-        return indices, values.view(self.value_dtype), rows.shape[0]
+        return indices, values.view(self.value_dtype), rows.shape[0], bucket.non_finite

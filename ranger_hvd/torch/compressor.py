@@ -228,8 +228,9 @@ class RangerCompressor:
             out = self._output(ctx, tensor.device)
             out[ctx.indices.long()] = tensor.to(ctx.dtype)
             return out.view(ctx.shape)
-        indices, values, world = self._buckets.wait(ctx.name)
-        self.round.check([ctx.name], [values])
+        indices, values, world, non_finite = self._buckets.wait(ctx.name)
+        # the bucket's values were checked as it arrived: a NaN/Inf anywhere in it voids the step
+        self.round.check([ctx.name], [] if non_finite is None else [non_finite])
         out = self._output(ctx, tensor.device)
         # The token: 1 after an average, N after a sum (rounded: predivide factors leave float noise).
         scale = round(float(tensor.reshape(-1)[0])) / world

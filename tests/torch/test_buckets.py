@@ -72,8 +72,8 @@ def test_a_bucket_leaves_when_complete_whatever_the_arrival_order(fake_hvd):
         assert name == "ranger.topk.p3+2"
         layouts.append(payload)
         for i in (0, 2, 3):
-            indices, values, world = buckets.wait(f"p{i}")
-            assert world == 2
+            indices, values, world, non_finite = buckets.wait(f"p{i}")
+            assert world == 2 and non_finite is None
             assert torch.equal(indices, torch.cat([pairs[i][0]] * 2))
             assert torch.equal(values, torch.cat([pairs[i][1]] * 2))
         # indices of every tensor in bucket order, then their values: exactly k * 8 bytes each
@@ -91,11 +91,24 @@ def test_an_open_bucket_is_sent_when_a_result_is_wanted(fake_hvd):
     buckets.add("p2", a[0], a[1].half(), None, owner)
     buckets.add("p0", b[0], b[1].half(), None, owner)
     assert fake_hvd.calls == []
-    indices, values, _ = buckets.wait("p0")                 # p1 never came: sent without it
+    indices, values, _, _ = buckets.wait("p0")              # p1 never came: sent without it
     [(name, payload, _)] = fake_hvd.calls
     assert name == "ranger.topk.p2+1" and payload.numel() == (4 + 3) * (4 + 2)
     assert torch.equal(indices, torch.cat([b[0]] * 2)) and values.dtype == torch.float16
     assert torch.equal(buckets.wait("p2")[1], torch.cat([a[1].half()] * 2))
+
+
+def test_a_non_finite_value_anywhere_in_a_bucket_is_reported_to_every_tensor_of_it(fake_hvd):
+    owner, _ = _owner([(30, 40), (20, 50)])
+    buckets = BucketedAllgather(torch.float32, 10 ** 6, lambda shape: True)
+    a, b = _pairs(4, 1), _pairs(3, 2)
+    b[1][2] = float("inf")
+    buckets.add("p1", *a, None, owner)
+    buckets.add("p0", *b, None, owner)
+    first = buckets.wait("p1")          # its own values are finite, p0's are not
+    assert torch.isfinite(first[1]).all()
+    assert first[3] is not None and torch.isinf(first[3]).sum() == 2    # both ranks' copies
+    assert buckets.wait("p0")[3] is first[3]
 
 
 def test_one_tensor_alone_keeps_the_per_tensor_payload_and_name(fake_hvd):
