@@ -35,8 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from ranger_hvd import core  # noqa: E402
 from ranger_hvd.torch import RangerCompressor, topk_indices  # noqa: E402
-# No public name packs one rank's pairs into the bytes RangerCompressor.combine reads (reported).
-from ranger_hvd.torch.compressor import _payload  # noqa: E402
+from ranger_hvd.torch.compressor import pack_pairs  # noqa: E402
 from ranger_hvd.torch.selection import SelectionScratch  # noqa: E402
 
 SELECTION = RESULTS / "selection.md"
@@ -67,7 +66,7 @@ def bench(n: int, d: float, reps: int) -> dict:
 
     def topk_round():
         values, indices = comp.compress_sparse("w", grad)
-        comp.combine(_payload(indices, values), k, out.zero_())
+        comp.combine(pack_pairs(indices, values), k, out.zero_())
 
     row["topk_cd"] = median_seconds(topk_round, reps)
 

@@ -177,9 +177,6 @@ class CompressionStats:
         self.counts = [a + int(b) for a, b in zip(self.counts, increments)]
         self._last_step_bytes += int(increments[0])
 
-    def record_dense(self, numel: int, itemsize: int) -> None:
-        self.add(dense_counts(numel, itemsize))
-
     def end_step(self) -> int:
         """Closes a step; returns the bytes sent during it."""
         sent = self._last_step_bytes

@@ -21,7 +21,7 @@ Horovod asks for any result, so every rank sends the same partial buckets under 
 **Layout.** One rank's payload is the int32 indices of every tensor of the bucket, in bucket order,
 then their values in the wire dtype, so each slice is aligned for its dtype without padding: a
 tensor still costs exactly k * (4 + value size) bytes. A bucket of one tensor is the payload of
-``compressor._payload``, and its allgather keeps the per-tensor name ``ranger.topk.<name>``.
+``compressor.pack_pairs``, and its allgather keeps the per-tensor name ``ranger.topk.<name>``.
 Each tensor's rows come back in rank order, so the scatter-add gives the bits it gave before.
 """
 

@@ -59,8 +59,9 @@ class _Context:
     name: str = ""
 
 
-def _payload(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One rank's pairs as raw bytes: k int32 indices, then k values."""
+def pack_pairs(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One rank's pairs as the raw bytes that travel and that :meth:`RangerCompressor.combine` reads:
+    k int32 indices, then k values."""
     return torch.cat([indices.view(torch.uint8), values.reshape(-1).view(torch.uint8)])
 
 
@@ -125,11 +126,6 @@ class RangerCompressor:
     def is_compressed(self, shape) -> bool:
         """Whether a tensor of this shape is sparsified (else it travels dense)."""
         return core.is_compressed(tuple(shape), self.options)
-
-    def num_selected(self, name: str, numel: int) -> int:
-        """k for this tensor at its next exchange (the warm-up schedule depends on its step)."""
-        step = self._state[name].step if name in self._state else 0
-        return core.num_selected(numel, core.density_at(step, self.options))
 
     def _world(self, process_set=None) -> int:
         if process_set is not None:
@@ -234,11 +230,7 @@ class RangerCompressor:
         out = self._output(ctx, tensor.device)
         # The token: 1 after an average, N after a sum (rounded: predivide factors leave float noise).
         scale = round(float(tensor.reshape(-1)[0])) / world
-        # Scaling each value by a power of two before the scatter-add gives the same bits as scaling
-        # the sum after it (exact in float32/64 above their subnormal range) and spares a pass over
-        # the whole buffer; any other factor (3 ranks, half precision) scales the buffer afterwards.
-        early = scale == 1.0 or (out.dtype in (torch.float32, torch.float64)
-                                 and math.frexp(scale)[0] == 0.5)
+        early = core.scale_each_value(scale, out.dtype in (torch.float32, torch.float64))
         out.index_add_(0, indices, values.to(out.dtype), alpha=scale if early else 1.0)
         if not early:
             out.mul_(scale)

@@ -13,7 +13,7 @@ import torch
 
 from ranger_hvd import core
 
-from .selection import SelectionScratch, accumulate_topk, random_k_indices, topk_indices
+from .selection import SelectionScratch, accumulate_topk, random_k_indices
 
 ACCEPTED_GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -122,20 +122,15 @@ class TorchOps:
     def k_at(self, state: TensorState, schedule: list[int]) -> int:
         return schedule[min(state.step, len(schedule) - 1)]
 
-    def topk(self, acc: torch.Tensor, k: int) -> torch.Tensor:
-        return topk_indices(acc, k, self.options.sample_fraction, self.scratch)
-
     def random_k(self, numel: int, k: int, base_seed: int, state: TensorState) -> torch.Tensor:
         return random_k_indices(numel, k, base_seed * 2 ** 32 + state.step, device=state.residual.device)
 
     def gather(self, acc: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        # index_select, not acc[indices]: the same values, 5x faster on CPU (250K of 25M: 1.1 ms
-        # against 5.5, one thread)
+        # index_select, not acc[indices]: the same values, several times faster on CPU
         return torch.index_select(acc, 0, indices)
 
     def keep_unsent(self, state, acc, u, indices, values) -> None:
-        # index_fill_ wants int64 indices; with the conversion it still takes a third of the time
-        # of acc[indices] = 0 (250K of 25M on CPU: 1.2 ms against 3.4)
+        # index_fill_ wants int64 indices; with the conversion it is still faster than acc[indices] = 0
         positions = indices.long()
         acc.index_fill_(0, positions, 0)          # acc is the residual buffer: what was sent leaves it
         if u is not None:

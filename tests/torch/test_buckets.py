@@ -10,7 +10,7 @@ import torch
 
 from ranger_hvd.torch import RangerCompressor
 from ranger_hvd.torch.bucketed_allgather import BucketedAllgather, cut_buckets
-from ranger_hvd.torch.compressor import _payload
+from ranger_hvd.torch.compressor import pack_pairs
 
 
 class FakeHorovod:
@@ -118,7 +118,7 @@ def test_one_tensor_alone_keeps_the_per_tensor_payload_and_name(fake_hvd):
         buckets = BucketedAllgather(torch.float32, bucket_bytes, lambda shape: True)
         buckets.add("p0", indices, values, None, owner)
         [(name, payload, _)] = fake_hvd.calls
-        assert name == "ranger.topk.p0" and torch.equal(payload, _payload(indices, values))
+        assert name == "ranger.topk.p0" and torch.equal(payload, pack_pairs(indices, values))
 
 
 def test_bucket_mb_must_be_a_size():

@@ -200,9 +200,9 @@ def test_low_precision_gradients_and_wire_values(grad_dtype, value_dtype):
     want = reference.select(g.to(torch.float64).numpy().reshape(-1), 205)
     assert np.array_equal(indices.numpy(), want)
     # What the allgather of one rank's payload delivers, combined as decompress does.
-    from ranger_hvd.torch.compressor import _payload
+    from ranger_hvd.torch.compressor import pack_pairs
     out = torch.zeros(64 * 32, dtype=grad_dtype)
-    comp.combine(_payload(indices, values), 205, out)
+    comp.combine(pack_pairs(indices, values), 205, out)
     flat = out.view(-1)
     assert torch.equal(flat[indices.long()], values.to(grad_dtype))
     assert int((flat != 0).sum()) <= 205
@@ -276,7 +276,7 @@ def test_byte_accounting_formula():
     comp = RangerCompressor(density=0.01, min_elements=1000)
     comp.compress_sparse("a", torch.randn(100, 100))        # k = 100
     comp.compress_sparse("b", torch.randn(333, 7))          # k = ceil(23.31) = 24
-    comp._stats.record_dense(10, 4)
+    comp._stats.add(core.dense_counts(10, 4))        # a 10-element fp32 tensor sent dense
     s = comp.stats()
     # each top-k tensor: k * (value + int32 index) + the 4-byte token
     assert s["bytes_sent"] == (100 + 24) * (4 + 4) + 2 * 4 + 40
@@ -292,7 +292,7 @@ def test_dense_rules_and_k():
     assert not comp.is_compressed((1000,))        # 1-D goes dense by default
     assert comp.is_compressed((10, 10))
     assert RangerCompressor(compress_1d=True, min_elements=100).is_compressed((1000,))
-    assert comp.num_selected("x", 100) == 7       # the decimal density, not 7.000000000000001
+    assert core.num_selected(100, 0.07) == 7       # the decimal density, not 7.000000000000001
 
 
 # ---------------------------------------------------------------- Horovod's compress/decompress
@@ -438,13 +438,13 @@ def test_scaling_values_before_the_scatter_gives_the_bits_of_scaling_the_sum(dty
     """decompress scales each value by 1/N before the scatter-add when 1/N is a power of two: the
     result must be bit for bit what scaling the summed buffer afterwards gives (as Horovod's average
     of a dense tensor does), duplicate indices across ranks included."""
-    from ranger_hvd.torch.compressor import _payload
+    from ranger_hvd.torch.compressor import pack_pairs
     comp = RangerCompressor(density=0.1, min_elements=1)
     gen = torch.Generator().manual_seed(3)
     rows = []
     for _ in range(4):  # four ranks whose index sets overlap
         indices = torch.sort(torch.randperm(300, generator=gen)[:120]).values.to(torch.int32)
-        rows.append(_payload(indices, torch.randn(120, generator=gen)))
+        rows.append(pack_pairs(indices, torch.randn(120, generator=gen)))
     for ranks, scale in ((2, 0.5), (4, 0.25)):
         part = torch.cat(rows[:ranks])
         later = comp.combine(part, 120, torch.zeros(300, dtype=dtype)).mul_(scale)
