@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -29,6 +30,31 @@ def run_cli(args, cwd, timeout=120, env=None, **kw):
     e.update(env or {})
     return subprocess.run([*CLI, *map(str, args)], cwd=cwd, env=e, capture_output=True, text=True,
                           timeout=timeout, **kw)
+
+
+def run_records(run: Path) -> list[dict]:
+    """Every line of a run's metrics.jsonl (a test's own run: each line is whole)."""
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def rank_process(run: Path, rank: int, rank_var: str = "HOROVOD_RANK", also_env: str | None = None):
+    """The Python process of one rank of the job in ``run``: its command line runs ``ranger_hvd.jobs`` on
+    ``run``, and its environment has ``rank_var`` = rank (``RANK`` under torchrun, whose workers also
+    carry ``also_env="TORCHELASTIC_RUN_ID"``); not horovodrun's or torchrun's process around it."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if not (len(cmd) > 2 and os.path.basename(cmd[0]).startswith("python") and "ranger_hvd.jobs" in cmd
+                    and str(run) in " ".join(cmd)):
+                continue
+            env = p.environ()
+            if env.get(rank_var) == str(rank) and (also_env is None or also_env in env):
+                return p
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return None
 
 
 def stop_launcher(proc: subprocess.Popen, grace: float = 30.0) -> None:

@@ -14,35 +14,17 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
 from ranger_hvd.rundir.checkpoint import complete_steps
 
-from .conftest import CLI, REPO, assert_refused, run_cli
+from .conftest import CLI, REPO, assert_refused, rank_process, run_cli, run_records
 from .test_launch import gone, processes_mentioning
 
 DEFAULT_JOB = str(REPO / "configs" / "cnn-digits.yaml")
 # 3 epochs of the digits CNN (44 steps each on 2 ranks) take seconds under DDP; starting torch takes longer
 SWITCH = ["cluster.runner=torchrun", "train.epochs=3"]
-
-
-def _records(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _rank_process(run: Path, rank: int):
-    """The Python process of one rank of the job in ``run`` (a torchrun worker: RANK in its environment)."""
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            cmd = p.info["cmdline"] or []
-            if ("ranger_hvd.jobs" in cmd and str(run) in " ".join(cmd)
-                    and p.environ().get("RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in p.environ()):
-                return p
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +45,7 @@ def runs(tmp_path_factory):
         while time.time() < deadline and proc.poll() is None:
             runs_now = [d for d in name_dir.iterdir() if d != straight]
             if runs_now and complete_steps(runs_now[0], 2, "torch"):
-                victim = _rank_process(runs_now[0], 1)
+                victim = rank_process(runs_now[0], 1, "RANK", "TORCHELASTIC_RUN_ID")
                 if victim is not None:
                     victim.send_signal(signal.SIGKILL)
                     killed = (runs_now[0], victim.pid, complete_steps(runs_now[0], 2, "torch")[-1])
@@ -89,7 +71,7 @@ def test_default_config_runs_under_torchrun(runs):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["cluster"]["runner"] == "torchrun" and cfg["horovod"]["fusion_threshold_mb"] is None, cfg
 
-    recs = _records(run)
+    recs = run_records(run)
     steps = [x for x in recs if "step" in x]
     assert [x["step"] for x in steps] == list(range(1, len(steps) + 1))
     assert all(0 < x["bytes_sent"] < x["bytes_dense"] / 10 for x in steps), steps[0]   # the hook's top-k
@@ -115,11 +97,11 @@ def test_killed_rank_restarts_from_the_checkpoint_and_ends_bit_for_bit(runs):
     run, pid, first_set = killed
     assert code == 0, out
     assert "restart 1/1" in out, out
-    end_a = [x for x in _records(straight) if x.get("event") == "end"][-1]
-    recs = _records(run)
+    end_a = [x for x in run_records(straight) if x.get("event") == "end"][-1]
+    recs = run_records(run)
     (end_b,) = [x for x in recs if x.get("event") == "end"]
     assert end_b["steps"] == end_a["steps"] and end_b["param_digest"] == end_a["param_digest"], (end_a, end_b)
-    assert [x["loss"] for x in recs if "step" in x] == [x["loss"] for x in _records(straight) if "step" in x]
+    assert [x["loss"] for x in recs if "step" in x] == [x["loss"] for x in run_records(straight) if "step" in x]
     resumes = [x for x in recs if x.get("event") == "resume"]
     assert len(resumes) == 1 and resumes[0]["from_step"] >= first_set, resumes
     s = json.loads((run / "summary.json").read_text())

@@ -14,13 +14,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
 from ranger_hvd.rundir.checkpoint import complete_steps
 
-from .conftest import CLI, REPO, needs_horovod, run_cli
+from .conftest import CLI, REPO, needs_horovod, rank_process, run_cli, run_records
 from .test_launch import gone, processes_mentioning
 
 pytestmark = [pytest.mark.horovod, needs_horovod]
@@ -44,23 +43,6 @@ def _config(root: Path, backend: str, np_: int) -> Path:
     return path
 
 
-def _records(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _rank_process(run: Path, rank: int):
-    """The Python process of one rank of the job in ``run`` (not horovodrun's shell around it)."""
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            cmd = p.info["cmdline"] or []
-            if (len(cmd) > 2 and os.path.basename(cmd[0]).startswith("python") and "ranger_hvd.jobs" in cmd
-                    and str(run) in " ".join(cmd) and p.environ().get("HOROVOD_RANK") == str(rank)):
-                return p
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return None
-
-
 @pytest.fixture(scope="module", params=[("torch", 2), ("tensorflow", 3)], ids=["torch-2", "tensorflow-3"])
 def runs(request, tmp_path_factory):
     backend, np_ = request.param
@@ -81,7 +63,7 @@ def runs(request, tmp_path_factory):
         while time.time() < deadline and proc.poll() is None:
             runs_now = [d for d in name_dir.iterdir() if d != straight]
             if runs_now and complete_steps(runs_now[0], np_, backend):
-                victim = _rank_process(runs_now[0], 1)
+                victim = rank_process(runs_now[0], 1)
                 if victim is not None:
                     victim.send_signal(signal.SIGKILL)
                     killed = (runs_now[0], victim.pid, complete_steps(runs_now[0], np_, backend)[-1])
@@ -99,8 +81,8 @@ def test_killed_rank_is_restarted_and_ends_bit_for_bit(runs):
     backend, np_, root, straight, (run, pid, first_set), code, out = runs
     assert code == 0, out
     assert "restart 1/1" in out, out
-    end_a = [x for x in _records(straight) if x.get("event") == "end"][-1]
-    recs = _records(run)
+    end_a = [x for x in run_records(straight) if x.get("event") == "end"][-1]
+    recs = run_records(run)
     end_b = [x for x in recs if x.get("event") == "end"]
     assert len(end_b) == 1, end_b
     end_b = end_b[0]
@@ -110,7 +92,7 @@ def test_killed_rank_is_restarted_and_ends_bit_for_bit(runs):
     # the steps the killed attempt took after its checkpoint were dropped: each step once, in order
     steps = [x["step"] for x in recs if "step" in x]
     assert steps == list(range(1, end_b["steps"] + 1)), steps
-    assert [x["loss"] for x in recs if "step" in x] == [x["loss"] for x in _records(straight) if "step" in x]
+    assert [x["loss"] for x in recs if "step" in x] == [x["loss"] for x in run_records(straight) if "step" in x]
     resumes = [x for x in recs if x.get("event") == "resume"]
     assert len(resumes) == 1 and resumes[0]["from_step"] >= first_set, resumes
 

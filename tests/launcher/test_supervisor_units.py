@@ -35,6 +35,27 @@ def test_failed_rank_from_gloo_and_mpi_reports():
     assert find_failed_rank(MPI_LOG, {}) == (2, 7)
 
 
+def _torchrun_report(root: tuple[int, int], others: list[tuple[int, int]]) -> str:
+    """torchrun's ChildFailedError report (torch 2.x layout) with a root cause and other failures."""
+    def entry(i, rank, code):
+        sig = "  (SIGKILL)" if code == -9 else " "
+        return (f"[{i}]:\n  time      : 2026-12-07_15:09:43\n  host      : localhost\n"
+                f"  rank      : {rank} (local_rank: {rank})\n  exitcode  : {code} (pid: 1358{rank}){sig}\n"
+                f"  error_file: <N/A>\n  traceback : ...\n")
+    return ("ranger_hvd.jobs FAILED\n" + "-" * 60 + "\nFailures:\n"
+            + "".join(entry(i + 1, r, c) for i, (r, c) in enumerate(others)) + "-" * 60
+            + "\nRoot Cause (first observed failure):\n" + entry(0, *root) + "=" * 60 + "\n")
+
+
+def test_failed_rank_from_torchrun_prefers_the_rank_killed_by_a_signal():
+    # rank 1 SIGKILLed; rank 0 exited 1 on the broken connection and torchrun saw it first
+    assert find_failed_rank(_torchrun_report((0, 1), [(1, -9)]), {}) == (1, -9)
+    assert find_failed_rank(_torchrun_report((1, -9), [(0, 1)]), {}) == (1, -9)
+    # no signal among them: torchrun's root cause
+    assert find_failed_rank(_torchrun_report((2, 1), [(0, 1)]), {}) == (2, 1)
+    assert find_failed_rank(_torchrun_report((0, 3), []), {}) == (0, 3)
+
+
 def test_failed_rank_falls_back_to_traceback(tmp_path):
     err = tmp_path / "stderr"
     err.write_text("Traceback (most recent call last):\n  ...\nValueError: x\n")

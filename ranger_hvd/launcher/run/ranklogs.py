@@ -15,6 +15,7 @@ _FIRST_FAILED = re.compile(
 _GLOO_EXIT = re.compile(r"Process (\d+) exit with status code (-?\d+)")
 # torchrun's ChildFailedError report: "Root Cause (first observed failure):" ... "rank : R (local_rank: L)",
 # "exitcode : C" (a negative C: killed by signal -C)
+_TORCHRUN_ENTRY = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", re.MULTILINE)
 _TORCHRUN_ROOT = re.compile(r"Root Cause \(first observed failure\):\s*\[\d+\]:(?:\s*\w+\s*:[^\n]*\n)*?"
                             r"\s*rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
 
@@ -41,9 +42,15 @@ def find_failed_rank(launcher_log: str, rank_logs: dict[int, dict[str, str]]) ->
     m = _FIRST_FAILED.search(launcher_log)
     if m:
         return int(m.group(1) or m.group(2)), int(m.group(3))
-    m = _GLOO_EXIT.search(launcher_log) or _TORCHRUN_ROOT.search(launcher_log)
+    m = _GLOO_EXIT.search(launcher_log)
     if m:
         return int(m.group(1)), int(m.group(2))
+    m = _TORCHRUN_ROOT.search(launcher_log)
+    if m:
+        # torchrun's root cause is the failure it saw first: when one rank is killed, a peer that exits 1 on
+        # the broken connection can be seen first; a rank killed by a signal is then the cause
+        killed = [(int(r), int(c)) for r, c in _TORCHRUN_ENTRY.findall(launcher_log) if int(c) < 0]
+        return killed[0] if killed else (int(m.group(1)), int(m.group(2)))
     for rank in sorted(rank_logs):
         err = rank_logs[rank].get("stderr")
         if err and "Traceback (most recent call last)" in read_tail(err, 200_000):
