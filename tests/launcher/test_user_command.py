@@ -219,7 +219,7 @@ def test_command_killed_by_sigkill_is_restarted_from_its_checkpoint(tmp_path):
 
 # --------------------------------------------------------------------------------------------------
 def test_run_config_round_trip_resume_and_slurm_dry_run(tmp_path):
-    """The run's config.yaml of a user command is itself valid (what slurm_run and --resume load) and
+    """The run's config.yaml of a user command is itself valid (what the Slurm allocation side and --resume load) and
     gives the same command; --resume needs something in checkpoints/; a Slurm dry-run creates nothing."""
     from ranger_hvd.launcher.run.command import build_command
     from ranger_hvd.config import load_config

@@ -3,7 +3,7 @@ an allocation read from Slurm's environment.
 
 A Slurm launch writes ``RUN_DIR/job.sbatch`` and submits it; the script runs
 ``python -m ranger_hvd.launcher.slurm.allocation RUN_DIR`` on the allocation's first node, which starts
-``horovodrun`` on the hosts and slots Slurm gave the job (see :mod:`.slurm_run`).  ``RUN_DIR/slurm.json``
+``horovodrun`` on the hosts and slots Slurm gave the job (see :mod:`.allocation`).  ``RUN_DIR/slurm.json``
 records the job id, so ``ranger-hvd status RUN_DIR`` can ask Slurm about it later.
 """
 
