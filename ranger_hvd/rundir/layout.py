@@ -11,7 +11,7 @@ record events.  The one place these names are written; everything else imports t
       checkpoints/       per-rank save points (:mod:`ranger_hvd.rundir.checkpoint`)
       tensorboard/       TensorBoard event files made from metrics.jsonl
       script/            a user command's script, copied, with its origin in script/SOURCE
-      timeline.json      Horovod's timeline, when asked for
+      timeline.json      Horovod's timeline, when asked for (autotune.csv: its autotuning log)
       job.sbatch, slurm.json, slurm-JOBID.out   under Slurm
 """
 
@@ -30,6 +30,7 @@ TENSORBOARD = "tensorboard"
 SCRIPT_DIR = "script"
 SCRIPT_SOURCE = "SOURCE"
 TIMELINE = "timeline.json"
+AUTOTUNE_LOG = "autotune.csv"
 SBATCH_SCRIPT = "job.sbatch"
 SLURM_JOB = "slurm.json"
 

@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ranger_hvd"
 RUN_DIR_NAMES = {"config.yaml", "summary.json", "metrics.jsonl", "command.txt", "horovodrun.log",
-                 "checkpoints", "tensorboard", "timeline.json", "job.sbatch", "slurm.json"}
+                 "checkpoints", "tensorboard", "timeline.json", "autotune.csv", "job.sbatch", "slurm.json"}
 
 
 def modules(sub: str):

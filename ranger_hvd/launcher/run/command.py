@@ -29,7 +29,6 @@ from ranger_hvd.launcher.run.elastic import elastic_flags
 from ranger_hvd.launcher.quoting import for_horovodrun, mpi_args_value
 from ranger_hvd.rundir import layout
 
-RUN_DIR_ENV, CONFIG_ENV, RESUME_ENV = layout.RUN_DIR_ENV, layout.CONFIG_ENV, layout.RESUME_ENV
 MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 TORCHRUN_RDZV_PORT = 29400      # torchrun's own default port of a c10d rendezvous
 HOROVOD_STALL_WARNING_S = 60   # horovodrun's own default for --stall-check-warning-time-seconds
@@ -108,7 +107,7 @@ def horovod_flags(res: Resolved, run_dir: str) -> list[str]:
     if hv.autotune:
         a += ["--autotune"]
         if hv.autotune_log:
-            a += ["--autotune-log-file", os.path.join(run_dir, "autotune.csv")]
+            a += ["--autotune-log-file", os.path.join(run_dir, layout.AUTOTUNE_LOG)]
         for key in ("warmup_samples", "steps_per_sample", "bayes_opt_max_samples"):
             v = getattr(hv, f"autotune_{key}")
             if v is not None:
@@ -174,9 +173,9 @@ def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[
         # srun finds its allocation (SLURM_JOB_ID, ...) and the cluster's slurm.conf (SLURM_CONF) here
         env.update({k: v for k, v in environ.items() if k.startswith("SLURM_")})
     if cfg.job.command:   # what ranger_hvd.run reads on every rank, and whether this start continues a run
-        env[RUN_DIR_ENV], env[CONFIG_ENV] = run_dir, config_file
+        env[layout.RUN_DIR_ENV], env[layout.CONFIG_ENV] = run_dir, config_file
         if resume:
-            env[RESUME_ENV] = "1"
+            env[layout.RESUME_ENV] = "1"
     missing = []
     for entry in cl.env:
         if "=" in entry:

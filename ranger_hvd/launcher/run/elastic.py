@@ -23,7 +23,6 @@ from ranger_hvd.rundir import layout
 ELASTIC_DIR = "elastic"
 HOSTS_FILE = "hosts"
 SCRIPT_FILE = "discover-hosts.sh"
-RESET_EVENT = layout.RESET_EVENT
 
 
 def hosts_file(run_dir) -> Path:
@@ -100,7 +99,7 @@ def elastic_summary(res: Resolved, records: list[dict]) -> Optional[dict]:
     el = res.config.cluster.elastic
     if el is None:
         return None
-    events = [r for r in records if r.get("event") == RESET_EVENT]
+    events = [r for r in records if r.get("event") == layout.RESET_EVENT]
     end = next((r for r in reversed(records) if r.get("event") == layout.END_EVENT), None)
     return {"min_np": el.min_np, "max_np": el.max_np, "start_np": res.np,
             "final_size": (end or {}).get("size"), "resets": len(events), "events": events}

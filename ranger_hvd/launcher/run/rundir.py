@@ -83,7 +83,6 @@ def write_config(run_dir: Path, res: Resolved) -> Path:
     return path
 
 
-SCRIPT_DIR = layout.SCRIPT_DIR
 
 
 def copy_script(run_dir: Path, res: Resolved) -> Optional[Path]:
@@ -95,7 +94,7 @@ def copy_script(run_dir: Path, res: Resolved) -> Optional[Path]:
     src = script_of(res.config.job.command)
     if src is None:
         return None
-    dest_dir = Path(run_dir) / SCRIPT_DIR
+    dest_dir = Path(run_dir) / layout.SCRIPT_DIR
     dest_dir.mkdir(exist_ok=True)
     dest = dest_dir / Path(src).name
     shutil.copyfile(src, dest)

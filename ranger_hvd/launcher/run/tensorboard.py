@@ -23,7 +23,6 @@ from typing import Iterable, Optional
 
 from ranger_hvd.rundir import layout
 
-TB_DIR = layout.TENSORBOARD
 FILE_PREFIX = "events.out.tfevents."
 SCALAR_FIELDS = ("loss", "bytes_sent", "step_time")
 
@@ -105,7 +104,7 @@ def _is_number(v) -> bool:
 def write_events(run_dir: Path, records: list[dict], started: Optional[float] = None) -> Optional[Path]:
     """Replaces ``RUN_DIR/tensorboard/`` 's event file with one holding every step record (None: no step
     record, nothing written)."""
-    return write_event_file(Path(run_dir) / TB_DIR, records, started)
+    return write_event_file(Path(run_dir) / layout.TENSORBOARD, records, started)
 
 
 def write_event_file(out_dir: Path, records: list[dict], started: Optional[float] = None) -> Optional[Path]:
