@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,34 @@ def rank_process(run: Path, rank: int, rank_var: str = "HOROVOD_RANK", also_env:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return None
+
+
+def kill_rank_once_checkpointed(proc: subprocess.Popen, name_dir: Path, straight: Path, np_: int, backend: str,
+                                find_rank, poll: float = 0.05):
+    """Watches the launch ``proc`` (the new run under ``name_dir``, ``straight`` being an earlier one): once
+    its first complete checkpoint set exists, SIGKILLs rank 1 (``find_rank(run)`` finds its process), then
+    waits for the launcher. Returns ``(killed, launcher output)``, ``killed`` = (run, pid, the newest
+    complete step when it was killed) or None if rank 1 was never seen after a checkpoint."""
+    import signal
+
+    from ranger_hvd.rundir.checkpoint import complete_steps
+
+    killed = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            runs_now = [d for d in name_dir.iterdir() if d != straight]
+            if runs_now and complete_steps(runs_now[0], np_, backend):
+                victim = find_rank(runs_now[0])
+                if victim is not None:
+                    victim.send_signal(signal.SIGKILL)
+                    killed = (runs_now[0], victim.pid, complete_steps(runs_now[0], np_, backend)[-1])
+                    break
+            time.sleep(poll)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        stop_launcher(proc)
+    return killed, out
 
 
 def stop_launcher(proc: subprocess.Popen, grace: float = 30.0) -> None:

@@ -9,17 +9,13 @@ in-process and start nothing.
 
 import json
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ranger_hvd.rundir.checkpoint import complete_steps
-
-from .conftest import CLI, REPO, assert_refused, rank_process, run_cli, run_records
+from .conftest import CLI, REPO, assert_refused, kill_rank_once_checkpointed, rank_process, run_cli, run_records
 from .test_launch import gone, processes_mentioning
 
 DEFAULT_JOB = str(REPO / "configs" / "cnn-digits.yaml")
@@ -39,22 +35,9 @@ def runs(tmp_path_factory):
     proc = subprocess.Popen([*CLI, "launch", DEFAULT_JOB, *SWITCH, f"output.dir={out}", "train.max_restarts=1",
                              "--no-live"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    killed = None
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            runs_now = [d for d in name_dir.iterdir() if d != straight]
-            if runs_now and complete_steps(runs_now[0], 2, "torch"):
-                victim = rank_process(runs_now[0], 1, "RANK", "TORCHELASTIC_RUN_ID")
-                if victim is not None:
-                    victim.send_signal(signal.SIGKILL)
-                    killed = (runs_now[0], victim.pid, complete_steps(runs_now[0], 2, "torch")[-1])
-                    break
-            time.sleep(0.02)
-        b_out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    killed, b_out = kill_rank_once_checkpointed(
+        proc, name_dir, straight, 2, "torch", lambda run: rank_process(run, 1, "RANK", "TORCHELASTIC_RUN_ID"),
+        poll=0.02)
     return r, straight, killed, proc.returncode, b_out
 
 

@@ -9,7 +9,6 @@ within a minute, naming the file (before the fix both ranks spun forever in mism
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import yaml
 
 from ranger_hvd.rundir.checkpoint import complete_steps
 
-from .conftest import CLI, REPO, needs_horovod, rank_process, run_cli, run_records
+from .conftest import CLI, REPO, kill_rank_once_checkpointed, needs_horovod, rank_process, run_cli, run_records
 from .test_launch import gone, processes_mentioning
 
 pytestmark = [pytest.mark.horovod, needs_horovod]
@@ -57,22 +56,8 @@ def runs(request, tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([*CLI, "launch", str(cfg), "train.max_restarts=1", "--no-live"], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = None
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            runs_now = [d for d in name_dir.iterdir() if d != straight]
-            if runs_now and complete_steps(runs_now[0], np_, backend):
-                victim = rank_process(runs_now[0], 1)
-                if victim is not None:
-                    victim.send_signal(signal.SIGKILL)
-                    killed = (runs_now[0], victim.pid, complete_steps(runs_now[0], np_, backend)[-1])
-                    break
-            time.sleep(0.05)
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    killed, out = kill_rank_once_checkpointed(proc, name_dir, straight, np_, backend,
+                                              lambda run: rank_process(run, 1))
     assert killed is not None, "rank 1 was never seen after the first checkpoint:\n" + (out or "")
     return backend, np_, root, straight, killed, proc.returncode, out
 
