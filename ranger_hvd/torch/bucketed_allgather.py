@@ -1,22 +1,5 @@
-"""One allgather per bucket of compressed tensors, instead of one per tensor.
-
-Horovod's hook hands ``RangerCompressor.compress`` one gradient at a time. Sent one allgather per
-tensor, each tensor's pairs cost Horovod a negotiation, a response and a completion of their own,
-and on a model of many small tensors that fixed cost per collective, not the bytes or the
-selection, was most of the exchange (``docs/results/network-per-tensor.md``). So the compressed
-tensors of each Horovod optimizer are cut into buckets once, as DDP cuts its own: its parameters in
-reverse order (the order backward produces their gradients), a new bucket whenever the next
-gradient would take one past ``bucket_bytes`` or lives on another device. ``compress`` still runs a
-tensor's error-feedback step at once and adds its pairs to its bucket; when the bucket's last
-tensor arrives, the bucket leaves in one allgather, while backward goes on with the next layers.
-
-**Names.** Every rank cuts the same buckets (the same parameters in the same order, which Horovod's
-``broadcast_parameters`` already asks of the model) and names a bucket's allgather after its
-first tensor in that order and the count of the others, so the name matches on every rank. A
-tensor whose bucket is still open when its result is wanted (code that calls ``compress`` and
-``decompress`` one tensor at a time; a tensor that Horovod did not hand over this step) sends every
-open bucket with the tensors it has: every rank compresses the same tensors of a step before
-Horovod asks for any result, so every rank sends the same partial buckets under the same names.
+"""One allgather per bucket of compressed tensors, instead of one per tensor (``buckets.py`` says how
+tensors are grouped, when a bucket leaves and how it is named).
 
 **Layout.** One rank's payload is the int32 indices of every tensor of the bucket, in bucket order,
 then their values in the wire dtype, so each slice is aligned for its dtype without padding: a
@@ -28,124 +11,43 @@ Each tensor's rows come back in rank order, so the scatter-add gives the bits it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from .buckets import DEFAULT_BUCKET_MB, Bucket, BucketQueue, cut_buckets  # noqa: F401
 from .state import all_finite
 
-DEFAULT_BUCKET_MB = 25.0   # gradient bytes per bucket, DDP's bucket_cap_mb
-
 
 @dataclass
-class _Plan:
-    """One optimizer's buckets: each tensor's (bucket, place in it) and each bucket's size."""
+class _Gathered(Bucket):
+    """A bucket's allgather: in flight, then every rank's payload."""
 
-    place: dict[str, tuple[int, int]]
-    sizes: list[int]
-
-
-@dataclass
-class _Bucket:
-    """One bucket in one step: the pairs of its tensors that arrived, then its allgather."""
-
-    expected: int
-    process_set: Any
-    members: list = field(default_factory=list)   # (place, name, indices, values)
-    handle: Any = None
+    handle: object = None
     gathered: torch.Tensor | None = None
     offsets: dict[str, tuple[int, int]] = field(default_factory=dict)   # name -> (first pair, k)
     total: int = 0                                                      # pairs per rank
     non_finite: torch.Tensor | None = None   # every value of the bucket, if one is NaN or Inf
 
 
-def cut_buckets(params: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
-    """The given parameters, in the given order, cut into buckets of up to ``bucket_bytes`` of
-    gradient (a larger tensor is a bucket of its own), each on one device."""
-    buckets, used = [], 0
-    for p in params:
-        size = p.numel() * p.element_size()
-        if not buckets or (used + size > bucket_bytes) or p.device != buckets[-1][0].device:
-            buckets.append([])
-            used = 0
-        buckets[-1].append(p)
-        used += size
-    return buckets
-
-
-def _plan_of(buckets: list[list], names: dict) -> _Plan:
-    place = {names[p]: (b, j) for b, bucket in enumerate(buckets) for j, p in enumerate(bucket)}
-    return _Plan(place, [len(bucket) for bucket in buckets])
-
-
-class BucketedAllgather:
+class BucketedAllgather(BucketQueue):
     """The allgathers of one compressor's top-k pairs, a bucket of tensors at a time."""
 
     def __init__(self, value_dtype: torch.dtype, bucket_bytes: int, compressed):
+        super().__init__(bucket_bytes, compressed)
         self.value_dtype = value_dtype
-        self.bucket_bytes = bucket_bytes
-        self.compressed = compressed        # shape -> whether that tensor travels as pairs
         self.received = 0                   # bytes the allgathers brought from other ranks
-        self._plans: dict[int, tuple[Any, _Plan]] = {}   # id(optimizer) -> (optimizer, plan)
-        self._open: dict[Any, _Bucket] = {}
-        self._waiting: dict[str, _Bucket] = {}
 
-    def plan(self, owner) -> _Plan | None:
-        """The buckets of a Horovod optimizer's compressed parameters (cut on first use)."""
-        if owner is None or self.bucket_bytes <= 0:
-            return None
-        known = self._plans.get(id(owner))
-        if known is not None and known[0] is owner:
-            return known[1]
-        names = getattr(owner, "_parameter_names", {})
-        params = [p for group in owner.param_groups for p in group["params"]
-                  if p.requires_grad and p in names and self.compressed(p.shape)]
-        groups = getattr(owner, "_p_to_group", None)
-        if groups:   # Horovod's groups (``groups=``, ``num_groups=``): one bucket per group
-            buckets: dict[int, list] = {}
-            for p in reversed(params):
-                group = groups.get(p)
-                buckets.setdefault(id(p) if group is None else id(group), []).append(p)
-            plan = _plan_of(list(buckets.values()), names)
-        else:
-            plan = _plan_of(cut_buckets(params[::-1], self.bucket_bytes), names)
-        self._plans[id(owner)] = (owner, plan)
-        return plan
-
-    def reset(self) -> None:
-        """A new step: whatever an unfinished step left open or unread is dropped."""
-        self._open, self._waiting = {}, {}
+    def _new_bucket(self, expected: int, process_set) -> _Gathered:
+        return _Gathered(expected, process_set)
 
     def add(self, name: str, indices: torch.Tensor, values: torch.Tensor, process_set,
             owner=None) -> None:
-        """This rank's pairs of one tensor (int32 indices, values in the wire dtype); sends its
-        bucket if that was the last tensor it waited for."""
-        plan = self.plan(owner)
-        where = None if plan is None else plan.place.get(name)
-        if where is None:   # not in a plan: a bucket of its own
-            key, where, expected = ("alone", name), (0, 0), 1
-        else:
-            key, expected = (id(owner), where[0]), plan.sizes[where[0]]
-        bucket = self._open.get(key)
-        if bucket is None:
-            bucket = self._open[key] = _Bucket(expected, process_set)
-        bucket.members.append((where, name, indices, values))
-        self._waiting[name] = bucket
-        if len(bucket.members) == bucket.expected:
-            del self._open[key]
-            self._send(bucket)
+        """This rank's pairs of one tensor (int32 indices, values in the wire dtype)."""
+        super().add(name, (indices, values), process_set, owner)
 
-    def flush(self) -> None:
-        """Sends every open bucket with the tensors it has (Horovod matches collectives by name,
-        so the order does not matter)."""
-        for bucket in self._open.values():
-            self._send(bucket)
-        self._open = {}
-
-    def _send(self, bucket: _Bucket) -> None:
+    def _send(self, bucket: _Gathered) -> None:
         import horovod.torch as hvd
 
-        bucket.members.sort(key=lambda m: m[0])   # arrival order may differ between ranks
         first = 0
         for _, name, indices, _ in bucket.members:
             bucket.offsets[name] = (first, indices.numel())
@@ -153,11 +55,8 @@ class BucketedAllgather:
         bucket.total = first
         payload = torch.cat([m[2].view(torch.uint8) for m in bucket.members]
                             + [m[3].reshape(-1).view(torch.uint8) for m in bucket.members])
-        head = bucket.members[0][1]
-        rest = len(bucket.members) - 1
         kwargs = {} if bucket.process_set is None else {"process_set": bucket.process_set}
-        bucket.handle = hvd.allgather_async(payload, name=f"ranger.topk.{head}"
-                                            + (f"+{rest}" if rest else ""), **kwargs)
+        bucket.handle = hvd.allgather_async(payload, name=bucket.head_name("ranger.topk."), **kwargs)
         bucket.members = []   # the payload holds them now
 
     def wait(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
@@ -165,9 +64,7 @@ class BucketedAllgather:
         ranks, every value of its bucket if one of them is NaN or Inf, else None: the bucket is
         checked once, when it arrives). Sends the open buckets first if this tensor's is one of
         them."""
-        bucket = self._waiting.pop(name)
-        if bucket.handle is None:
-            self.flush()
+        bucket = self.bucket_of(name)
         row = bucket.total * (4 + self.value_dtype.itemsize)
         if bucket.gathered is None:
             import horovod.torch as hvd

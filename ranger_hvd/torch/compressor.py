@@ -102,9 +102,9 @@ class RangerCompressor:
         # before a tensor of the step comes again).
         self.round = StepRound(self.engine)
         self._in_flight = 0
-        self._global = GlobalTopk(self)
         self.bucket_bytes = int(bucket_mb * 2 ** 20)
         self._buckets = BucketedAllgather(self.value_dtype, self.bucket_bytes, self.is_compressed)
+        self._global = GlobalTopk(self)
         self._received = 0   # bytes the collectives brought from other ranks (see stats())
         if named_parameters is not None:
             self.set_named_parameters(named_parameters)
@@ -173,6 +173,7 @@ class RangerCompressor:
         if self._in_flight == 0 or name in self.round:  # a new step begins
             self.round.reset()
             self._buckets.reset()
+            self._global.reset()
             self._in_flight = 0
         self.round.add(name, self._state_of(name))
         self._in_flight += 1
@@ -195,7 +196,7 @@ class RangerCompressor:
             return values, _Context("random", shape, dtype, indices=indices, name=name)
         token = torch.ones(1, dtype=torch.float32, device=tensor.device)
         if self.options.exchange == "global_topk":
-            self._global.start(name, math.prod(shape), indices, values, process_set)
+            self._global.start(name, math.prod(shape), indices, values, process_set, owner)
             return token, _Context("global", shape, dtype, name=name)
         self._buckets.add(name, indices, values, process_set, owner)
         return token, _Context("topk", shape, dtype, name=name)
@@ -284,7 +285,7 @@ class RangerCompressor:
         ``bytes_dense``, what plain fp32 allreduce of the same tensors would have handed over."""
         out = self._stats.as_dict()
         out["steps"] = max([out["steps"]] + [st.step for st in self._state.values()])
-        out["bytes_received"] = self._received + self._buckets.received
+        out["bytes_received"] = self._received + self._buckets.received + self._global.received
         return out
 
     def residual_norms(self) -> dict[str, float]:
@@ -312,7 +313,7 @@ class RangerCompressor:
             }
         stats = self._stats.as_dict()
         stats.pop("compression_ratio", None)
-        stats["bytes_received"] = self._received + self._buckets.received
+        stats["bytes_received"] = self._received + self._buckets.received + self._global.received
         return {"options": self.options.model_dump(), "tensors": tensors, "stats": stats,
                 "global_selection": self._global.state_dict()}
 
@@ -326,7 +327,7 @@ class RangerCompressor:
                 step=int(t.get("step", 0)))
         self._stats.load(state.get("stats", {}))
         self._received = int(state.get("stats", {}).get("bytes_received", 0))
-        self._buckets.received = 0
+        self._buckets.received = self._global.received = 0
         # the ranges of the global exchange follow the last selection: part of the state
         self._global.load_state_dict(state.get("global_selection", {}))
 

@@ -1,16 +1,28 @@
-"""PyTorch's global top-k exchange through Horovod's collectives (the rule: ``core/global_topk.py``).
+"""PyTorch's global top-k exchange through Horovod's collectives, a bucket of tensors at a time
+(the rule: ``core/global_topk.py``; the buckets: ``buckets.py``).
 
-``compress`` of a tensor starts step 1, the alltoall of its pairs to their owners. The first
-``decompress`` of a step runs step 2 for every tensor of the step whose alltoall was started, in
-order of name (the same on every rank, whatever order Horovod hands tensors back in), and starts
-each one's allgather of kept sums; each ``decompress`` then waits for its own allgather (step 3),
-scatters G and gives the pairs that were not kept back to this rank's residual (step 4).
+Each tensor keeps its own ranges, budgets and selection, exactly as the rule says; a bucket only
+shares the collectives. In a bucket, tensor t's index i travels as the *bucket index*
+``offset[t] + i`` (offsets: the running sum of the bucket's tensor sizes in bucket order), so one
+alltoall carries every tensor's pairs to their owners and one allgather brings back every tensor's
+kept sums, and an index alone says which tensor it belongs to.
+
+1. When a bucket's last tensor is compressed, this rank's pairs of all its tensors leave in one
+   alltoall, grouped by owner (each tensor's owner of ``i`` is the rule's, from that tensor's ranges);
+2. as soon as that alltoall has arrived (checked at each later ``compress``, else at the first
+   ``decompress`` that needs it), the owner sums what it received per index of each tensor in
+   arrival order (rank order: the same bits as one alltoall per tensor), keeps each tensor's budget
+   of the largest sums, and starts one allgather of the kept (bucket index, sum) rows;
+3. the first ``decompress`` of a bucket's tensors waits for that allgather, splits G by tensor and
+   gives each tensor's pairs that were not kept back to this rank's residual (step 4 of the rule).
+
+Bytes: a pair costs 4 + value size on the way to its owner, and 4 + sum size on the way back; sums
+travel in the widest dtype of the bucket's tensors (widening a float is exact).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,6 +30,7 @@ import torch
 from ranger_hvd.core import COUNTERS
 from ranger_hvd.core import global_topk as rule
 
+from .buckets import Bucket, BucketQueue
 from .selection import topk_indices
 from .state import TensorState, all_finite
 
@@ -35,69 +48,137 @@ def _unrows(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return indices, values
 
 
+def _by_tensor(bucket_indices: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The order that groups bucket indices by tensor (stable: arrival order within a tensor) and
+    where each tensor's group ends."""
+    tensor_of = torch.searchsorted(starts, bucket_indices.to(torch.int64), right=True) - 1
+    order = torch.sort(tensor_of, stable=True).indices
+    ends = torch.cumsum(torch.bincount(tensor_of, minlength=len(starts)), 0).tolist()
+    return order, ends
+
+
 @dataclass
-class _Exchange:
+class _Member:
+    """One tensor of a bucket in one step."""
+
     name: str
     state: TensorState
-    numel: int
-    k: int
-    bounds: list[int]
-    budgets: list[int]
-    send: Any                   # the alltoall in flight (step 1)
-    process_set: Any
-    gather: Any = None          # the allgather in flight (step 3)
-    sent_bytes: int = 0
+    offset: int                 # its first bucket index
+    bounds: list[int]           # owner j holds its indices [bounds[j], bounds[j+1])
+    budgets: list[int]          # how many sums owner j keeps
 
 
-class GlobalTopk:
-    """The global exchanges of one compressor: what is in flight, and each tensor's last G."""
+@dataclass
+class _GlobalBucket(Bucket):
+    """A bucket's two collectives and what they brought."""
+
+    world: int = 0
+    me: int = 0
+    parts: list[_Member] = field(default_factory=list)
+    starts: torch.Tensor | None = None
+    sum_dtype: torch.dtype = torch.float32
+    send: object = None          # the alltoall in flight (step 1)
+    gather: object = None        # the allgather in flight (step 2)
+    kept_bytes: int = 0
+    results: dict = field(default_factory=dict)   # name -> (G indices, G sums)
+    done: bool = False
+
+
+class GlobalTopk(BucketQueue):
+    """The global exchanges of one compressor: buckets in flight, and each tensor's last G."""
 
     def __init__(self, compressor):
+        super().__init__(compressor.bucket_bytes, compressor.is_compressed)
         self.comp = compressor
-        self.pending: dict[str, _Exchange] = {}
+        self.received = 0                        # bytes both collectives brought from other ranks
         self.last: dict[str, np.ndarray] = {}    # each tensor's last global selection, ascending
+        self._unkept: list[_GlobalBucket] = []   # sent, step 2 not yet run
+
+    def reset(self) -> None:
+        super().reset()
+        self._unkept = []
+
+    def _new_bucket(self, expected: int, process_set) -> _GlobalBucket:
+        return _GlobalBucket(expected, process_set)
 
     def start(self, name: str, numel: int, indices: torch.Tensor, values: torch.Tensor,
-              process_set) -> None:
-        """Step 1: this rank's pairs (values on the wire dtype) to the owners of their indices."""
+              process_set, owner=None) -> None:
+        """This rank's pairs of one tensor (ascending int32 indices, values on the wire dtype) into
+        its bucket; a bucket whose alltoall has arrived meanwhile goes on to step 2."""
+        self.add(name, (numel, indices, values), process_set, owner)
+        self._keep_arrived()
+
+    # ------------------------------------------------------------------ step 1
+    def _send(self, bucket: _GlobalBucket) -> None:
         import horovod.torch as hvd
 
-        world = process_set.size() if process_set is not None else hvd.size()
-        last = self.last.get(name)
-        bounds = rule.range_bounds(numel, world, last)
-        splits = rule.owner_split(indices.numpy(), bounds)
-        kwargs = {} if process_set is None else {"process_set": process_set}
-        rows = _rows(indices, values)
-        handle = hvd.alltoall_async(rows, splits=torch.tensor(splits, dtype=torch.int32),
-                                    name=f"ranger.gtopk.send.{name}", **kwargs)
-        self.pending[name] = _Exchange(name, self.comp._state[name], numel, len(indices), bounds,
-                                       rule.range_budgets(len(indices), bounds, last), handle,
-                                       process_set)
+        ps = bucket.process_set
+        bucket.world = ps.size() if ps is not None else hvd.size()
+        bucket.me = ps.rank() if ps is not None else hvd.rank()
+        offset, owners, bucket_indices, values, dtypes = 0, [], [], [], []
+        for _, name, numel, idx, vals in bucket.members:
+            last = self.last.get(name)
+            bounds = rule.range_bounds(numel, bucket.world, last)
+            state = self.comp._state[name]
+            bucket.parts.append(_Member(name, state, offset,
+                                        bounds, rule.range_budgets(len(idx), bounds, last)))
+            inner = torch.tensor(bounds[1:-1], dtype=torch.int64)
+            owners.append(torch.searchsorted(inner, idx.to(torch.int64), right=True))
+            bucket_indices.append(idx.to(torch.int64) + offset)
+            values.append(vals)
+            dtypes.append(state.residual.dtype)
+            offset += numel
+        if offset >= 2 ** 31:
+            raise ValueError(f"RangerCompressor: a global top-k bucket of {offset} entries does not "
+                             "fit int32 indices; lower bucket_mb")
+        bucket.starts = torch.tensor([m.offset for m in bucket.parts], dtype=torch.int64)
+        bucket.sum_dtype = dtypes[0]
+        for d in dtypes[1:]:
+            bucket.sum_dtype = torch.promote_types(bucket.sum_dtype, d)
+        owner = torch.cat(owners)
+        order = torch.sort(owner, stable=True).indices     # by owner, ascending within each
+        splits = torch.bincount(owner, minlength=bucket.world).to(torch.int32)
+        rows = _rows(torch.cat(bucket_indices)[order], torch.cat(values)[order])
+        kwargs = {} if ps is None else {"process_set": ps}
+        bucket.send = hvd.alltoall_async(rows, splits=splits,
+                                         name=bucket.head_name("ranger.gtopk.send."), **kwargs)
+        self._unkept.append(bucket)
 
-    def _keep_all_pending(self) -> None:
-        """Step 2 for every tensor whose alltoall is in flight, in name order."""
+    # ------------------------------------------------------------------ step 2
+    def _keep_arrived(self) -> None:
         import horovod.torch as hvd
 
-        for name in sorted(n for n, ex in self.pending.items() if ex.gather is None):
-            ex = self.pending[name]
-            rows, received_splits = hvd.synchronize(ex.send)
-            me = ex.process_set.rank() if ex.process_set is not None else hvd.rank()
-            indices, values = _unrows(rows, self.comp.value_dtype)
-            own = int(received_splits[me])
-            self.comp._received += rows.numel() - own * rows.shape[1]
-            dtype = ex.state.residual.dtype
-            lo, hi = ex.bounds[me], ex.bounds[me + 1]
-            kept_idx, kept_sums = self._owner_keep(indices, values.to(dtype), lo, hi,
-                                                   ex.budgets[me])
-            out = _rows(kept_idx, kept_sums)
-            ex.sent_bytes = out.numel()
-            kwargs = {} if ex.process_set is None else {"process_set": ex.process_set}
-            ex.gather = hvd.allgather_async(out, name=f"ranger.gtopk.kept.{name}", **kwargs)
+        while self._unkept and hvd.poll(self._unkept[0].send):
+            self._keep(self._unkept.pop(0))
+
+    def _keep(self, bucket: _GlobalBucket) -> None:
+        """This rank's step 2 for every tensor of a bucket, and the allgather of what it kept."""
+        import horovod.torch as hvd
+
+        rows, received_splits = hvd.synchronize(bucket.send)
+        own = int(received_splits[bucket.me])
+        self.received += rows.numel() - own * rows.shape[1]
+        indices, values = _unrows(rows, self.comp.value_dtype)
+        order, ends = _by_tensor(indices, bucket.starts)
+        indices, values = indices[order], values[order]
+        kept_idx, kept_sums, begin = [], [], 0
+        for part, end in zip(bucket.parts, ends):
+            lo, hi = part.bounds[bucket.me], part.bounds[bucket.me + 1]
+            idx, sums = self._owner_keep(indices[begin:end] - part.offset,
+                                         values[begin:end].to(part.state.residual.dtype),
+                                         lo, hi, part.budgets[bucket.me])
+            kept_idx.append(idx + part.offset)
+            kept_sums.append(sums.to(bucket.sum_dtype))
+            begin = end
+        out = _rows(torch.cat(kept_idx), torch.cat(kept_sums))
+        bucket.kept_bytes = out.numel()
+        kwargs = {} if bucket.process_set is None else {"process_set": bucket.process_set}
+        bucket.gather = hvd.allgather_async(out, name=bucket.head_name("ranger.gtopk.kept."), **kwargs)
 
     def _owner_keep(self, indices, values, lo: int, hi: int, budget: int):
-        """``core.global_topk.owner_keep`` on this rank's range [lo, hi)."""
+        """``core.global_topk.owner_keep`` on this rank's range [lo, hi) of one tensor."""
         if indices.numel() == 0 or budget <= 0:
-            return indices[:0], values[:0]
+            return indices[:0].to(torch.int64), values[:0]
         sums = torch.zeros(hi - lo, dtype=values.dtype)
         positions = (indices - lo).long()
         sums.index_add_(0, positions, values)   # in arrival order: rank order
@@ -108,24 +189,37 @@ class GlobalTopk:
             keep = topk_indices(at, budget, self.comp.options.sample_fraction).long()
         else:   # a void step: the NaN/Inf must reach every rank (and the loss scaler)
             keep = self.comp._ops.select_non_finite(at, budget).long()
-        return (candidates[keep] + lo).to(torch.int32), at[keep]
+        return candidates[keep] + lo, at[keep]
 
+    # ------------------------------------------------------------------ step 3
     def finish(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Steps 3 and 4 of one tensor: (G's indices, G's sums, N); this rank's pairs that were not
-        kept are back in its residual (and u where DGC masking zeroed it)."""
+        """(G's indices of one tensor, their sums, N), its bucket finished first if need be: this
+        rank's pairs of the bucket that were not kept are back in its residual."""
+        bucket = self.bucket_of(name)
+        if not bucket.done:
+            while bucket.gather is None:   # step 2 for the buckets sent before it, then for it
+                self._keep(self._unkept.pop(0))
+            self._finish(bucket)
+        return bucket.results.pop(name) + (bucket.world,)
+
+    def _finish(self, bucket: _GlobalBucket) -> None:
         import horovod.torch as hvd
 
-        ex = self.pending[name]
-        if ex.gather is None:
-            self._keep_all_pending()
-        rows = hvd.synchronize(ex.gather)
-        del self.pending[name]
-        g_idx, g_sums = _unrows(rows, ex.state.residual.dtype)
-        self.comp._received += rows.numel() - ex.sent_bytes
-        self.comp._stats.add([ex.sent_bytes] + [0] * (len(COUNTERS) - 1))   # bytes_sent only
-        self.last[name] = g_idx.numpy().astype(np.int64)
-        self._give_back_unkept(ex.state, g_idx)
-        return g_idx, g_sums, len(ex.bounds) - 1
+        rows = hvd.synchronize(bucket.gather)
+        self.received += rows.numel() - bucket.kept_bytes
+        self.comp._stats.add([bucket.kept_bytes] + [0] * (len(COUNTERS) - 1))   # bytes_sent only
+        g_idx, g_sums = _unrows(rows, bucket.sum_dtype)
+        order, ends = _by_tensor(g_idx, bucket.starts)
+        g_idx, g_sums = g_idx[order], g_sums[order]
+        begin = 0
+        for part, end in zip(bucket.parts, ends):
+            # owners hold ascending ranges and send ascending indices: each tensor's G is ascending
+            idx = g_idx[begin:end] - part.offset
+            bucket.results[part.name] = (idx, g_sums[begin:end].to(part.state.residual.dtype))
+            self.last[part.name] = idx.numpy().astype(np.int64)
+            self._give_back_unkept(part.state, idx)
+            begin = end
+        bucket.done = True
 
     def _give_back_unkept(self, st: TensorState, g_idx: torch.Tensor) -> None:
         """Step 4: the pairs of this rank outside G go back as an undone step's would (e[i] += v[i],

@@ -132,6 +132,23 @@ def test_buckets_change_the_collectives_not_the_bits(core):
                 ["0", "weight"], ["2", "weight"]], rep[run]["allgather_names"]
 
 
+def test_global_topk_buckets_change_the_collectives_not_the_bits(core):
+    """exchange="global_topk": by default the two compressed weights share one alltoall (and one
+    allgather of kept sums) per step, with bucket_mb=0 each has its own; each tensor keeps its own
+    ranges, budgets and selection, so the parameters and byte counts end the same."""
+    for rep in core:
+        steps = 20
+        bucketed, alone = rep["global_buckets_default"], rep["global_buckets_none"]
+        assert bucketed["stats"] == alone["stats"]
+        assert bucketed["moved"] > 1e-3
+        if rep["size"] == 2:
+            assert bucketed["params"] == alone["params"]
+        assert bucketed["allgathers"] == steps
+        [name] = bucketed["allgather_names"]
+        assert name.startswith("ranger.gtopk.send.") and name.endswith(".2.weight+1"), name
+        assert alone["allgathers"] == 2 * steps
+
+
 # ---------------------------------------------------------------- agreement across ranks
 AGREEMENT_RUNS = ["agree_a", "agree_b", "agree_ranger", "agree_r", "agree_a_momentum_warmup",
                   "agree_b_momentum_warmup", "agree_r_momentum_warmup", "agree_b_fp16_wire",

@@ -265,20 +265,21 @@ out["agree_r_fp16_wire"] = agreement("r", value_dtype="float16")
 
 # Buckets: the two compressed weights share one allgather by default; in buckets of 5 KB each
 # travels alone, and bucket_mb=0 is one allgather per tensor. Every rank must end with the bits of
-# the default, whatever the buckets, and the count of top-k allgathers tells the paths apart.
-def counted(run: str, **options):
-    names, start = [], hvd.allgather_async
+# the default, whatever the buckets, and the count of top-k allgathers tells the paths apart. The
+# global top-k exchange (an alltoall to the owners, then an allgather of what they kept) too.
+def counted(run: str, prefix="ranger.topk.", collective="allgather_async", **options):
+    names, start = [], getattr(hvd, collective)
 
-    def allgather_async(tensor, name=None, **kwargs):
-        if name and name.startswith("ranger.topk."):
+    def counting(tensor, *args, name=None, **kwargs):
+        if name and name.startswith(prefix):
             names.append(name)
-        return start(tensor, name=name, **kwargs)
+        return start(tensor, *args, name=name, **kwargs)
 
-    hvd.allgather_async = allgather_async
+    setattr(hvd, collective, counting)
     try:
         out[run] = agreement("b", **options)
     finally:
-        hvd.allgather_async = start
+        setattr(hvd, collective, start)
     out[run]["allgathers"] = len(names)
     out[run]["allgather_names"] = sorted(set(names))
 
@@ -287,6 +288,8 @@ counted("buckets_default")
 counted("buckets_small", bucket_mb=5 / 1024)
 counted("buckets_none", bucket_mb=0)
 counted("buckets_groups", hvd_kwargs={"groups": 1})
+for run, options in (("global_buckets_default", {}), ("global_buckets_none", {"bucket_mb": 0})):
+    counted(run, "ranger.gtopk.send.", "alltoall_async", exchange="global_topk", **options)
 
 
 # ---------------------------------------------------------------- 5. a NaN gradient, last
