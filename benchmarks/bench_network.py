@@ -9,6 +9,14 @@ removed afterwards, also after a failure, Ctrl-C or SIGTERM. Needs root.
     python benchmarks/bench_network.py            # full grid -> benchmarks/network-results.{md,json,png}
     python benchmarks/bench_network.py --quick    # 1 small model, 2 hosts, 1 Gbit/s, few steps (~1 min)
     python benchmarks/bench_network.py --hosts 2 --links 1gbit none --models resnet50
+    python benchmarks/bench_network.py --exchange-only --hosts 2 4 8 --links 1gbit \
+        --models lstm-lm resnet50 tensor-1m --name network-scaling --out docs/results
+
+``--exchange-only`` builds no model: every rank fills the gradients of the model's tensor shapes
+with synthetic values (untimed) and times only the exchange (Horovod's per-parameter hooks in
+backward order, then ``synchronize``), and reports bytes received per rank as well.
+``--ranks-per-host 2`` starts two ranks in each test host (they talk over the host's loopback,
+not the limited link).
 
 Exit status: 0 when every launch produced figures, 1 when some failed (their error is in the
 results), 2 for bad arguments or when test hosts cannot be created here.
@@ -36,7 +44,7 @@ sys.path.insert(0, str(HERE))
 from machine import cpu_and_load  # noqa: E402
 from netbench import report  # noqa: E402
 from netbench.hosts import HostsError, TestHosts, interrupt_on_signals  # noqa: E402
-from netbench.models import SPECS  # noqa: E402
+from netbench.models import EXCHANGE_ONLY, SPECS  # noqa: E402
 from netbench.worker import parse_mode  # noqa: E402
 
 FULL = {"hosts": [2, 3], "links": ["1gbit", "10gbit", "none"],
@@ -44,6 +52,10 @@ FULL = {"hosts": [2, 3], "links": ["1gbit", "10gbit", "none"],
         "modes": ["dense", "fp16", "floor", "ranger-0.01", "ranger-0.001"], "steps": 20, "warmup": 3}
 QUICK = {"hosts": [2], "links": ["1gbit"], "models": ["lstm-small"],
          "modes": ["dense", "fp16", "floor", "ranger-0.01", "ranger-0.001"], "steps": 6, "warmup": 2}
+EXCHANGE = {"hosts": [2, 4, 8], "links": ["1gbit"], "models": ["lstm-lm", "resnet50", "tensor-1m"],
+            "modes": ["dense", "fp16", "ranger-0.01", "global-0.01", "ranger-0.001", "global-0.001"],
+            "steps": 10, "warmup": 2}
+EXCHANGE_KINDS = ("dense", "fp16", "ranger", "hook", "pertensor", "global")
 LINK_WORDS = {"none": "none", "1gbit": "1 Gbit/s", "10gbit": "10 Gbit/s"}
 
 
@@ -57,6 +69,14 @@ def parse_args(argv):
     p.add_argument("--modes", nargs="+", help=f"dense, fp16, floor, ranger-D, hook-D, pertensor-D, "
                    f"global-D, ddp, ddp-D "
                    f"(default {FULL['modes']})")
+    p.add_argument("--exchange-only", action="store_true", help="no model and no compute: synthetic "
+                   "gradients of each model's tensor shapes, only the exchange timed (defaults: "
+                   f"hosts {EXCHANGE['hosts']}, models {EXCHANGE['models']}, modes {EXCHANGE['modes']}, "
+                   f"{EXCHANGE['steps']} steps)")
+    p.add_argument("--ranks-per-host", type=int, default=1, choices=(1, 2),
+                   help="ranks started in each test host (default 1)")
+    p.add_argument("--name", default="network-results",
+                   help="results files are NAME.{md,json,png} in --out (default network-results)")
     p.add_argument("--steps", type=int, help="timed steps per mode (default 20; quick 6)")
     p.add_argument("--warmup", type=int, help="warm-up steps per mode (default 3; quick 2)")
     p.add_argument("--out", type=Path, help="directory of network-results.{md,json,png} "
@@ -69,15 +89,23 @@ def parse_args(argv):
                    "each rank on its own core, rank r on core r mod cores, as on separate hosts)")
     p.add_argument("--cycle-time-ms", type=float, help="Horovod's cycle time, the same for every mode "
                    "(horovodrun --cycle-time-ms; default: Horovod's own)")
-    p.add_argument("--launch-timeout", type=float, default=1200, help="seconds per horovodrun launch")
+    p.add_argument("--launch-timeout", type=float, default=1800, help="seconds per horovodrun launch")
     args = p.parse_args(argv)
-    base = QUICK if args.quick else FULL
+    base = QUICK if args.quick else EXCHANGE if args.exchange_only else FULL
     for key in ("hosts", "links", "models", "modes", "steps", "warmup"):
         if getattr(args, key) is None:
             setattr(args, key, base[key])
     errors = []
     errors += [f"--hosts {h}: give 2 to 9" for h in args.hosts if not 2 <= h <= 9]
     errors += [f"--models {m}: not one of {sorted(SPECS)}" for m in args.models if m not in SPECS]
+    errors += [f"--models {m}: only with --exchange-only" for m in args.models
+               if m in EXCHANGE_ONLY and not args.exchange_only]
+    if args.exchange_only:
+        errors += [f"--models {m}: --exchange-only runs PyTorch shapes only" for m in args.models
+                   if m in SPECS and SPECS[m].framework != "torch"]
+        errors += [f"--modes {mode}: not an exchange (--exchange-only takes dense, fp16, ranger-D, "
+                   "hook-D, pertensor-D, global-D)" for mode in args.modes
+                   if mode.split("-", 1)[0] not in EXCHANGE_KINDS]
     errors += [f"--modes {mode}: runs on PyTorch models only, not {m}"
                for mode in args.modes if mode.startswith(("global-", "ddp", "pertensor-"))
                for m in args.models if m in SPECS and SPECS[m].framework != "torch"]
@@ -137,12 +165,13 @@ def launch(hosts: TestHosts, model: str, args, json_path: Path, console) -> dict
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
            "TF_USE_LEGACY_KERAS": "1", "HOROVOD_STALL_CHECK_TIME_SECONDS": "120",
            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "600"}
-    argv = [*hosts.run_prefix(), str(venv_bin / "horovodrun"), *hosts.horovodrun_args(),
-            "--start-timeout", "120",
+    argv = [*hosts.run_prefix(), str(venv_bin / "horovodrun"), *hosts.horovodrun_args(args.ranks_per_host),
+            "--start-timeout", "300",
             *([] if args.cycle_time_ms is None else ["--cycle-time-ms", str(args.cycle_time_ms)]),
             sys.executable, "-m", "netbench.worker", "--model", model,
             "--modes", ",".join(args.modes), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--json", str(json_path), *([] if args.no_pin else ["--pin"])]
+            "--json", str(json_path), *([] if args.no_pin else ["--pin"]),
+            *(["--exchange-only"] if args.exchange_only else [])]
     json_path.unlink(missing_ok=True)
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
@@ -165,9 +194,10 @@ def launch(hosts: TestHosts, model: str, args, json_path: Path, console) -> dict
     if proc.returncode != 0 or not json_path.exists():
         raise RuntimeError(f"horovodrun exited {proc.returncode}: {output[-3000:]}")
     raw = json.loads(json_path.read_text())
-    expected = hosts.addresses
+    expected = hosts.addresses * args.ranks_per_host
     if sorted(raw["addresses"]) != sorted(expected):
-        raise RuntimeError(f"ranks ran at {raw['addresses']}, expected one on each of {expected}")
+        raise RuntimeError(f"ranks ran at {raw['addresses']}, expected {args.ranks_per_host} on each of "
+                           f"{hosts.addresses}")
     return raw
 
 
@@ -183,15 +213,16 @@ def main(argv=None) -> int:
             "command": "python benchmarks/bench_network.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "machine": description, "cpus": cpus, "steps": args.steps, "warmup": args.warmup,
             "pinned": not args.no_pin, "cycle_time_ms": args.cycle_time_ms,
+            "exchange_only": args.exchange_only, "ranks_per_host": args.ranks_per_host,
             "models": {m: f"{SPECS[m].framework}, {SPECS[m].description}; batch: {SPECS[m].input}"
                        + (f"; {SPECS[m].tensors} tensors" if SPECS[m].tensors else "")
                        + f", {SPECS[m].params:,} parameters" for m in args.models}}
     runs: list[dict] = []
     start = time.time()
     failed = interrupted = False
-    results_json = args.out / "network-results.json"
+    results_json = args.out / f"{args.name}.json"
     previous = json.loads(results_json.read_text()) if args.append and results_json.exists() else None
-    partial_json = args.out / "network-results.partial.json"  # what is measured so far
+    partial_json = args.out / f"{args.name}.partial.json"  # what is measured so far
     try:
         with tempfile.TemporaryDirectory(prefix="ranger-hvd-bench-state-") as state:
             for count in args.hosts:
@@ -200,8 +231,14 @@ def main(argv=None) -> int:
                     for link in args.links:
                         hosts.set_link(link)
                         for model in args.models:
-                            console.print(f"[bold]{count} hosts, link {link}, {model}[/bold] ...")
-                            run = {"hosts": count, "link": link, "model": model, "date": meta["date"]}
+                            what = "exchange only" if args.exchange_only else "steps"
+                            console.print(f"[bold]{count} hosts x {args.ranks_per_host} ranks, link {link}, "
+                                          f"{model}, {what}[/bold] ...")
+                            run = {"hosts": count, "ranks_per_host": args.ranks_per_host,
+                                   "ranks": count * args.ranks_per_host,
+                                   "kind": "exchange" if args.exchange_only else "step",
+                                   "link": link, "model": model, "date": meta["date"],
+                                   "steps": args.steps, "warmup": args.warmup}
                             t0 = time.time()
                             try:
                                 raw = launch(hosts, model, args, Path(state) / "worker.json", console)
@@ -229,26 +266,31 @@ def main(argv=None) -> int:
     if not runs:
         return 130 if interrupted else 1
     if args.append and previous:
-        keys = {(r["hosts"], r["link"], r["model"]) for r in runs}
-        kept = [r for r in previous["runs"] if (r["hosts"], r["link"], r["model"]) not in keys]
+        keys = {report.cell(r) for r in runs}
+        kept = [r for r in previous["runs"] if report.cell(r) not in keys]
         if kept:
             dates = {r["date"] for r in kept}
             meta["earlier"] = [e for e in previous["meta"].get("earlier", []) if e["date"] in dates]
             if previous["meta"]["date"] in dates:
                 meta["earlier"].append({k: previous["meta"][k] for k in
-                                        ("date", "command", "machine", "wall_s", "steps", "warmup", "pinned")
+                                        ("date", "command", "machine", "wall_s", "steps", "warmup", "pinned",
+                                         "exchange_only", "ranks_per_host")
                                         if k in previous["meta"]})
             meta["models"] = {**{r["model"]: previous["meta"]["models"][r["model"]] for r in kept},
                               **meta["models"]}
         runs = kept + runs
     order = {link: i for i, link in enumerate(FULL["links"])}
-    runs.sort(key=lambda r: (r["hosts"], order.get(r["link"], len(order)), r["link"], r["model"]))
+    runs.sort(key=lambda r: (r.get("kind", "step"), r["hosts"], r.get("ranks_per_host", 1),
+                             order.get(r["link"], len(order)), r["link"], r["model"]))
     results_json.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    report.plot(runs, args.out / "network-results.png", meta)
-    (args.out / "network-results.md").write_text(report.markdown(runs, meta, "network-results.png"))
+    if any(r.get("kind") == "exchange" for r in runs):
+        report.plot_scaling(runs, args.out / f"{args.name}.png", meta)
+    else:
+        report.plot(runs, args.out / f"{args.name}.png", meta)
+    (args.out / f"{args.name}.md").write_text(report.markdown(runs, meta, f"{args.name}.png"))
     partial_json.unlink(missing_ok=True)
     report.print_table(runs)
-    console.print(f"results: {args.out / 'network-results.md'}")
+    console.print(f"results: {args.out / (args.name + '.md')}")
     return 130 if interrupted else (1 if failed else 0)
 
 

@@ -98,8 +98,9 @@ class TestHosts:
         """argv prefix that runs a command inside the first host (horovodrun starts there)."""
         return ["ip", "netns", "exec", f"{self.prefix}-ns1"]
 
-    def horovodrun_args(self) -> list[str]:
-        return ["-np", str(self.count), "-H", ",".join(f"{a}:1" for a in self.addresses), "--gloo",
+    def horovodrun_args(self, ranks_per_host: int = 1) -> list[str]:
+        return ["-np", str(self.count * ranks_per_host), "-H",
+                ",".join(f"{a}:{ranks_per_host}" for a in self.addresses), "--gloo",
                 "-p", str(SSH_PORT), "-i", str(self.key), "--network-interfaces", INTERFACE]
 
     def existing(self) -> list[str]:

@@ -36,7 +36,28 @@ SPECS = {
                          "32 vectors of 1024, 10 classes", 102, 13_400_074),
     "keras-resnet50": ModelSpec("keras-resnet50", "tf", "Keras ResNet50 (weights=None)", 4,
                                 f"4 images {IMAGE}x{IMAGE}x3, 1000 classes", None, 25_583_592),
+    # exchange only (--exchange-only): no model, one 1000x1000 fp32 gradient
+    "tensor-1m": ModelSpec("tensor-1m", "torch", "one 1000x1000 tensor (1M entries; exchange only)", 0,
+                           "no batch: synthetic gradients", 1, 1_000_000),
 }
+
+EXCHANGE_ONLY = {"tensor-1m"}   # specs with shapes but no model to train
+
+
+def exchange_shapes(name: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(parameter name, shape) of a PyTorch spec's trainable tensors, in ``model.parameters()``
+    order, without allocating them (built on the meta device): what ``--exchange-only`` fills with
+    synthetic gradients."""
+    import torch
+
+    spec = SPECS[name]
+    if spec.framework != "torch":
+        raise ValueError(f"exchange only runs PyTorch shapes, not {name!r}")
+    if name == "tensor-1m":
+        return [("weight", (1000, 1000))]
+    with torch.device("meta"):
+        model, _, _ = torch_model(name)
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
 
 
 # ----------------------------------------------------------------------------------------- PyTorch

@@ -47,13 +47,16 @@ def parse_mode(mode: str) -> tuple[str, float | None]:
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def interleaved(steps_by_mode: dict, warmup: int, steps: int, barrier, on_warm=None) -> tuple:
+def interleaved(steps_by_mode: dict, warmup: int, steps: int, barrier, on_warm=None,
+                before_step=None) -> tuple:
     """({mode: seconds per timed step}, {mode: each timed step's start, s after the first},
     {mode: CPU seconds this process used in each timed step, all its threads}): ``warmup`` untimed
     steps of each mode, then ``steps`` rounds of one timed step per mode, the order rotated by one
-    each round."""
+    each round. ``before_step`` (untimed) runs before each step, before its barrier."""
+    before_step = before_step or (lambda: None)
     for step in steps_by_mode.values():
         for _ in range(warmup):
+            before_step()
             step()
     if on_warm is not None:
         on_warm()
@@ -64,6 +67,7 @@ def interleaved(steps_by_mode: dict, warmup: int, steps: int, barrier, on_warm=N
     origin = time.perf_counter()
     for _ in range(steps):
         for mode in order:
+            before_step()
             barrier(mode)  # every rank starts each timed step together
             start, cpu = time.perf_counter(), time.process_time()
             steps_by_mode[mode]()
@@ -104,25 +108,7 @@ def run_torch(args) -> tuple[dict, object]:
     torch.set_num_threads(1)
     hvd.init()
 
-    class TimedCompressor(RangerCompressor):
-        """Adds up the time spent in compress (error feedback, selection, starting the allgather)
-        and decompress (waiting for the allgather, scatter-add)."""
-
-        compress_s = decompress_s = 0.0
-
-        def compress(self, tensor):
-            start = time.perf_counter()
-            try:
-                return super().compress(tensor)
-            finally:
-                self.compress_s += time.perf_counter() - start
-
-        def decompress(self, tensor, ctx):
-            start = time.perf_counter()
-            try:
-                return super().decompress(tensor, ctx)
-            finally:
-                self.decompress_s += time.perf_counter() - start
+    TimedCompressor = _timed(RangerCompressor)
 
     def barrier(tag):
         hvd.allreduce(torch.zeros(1), name=f"bench.barrier.{tag}")
@@ -181,6 +167,111 @@ def run_torch(args) -> tuple[dict, object]:
 
     return measure(runners, args, barrier, lambda c: (c.stats(), c.compress_s, c.decompress_s),
                    lambda p: p.numel(), lambda p: p.element_size()), hvd
+
+
+def ring_allreduce_received(numel: int, itemsize: int, world: int) -> int:
+    """Bytes one rank receives in a ring allreduce of ``numel`` entries: reduce-scatter and
+    allgather, each N-1 chunks of 1/N of the tensor (what dense and fp16 are counted as receiving;
+    Horovod's Gloo allreduce is a ring)."""
+    return round(2 * (world - 1) * numel * itemsize / world)
+
+
+def run_torch_exchange(args) -> tuple[dict, object]:
+    """Exchange only: no model, no forward or backward. Every mode shares one set of parameters
+    with the spec's shapes (never read: ``torch.empty``), each mode with its own Horovod optimizer
+    and compressor. Each step fills every ``.grad`` with fresh synthetic gradients (a window at a
+    random offset of N(0, 1) numbers drawn once per rank: cheaper than drawing tens of millions of
+    normals per step on a shared core), outside the timed part; the timed part is the exchange as a
+    user's backward drives it: Horovod's own per-parameter hook (``_make_hook``, what backward's
+    gradient accumulators call) for every parameter in backward order (reverse parameter order),
+    then ``optimizer.synchronize()``: compress, the collectives, decompress."""
+    import torch
+    import horovod.torch as hvd
+    from ranger_hvd.torch import DistributedOptimizer, RangerCompressor
+
+    torch.set_num_threads(1)
+    hvd.init()
+    TimedCompressor = _timed(RangerCompressor)
+
+    def barrier(tag):
+        hvd.allreduce(torch.zeros(1), name=f"bench.barrier.{tag}")
+
+    shapes = models.exchange_shapes(args.model)
+    params = [torch.nn.Parameter(torch.empty(shape)) for _, shape in shapes]
+    sizes = [p.numel() for p in params]
+    total, largest = sum(sizes), max(sizes)
+    gen = torch.Generator().manual_seed(2000 + hvd.rank())
+    pool = torch.randn(total + largest, generator=gen)   # fresh gradients are windows of it
+    store = torch.empty(total)                            # every .grad lives here between fills
+    slots, at = [], 0
+    for p, n in zip(params, sizes):
+        slots.append(store[at:at + n].view(p.shape))
+        at += n
+    offsets = torch.Generator().manual_seed(3000 + hvd.rank())
+
+    def fill():
+        for p, slot, n in zip(params, slots, sizes):
+            start = int(torch.randint(0, total, (1,), generator=offsets))
+            slot.view(-1).copy_(pool[start:start + n])
+            p.grad = slot.view(p.shape)   # a fresh view: decompress's set_ leaves the slot alone
+
+    runners = {}
+    for mode in args.modes:
+        kind, density = parse_mode(mode)
+        named = [(f"{mode}/{n}", p) for (n, _), p in zip(shapes, params)]
+        opt = torch.optim.SGD(params, lr=LR)
+        comp = None
+        if kind == "dense":
+            opt = hvd.DistributedOptimizer(opt, named_parameters=named)
+        elif kind == "fp16":
+            opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=hvd.Compression.fp16)
+        elif kind == "ranger":
+            comp = TimedCompressor(density=density)
+            opt = DistributedOptimizer(opt, named_parameters=named, compression=comp)
+        elif kind in ("hook", "global", "pertensor"):
+            exchange = "global_topk" if kind == "global" else "allgather"
+            buckets = {"bucket_mb": 0} if kind == "pertensor" else {}
+            comp = TimedCompressor(density=density, exchange=exchange, **buckets)
+            opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
+        else:
+            raise ValueError(f"{mode}: not an exchange-only mode (dense, fp16, ranger-D, hook-D, "
+                             "pertensor-D, global-D)")
+        hooks = [opt._make_hook(p) for p in reversed(params)]
+
+        def exchange(opt=opt, hooks=hooks):
+            for hook in hooks:
+                hook()
+            opt.synchronize()
+
+        runners[mode] = (exchange, params, kind, comp)
+
+    return measure(runners, args, barrier, lambda c: (c.stats(), c.compress_s, c.decompress_s),
+                   lambda p: p.numel(), lambda p: p.element_size(), before_step=fill,
+                   world=hvd.size()), hvd
+
+
+def _timed(base):
+    class TimedCompressor(base):
+        """Adds up the time spent in compress (error feedback, selection, starting the allgather)
+        and decompress (waiting for the allgather, scatter-add)."""
+
+        compress_s = decompress_s = 0.0
+
+        def compress(self, tensor):
+            start = time.perf_counter()
+            try:
+                return super().compress(tensor)
+            finally:
+                self.compress_s += time.perf_counter() - start
+
+        def decompress(self, tensor, ctx):
+            start = time.perf_counter()
+            try:
+                return super().decompress(tensor, ctx)
+            finally:
+                self.decompress_s += time.perf_counter() - start
+
+    return TimedCompressor
 
 
 def _init_torch_distributed(hvd) -> None:
@@ -288,9 +379,11 @@ def run_tf(args) -> tuple[dict, object]:
 
 
 # ------------------------------------------------------------------------------------------ common
-def measure(runners: dict, args, barrier, snapshot, numel, itemsize) -> dict:
+def measure(runners: dict, args, barrier, snapshot, numel, itemsize, before_step=None,
+            world: int = 1) -> dict:
     """Each mode's figures: ``runners`` maps mode -> (step, parameters, kind, compressor or None);
-    ``snapshot(compressor)`` is (stats, compress s, decompress s) when the warm-up is over."""
+    ``snapshot(compressor)`` is (stats, compress s, decompress s) when the warm-up is over;
+    ``world`` is the number of ranks (for the bytes a ring allreduce receives)."""
     before = {}
 
     def on_warm():
@@ -299,13 +392,13 @@ def measure(runners: dict, args, barrier, snapshot, numel, itemsize) -> dict:
                 before[mode] = snapshot(comp)
 
     times, starts, cpus = interleaved({m: r[0] for m, r in runners.items()}, args.warmup, args.steps,
-                                      barrier, on_warm)
+                                      barrier, on_warm, before_step)
     return {mode: _figures(times[mode], starts[mode], params, kind, comp, before.get(mode), args.steps,
-                           numel, itemsize, cpus[mode])
+                           numel, itemsize, cpus[mode], world)
             for mode, (_, params, kind, comp) in runners.items()}
 
 
-def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize, cpus) -> dict:
+def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize, cpus, world) -> dict:
     fig = {"times_s": times, "starts_s": starts, "cpu_s": cpus}
     print(f"[bench] {kind}{'' if comp is None else ' d=' + str(comp.options.density)}: median "
           f"{1e3 * sorted(times)[len(times) // 2]:.0f} ms over {len(times)} steps", flush=True)
@@ -313,13 +406,20 @@ def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize, 
         fig["bytes_per_step"] = 0
     elif kind in ("dense", "fp16") or (kind == "ddp" and comp is None):
         fig["bytes_per_step"] = sum(numel(p) * (2 if kind == "fp16" else itemsize(p)) for p in params)
+        fig["bytes_received_per_step"] = sum(ring_allreduce_received(
+            numel(p), 2 if kind == "fp16" else itemsize(p), world) for p in params)
+        fig["bytes_received_counted"] = "ring allreduce, 2(N-1)/N x numel x itemsize"
     elif kind == "floor":
         fig["bytes_per_step"] = sum(itemsize(p) for p in params)   # one entry of each gradient
     else:
         now, (then, c0, d0) = comp.stats(), before
         per = {key: (now[key] - then[key]) / steps for key in
-               ("bytes_sent", "bytes_dense", "tensors_sparse", "tensors_dense", "elements_selected")}
+               ("bytes_sent", "bytes_dense", "tensors_sparse", "tensors_dense", "elements_selected")
+               if key in now}
         fig["bytes_per_step"] = per["bytes_sent"]
+        if "bytes_received" in now:
+            fig["bytes_received_per_step"] = (now["bytes_received"] - then["bytes_received"]) / steps
+            fig["bytes_received_counted"] = "the compressor's stats()['bytes_received']"
         fig["profile"] = {
             "allgathers_per_step": per["tensors_sparse"],
             "dense_allreduces_per_step": per["tensors_dense"],
@@ -350,6 +450,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--json", required=True)
+    p.add_argument("--exchange-only", action="store_true",
+                   help="no model: synthetic gradients of the spec's shapes, time only the exchange")
     p.add_argument("--pin", action="store_true",
                    help="run on one core, rank r on the r-th allowed core (mod their number)")
     args = p.parse_args(argv)
@@ -358,7 +460,10 @@ def main(argv=None) -> None:
     if args.pin:
         pin_to_core(int(os.environ["HOROVOD_RANK"]))
     spec = models.SPECS[args.model]
-    figures, hvd = (run_torch if spec.framework == "torch" else run_tf)(args)
+    if args.exchange_only:
+        figures, hvd = run_torch_exchange(args)
+    else:
+        figures, hvd = (run_torch if spec.framework == "torch" else run_tf)(args)
     gathered = hvd.allgather_object(figures, name="bench.figures")
     # each test host maps the machine's hostname to its own address: proof of where each rank ran
     addresses = hvd.allgather_object(socket.gethostbyname(socket.gethostname()), name="bench.addresses")
@@ -366,7 +471,7 @@ def main(argv=None) -> None:
     if hvd.rank() == 0:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "size": hvd.size(), "ranks": gathered,
-                       "addresses": addresses, "cores": cores,
+                       "addresses": addresses, "cores": cores, "exchange_only": args.exchange_only,
                        # what horovodrun handed the ranks (unset: Horovod's default)
                        "cycle_time_env": os.environ.get("HOROVOD_CYCLE_TIME")}, f)
 

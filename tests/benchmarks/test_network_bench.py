@@ -229,3 +229,64 @@ def test_global_top_k_only_on_pytorch_models(tmp_path):
     assert proc.returncode == 2, out
     assert "--modes global-0.01: runs on PyTorch models only, not keras-resnet50" in out
     assert "not mlp-102" not in out
+
+
+def test_exchange_only_arguments(tmp_path):
+    proc = _bench(["--exchange-only", "--models", "keras-resnet50", "tensor-1m", "--modes", "floor",
+                   "ddp-0.01", "ranger-0.01", "--out", str(tmp_path)])
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    for culprit in ("--models keras-resnet50: --exchange-only runs PyTorch shapes only",
+                    "--modes floor: not an exchange", "--modes ddp-0.01: not an exchange"):
+        assert culprit in out, out
+    assert "--models tensor-1m" not in out and "--modes ranger-0.01" not in out, out
+    proc = _bench(["--models", "tensor-1m", "--ranks-per-host", "3", "--out", str(tmp_path)])
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--ranks-per-host" in out, out
+    proc = _bench(["--models", "tensor-1m", "--out", str(tmp_path)])
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--models tensor-1m: only with --exchange-only" in out, out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exchange_shapes_are_the_models():
+    import torch
+    from netbench.models import SPECS, exchange_shapes, torch_model
+
+    for name in ("resnet50", "lstm-lm", "mlp-102"):
+        model, _, _ = torch_model(name)
+        assert exchange_shapes(name) == [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+        assert len(exchange_shapes(name)) == SPECS[name].tensors
+    assert exchange_shapes("tensor-1m") == [("weight", (1000, 1000))]
+    del torch
+
+
+@pytest.mark.netns
+@pytest.mark.horovod
+@needs_horovod
+def test_exchange_only_two_ranks_per_host(tmp_path):
+    """2 hosts x 2 ranks, the 1M-entry tensor: each host ran two ranks; bytes received per rank are
+    the ring allreduce's for dense, (N-1)·k·8 (+ the 4-byte token) for the allgather and at most
+    about 2·k·8 for global top-k; the scaling report and plot are written."""
+    _skip_unless_usable("rb33x")
+    proc = _bench(["--exchange-only", "--hosts", "2", "--ranks-per-host", "2", "--models", "tensor-1m",
+                   "--modes", "dense", "ranger-0.01", "global-0.01", "--steps", "2", "--warmup", "1",
+                   "--out", str(tmp_path), "--name", "scaling", "--prefix", "rb33x", "--net", "10.77.113"])
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-5000:]
+    assert not TestHosts(2, tmp_path, "rb33x", "10.77.113").existing(), "test hosts left behind"
+    data = json.loads((tmp_path / "scaling.json").read_text())
+    (run,) = data["runs"]
+    assert (run["kind"], run["hosts"], run["ranks_per_host"], run["ranks"]) == ("exchange", 2, 2, 4)
+    assert sorted(run["raw"]["addresses"]) == ["10.77.113.11"] * 2 + ["10.77.113.12"] * 2
+    f = run["figures"]
+    assert list(f) == ["dense", "ranger-0.01", "global-0.01"]     # no compute-only in exchange only
+    k8 = 10_000 * 8
+    assert f["dense"]["bytes_received_max"] == 2 * 3 * 4_000_000 // 4
+    assert f["ranger-0.01"]["bytes_received_max"] == 3 * k8 + 4            # + the token
+    assert k8 < f["global-0.01"]["bytes_received_max"] <= 2 * k8
+    assert all(len(r[m]["times_s"]) == 2 for r in run["raw"]["ranks"] for m in f)
+    md = (tmp_path / "scaling.md").read_text()
+    assert "## Exchange only" in md and "| 2x2 | 4 | 1gbit | tensor-1m | ranger global top-k d=0.01 |" in md
+    assert "- met: 1M-entry tensor" not in md or "N=2" not in md   # 2 ranks per host: not the target's cells
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
