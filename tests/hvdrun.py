@@ -35,16 +35,18 @@ def worker_env(extra: dict | None = None) -> dict:
 
 def run_workers(script: str | Path, out_dir: Path, np: int = 2, controller: str = "gloo",
                 args: list[str] | None = None, env: dict | None = None,
-                timeout: float = 300) -> list[dict]:
+                timeout: float = 300, hosts: str | None = None) -> list[dict]:
     """Starts ``horovodrun -np N --gloo|--mpi python script args`` and returns each rank's report.
 
+    ``hosts``: horovodrun's ``-H`` (default ``localhost:N``); ``localhost:2,127.0.0.1:2`` gives two
+    hosts of two ranks each on this machine (horovodrun starts both locally, without ssh).
     Fails the test with the job's output if the job fails or a rank wrote no report.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    cmd = [HOROVODRUN, "-np", str(np), "-H", f"localhost:{np}", f"--{controller}",
+    cmd = [HOROVODRUN, "-np", str(np), "-H", hosts or f"localhost:{np}", f"--{controller}",
            sys.executable, str(script), *(args or [])]
     proc = subprocess.run(cmd, cwd=REPO, env=worker_env({"RANGER_TEST_OUT": str(out_dir), **(env or {})}),
                           capture_output=True, text=True, timeout=timeout)

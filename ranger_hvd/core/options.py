@@ -79,6 +79,16 @@ class RangerOptions(BaseModel):
         reduce-scatter to index-range owners, who keep about k of the summed entries, then an
         allgather of those: about 2·k pairs received per rank whatever N is, and the pairs the
         owners do not keep go back into their senders' residuals (``core/global_topk.py``).
+    hierarchical
+        PyTorch only. ``True``: the ranks on one host first sum each compressed gradient densely
+        (an allreduce over the host's Horovod process set), each host's lowest rank (its leader)
+        runs error feedback on that sum and the sparse ``exchange`` among the leaders only, and a
+        broadcast within the host shares the result, so the sparse exchange has as many members as
+        there are hosts. The update is still the average over every rank. Residuals (and DGC
+        momentum) live on the leaders and hold their host's unsent sum; the other ranks keep none
+        for compressed tensors. Needs several ranks on at least one host, and Horovod process sets
+        for the hosts: dynamic ones (``HOROVOD_DYNAMIC_PROCESS_SETS=1``, which the launcher sets)
+        or the same sets registered at ``hvd.init`` (``ranger_hvd/torch/hierarchical.py``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -98,6 +108,7 @@ class RangerOptions(BaseModel):
     selection: Selection = "topk"
     seed: int = Field(0, ge=0)
     exchange: Exchange = "allgather"
+    hierarchical: bool = False
 
     @model_validator(mode="after")
     def _warmup_starts_denser(self) -> "RangerOptions":
@@ -146,6 +157,13 @@ class RangerOptions(BaseModel):
         if self.exchange == "global_topk" and self.selection != "topk":
             raise ValueError("exchange 'global_topk' needs selection 'topk': random-k already "
                              "travels through Horovod's allreduce, whose traffic does not grow with N")
+        return self
+
+    @model_validator(mode="after")
+    def _hierarchical_needs_topk(self) -> "RangerOptions":
+        if self.hierarchical and self.selection != "topk":
+            raise ValueError("hierarchical=True needs selection 'topk': random-k already travels "
+                             "through Horovod's allreduce, whose traffic does not grow with N")
         return self
 
     @model_validator(mode="after")

@@ -42,6 +42,7 @@ from ranger_hvd import core
 
 from .bucketed_allgather import DEFAULT_BUCKET_MB, BucketedAllgather
 from .global_topk import GlobalTopk
+from .hierarchical import HierarchicalHosts
 from .naming import identify
 from .state import NonFiniteGradientError, TensorState, TorchOps, all_finite  # noqa: F401
 from .step_round import StepRound
@@ -77,18 +78,25 @@ class RangerCompressor:
             25, DDP's bucket size); 0 sends each tensor's pairs in an allgather of its own.
         named_parameters: ``model.named_parameters()``; only needed when ``compress`` is called by
             something other than a Horovod ``DistributedOptimizer``.
+        hosts: with ``hierarchical=True``, which ranks share a host (lists of ranks or Horovod
+            ``ProcessSet``\ s, e.g. ``[[0, 1], [2, 3]]``); by default found from Horovod's host
+            names and local ranks (``hierarchical.py``).
         **options: the rest of :class:`ranger_hvd.core.RangerOptions` (``selection``,
             ``compress_1d``, ``warmup_steps``, ``warmup_start_density``, ``clip_norm``,
-            ``value_dtype``, ``check_finite``, ``sample_fraction``, ``seed``).
+            ``value_dtype``, ``check_finite``, ``sample_fraction``, ``seed``, ``exchange``,
+            ``hierarchical``).
 
     Raises ``ranger_hvd.core.OptionsError`` on options that make no sense.
     """
 
     def __init__(self, density: float = 0.01, momentum: float = 0.0, min_elements: int = 1024,
                  named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
-                 bucket_mb: float = DEFAULT_BUCKET_MB, **options):
+                 bucket_mb: float = DEFAULT_BUCKET_MB, hosts=None, **options):
         self.options = core.make_options(density=density, momentum=momentum,
                                          min_elements=min_elements, **options)
+        if hosts is not None and not self.options.hierarchical:
+            raise core.OptionsError("hosts=... says which ranks share a host for hierarchical=True; "
+                                    "pass hierarchical=True too, or drop hosts")
         if not (isinstance(bucket_mb, (int, float)) and math.isfinite(bucket_mb) and bucket_mb >= 0):
             raise core.OptionsError(f"bucket_mb must be a number of megabytes >= 0, got {bucket_mb!r}")
         self.value_dtype = WIRE_DTYPES[self.options.value_dtype]
@@ -106,6 +114,7 @@ class RangerCompressor:
         self._buckets = BucketedAllgather(self.value_dtype, self.bucket_bytes, self.is_compressed)
         self._global = GlobalTopk(self)
         self._received = 0   # bytes the collectives brought from other ranks (see stats())
+        self._hier = HierarchicalHosts(self, hosts) if self.options.hierarchical else None
         if named_parameters is not None:
             self.set_named_parameters(named_parameters)
         self.world_size: int | None = None   # read from Horovod on first use; tests may set it
@@ -174,6 +183,8 @@ class RangerCompressor:
             self.round.reset()
             self._buckets.reset()
             self._global.reset()
+            if self._hier is not None:
+                self._hier.reset()
             self._in_flight = 0
         self.round.add(name, self._state_of(name))
         self._in_flight += 1
@@ -188,6 +199,8 @@ class RangerCompressor:
             wire = torch.float32 if dtype == torch.bfloat16 else dtype
             out = self.compress_dense(name, tensor, wire.itemsize)
             return out.to(wire), _Context("dense", shape, dtype, name=name)
+        if self._hier is not None:   # the host sum first, the sparse step on the host's leader
+            return self._hier.compress(name, tensor, process_set, owner)
         values, indices = self.compress_sparse(name, tensor, process_set)
         if self.options.selection == "random":
             # a copy: Horovod reduces it in place, and an undo needs the values as sent
@@ -195,11 +208,17 @@ class RangerCompressor:
                                copy=True)
             return values, _Context("random", shape, dtype, indices=indices, name=name)
         token = torch.ones(1, dtype=torch.float32, device=tensor.device)
+        kind = self.start_exchange(name, math.prod(shape), indices, values, process_set, owner)
+        return token, _Context(kind, shape, dtype, name=name)
+
+    def start_exchange(self, name: str, numel: int, indices: torch.Tensor, values: torch.Tensor,
+                       process_set, owner) -> str:
+        """Sends one tensor's pairs in the configured exchange; returns the context's kind."""
         if self.options.exchange == "global_topk":
-            self._global.start(name, math.prod(shape), indices, values, process_set, owner)
-            return token, _Context("global", shape, dtype, name=name)
+            self._global.start(name, numel, indices, values, process_set, owner)
+            return "global"
         self._buckets.add(name, indices, values, process_set, owner)
-        return token, _Context("topk", shape, dtype, name=name)
+        return "topk"
 
     def decompress(self, tensor: torch.Tensor, ctx: _Context | None) -> torch.Tensor:
         """Horovod's hook: the reduced gradient in the original shape and dtype.
@@ -214,42 +233,56 @@ class RangerCompressor:
         if ctx.kind == "dense":
             self.round.check([ctx.name], [tensor])
             return tensor.to(ctx.dtype).view(ctx.shape)
-        if ctx.kind == "global":
-            g_idx, g_sums, world = self._global.finish(ctx.name)
-            self.round.check([ctx.name], [g_sums])
-            out = self._output(ctx, tensor.device)
-            scale = round(float(tensor.reshape(-1)[0])) / world
-            return out.index_add_(0, g_idx, g_sums.to(out.dtype), alpha=scale).view(ctx.shape)
+        if ctx.kind == "hier":
+            return self._hier.decompress(tensor, ctx)
         if ctx.kind == "random":
             self.round.check([ctx.name], [tensor])
             out = self._output(ctx, tensor.device)
             out[ctx.indices.long()] = tensor.to(ctx.dtype)
             return out.view(ctx.shape)
-        indices, values, world, non_finite = self._buckets.wait(ctx.name)
-        # the bucket's values were checked as it arrived: a NaN/Inf anywhere in it voids the step
-        self.round.check([ctx.name], [] if non_finite is None else [non_finite])
-        out = self._output(ctx, tensor.device)
+        return self.sparse_result(tensor, ctx.name, ctx.shape, ctx.dtype)
+
+    def sparse_result(self, token: torch.Tensor, name: str, shape, dtype: torch.dtype,
+                      world: int | None = None) -> torch.Tensor:
+        """The sum of every member's pairs of one tensor from the exchange, times (Horovod's
+        token) / ``world`` (default: the exchange's members; hierarchical hosts give N, all ranks)."""
         # The token: 1 after an average, N after a sum (rounded: predivide factors leave float noise).
-        scale = round(float(tensor.reshape(-1)[0])) / world
+        token_value = round(float(token.reshape(-1)[0]))
+        if self.options.exchange == "global_topk":
+            g_idx, g_sums, members = self._global.finish(name)
+            self.round.check([name], [g_sums])
+            out = self.output_buffer(name, shape, dtype, token.device)
+            scale = token_value / (world or members)
+            return out.index_add_(0, g_idx, g_sums.to(out.dtype), alpha=scale).view(shape)
+        indices, values, members, non_finite = self._buckets.wait(name)
+        # the bucket's values were checked as it arrived: a NaN/Inf anywhere in it voids the step
+        self.round.check([name], [] if non_finite is None else [non_finite])
+        out = self.output_buffer(name, shape, dtype, token.device)
+        scale = token_value / (world or members)
         early = core.scale_each_value(scale, out.dtype in (torch.float32, torch.float64))
         out.index_add_(0, indices, values.to(out.dtype), alpha=scale if early else 1.0)
         if not early:
             out.mul_(scale)
-        return out.view(ctx.shape)
+        return out.view(shape)
 
     def _output(self, ctx: _Context, device) -> torch.Tensor:
+        return self.output_buffer(ctx.name, ctx.shape, ctx.dtype, device)
+
+    def output_buffer(self, name: str, shape, dtype: torch.dtype, device,
+                      zero: bool = True) -> torch.Tensor:
         """The zeroed flat buffer a sparse result is scattered into, reused step after step.
 
         Horovod makes it the parameter's ``.grad``. A fresh full-size tensor per step would cost its
         page faults on every step (tens of ms for tens of millions of entries on a CPU); zeroing a
         warm buffer costs one write pass. The buffer is overwritten at this parameter's next
-        exchange: code that keeps last step's ``.grad`` past it must copy it.
+        exchange: code that keeps last step's ``.grad`` past it must copy it. ``zero=False`` leaves
+        a warm buffer as it is, for a result that overwrites all of it (a broadcast).
         """
-        numel = math.prod(ctx.shape)
-        out = self._outputs.get(ctx.name)
-        if out is None or out.numel() != numel or out.dtype != ctx.dtype or out.device != device:
-            out = self._outputs[ctx.name] = torch.zeros(numel, dtype=ctx.dtype, device=device)
-        else:
+        numel = math.prod(shape)
+        out = self._outputs.get(name)
+        if out is None or out.numel() != numel or out.dtype != dtype or out.device != device:
+            out = self._outputs[name] = torch.zeros(numel, dtype=dtype, device=device)
+        elif zero:
             out.zero_()
         return out
 
@@ -286,6 +319,8 @@ class RangerCompressor:
         out = self._stats.as_dict()
         out["steps"] = max([out["steps"]] + [st.step for st in self._state.values()])
         out["bytes_received"] = self._received + self._buckets.received + self._global.received
+        if self._hier is not None:
+            out.update(self._hier.stats())
         return out
 
     def residual_norms(self) -> dict[str, float]:

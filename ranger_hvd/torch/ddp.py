@@ -57,6 +57,9 @@ class RangerHookState:
         if options.get("exchange", "allgather") != "allgather":
             raise ValueError("ranger_hook has the allgather exchange only; exchange="
                              f"{options['exchange']!r} is for Horovod's compression= hook so far")
+        if options.get("hierarchical", False):
+            raise ValueError("ranger_hook exchanges among all ranks; hierarchical=True is for "
+                             "Horovod's compression= hook so far")
         self.compressor = RangerCompressor(density=density, momentum=momentum,
                                            min_elements=min_elements, **options)
         self.options = self.compressor.options

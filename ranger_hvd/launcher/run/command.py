@@ -176,6 +176,9 @@ def build_command(res: Resolved, run_dir: str, *, python: str, environ: Mapping[
         env[layout.RUN_DIR_ENV], env[layout.CONFIG_ENV] = run_dir, config_file
         if resume:
             env[layout.RESUME_ENV] = "1"
+    if getattr(cfg.compression, "hierarchical", False) and cl.runner != "torchrun":
+        # RangerCompressor(hierarchical=True) adds a Horovod process set per host and one of the leaders
+        env["HOROVOD_DYNAMIC_PROCESS_SETS"] = "1"
     missing = []
     for entry in cl.env:
         if "=" in entry:
