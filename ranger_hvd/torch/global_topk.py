@@ -48,9 +48,11 @@ def _unrows(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return indices, values
 
 
-def _by_tensor(bucket_indices: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """The order that groups bucket indices by tensor (stable: arrival order within a tensor) and
-    where each tensor's group ends."""
+def _by_tensor(bucket_indices: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
+    """The order that groups bucket indices by tensor (stable: arrival order within a tensor; None
+    for a bucket of one tensor, where nothing moves) and where each tensor's group ends."""
+    if len(starts) == 1:
+        return None, [bucket_indices.numel()]
     tensor_of = torch.searchsorted(starts, bucket_indices.to(torch.int64), right=True) - 1
     order = torch.sort(tensor_of, stable=True).indices
     ends = torch.cumsum(torch.bincount(tensor_of, minlength=len(starts)), 0).tolist()
@@ -136,9 +138,12 @@ class GlobalTopk(BucketQueue):
         for d in dtypes[1:]:
             bucket.sum_dtype = torch.promote_types(bucket.sum_dtype, d)
         owner = torch.cat(owners)
-        order = torch.sort(owner, stable=True).indices     # by owner, ascending within each
         splits = torch.bincount(owner, minlength=bucket.world).to(torch.int32)
-        rows = _rows(torch.cat(bucket_indices)[order], torch.cat(values)[order])
+        bucket_indices, values = torch.cat(bucket_indices), torch.cat(values)
+        if len(bucket.parts) > 1:   # one tensor's pairs are already in owner order
+            order = torch.sort(owner, stable=True).indices     # by owner, ascending within each
+            bucket_indices, values = bucket_indices[order], values[order]
+        rows = _rows(bucket_indices, values)
         kwargs = {} if ps is None else {"process_set": ps}
         bucket.send = hvd.alltoall_async(rows, splits=splits,
                                          name=bucket.head_name("ranger.gtopk.send."), **kwargs)
@@ -160,7 +165,8 @@ class GlobalTopk(BucketQueue):
         self.received += rows.numel() - own * rows.shape[1]
         indices, values = _unrows(rows, self.comp.value_dtype)
         order, ends = _by_tensor(indices, bucket.starts)
-        indices, values = indices[order], values[order]
+        if order is not None:
+            indices, values = indices[order], values[order]
         kept_idx, kept_sums, begin = [], [], 0
         for part, end in zip(bucket.parts, ends):
             lo, hi = part.bounds[bucket.me], part.bounds[bucket.me + 1]
@@ -179,11 +185,11 @@ class GlobalTopk(BucketQueue):
         """``core.global_topk.owner_keep`` on this rank's range [lo, hi) of one tensor."""
         if indices.numel() == 0 or budget <= 0:
             return indices[:0].to(torch.int64), values[:0]
-        sums = torch.zeros(hi - lo, dtype=values.dtype)
-        positions = (indices - lo).long()
-        sums.index_add_(0, positions, values)   # in arrival order: rank order
-        candidates = torch.unique(positions)
-        at = sums[candidates]
+        # the sums of the received indices only (a zeroed buffer of the whole range would cost
+        # more than the pairs: the range is n/N entries, the pairs about k)
+        candidates, slot = torch.unique(indices.to(torch.int64) - lo, return_inverse=True)
+        at = torch.zeros(candidates.numel(), dtype=values.dtype)
+        at.index_add_(0, slot, values)   # in arrival order: rank order
         budget = min(budget, candidates.numel())
         if all_finite(at):
             keep = topk_indices(at, budget, self.comp.options.sample_fraction).long()
@@ -210,7 +216,8 @@ class GlobalTopk(BucketQueue):
         self.comp._stats.add([bucket.kept_bytes] + [0] * (len(COUNTERS) - 1))   # bytes_sent only
         g_idx, g_sums = _unrows(rows, bucket.sum_dtype)
         order, ends = _by_tensor(g_idx, bucket.starts)
-        g_idx, g_sums = g_idx[order], g_sums[order]
+        if order is not None:
+            g_idx, g_sums = g_idx[order], g_sums[order]
         begin = 0
         for part, end in zip(bucket.parts, ends):
             # owners hold ascending ranges and send ascending indices: each tensor's G is ascending
@@ -228,7 +235,12 @@ class GlobalTopk(BucketQueue):
         if st.sent is None:   # a void step already undone, or this rank's own g was not finite
             return
         indices, values, kept_u = st.sent
-        delivered = torch.isin(indices, g_idx)
+        # both ascending: where each sent index would sit in G, and whether it is there
+        if g_idx.numel():
+            at = torch.searchsorted(g_idx, indices).clamp_(max=g_idx.numel() - 1)
+            delivered = g_idx[at] == indices
+        else:
+            delivered = torch.zeros(indices.shape, dtype=torch.bool)
 
         def part(mask):
             return indices[mask], values[mask], None if kept_u is None else kept_u[mask]
