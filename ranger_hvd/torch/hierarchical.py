@@ -238,6 +238,8 @@ class HierarchicalHosts:
         self._sums: dict[str, _LocalSum] = {}          # the leader's host sums in flight
         self._waiting: dict[str, tuple[Any, HierContext]] = {}   # others: sums not yet synchronized
         self._shares: dict[str, tuple[Any, torch.Tensor]] = {}   # others: broadcasts posted
+        self._sending: list = []                       # the leader's broadcasts in flight
+        self._unread = 0                               # tensors of this step not yet decompressed
         self.sent_local = 0
         self.received_local = 0
 
@@ -273,7 +275,8 @@ class HierarchicalHosts:
 
     def reset(self) -> None:
         """A new step: whatever an unfinished step left in flight is dropped."""
-        self._sums, self._waiting, self._shares = {}, {}, {}
+        self._sums, self._waiting, self._shares, self._sending = {}, {}, {}, []
+        self._unread = 0
 
     # ------------------------------------------------------------------ Horovod's hook
     def compress(self, name: str, tensor: torch.Tensor, process_set, owner):
@@ -282,6 +285,7 @@ class HierarchicalHosts:
 
         self.setup(process_set)
         ctx = HierContext(name, tensor.shape, tensor.dtype, tensor.device)
+        self._unread += 1
         flat = tensor.detach().reshape(-1)
         if self.local is None:   # alone on its host: the gradient is the host sum
             self._start(name, flat, ctx, owner)
@@ -307,6 +311,7 @@ class HierarchicalHosts:
         """The average over every rank of one tensor (``token``: Horovod's allreduce of the 1)."""
         import horovod.torch as hvd
 
+        self._unread -= 1
         if not self.is_leader:
             return self._receive(ctx)
         # Every host sum must be in before any result is waited for: a bucket still open is sent
@@ -316,19 +321,26 @@ class HierarchicalHosts:
         out = self.comp.sparse_result(token, ctx.name, ctx.shape, ctx.dtype, world=self.total)
         if self.local is not None:
             flat = out.reshape(-1)
-            hvd.synchronize(hvd.broadcast_async_(flat.view(torch.uint8), self.leader,
-                                                 name=f"ranger.hier.share.{ctx.name}",
-                                                 process_set=self.local))
+            self._sending.append(hvd.broadcast_async_(flat.view(torch.uint8), self.leader,
+                                                      name=f"ranger.hier.share.{ctx.name}",
+                                                      process_set=self.local))
             self.sent_local += flat.numel() * flat.element_size()
+        if self._unread <= 0:
+            # The step's last result: every broadcast must have read its buffer before Horovod's
+            # synchronize() returns (a loss scaler's unscale_ then writes the gradients in place).
+            for handle in self._sending:
+                hvd.synchronize(handle)
+            self._sending = []
         return out.view(ctx.shape)
 
     # ------------------------------------------------------------------ the leader
     def _take_arrived(self) -> None:
-        """Runs the sparse step of every host sum that has arrived (without waiting for others)."""
+        """Runs the sparse step of the host sums that have arrived, oldest first, without waiting
+        (Horovod completes them in about the order they were started)."""
         import horovod.torch as hvd
 
-        for name in [n for n, s in self._sums.items() if hvd.poll(s.handle)]:
-            self._take(name)
+        while self._sums and hvd.poll(next(iter(self._sums.values())).handle):
+            self._take(next(iter(self._sums)))
 
     def _take(self, name: str) -> None:
         import horovod.torch as hvd

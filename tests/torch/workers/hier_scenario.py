@@ -1,8 +1,8 @@
 """``hierarchical=True`` on 2 hosts x 2 ranks (``-H localhost:2,127.0.0.1:2``) under Horovod's optimizer.
 
 layout     the hosts found, who leads, and a process set registered beforehand reused, not added twice
-equal      d = 1, both exchanges, equals plain Horovod step after step (Average, Sum, a predivide
-           factor, ranger_hvd's DistributedOptimizer with its groups); every rank ends with the same bits
+equal      d = 1, both exchanges, equals plain Horovod step after step (Average, Sum, ranger_hvd's
+           DistributedOptimizer with its groups and hosts= given); every rank ends with the same bits
 drain      gradients for 3 steps, then zero gradients: every gradient delivered, none twice; residuals
            only on the leaders, empty at the end
 nonfinite  an Inf on a rank that is not a leader voids the step everywhere; the leaders' residuals are
@@ -59,7 +59,7 @@ def equal(tag, op, exchanges=("allgather", "global_topk"), wrap=hvd.DistributedO
     result = {"moved": max_diff(plain[-1], plain[0])}
     for exchange in exchanges:
         comp = RangerCompressor(density=1.0, min_elements=100, exchange=exchange, hierarchical=True,
-                                hosts=[[0, 1], [2, 3]] if tag == "predivide" else None)
+                                hosts=[[0, 1], [2, 3]] if tag == "groups" else None)
         steps = trace(comp, f"{tag}.{exchange}", op, wrap=wrap, **kwargs)
         result[exchange] = {"diffs": [max_diff(a, b) for a, b in zip(plain, steps)],
                             "digest": digest(steps[-1])}
@@ -170,8 +170,6 @@ SECTIONS = {
     "layout": layout,
     "equal_sum": lambda: equal("sum", hvd.Sum),
     "equal_average": lambda: equal("average", hvd.Average),
-    "equal_predivide": lambda: equal("predivide", hvd.Average, ("allgather",),
-                                     gradient_predivide_factor=2.0),
     "equal_groups": lambda: equal("groups", hvd.Average, ("allgather",), wrap=DistributedOptimizer),
     "drain_allgather": lambda: drain("allgather", 12, hosts=[[0, 2], [1, 3]]),
     "drain_global": lambda: drain("global_topk", 16),
