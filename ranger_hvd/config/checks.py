@@ -177,15 +177,6 @@ def check_gan(cfg: Config, where: Where) -> list[Problem]:
             for key in type(cfg.gan).model_fields if getattr(cfg.gan, key) != getattr(defaults, key)]
 
 
-def check_exchange(cfg: Config, where: Where) -> list[Problem]:
-    """The global top-k exchange runs on PyTorch only so far: refused up front, not at run time."""
-    if getattr(cfg.compression, "exchange", "allgather") != "allgather" and cfg.job.backend != "torch":
-        return [Problem("compression.exchange", f"'{cfg.compression.exchange}' runs on job.backend "
-                        f"'torch' only so far (backend is '{cfg.job.backend}')",
-                        where("compression.exchange"))]
-    return []
-
-
 # cluster keys that only horovodrun reads (its ssh start of remote ranks and its own start timeout)
 _HOROVODRUN_ONLY = {"ssh_port": "ssh port", "ssh_identity_file": "ssh key", "ssh_known_hosts_file": "known_hosts file",
                     "start_timeout": "start timeout", "network_interfaces": "interface list"}
@@ -237,7 +228,7 @@ def check_runner(cfg: Config, where: Where) -> list[Problem]:
 
 
 SECTION_CHECKS = (check_data, check_cluster, check_horovod, check_momentum, check_gan, check_user_command,
-                  check_exchange, check_runner)
+                  check_runner)
 
 
 def config_path(cwd: Path, p: str) -> Path:

@@ -28,13 +28,14 @@ import sys
 import weakref
 from typing import Iterable
 
+import numpy as np
 import tensorflow as tf
 
 from ranger_hvd import core
 
 from . import _hvd, exchange
-from .slots import (Slot, new_counters, not_converted, safe_name, tf_options, variable_key,
-                    variable_name)
+from .slots import (Slot, new_counters, new_received, not_converted, safe_name, tf_options,
+                    variable_key, variable_name)
 from .state import TFOps
 
 
@@ -121,7 +122,8 @@ class RangerCompressor(tf.Module):
         process_set: the Horovod process set of the exchange (default: the global one).
         **options: the rest of :class:`ranger_hvd.core.RangerOptions` (``selection``,
             ``compress_1d``, ``warmup_steps``, ``warmup_start_density``, ``clip_norm``,
-            ``value_dtype``, ``check_finite``, ``sample_fraction``, ``seed``).
+            ``value_dtype``, ``check_finite``, ``sample_fraction``, ``seed``, ``exchange``:
+            ``"allgather"`` or ``"global_topk"``, see ``global_topk.py``).
 
     Raises ``ranger_hvd.core.OptionsError`` on options that make no sense.
     """
@@ -141,7 +143,9 @@ class RangerCompressor(tf.Module):
         self._lookup = _Lookup()
         self.slots = []                     # tracked list: index i is checkpointed as slots/i
         self.counters = new_counters()
-        self.engine = core.ErrorFeedback(self.options, TFOps(self.options, self.counters))
+        self.received = new_received()
+        self.engine = core.ErrorFeedback(self.options,
+                                         TFOps(self.options, self.counters, self.received))
         self.process_set = process_set
         with tf.init_scope():
             self.rounds = tf.Variable(0, dtype=tf.int64, trainable=False, name="rounds")
@@ -174,8 +178,11 @@ class RangerCompressor(tf.Module):
                 f"; create one compressor per model and per tape")
 
     def _new_slot(self, name: str, shape, dtype, label: str | None = None) -> Slot:
-        slot = Slot(len(self.slots), name, shape, dtype, self.is_compressed(shape),
-                    self.options.momentum, label)
+        compressed = self.is_compressed(shape)
+        # the global exchange keeps each compressed tensor's N+1 range bounds and N weights
+        world = self.world() if compressed and self.options.exchange == "global_topk" else None
+        slot = Slot(len(self.slots), name, shape, dtype, compressed, self.options.momentum, label,
+                    world)
         self.slots.append(slot)
         return slot
 
@@ -289,8 +296,8 @@ class RangerCompressor(tf.Module):
         return self._compress_slot(slot, tensor)
 
     def _graph_state(self, slot) -> list:
-        return [v for v in (self.counters, self.rounds, slot.step, slot.residual, slot.velocity)
-                if v is not None]
+        return [v for v in (self.counters, self.received, self.rounds, slot.step, slot.residual,
+                            slot.velocity, slot.gbounds, slot.gweights) if v is not None]
 
     def _compress_slot(self, slot, tensor):
         # A runtime check that every slot steps once per round: with two models sharing the
@@ -307,31 +314,40 @@ class RangerCompressor(tf.Module):
     @not_converted
     def decompress(self, tensor, ctx):
         """Horovod's hook: the reduced gradient in the original shape; see ``exchange.finish``."""
+        exchange.count_received(self.engine, tensor, ctx)
         return exchange.finish(tensor, ctx, self.options.value_dtype)
 
     # ----------------------------------------------------------------------------- reporting, state
     def stats(self) -> dict:
-        """Cumulative bytes this rank handed to collectives, and what plain fp32 would have sent."""
+        """Cumulative bytes this rank handed to collectives (``bytes_sent``) and received from
+        other ranks through them (``bytes_received``), and what plain fp32 would have sent."""
         # Under Horovod's tape a step is one round of compress calls.
         steps = int(self.rounds.numpy()) if self.mode == "positional" else None
-        return core.stats_dict(self.counters.numpy(), steps)
+        out = core.stats_dict(self.counters.numpy(), steps)
+        out["bytes_received"] = int(self.received.numpy())
+        return out
 
     def state_dict(self) -> dict:
         """NumPy copies of every slot's state, keyed by tensor name (checkpoints may also use
         ``tf.train.Checkpoint(compressor=self)``)."""
-        out = {"counters": self.counters.numpy(), "rounds": int(self.rounds.numpy()), "slots": {}}
+        out = {"counters": self.counters.numpy(), "rounds": int(self.rounds.numpy()),
+               "bytes_received": int(self.received.numpy()), "slots": {}}
         for slot in self.slots:
             out["slots"][slot.tensor_name] = {
                 "step": int(slot.step.numpy()),
                 "residual": None if slot.residual is None else slot.residual.numpy(),
                 "velocity": None if slot.velocity is None else slot.velocity.numpy(),
             }
+            if slot.gbounds is not None:   # the global exchange's ranges follow the last selection
+                out["slots"][slot.tensor_name]["global_ranges"] = (slot.gbounds.numpy(),
+                                                                  slot.gweights.numpy())
         return out
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict` into existing slots (build them first, or pass variables=)."""
         self.counters.assign(state["counters"])
         self.rounds.assign(state.get("rounds", 0))
+        self.received.assign(state.get("bytes_received", 0))
         by_name = {slot.tensor_name: slot for slot in self.slots}
         for name, st in state["slots"].items():
             if name not in by_name:
@@ -343,6 +359,13 @@ class RangerCompressor(tf.Module):
                 slot.residual.assign(st["residual"])
             if slot.velocity is not None and st["velocity"] is not None:
                 slot.velocity.assign(st["velocity"])
+            if slot.gbounds is not None:
+                ranges = st.get("global_ranges")
+                if ranges is None or len(ranges[0]) != int(slot.gbounds.shape[0]):
+                    ranges = (np.zeros(slot.gbounds.shape, np.int64),   # equal widths again
+                              np.zeros(slot.gweights.shape, np.int64))
+                slot.gbounds.assign(ranges[0])
+                slot.gweights.assign(ranges[1])
 
     def residual_of(self, variable) -> tf.Tensor | None:
         """This rank's current residual (e, or v with momentum) of a variable, in its shape."""

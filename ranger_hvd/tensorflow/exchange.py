@@ -15,6 +15,9 @@ another order).
   after a sum, the factor (divided by N) applied after scatter-adding every rank's pairs.
 * random-k: the k values at shared coordinates go through the allreduce itself.
 * dense: the tensor (or its local momentum) goes through the allreduce whole.
+* global top-k (``exchange="global_topk"``): the pairs go to the owners of their indices and the
+  owners' kept sums come back to every rank (``global_topk.py``); Horovod's allreduce carries the
+  token, as for top-k.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import tensorflow as tf
 
 from ranger_hvd import core
 
-from . import _hvd, cpu_path
+from . import _hvd, cpu_path, global_topk
 from .state import when
 
 # Largest output for which unsorted_segment_sum may replace scatter_nd (beyond it its per-entry
@@ -37,7 +40,7 @@ WIRE_DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bflo
 
 @dataclass
 class Context:
-    kind: str                 # "dense", "random" or "topk"
+    kind: str                 # "dense", "random", "topk" or "global"
     shape: tuple
     dtype: tf.DType
     indices: tf.Tensor | None = None   # random-k coordinates
@@ -46,6 +49,7 @@ class Context:
     slot: object = None                # the state to take the step back from if it turns out void
     engine: object = None              # its engine, where finish() itself may take the step back
     world: int | None = None           # top-k: the ranks of the exchange (None: not known here)
+    flight: object = None              # global top-k: its exchange (global_topk.Flight)
 
 
 def pack_pairs(idx: tf.Tensor, values: tf.Tensor, wire) -> tf.Tensor:
@@ -89,6 +93,11 @@ def start(engine: core.ErrorFeedback, slot, grad, world_size: int, gather_name: 
     if options.selection == "random":
         return tf.cast(values, wire), Context("random", slot.shape, slot.dtype, indices=idx,
                                              slot=slot, engine=engine)
+    if options.exchange == "global_topk":
+        flight = global_topk.start(engine, slot, idx, values, k, world_size, wire, gather_name,
+                                   process_set)
+        return tf.ones([1], tf.float32), Context("global", slot.shape, slot.dtype, slot=slot,
+                                               engine=engine, world=world_size, flight=flight)
     kwargs = {"process_set": process_set} if process_set is not None else {}
     gathered = _hvd.module().allgather(pack_pairs(idx, values, wire), name=gather_name,
                                        ignore_name_scope=True, **kwargs)
@@ -135,12 +144,23 @@ def step(engine: core.ErrorFeedback, slots: list, grads: list, world_size: int, 
                                         name=f"RangerAllreduce_{tag}", ignore_name_scope=True,
                                         **scales, **kwargs)
         for j, r, (_, ctx) in zip(rest, reduced, started):
+            count_received(engine, r, ctx)
             out[j] = finish(r, ctx, engine.options.value_dtype, undo=False)
             exchanged.append((r, ctx))
-    if sparse:
+    if sparse and engine.options.exchange == "global_topk":
+        scale = tf.constant(1.0 / world_size if average else 1.0, tf.float64)
+        contexts = global_topk.exchange_many(engine, [slots[j] for j in sparse],
+                                             [_in_slot_dtype(grads[j], slots[j]) for j in sparse],
+                                             world_size, f"RangerGtopk_{tag}", process_set)
+        for j, ctx in zip(sparse, contexts):
+            out[j] = global_topk.finish(engine, ctx.flight, scale)
+        exchanged += [(None, ctx) for ctx in contexts]
+    elif sparse:
         contexts = start_topk_many(engine, [slots[j] for j in sparse], [grads[j] for j in sparse],
                                    world_size, f"RangerTopk_{tag}", process_set)
         scale = 1.0 / world_size if average else 1.0
+        for ctx in contexts:
+            count_received(engine, None, ctx)
         for j, g in zip(sparse, finish_topk_many(contexts, engine.options.value_dtype, scale)):
             out[j] = g
         exchanged += [(None, ctx) for ctx in contexts]
@@ -167,6 +187,8 @@ def undo_if_void(engine: core.ErrorFeedback, exchanged: list) -> None:
 
 
 def _sent_values(reduced, ctx: Context, value_dtype: str) -> tf.Tensor:
+    if ctx.kind == "global":   # G's sums: non-finite where any rank's part of the step was
+        return global_topk.selection(ctx.flight)[1]
     if ctx.kind == "topk":
         return _unpack(ctx.gathered, WIRE_DTYPES[value_dtype])[0]
     return reduced
@@ -219,6 +241,12 @@ def finish(reduced: tf.Tensor, ctx: Context, value_dtype: str, undo: bool = True
     """The reduced gradient, in the original shape and dtype. With ``undo`` (Horovod's hook, one
     tensor at a time), a tensor that came back non-finite takes back what it sent
     (:func:`undo_if_void`); the other tensors of its step cannot be told (see the README)."""
+    if ctx.kind == "global":   # G's update; the sent pairs outside G go back to the residual first
+        token = tf.round(tf.cast(tf.reshape(reduced, [-1])[0], tf.float64))
+        out = global_topk.finish(ctx.engine, ctx.flight, token / ctx.world)
+        if undo:
+            undo_if_void(ctx.engine, [(reduced, ctx)])
+        return out
     if undo and ctx.engine is not None:
         undo_if_void(ctx.engine, [(reduced, ctx)])
     if ctx.kind == "dense":
@@ -237,6 +265,17 @@ def finish(reduced: tf.Tensor, ctx: Context, value_dtype: str, undo: bool = True
     token = tf.round(tf.cast(tf.reshape(reduced, [-1])[0], tf.float64))
     known = (1.0,) if ctx.world is None else (1.0, 1.0 / ctx.world)  # a sum's, an average's
     return _combine(ctx, value_dtype, token / world, known)
+
+
+def count_received(engine: core.ErrorFeedback, reduced, ctx: Context) -> None:
+    """bytes_received += what this tensor's collectives brought: the allreduced tensor (or token),
+    and every other rank's pairs of a top-k allgather (a global exchange counts its own)."""
+    nbytes = 0 if reduced is None else tf.cast(tf.size(reduced), tf.int64) * reduced.dtype.size
+    if ctx.kind == "topk":
+        rows = ctx.gathered
+        row_bytes = int(rows.shape[1]) * rows.dtype.size
+        nbytes += (tf.cast(tf.shape(rows)[0], tf.int64) - tf.cast(ctx.k, tf.int64)) * row_bytes
+    engine.ops.count_received(nbytes)
 
 
 def _combine(ctx: Context, value_dtype: str, scale: tf.Tensor, known: tuple) -> tf.Tensor:

@@ -114,11 +114,21 @@ class Ranger(keras.optimizers.Optimizer):
                                   if self.momentum > 0 else None for v in variables]
         self.ranger_counters = self.add_variable(shape=(len(core.COUNTERS),), dtype="int64",
                                                  name="ranger_counters")
-        self._ranger_engine = core.ErrorFeedback(self.options, TFOps(self.options, self.ranger_counters))
+        self.ranger_received = self.add_variable(shape=(), dtype="int64", name="ranger_received")
+        # the global exchange: each compressed variable's N+1 range bounds and N weights
+        ranges = self.options.exchange == "global_topk"
+        self.ranger_ranges = [
+            (self.add_variable(shape=(self.world_size + 1,), dtype="int64",
+                               name=f"ranger_gbounds_{i}"),
+             self.add_variable(shape=(self.world_size,), dtype="int64", name=f"ranger_gweights_{i}"))
+            if c and ranges else (None, None) for i, c in enumerate(compressed)]
+        self._ranger_engine = core.ErrorFeedback(
+            self.options, TFOps(self.options, self.ranger_counters, self.ranger_received))
         in_compressor = self.momentum_mode != "global"     # the velocity lives in the compressor
         self._ranger_slots = [
             OptimizerSlot(i, names[i], v.shape, v.dtype, compressed[i], self.ranger_residuals[i],
-                          self.ranger_velocities[i] if in_compressor else None, self.iterations)
+                          self.ranger_velocities[i] if in_compressor else None, self.iterations,
+                          *self.ranger_ranges[i])
             for i, v in enumerate(variables)]
 
     def _sgd(self, variable, g, lr, velocity):
@@ -188,9 +198,11 @@ class Ranger(keras.optimizers.Optimizer):
     def stats(self) -> dict:
         """Cumulative bytes this rank handed to collectives, and what plain fp32 would have sent."""
         if not self.built:
-            return core.stats_dict([0] * len(core.COUNTERS), 0)
-        return core.stats_dict(keras.ops.convert_to_numpy(self.ranger_counters),
-                          int(keras.ops.convert_to_numpy(self.iterations)))
+            return {**core.stats_dict([0] * len(core.COUNTERS), 0), "bytes_received": 0}
+        out = core.stats_dict(keras.ops.convert_to_numpy(self.ranger_counters),
+                              int(keras.ops.convert_to_numpy(self.iterations)))
+        out["bytes_received"] = int(keras.ops.convert_to_numpy(self.ranger_received))
+        return out
 
     def get_config(self):
         config = super().get_config()

@@ -24,13 +24,9 @@ not_converted = tf.autograph.experimental.do_not_convert
 
 
 def tf_options(**kwargs) -> core.RangerOptions:
-    """``core.make_options``, refusing what the TensorFlow backend does not run (so that no option
-    is accepted and then ignored)."""
-    options = core.make_options(**kwargs)
-    if options.exchange != "allgather":
-        raise core.OptionsError(f"invalid Ranger option: exchange={options.exchange!r} runs on "
-                                "PyTorch only so far; TensorFlow exchanges through the allgather")
-    return options
+    """``core.make_options``: the TensorFlow backend runs every option (both exchanges), and
+    refuses what core refuses (a misspelled ``exchange`` among them)."""
+    return core.make_options(**kwargs)
 
 
 def safe_name(name: str) -> str:
@@ -52,12 +48,13 @@ def variable_name(variable) -> str:
 
 
 class Slot(tf.Module):
-    """State of one tensor: residual e (or v), velocity u (with momentum) and a step counter."""
+    """State of one tensor: residual e (or v), velocity u (with momentum) and a step counter;
+    under the global exchange (``world`` given) also its owners' ranges for the next step."""
 
     own_step = True  # the compressor advances it; the Keras optimizer's slots use its iterations
 
     def __init__(self, index: int, name: str, shape, dtype, compressed: bool, momentum: float,
-                 label: str | None = None):
+                 label: str | None = None, world: int | None = None):
         super().__init__(name=f"slot{index}")
         self.index = index
         self.tensor_name = name
@@ -72,6 +69,12 @@ class Slot(tf.Module):
                                          name="residual") if compressed else None)
             self.velocity = (tf.Variable(tf.zeros([self.numel], self.dtype), trainable=False,
                                          name="velocity") if momentum > 0 else None)
+            self.gbounds = self.gweights = None
+            if compressed and world is not None:   # global_topk: N+1 bounds, N weights
+                self.gbounds = tf.Variable(tf.zeros([world + 1], tf.int64), trainable=False,
+                                           name="gbounds")
+                self.gweights = tf.Variable(tf.zeros([world], tf.int64), trainable=False,
+                                            name="gweights")
 
 
 class OptimizerSlot:
@@ -80,13 +83,14 @@ class OptimizerSlot:
     own_step = False
 
     def __init__(self, index: int, name: str, shape, dtype, compressed: bool, residual, velocity,
-                 iterations):
+                 iterations, gbounds=None, gweights=None):
         self.index, self.tensor_name, self.compressed = index, name, compressed
         self.label = name
         self.shape = tuple(int(s) for s in shape)
         self.dtype = tf.as_dtype(dtype)
         self.numel = core.numel_of(self.shape)
         self.residual, self.velocity, self.step = residual, velocity, iterations
+        self.gbounds, self.gweights = gbounds, gweights  # global_topk: the owners' ranges
 
 
 def backing(variable):
@@ -95,6 +99,12 @@ def backing(variable):
         return variable
     inner = getattr(variable, "value", None)  # Keras 3: the backing tf.Variable
     return inner if isinstance(inner, tf.Variable) else None
+
+
+def new_received(name: str = "received") -> tf.Variable:
+    """bytes_received: what the collectives brought from other ranks (int64 scalar)."""
+    with tf.init_scope():
+        return tf.Variable(tf.constant(0, tf.int64), trainable=False, name=name)
 
 
 def new_counters(name: str = "counters") -> tf.Variable:

@@ -137,11 +137,14 @@ class TFOps:
 
     checks_in_selection = True  # the compiled pass counts NaN/Inf while it reads g (and voids)
 
-    def __init__(self, options: core.RangerOptions, counters):
+    def __init__(self, options: core.RangerOptions, counters, received=None):
         self.options = options
         self.counters = counters  # int64 [len(core.COUNTERS)]
+        self.received = received  # int64 scalar: bytes the collectives brought from other ranks
         self._sent: dict[int, Sent] = {}  # id(state) -> what its last sparse step sent
         self.skip = options.check_finite and options.nonfinite == "skip"
+        # the global exchange gives back what its owners did not keep: it needs what was sent
+        self.keep_sent = self.skip or options.exchange == "global_topk"
 
     def finite(self, g: tf.Tensor, name: str, state):
         if not self.skip:
@@ -157,7 +160,7 @@ class TFOps:
         return select_non_finite(_plain(flat), k)
 
     def remember_sent(self, state, indices, values, u) -> None:
-        if not self.skip or indices is None:
+        if not self.keep_sent or indices is None:
             self._sent.pop(id(state), None)
             return
         kept = None if u is None else tf.gather(_plain(u), indices)
@@ -328,3 +331,8 @@ class TFOps:
 
     def count(self, increments: list) -> None:
         self.counters.assign_add(tf.stack([tf.cast(x, tf.int64) for x in increments]))
+
+    def count_received(self, nbytes) -> None:
+        """Adds ``nbytes`` (what a collective brought from other ranks) to ``bytes_received``."""
+        if self.received is not None:
+            self.received.assign_add(tf.cast(nbytes, tf.int64))

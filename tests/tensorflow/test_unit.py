@@ -772,8 +772,14 @@ def test_reused_decompress_outputs_are_cleared_where_their_last_pairs_went(batch
         np.testing.assert_array_equal(out.numpy(), want)
 
 
-def test_global_topk_is_refused_until_tensorflow_runs_it():
-    with pytest.raises(OptionsError, match="exchange='global_topk' runs on PyTorch only"):
-        RangerCompressor(exchange="global_topk")
-    with pytest.raises(OptionsError, match="exchange='global_topk' runs on PyTorch only"):
-        Ranger(learning_rate=0.1, exchange="global_topk")
+def test_global_topk_is_accepted_and_a_misspelled_exchange_is_refused():
+    comp = RangerCompressor(exchange="global_topk", min_elements=16)
+    assert comp.options.exchange == "global_topk"
+    assert Ranger(learning_rate=0.1, exchange="global_topk").options.exchange == "global_topk"
+    for bad in ("globaltopk", "global-topk", "allreduce"):
+        with pytest.raises(OptionsError, match="exchange"):
+            RangerCompressor(exchange=bad)
+        with pytest.raises(OptionsError, match="exchange"):
+            Ranger(learning_rate=0.1, exchange=bad)
+    with pytest.raises(OptionsError, match="global_topk"):   # random-k has no owners to sum
+        RangerCompressor(exchange="global_topk", selection="random")

@@ -7,7 +7,7 @@ aggregation (``backward_passes_per_step=2``) and with a local variable (``regist
 and ``hvd.PartialDistributedGradientTape`` with a local layer. Then ``model.fit``
 (``jit_compile=False``) of a model with an Embedding under ``sparse_as_dense=True``, the optimizer
 wrapped before the model exists and no ``variables=`` (issue 30, causes 2 and 3). Last, the checks
-of ``hook_worker.py`` (one launch for both test files).
+of ``hook_worker.py`` and ``global_worker.py`` (one launch for the three test files).
 """
 
 import os
@@ -106,4 +106,7 @@ out["fit"] = {
 from tests.tensorflow.workers import hook_worker  # noqa: E402 - after the matrix, in the same job
 
 out.update(hook_worker.run())
+from tests.tensorflow.workers import global_worker  # noqa: E402 - reuses hook_worker's plain runs
+
+out.update(global_worker.run())
 report(RANK, out)

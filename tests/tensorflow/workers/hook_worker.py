@@ -18,6 +18,9 @@ hvd.init()
 RANK, SIZE = hvd.rank(), hvd.size()
 STEPS = 6
 out = {"rank": RANK, "size": SIZE}
+# uncompressed Horovod's weights after each step, by label ("average", "sum", "keras"): kept for
+# global_worker.py, which compares against the same runs in the same launch
+PLAIN: dict = {}
 
 
 def make_model():
@@ -95,7 +98,7 @@ def run() -> dict:
     # density 1: Horovod's tape (Average, Sum, predivide 2) and Horovod's Keras optimizer
     for label, kwargs in {"average": {}, "sum": {"op": hvd.Sum},
                           "predivide": {"gradient_predivide_factor": 2.0}}.items():
-        plain = tape_run(lambda m: lambda t: hvd.DistributedGradientTape(t, **kwargs))
+        plain = PLAIN[label] = tape_run(lambda m: lambda t: hvd.DistributedGradientTape(t, **kwargs))
 
         def with_ranger(model):
             comp = compressor(1.0, model)
@@ -104,7 +107,8 @@ def run() -> dict:
         ranger = tape_run(with_ranger)
         out[f"tape_d1_{label}"] = diffs(plain, ranger)
         out[f"tape_d1_{label}_moved"] = diffs(plain[:1], plain[-1:])[0]
-    out["keras_d1"] = diffs(keras_run(None)[0], keras_run(1.0)[0])
+    PLAIN["keras"] = keras_run(None)[0]
+    out["keras_d1"] = diffs(PLAIN["keras"], keras_run(1.0)[0])
 
     # density 0.01: three entry points, one exchange
     comps = {}
