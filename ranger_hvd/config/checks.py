@@ -227,8 +227,25 @@ def check_runner(cfg: Config, where: Where) -> list[Problem]:
     return problems
 
 
+def check_hierarchical(cfg: Config, where: Where) -> list[Problem]:
+    """compression.hierarchical runs on PyTorch jobs under horovodrun, not elastic (the hosts' ranks:
+    ``resolve_hosts``)."""
+    if not getattr(cfg.compression, "hierarchical", False):
+        return []
+    if cfg.job.backend != "torch":
+        why = f"runs on job.backend 'torch' only so far (backend is '{cfg.job.backend}')"
+    elif cfg.cluster.runner == "torchrun":
+        why = ("ranger_hook (ranger_hvd.torch.ddp) exchanges among all ranks; hierarchical runs under "
+               "horovodrun so far (cluster.runner is 'torchrun')")
+    elif cfg.cluster.elastic is not None:
+        why = "does not run under elastic horovodrun yet (the hosts change at every reset)"
+    else:
+        return []
+    return [Problem("compression.hierarchical", why, where("compression.hierarchical"))]
+
+
 SECTION_CHECKS = (check_data, check_cluster, check_horovod, check_momentum, check_gan, check_user_command,
-                  check_runner)
+                  check_runner, check_hierarchical)
 
 
 def config_path(cwd: Path, p: str) -> Path:
@@ -282,6 +299,16 @@ def resolve_hosts(cfg: Config, where: Where, cwd: Path) -> tuple[list[tuple[str,
     if el is not None and hosts and total < el.min_np:
         problems.append(Problem("cluster.elastic.min_np", f"{el.min_np} workers do not fit in the {total} slots "
                                 "of the hosts", where("cluster.elastic.min_np")))
+    if getattr(cfg.compression, "hierarchical", False) and cl.scheduler != "slurm" and el is None and hosts:
+        left, per_host = np_, []
+        for _, slots in hosts:   # horovodrun fills the hosts in order
+            per_host.append(min(slots, left))
+            left -= per_host[-1]
+        if max(per_host) < 2:
+            problems.append(Problem("compression.hierarchical", f"needs 2 or more ranks on a host, but the {np_} "
+                                    "rank(s) go one per host: nothing to sum before the sparse exchange (give "
+                                    "the hosts 2+ slots, or set compression.hierarchical: false)",
+                                    where("compression.hierarchical")))
     if cl.ssh_identity_file is not None and not config_path(cwd, cl.ssh_identity_file).is_file():
         problems.append(Problem("cluster.ssh_identity_file", f"file not found: {cl.ssh_identity_file}",
                                 where("cluster.ssh_identity_file")))

@@ -24,9 +24,13 @@ not_converted = tf.autograph.experimental.do_not_convert
 
 
 def tf_options(**kwargs) -> core.RangerOptions:
-    """``core.make_options``: the TensorFlow backend runs every option (both exchanges), and
-    refuses what core refuses (a misspelled ``exchange`` among them)."""
-    return core.make_options(**kwargs)
+    """``core.make_options``: the TensorFlow backend runs every option (both exchanges) but
+    ``hierarchical``, and refuses what core refuses (a misspelled ``exchange`` among them)."""
+    options = core.make_options(**kwargs)
+    if options.hierarchical:
+        raise core.OptionsError("invalid Ranger option: hierarchical=True runs on PyTorch only so "
+                                "far; TensorFlow exchanges among all ranks")
+    return options
 
 
 def safe_name(name: str) -> str:

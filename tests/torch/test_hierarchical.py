@@ -212,3 +212,27 @@ def test_config_reaches_the_launcher(tmp_path):
     flat = load_config(tmp_path / "exp.yaml", ["compression.hierarchical=false"], cwd=tmp_path)
     assert "HOROVOD_DYNAMIC_PROCESS_SETS" not in build_command(
         flat, "/runs/t", python="/p/python", environ={}, uid=1000, project_root="/r").env
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("job: {name: t, backend: tensorflow}\n", "runs on job.backend 'torch' only so far"),
+    ("job: {name: t}\ncluster: {runner: torchrun, np: 2}\n", "hierarchical runs under horovodrun so far"),
+    ("job: {name: t}\ncluster: {hosts: ['a:1', 'b:1', 'c:2'], np: 2}\n", "the 2 rank(s) go one per host"),
+])
+def test_config_refuses_what_hierarchical_cannot_run(tmp_path, extra, message):
+    from ranger_hvd.config import ConfigError, load_config
+
+    (tmp_path / "exp.yaml").write_text(extra + "compression: {type: ranger, hierarchical: true}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path / "exp.yaml", [], cwd=tmp_path)
+    found = [p for p in exc.value.problems if p.path == "compression.hierarchical"]
+    assert len(found) == 1 and message in found[0].message, [str(p) for p in exc.value.problems]
+
+
+def test_tensorflow_refuses_hierarchical():
+    pytest.importorskip("tensorflow")
+    from ranger_hvd.tensorflow.slots import tf_options
+
+    assert tf_options(exchange="global_topk").exchange == "global_topk"
+    with pytest.raises(core.OptionsError, match="hierarchical=True runs on PyTorch only so far"):
+        tf_options(hierarchical=True)
