@@ -55,7 +55,7 @@ QUICK = {"hosts": [2], "links": ["1gbit"], "models": ["lstm-small"],
 EXCHANGE = {"hosts": [2, 4, 8], "links": ["1gbit"], "models": ["lstm-lm", "resnet50", "tensor-1m"],
             "modes": ["dense", "fp16", "ranger-0.01", "global-0.01", "ranger-0.001", "global-0.001"],
             "steps": 10, "warmup": 2}
-EXCHANGE_KINDS = ("dense", "fp16", "ranger", "hook", "pertensor", "global")
+EXCHANGE_KINDS = ("dense", "fp16", "ranger", "hook", "pertensor", "global", "hier", "hierglobal")
 LINK_WORDS = {"none": "none", "1gbit": "1 Gbit/s", "10gbit": "10 Gbit/s"}
 
 
@@ -67,7 +67,7 @@ def parse_args(argv):
     p.add_argument("--links", nargs="+", help=f"tc rates or none (default {FULL['links']})")
     p.add_argument("--models", nargs="+", help=f"of {sorted(SPECS)} (default {FULL['models']})")
     p.add_argument("--modes", nargs="+", help=f"dense, fp16, floor, ranger-D, hook-D, pertensor-D, "
-                   f"global-D, ddp, ddp-D "
+                   f"global-D, ddp, ddp-D, hier-D, hierglobal-D (hierarchical: --ranks-per-host 2) "
                    f"(default {FULL['modes']})")
     p.add_argument("--exchange-only", action="store_true", help="no model and no compute: synthetic "
                    "gradients of each model's tensor shapes, only the exchange timed (defaults: "
@@ -103,11 +103,14 @@ def parse_args(argv):
     if args.exchange_only:
         errors += [f"--models {m}: --exchange-only runs PyTorch shapes only" for m in args.models
                    if m in SPECS and SPECS[m].framework != "torch"]
+    errors += [f"--modes {mode}: hierarchical, needs --ranks-per-host 2" for mode in args.modes
+               if mode.startswith("hier") and args.ranks_per_host < 2]
+    if args.exchange_only:
         errors += [f"--modes {mode}: not an exchange (--exchange-only takes dense, fp16, ranger-D, "
                    "hook-D, pertensor-D, global-D)" for mode in args.modes
                    if mode.split("-", 1)[0] not in EXCHANGE_KINDS]
     errors += [f"--modes {mode}: runs on PyTorch models only, not {m}"
-               for mode in args.modes if mode.startswith(("global-", "ddp", "pertensor-"))
+               for mode in args.modes if mode.startswith(("global-", "ddp", "pertensor-", "hier"))
                for m in args.models if m in SPECS and SPECS[m].framework != "torch"]
     for mode in args.modes:
         try:
@@ -116,7 +119,7 @@ def parse_args(argv):
                 raise ValueError
         except ValueError:
             errors.append(f"--modes {mode}: give dense, fp16, floor, ddp, ranger-D, hook-D, "
-                          "pertensor-D, global-D or ddp-D with 0 < D <= 1")
+                          "pertensor-D, global-D, ddp-D, hier-D or hierglobal-D with 0 < D <= 1")
     errors += [f"--links {x}: give a tc rate such as 1gbit or 500mbit, or none" for x in args.links
                if x != "none" and not (x[:1].isdigit() and x.rstrip("0123456789.").endswith("bit"))]
     if args.cycle_time_ms is not None and not args.cycle_time_ms > 0:
@@ -158,7 +161,8 @@ def _show_progress(log, shown: int, console) -> int:
 
 
 def launch(hosts: TestHosts, model: str, args, json_path: Path, console) -> dict:
-    """One horovodrun across the hosts: compute-only and every mode for one model."""
+    """One horovodrun across the hosts: compute-only and every mode for one model (exchange only:
+    every mode for each of the comma-separated models, ``raw["ranks"]`` keyed by model)."""
     venv_bin = Path(sys.executable).parent
     env = {"PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "HOME": os.environ.get("HOME", "/root"), "PYTHONPATH": f"{REPO}:{HERE}",
@@ -230,7 +234,10 @@ def main(argv=None) -> int:
                 with hosts:
                     for link in args.links:
                         hosts.set_link(link)
-                        for model in args.models:
+                        # exchange only: every model in one launch (a launch of 8 ranks on a small
+                        # machine takes minutes to start), split into one run per model below
+                        launches = [",".join(args.models)] if args.exchange_only else args.models
+                        for model in launches:
                             what = "exchange only" if args.exchange_only else "steps"
                             console.print(f"[bold]{count} hosts x {args.ranks_per_host} ranks, link {link}, "
                                           f"{model}, {what}[/bold] ...")
@@ -240,19 +247,25 @@ def main(argv=None) -> int:
                                    "link": link, "model": model, "date": meta["date"],
                                    "steps": args.steps, "warmup": args.warmup}
                             t0 = time.time()
+                            cells = [dict(run, model=m) for m in model.split(",")]
                             try:
                                 raw = launch(hosts, model, args, Path(state) / "worker.json", console)
-                                run["figures"] = report.summarize(raw)
-                                run["raw"] = raw
+                                for cell in cells:
+                                    one = raw if not args.exchange_only else dict(
+                                        raw, model=cell["model"], ranks=[r[cell["model"]] for r in raw["ranks"]])
+                                    cell["figures"] = report.summarize(one)
+                                    cell["raw"] = one
                             except RuntimeError as exc:
                                 failed = True
-                                run["error"] = str(exc)
+                                for cell in cells:
+                                    cell["error"] = str(exc)
                                 console.print(f"[red]failed:[/red] {str(exc)[-1500:]}")
                                 hosts.down()      # stray ranks die with their namespaces
                                 hosts.__enter__()
                                 hosts.set_link(link)
-                            run["wall_s"] = time.time() - t0
-                            runs.append(run)
+                            for cell in cells:
+                                cell["wall_s"] = time.time() - t0   # of the whole launch
+                            runs.extend(cells)
                             partial_json.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     except HostsError as exc:
         console.print(f"[red]cannot create the test hosts:[/red] {exc}")

@@ -27,6 +27,10 @@ def mode_label(mode: str) -> str:
         return f"DDP + ranger_hook d={mode.split('-', 1)[1]}"
     if mode.startswith("global-"):
         return f"ranger global top-k d={mode.split('-', 1)[1]}"
+    if mode.startswith("hier-"):
+        return f"ranger hierarchical d={mode.split('-', 1)[1]}"
+    if mode.startswith("hierglobal-"):
+        return f"ranger hierarchical global top-k d={mode.split('-', 1)[1]}"
     return MODE_LABELS.get(mode, mode)
 
 
@@ -438,7 +442,7 @@ def exchange_part(runs, meta, plot_name, table, with_plot=True, models="") -> li
         "",
         "No model runs: every rank holds parameters of the model's tensor shapes, and before each "
         "step (untimed) fills every `.grad` with fresh synthetic gradients (a window at a random "
-        "offset of N(0, 1) numbers drawn once per rank, different on every rank). The timed part is "
+        "offset within 4M entries of N(0, 1) numbers drawn once per rank, different on every rank). The timed part is "
         "the exchange as backward drives it: Horovod's per-parameter hook for every parameter in "
         "backward order, then `optimizer.synchronize()` (compress, the collectives, decompress). "
         "A step's time is the slowest rank's; median and 10th-90th percentile over the timed steps "
@@ -516,9 +520,21 @@ def scaling_targets(runs: list[dict]) -> list[str]:
                                  f"{g['median_ms']:.0f} ms, allgather {a['median_ms']:.0f} ms "
                                  f"({g['median_ms'] / a['median_ms']:.2f}x)")
     modes = {m for r in runs for m in (r.get("figures") or {})}
-    if not any("hier" in m for m in modes):
+    if not any(m.startswith("hier") for m in modes):
         lines.append("- not measured: hierarchical against flat (no hierarchical exchange in the "
                      "measured code)")
+    for r in runs:
+        f = r.get("figures") or {}
+        if r.get("ranks_per_host", 1) < 2:
+            continue
+        what = "exchange only" if r.get("kind") == "exchange" else "whole step"
+        for flat, hier in (("ranger-0.01", "hier-0.01"), ("global-0.01", "hierglobal-0.01"),
+                           ("ranger-0.001", "hier-0.001"), ("global-0.001", "hierglobal-0.001")):
+            if flat in f and hier in f:
+                h, fl = f[hier]["median_ms"], f[flat]["median_ms"]
+                lines.append(f"- {'met' if h < fl else 'MISSED'}: {r['hosts']} hosts x "
+                             f"{r['ranks_per_host']} ranks, {r['model']}, {what}: {mode_label(hier)} "
+                             f"{h:.0f} ms against flat {fl:.0f} ms ({h / fl:.2f}x)")
     return lines
 
 

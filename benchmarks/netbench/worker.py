@@ -15,6 +15,7 @@ ranger modes and from numel * itemsize otherwise. Rank 0 writes every rank's fig
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -38,10 +39,13 @@ def parse_mode(mode: str) -> tuple[str, float | None]:
     one allgather and one token per tensor, the exchange before buckets; ``global-D`` is Horovod's
     optimizer with
     ``RangerCompressor(exchange="global_topk")``; ``ddp`` is PyTorch's DistributedDataParallel
-    over Gloo with its own allreduce and ``ddp-D`` the same with ``ranger_hook`` (PyTorch only)."""
+    over Gloo with its own allreduce and ``ddp-D`` the same with ``ranger_hook`` (PyTorch only);
+    ``hier-D`` and ``hierglobal-D`` are ``ranger-D`` and ``global-D`` with
+    ``RangerCompressor(hierarchical=True)`` (a dense sum on each host, the sparse exchange among
+    the hosts' leaders; Horovod's dynamic process sets are on for the whole launch then)."""
     if mode in ("compute", "dense", "fp16", "floor", "ddp"):
         return mode, None
-    for kind in ("ranger", "hook", "pertensor", "global", "ddp"):
+    for kind in ("ranger", "hook", "pertensor", "global", "ddp", "hier", "hierglobal"):
         if mode.startswith(kind + "-"):
             return kind, float(mode.split("-", 1)[1])
     raise ValueError(f"unknown mode {mode!r}")
@@ -147,11 +151,14 @@ def run_torch(args) -> tuple[dict, object]:
 
                 floor = TokensOnly(lambda t: t.reshape(-1)[:1].clone(), zero_grad)
                 opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=floor)
-            elif kind == "ranger":
+            elif kind in ("ranger", "hier"):
                 from ranger_hvd.torch import DistributedOptimizer
 
-                comp = TimedCompressor(density=density)
+                comp = TimedCompressor(density=density, **({"hierarchical": True} if kind == "hier" else {}))
                 opt = DistributedOptimizer(opt, named_parameters=named, compression=comp)
+            elif kind == "hierglobal":
+                comp = TimedCompressor(density=density, exchange="global_topk", hierarchical=True)
+                opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
             else:
                 exchange = "global_topk" if kind == "global" else "allgather"
                 buckets = {"bucket_mb": 0} if kind == "pertensor" else {}
@@ -176,12 +183,12 @@ def ring_allreduce_received(numel: int, itemsize: int, world: int) -> int:
     return round(2 * (world - 1) * numel * itemsize / world)
 
 
-def run_torch_exchange(args) -> tuple[dict, object]:
+def run_torch_exchange(args, model: str) -> tuple[dict, object]:
     """Exchange only: no model, no forward or backward. Every mode shares one set of parameters
     with the spec's shapes (never read: ``torch.empty``), each mode with its own Horovod optimizer
     and compressor. Each step fills every ``.grad`` with fresh synthetic gradients (a window at a
-    random offset of N(0, 1) numbers drawn once per rank: cheaper than drawing tens of millions of
-    normals per step on a shared core), outside the timed part; the timed part is the exchange as a
+    random offset within 4M entries of N(0, 1) numbers drawn once per rank: cheaper than drawing
+    tens of millions of normals per step on a shared core), outside the timed part; the timed part is the exchange as a
     user's backward drives it: Horovod's own per-parameter hook (``_make_hook``, what backward's
     gradient accumulators call) for every parameter in backward order (reverse parameter order),
     then ``optimizer.synchronize()``: compress, the collectives, decompress."""
@@ -194,14 +201,15 @@ def run_torch_exchange(args) -> tuple[dict, object]:
     TimedCompressor = _timed(RangerCompressor)
 
     def barrier(tag):
-        hvd.allreduce(torch.zeros(1), name=f"bench.barrier.{tag}")
+        hvd.allreduce(torch.zeros(1), name=f"bench.barrier.{model}.{tag}")
 
-    shapes = models.exchange_shapes(args.model)
+    shapes = models.exchange_shapes(model)
     params = [torch.nn.Parameter(torch.empty(shape)) for _, shape in shapes]
     sizes = [p.numel() for p in params]
     total, largest = sum(sizes), max(sizes)
     gen = torch.Generator().manual_seed(2000 + hvd.rank())
-    pool = torch.randn(total + largest, generator=gen)   # fresh gradients are windows of it
+    spread = 1 << 22                                      # windows start anywhere in 4M entries
+    pool = torch.randn(largest + spread, generator=gen)   # fresh gradients are windows of it
     store = torch.empty(total)                            # every .grad lives here between fills
     slots, at = [], 0
     for p, n in zip(params, sizes):
@@ -211,23 +219,26 @@ def run_torch_exchange(args) -> tuple[dict, object]:
 
     def fill():
         for p, slot, n in zip(params, slots, sizes):
-            start = int(torch.randint(0, total, (1,), generator=offsets))
+            start = int(torch.randint(0, spread, (1,), generator=offsets))
             slot.view(-1).copy_(pool[start:start + n])
             p.grad = slot.view(p.shape)   # a fresh view: decompress's set_ leaves the slot alone
 
     runners = {}
     for mode in args.modes:
         kind, density = parse_mode(mode)
-        named = [(f"{mode}/{n}", p) for (n, _), p in zip(shapes, params)]
+        named = [(f"{model}/{mode}/{n}", p) for (n, _), p in zip(shapes, params)]
         opt = torch.optim.SGD(params, lr=LR)
         comp = None
         if kind == "dense":
             opt = hvd.DistributedOptimizer(opt, named_parameters=named)
         elif kind == "fp16":
             opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=hvd.Compression.fp16)
-        elif kind == "ranger":
-            comp = TimedCompressor(density=density)
+        elif kind in ("ranger", "hier"):
+            comp = TimedCompressor(density=density, **({"hierarchical": True} if kind == "hier" else {}))
             opt = DistributedOptimizer(opt, named_parameters=named, compression=comp)
+        elif kind == "hierglobal":
+            comp = TimedCompressor(density=density, exchange="global_topk", hierarchical=True)
+            opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
         elif kind in ("hook", "global", "pertensor"):
             exchange = "global_topk" if kind == "global" else "allgather"
             buckets = {"bucket_mb": 0} if kind == "pertensor" else {}
@@ -235,7 +246,7 @@ def run_torch_exchange(args) -> tuple[dict, object]:
             opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
         else:
             raise ValueError(f"{mode}: not an exchange-only mode (dense, fp16, ranger-D, hook-D, "
-                             "pertensor-D, global-D)")
+                             "pertensor-D, global-D, hier-D, hierglobal-D)")
         hooks = [opt._make_hook(p) for p in reversed(params)]
 
         def exchange(opt=opt, hooks=hooks):
@@ -420,6 +431,9 @@ def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize, 
         if "bytes_received" in now:
             fig["bytes_received_per_step"] = (now["bytes_received"] - then["bytes_received"]) / steps
             fig["bytes_received_counted"] = "the compressor's stats()['bytes_received']"
+        if "bytes_received_local" in now:   # hierarchical: the host's dense sum and broadcast
+            fig["bytes_received_local_per_step"] = (now["bytes_received_local"]
+                                                    - then.get("bytes_received_local", 0)) / steps
         fig["profile"] = {
             "allgathers_per_step": per["tensors_sparse"],
             "dense_allreduces_per_step": per["tensors_dense"],
@@ -445,7 +459,8 @@ def pin_to_core(rank: int) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, choices=sorted(models.SPECS))
+    p.add_argument("--model", required=True, help="a model of netbench.models.SPECS (--exchange-only: "
+                   "several, comma-separated, measured one after the other in this launch)")
     p.add_argument("--modes", type=lambda s: s.split(","), required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
@@ -459,9 +474,19 @@ def main(argv=None) -> None:
         parse_mode(mode)
     if args.pin:
         pin_to_core(int(os.environ["HOROVOD_RANK"]))
-    spec = models.SPECS[args.model]
+    if any(parse_mode(m)[0] in ("hier", "hierglobal") for m in args.modes):
+        os.environ["HOROVOD_DYNAMIC_PROCESS_SETS"] = "1"   # the compressor adds its host sets
+    names = args.model.split(",")
+    unknown = [m for m in names if m not in models.SPECS] + names[1:] * (not args.exchange_only)
+    if unknown:
+        p.error(f"--model {args.model}: one of {sorted(models.SPECS)} (several only with --exchange-only)")
+    spec = models.SPECS[names[0]]
     if args.exchange_only:
-        figures, hvd = run_torch_exchange(args)
+        figures = {}
+        for name in names:   # one model at a time: its tensors are freed before the next
+            print(f"[bench] {name}, exchange only", flush=True)
+            figures[name], hvd = run_torch_exchange(args, name)
+            gc.collect()
     else:
         figures, hvd = (run_torch if spec.framework == "torch" else run_tf)(args)
     gathered = hvd.allgather_object(figures, name="bench.figures")

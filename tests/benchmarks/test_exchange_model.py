@@ -69,6 +69,10 @@ def test_hierarchical_and_flat_placements():
     assert flat["B"] == pytest.approx(2 * 7 / 8 * 44 + 4 * 4 / 8 * 80 + 7 / 8 * 80)
     hier = em.terms("global", 8, TINY, 0.01, ranks_per_host=4, hierarchical=True)
     assert hier["B"] == pytest.approx(2 * 1 / 2 * 44 + 40 + 40) and hier["L"] == 2 + 2
+    # inside the host: a dense ring allreduce of the 4000 compressed bytes, then their broadcast
+    assert (hier["Li"], hier["Bi"]) == (9, 2 * 3 / 4 * 4000 + 4000) and hier["P"] == 20
+    hier = em.terms("allgather", 8, TINY, 0.01, ranks_per_host=4, hierarchical=True)
+    assert (hier["L"], hier["B"], hier["P"]) == (2 + 1, 44 + 80, 20)
     with pytest.raises(ValueError):
         em.terms("dense", 6, TINY, ranks_per_host=4)
 
@@ -78,6 +82,8 @@ def test_predict_adds_the_terms():
     assert p.w("allgather", TINY, 0.01) == pytest.approx(1010e-5 + 1e-4)   # one tensor
     t = em.predict(p, "allgather", 4, TINY, 0.01, ranks_per_core=2)
     assert t == pytest.approx(9e-3 + 306e-6 + 2 * (1010e-5 + 1e-4 + 40e-7))
+    p.shared_latency = True    # a message waits for its receiver's turn on a shared core
+    assert em.predict(p, "allgather", 4, TINY, 0.01, ranks_per_core=2) == pytest.approx(t + 9e-3)
 
 
 def test_fit_recovers_known_parameters():
