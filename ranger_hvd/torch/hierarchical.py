@@ -24,9 +24,11 @@ whole (small ones, 1-D ones) still go through Horovod's allreduce over all ranks
 one of the leaders. It finds the hosts itself (each rank's ``HOROVOD_HOSTNAME``, which horovodrun
 sets, else its host name, checked against Horovod's local ranks) unless ``hosts=`` says which ranks
 share a host, and uses process sets with those ranks that are already registered (static ones
-given to ``hvd.init(process_sets=[...])``); the others it adds, which Horovod allows only with
-dynamic process sets (``HOROVOD_DYNAMIC_PROCESS_SETS=1`` or ``hvd.init(process_sets="dynamic")``;
-the launcher sets the variable when ``compression.hierarchical`` is true). Refused with an error
+given to ``hvd.init(process_sets=host_process_sets(...))``); the others it adds, which Horovod
+allows only with dynamic process sets (``HOROVOD_DYNAMIC_PROCESS_SETS=1`` or
+``hvd.init(process_sets="dynamic")``; the launcher sets the variable when
+``compression.hierarchical`` is true), at the cost of an agreement of all ranks on the table of sets
+at every cycle of Horovod's background loop. Refused with an error
 that says what to do: one rank per host everywhere (nothing to sum), hosts that do not cover the
 ranks, an optimizer over a process set other than all ranks, elastic horovodrun.
 
@@ -162,6 +164,33 @@ def needed_sets(layout: HostLayout) -> list[tuple[int, ...]]:
     """The process sets hierarchical uses, in the order every rank registers them: each host of two
     or more ranks, then the leaders."""
     return [host for host in layout.hosts if len(host) > 1] + [layout.leaders]
+
+
+def host_process_sets(hosts, size: int | None = None) -> list:
+    """The process sets ``hierarchical=True`` uses, to register when Horovod starts:
+    ``hvd.init(process_sets=host_process_sets(2))``; the compressor then finds them and needs no
+    dynamic process sets, which cost every cycle of Horovod's background loop an agreement of all
+    ranks on the table of process sets (an allgather of two integers over all ranks).
+
+    ``hosts``: lists of ranks, or an int R: R consecutive ranks to a host, the order in which
+    horovodrun fills hosts of R slots. ``size``: the number of ranks (default: ``HOROVOD_SIZE``,
+    which horovodrun sets before Horovod starts).
+    """
+    from horovod.common.process_sets import ProcessSet
+
+    if size is None:
+        try:
+            size = int(os.environ["HOROVOD_SIZE"])
+        except (KeyError, ValueError):
+            raise HostLayoutError("host_process_sets needs size=... (the number of ranks) where "
+                                  "horovodrun has not set HOROVOD_SIZE") from None
+    if isinstance(hosts, int) and not isinstance(hosts, bool):
+        if hosts < 1 or size % hosts:
+            raise HostLayoutError(f"{size} ranks do not make hosts of {hosts} ranks each; give the "
+                                  "hosts as lists of ranks, e.g. [[0, 1, 2], [3]]")
+        hosts = [list(range(start, start + hosts)) for start in range(0, size, hosts)]
+    layout = check_layout(normalize_hosts(hosts), size)
+    return [ProcessSet(list(ranks)) for ranks in needed_sets(layout)]
 
 
 def process_sets_for(layout: HostLayout) -> dict[tuple[int, ...], Any]:

@@ -15,8 +15,8 @@ pytest.importorskip("horovod.torch")
 from ranger_hvd import core  # noqa: E402
 from ranger_hvd.torch import RangerCompressor  # noqa: E402
 from ranger_hvd.torch.hierarchical import (HierarchicalHosts, HostLayout, HostLayoutError,  # noqa: E402
-                                           check_layout, layout_from_places, normalize_hosts,
-                                           process_sets_for)
+                                           check_layout, host_process_sets, layout_from_places,
+                                           normalize_hosts, process_sets_for)
 from tests.hvdrun import run_workers  # noqa: E402
 
 WORKER = Path(__file__).parent / "workers" / "hier_scenario.py"
@@ -32,6 +32,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.horovod
 def test_hosts_found_and_registered_sets_reused(runs):
+    """The worker registered host_process_sets(2) at hvd.init: the compressor uses those."""
     for rep in runs:
         lay = rep["layout"]
         assert lay["hosts"] == [[0, 1], [2, 3]]
@@ -39,8 +40,10 @@ def test_hosts_found_and_registered_sets_reused(runs):
         assert lay["is_leader"] == (rep["local_rank"] == 0)
         assert lay["local"] == lay["hosts"][rep["rank"] // 2]
         assert lay["cross"] == ([0, 2] if lay["is_leader"] else None)
-        if rep["rank"] < 2:   # [0, 1] was registered before the compressor: reused, not added again
-            assert lay["reused"] is True
+        registered = lay["registered"]
+        assert sorted(registered) == ["[0, 1]", "[0, 2]", "[2, 3]"]
+        assert lay["static"] == [registered[str(lay["local"])]] + (
+            [registered["[0, 2]"]] if lay["is_leader"] else [])
 
 
 @pytest.mark.horovod
@@ -136,6 +139,10 @@ def test_host_names_must_agree_with_horovods_local_ranks():
 
 def test_hosts_argument_is_checked_when_given():
     assert normalize_hosts([[1, 0], (3, 2)]) == ((0, 1), (2, 3))
+    assert [p.ranks for p in host_process_sets(2, size=4)] == [[0, 1], [2, 3], [0, 2]]
+    assert [p.ranks for p in host_process_sets([[0, 1, 2], [3]], size=4)] == [[0, 1, 2], [0, 3]]
+    with pytest.raises(HostLayoutError, match="5 ranks do not make hosts of 2 ranks each"):
+        host_process_sets(2, size=5)
 
     class Set:   # what normalize_hosts reads of a Horovod ProcessSet
         ranks = [2, 3]

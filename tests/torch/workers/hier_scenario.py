@@ -1,6 +1,6 @@
 """``hierarchical=True`` on 2 hosts x 2 ranks (``-H localhost:2,127.0.0.1:2``) under Horovod's optimizer.
 
-layout     the hosts found, who leads, and a process set registered beforehand reused, not added twice
+layout     the hosts found, who leads, and the process sets registered at start-up are the ones used
 equal      d = 1, both exchanges, equals plain Horovod step after step (Average, Sum, ranger_hvd's
            DistributedOptimizer with its groups and hosts= given); every rank ends with the same bits
 drain      gradients for 3 steps, then zero gradients: every gradient delivered, none twice; residuals
@@ -20,12 +20,14 @@ import torch
 import horovod.torch as hvd
 
 from ranger_hvd.torch import DistributedOptimizer, RangerCompressor
+from ranger_hvd.torch.hierarchical import host_process_sets
 from tests.hvdrun import report
 
-hvd.init()
+# The sets of hosts [[0, 1], [2, 3]] registered at start-up (static); the drain's other partition
+# of the ranks has its sets added by the compressor (dynamic process sets are on too).
+STATIC = host_process_sets(2)
+hvd.init(process_sets=STATIC)
 RANK, SIZE = hvd.rank(), hvd.size()
-# registered before any compressor exists, as a static process set given to hvd.init would be
-EARLIER = hvd.add_process_set([0, 1])
 out: dict = {"rank": RANK, "size": SIZE, "local_rank": hvd.local_rank()}
 
 
@@ -74,8 +76,8 @@ def layout():
             "is_leader": h.is_leader,
             "local": None if h.local is None else h.local.ranks,
             "cross": None if h.cross is None else h.cross.ranks,
-            "reused": h.local is not None and h.local.process_set_id == EARLIER.process_set_id
-            if RANK in (0, 1) else None}
+            "static": [h.local.process_set_id] + ([] if h.cross is None else [h.cross.process_set_id]),
+            "registered": {str(p.ranks): p.process_set_id for p in STATIC}}
 
 
 def drain(exchange, steps, hosts=None):
