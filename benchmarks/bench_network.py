@@ -146,6 +146,19 @@ def machine() -> tuple[str, int]:
     return f"{cpu_and_load()}; {versions}", os.cpu_count()
 
 
+def code_version() -> str:
+    """The measured commit: ``git rev-parse HEAD`` of this checkout (with ``+ changes`` when the
+    tree differs from it), else $RANGER_HVD_COMMIT (an exported tree has no git)."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "ranger_hvd"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + (" + uncommitted changes in ranger_hvd/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("RANGER_HVD_COMMIT", "unknown")
+
+
 def _show_progress(log, shown: int, console) -> int:
     """Prints rank 0's new "[bench]" lines of the launch's output; returns the lines seen so far."""
     log.flush()
@@ -216,6 +229,7 @@ def main(argv=None) -> int:
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python benchmarks/bench_network.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "machine": description, "cpus": cpus, "steps": args.steps, "warmup": args.warmup,
+            "code": code_version(),
             "pinned": not args.no_pin, "cycle_time_ms": args.cycle_time_ms,
             "exchange_only": args.exchange_only, "ranks_per_host": args.ranks_per_host,
             "models": {m: f"{SPECS[m].framework}, {SPECS[m].description}; batch: {SPECS[m].input}"
@@ -287,7 +301,7 @@ def main(argv=None) -> int:
             if previous["meta"]["date"] in dates:
                 meta["earlier"].append({k: previous["meta"][k] for k in
                                         ("date", "command", "machine", "wall_s", "steps", "warmup", "pinned",
-                                         "exchange_only", "ranks_per_host")
+                                         "exchange_only", "ranks_per_host", "code")
                                         if k in previous["meta"]})
             meta["models"] = {**{r["model"]: previous["meta"]["models"][r["model"]] for r in kept},
                               **meta["models"]}

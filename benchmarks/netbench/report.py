@@ -231,7 +231,7 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
                                    "exchange time" if exchanges else "step time") + " across test hosts",
         "",
         f"Run on {meta['date']} by `{meta['command']}` in {meta['wall_s']:.0f} s.",
-        f"Machine: {meta['machine']}.",
+        f"Machine: {meta['machine']}." + (f" Code: {meta['code']}." if meta.get("code") else ""),
         *[f"Cells from an earlier run kept (`--append`): {e['date']}, `{e['command']}`, {e['steps']} timed "
           f"steps after {e['warmup']} warm-up; ranks {'pinned' if e.get('pinned') else 'not pinned'}; "
           f"machine: {e['machine']}." for e in meta.get("earlier", [])],
