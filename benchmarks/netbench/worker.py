@@ -42,7 +42,7 @@ def parse_mode(mode: str) -> tuple[str, float | None]:
     over Gloo with its own allreduce and ``ddp-D`` the same with ``ranger_hook`` (PyTorch only);
     ``hier-D`` and ``hierglobal-D`` are ``ranger-D`` and ``global-D`` with
     ``RangerCompressor(hierarchical=True)`` (a dense sum on each host, the sparse exchange among
-    the hosts' leaders; Horovod's dynamic process sets are on for the whole launch then)."""
+    the hosts' leaders; their process sets are registered when Horovod starts, :func:`init`)."""
     if mode in ("compute", "dense", "fp16", "floor", "ddp"):
         return mode, None
     for kind in ("ranger", "hook", "pertensor", "global", "ddp", "hier", "hierglobal"):
@@ -104,13 +104,29 @@ class TokensOnly:
 
 
 # ----------------------------------------------------------------------------------------- PyTorch
+def init_torch(args):
+    """``horovod.torch`` started once; with hierarchical modes, the process sets of the hosts (their
+    ranks consecutive, HOROVOD_LOCAL_SIZE to a host, as horovodrun fills them) registered at start,
+    so no mode of the launch pays for dynamic process sets."""
+    import horovod.torch as hvd
+
+    if not hvd.is_initialized():
+        if any(parse_mode(m)[0] in ("hier", "hierglobal") for m in args.modes):
+            from ranger_hvd.torch.hierarchical import host_process_sets
+
+            hvd.init(process_sets=host_process_sets(int(os.environ["HOROVOD_LOCAL_SIZE"])))
+        else:
+            hvd.init()
+    return hvd
+
+
 def run_torch(args) -> tuple[dict, object]:
     import torch
     import horovod.torch as hvd
     from ranger_hvd.torch import RangerCompressor
 
     torch.set_num_threads(1)
-    hvd.init()
+    init_torch(args)
 
     TimedCompressor = _timed(RangerCompressor)
 
@@ -197,7 +213,7 @@ def run_torch_exchange(args, model: str) -> tuple[dict, object]:
     from ranger_hvd.torch import DistributedOptimizer, RangerCompressor
 
     torch.set_num_threads(1)
-    hvd.init()
+    init_torch(args)
     TimedCompressor = _timed(RangerCompressor)
 
     def barrier(tag):
@@ -474,8 +490,6 @@ def main(argv=None) -> None:
         parse_mode(mode)
     if args.pin:
         pin_to_core(int(os.environ["HOROVOD_RANK"]))
-    if any(parse_mode(m)[0] in ("hier", "hierglobal") for m in args.modes):
-        os.environ["HOROVOD_DYNAMIC_PROCESS_SETS"] = "1"   # the compressor adds its host sets
     names = args.model.split(",")
     unknown = [m for m in names if m not in models.SPECS] + names[1:] * (not args.exchange_only)
     if unknown:
