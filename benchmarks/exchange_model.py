@@ -194,20 +194,25 @@ def bytes_received(exchange: str, n_ranks: int, wl: Workload, density: float | N
 
 
 # ------------------------------------------------------------------------------------------ fit
-def points(results: dict) -> list[dict]:
-    """Measured exchange-only points, one rank per host: (exchange, density, model, N, seconds)."""
+def points(results: dict, ranks_per_host: int = 1) -> list[dict]:
+    """Measured exchange-only points with this many ranks per host: (exchange, density, model, N,
+    seconds, hierarchical)."""
     out = []
     cores = results["meta"].get("cpus", 2)
     for run in results["runs"]:
-        if run.get("kind") != "exchange" or not run.get("figures") or run.get("ranks_per_host", 1) != 1:
+        if (run.get("kind") != "exchange" or not run.get("figures")
+                or run.get("ranks_per_host", 1) != ranks_per_host):
             continue
         for mode, fig in run["figures"].items():
             kind, _, d = mode.partition("-")
+            hierarchical = kind.startswith("hier")
+            kind = {"hier": "ranger", "hierglobal": "global"}.get(kind, kind)
             if kind not in MODE_OF:
                 continue
             out.append({"exchange": MODE_OF[kind], "density": float(d) if d else None,
-                        "model": run["model"], "ranks": run["hosts"], "link": run["link"],
-                        "seconds": fig["median_ms"] / 1e3, "cores": cores,
+                        "model": run["model"], "ranks": run.get("ranks", run["hosts"]),
+                        "ranks_per_host": ranks_per_host, "hierarchical": hierarchical,
+                        "link": run["link"], "seconds": fig["median_ms"] / 1e3, "cores": cores,
                         "bytes_received": fig.get("bytes_received_max")})
     return out
 
@@ -372,11 +377,12 @@ def plot(p: Params, wls: dict[str, Workload], pts: list[dict], path: Path, cores
 
 
 def markdown(p: Params, quality: dict, pts: list[dict], rows: list[dict], wls: dict[str, Workload],
-             meta: dict, source: str, png: str, low_alpha: float = 1e-4) -> str:
+             meta: dict, source: str, png: str, low_alpha: float = 1e-4, two: list | None = None) -> str:
     def tab(header, body):
         return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                          + ["| " + " | ".join(r) + " |" for r in body])
 
+    wls_all = {**wls, **{q["model"]: model_workload(q["model"]) for q in two or []}}
     fit_rows = [[q["model"], q["exchange"] + ("" if q["density"] is None else f" d={q['density']:g}"),
                  str(q["ranks"]), f"{1e3 * q['seconds']:.0f}", f"{1e3 * q['model_s']:.0f}",
                  f"{q['model_s'] / q['seconds']:.2f}"] for q in pts]
@@ -428,6 +434,14 @@ def markdown(p: Params, quality: dict, pts: list[dict], rows: list[dict], wls: d
         "",
         f"![model and measured points]({png})",
         "",
+        *(["Not fitted: the points with 2 ranks per host (their 2 ranks talk over the host's "
+           "loopback, on the same shared cores), against the model with the assumed intra-host link:",
+           "", tab(["model", "exchange", "N", "placement", "measured ms", "model ms"],
+                   [[q["model"], q["exchange"] + ("" if q["density"] is None else f" d={q['density']:g}"),
+                     str(q["ranks"]),
+                     "2/host hier" if q["hierarchical"] else "2/host flat", f"{1e3 * q['seconds']:.0f}",
+                     f"{1e3 * predict(p, q['exchange'], q['ranks'], wls_all[q['model']], q['density'], ranks_per_host=2, hierarchical=q['hierarchical'], ranks_per_core=ranks_per_core(q['ranks'], q['cores'])):.0f}"]
+                    for q in two]), ""] if two else []),
         "## Predicted, N = 8 to 256 (every rank its own core)",
         "",
         "Placements: *1/host* one rank per host; *8/host flat* 8 ranks per host, every collective "
@@ -486,7 +500,7 @@ def main(argv=None) -> int:
         source = str(args.results)
     (args.out / "exchange-model.md").write_text(
         markdown(p, quality, pts, rows, {m: wls[m] for m in args.models}, results["meta"], source,
-                 "exchange-model.png"))
+                 "exchange-model.png", two=points(results, 2)))
     (args.out / "exchange-model.json").write_text(json.dumps({
         "source": source, "params": {"alpha_s": p.alpha, "beta_s_per_byte": p.beta,
                                      "gamma_s_per_pair": p.gamma,
