@@ -567,7 +567,11 @@ def plot_scaling(runs: list[dict], path, meta: dict) -> None:
                             label=mode_label(mode) + ("" if rph == 1 else f", {rph} ranks/host"))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("ranks N")
+        ranks = sorted({r.get("ranks", r["hosts"]) for r in cell if r["model"] == model})
+        ax.set_xticks(ranks, [str(n) for n in ranks])
+        ax.minorticks_off()
+        ax.set_xlim(ranks[0] / 1.3, ranks[-1] * 1.3)
+        ax.set_xlabel("ranks N (hosts x ranks per host)")
         ax.legend(fontsize=6)
 
     for j in range(ncols):
