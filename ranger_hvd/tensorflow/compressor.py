@@ -291,8 +291,11 @@ class RangerCompressor(tf.Module):
         if not exchange.in_program_order():
             # A tf.compat.v1 graph may have run its variables' initializer before this compressor
             # made its state (Horovod's own tests do): initialize what is not, first.
-            with tf.control_dependencies(_initialize_if_needed(self._graph_state(slot))):
-                return self._compress_slot(slot, tensor)
+            ready = _initialize_if_needed(self._graph_state(slot))
+            with tf.control_dependencies(ready):
+                carried, ctx = self._compress_slot(slot, tensor)
+            ctx.ready = ready   # decompress's counter update too runs after them
+            return carried, ctx
         return self._compress_slot(slot, tensor)
 
     def _graph_state(self, slot) -> list:
@@ -314,8 +317,11 @@ class RangerCompressor(tf.Module):
     @not_converted
     def decompress(self, tensor, ctx):
         """Horovod's hook: the reduced gradient in the original shape; see ``exchange.finish``."""
-        exchange.count_received(self.engine, tensor, ctx)
-        return exchange.finish(tensor, ctx, self.options.value_dtype)
+        with tf.control_dependencies(ctx.ready):
+            counted = exchange.count_received(self.engine, tensor, ctx)
+        # in a tf.compat.v1 graph only what the result depends on runs
+        with tf.control_dependencies([] if counted is None else [counted]):
+            return exchange.finish(tensor, ctx, self.options.value_dtype)
 
     # ----------------------------------------------------------------------------- reporting, state
     def stats(self) -> dict:

@@ -50,6 +50,7 @@ class Context:
     engine: object = None              # its engine, where finish() itself may take the step back
     world: int | None = None           # top-k: the ranks of the exchange (None: not known here)
     flight: object = None              # global top-k: its exchange (global_topk.Flight)
+    ready: list = ()                   # v1 graph: the state's initialization, to run after
 
 
 def pack_pairs(idx: tf.Tensor, values: tf.Tensor, wire) -> tf.Tensor:
@@ -267,15 +268,16 @@ def finish(reduced: tf.Tensor, ctx: Context, value_dtype: str, undo: bool = True
     return _combine(ctx, value_dtype, token / world, known)
 
 
-def count_received(engine: core.ErrorFeedback, reduced, ctx: Context) -> None:
+def count_received(engine: core.ErrorFeedback, reduced, ctx: Context):
     """bytes_received += what this tensor's collectives brought: the allreduced tensor (or token),
-    and every other rank's pairs of a top-k allgather (a global exchange counts its own)."""
+    and every other rank's pairs of a top-k allgather (a global exchange counts its own). Returns
+    the counter's update (or None)."""
     nbytes = 0 if reduced is None else tf.cast(tf.size(reduced), tf.int64) * reduced.dtype.size
     if ctx.kind == "topk":
         rows = ctx.gathered
         row_bytes = int(rows.shape[1]) * rows.dtype.size
         nbytes += (tf.cast(tf.shape(rows)[0], tf.int64) - tf.cast(ctx.k, tf.int64)) * row_bytes
-    engine.ops.count_received(nbytes)
+    return engine.ops.count_received(nbytes)
 
 
 def _combine(ctx: Context, value_dtype: str, scale: tf.Tensor, known: tuple) -> tf.Tensor:

@@ -108,6 +108,8 @@ class Flight:
     kept: tf.Tensor             # this rank's kept rows (what it put into the allgather)
     received: tf.Tensor         # bytes the alltoall brought from other ranks (int64)
     gathered: tf.Tensor = None  # every owner's kept rows: G
+    counted: list = None        # the byte counters' updates (a tf.compat.v1 graph runs them only
+                                # where the result depends on them)
 
 
 def _me(process_set) -> int:
@@ -138,7 +140,7 @@ def start(engine, slot, idx, values, k, world: int, wire, name: str, process_set
     kwargs = {"process_set": process_set} if process_set is not None else {}
     flight.gathered = _hvd.module().allgather(flight.kept, name=f"{name}_kept",
                                               ignore_name_scope=True, **kwargs)
-    _count(engine, flight)
+    flight.counted = _count(engine, flight)
     return flight
 
 
@@ -153,17 +155,19 @@ def start_many(engine, slots, idx_values_k, world: int, wire, name: str,
                                                ignore_name_scope=True, **kwargs)
     for flight, g in zip(flights, gathered):
         flight.gathered = g
-        _count(engine, flight)
+        flight.counted = _count(engine, flight)
     return flights
 
 
-def _count(engine, flight: Flight) -> None:
+def _count(engine, flight: Flight) -> list:
     """bytes_sent += the kept rows; bytes_received += what the alltoall and the allgather brought
-    from other ranks."""
+    from other ranks. Returns the counters' updates."""
     kept_bytes = tf.cast(tf.size(flight.kept), tf.int64) * flight.kept.dtype.size
-    engine.ops.count([kept_bytes] + [0] * (len(core.COUNTERS) - 1))
+    more = tf.one_hot(core.COUNTERS.index("bytes_sent"), len(core.COUNTERS), dtype=tf.int64)
+    sent = engine.ops.counters.assign_add(more * kept_bytes)
     gathered_bytes = tf.cast(tf.size(flight.gathered), tf.int64) * flight.gathered.dtype.size
-    engine.ops.count_received(flight.received + gathered_bytes - kept_bytes)
+    received = engine.ops.count_received(flight.received + gathered_bytes - kept_bytes)
+    return [op for op in (sent, received) if op is not None]
 
 
 def selection(flight: Flight):
@@ -187,10 +191,12 @@ def finish(engine, flight: Flight, scale) -> tf.Tensor:
         _next_ranges(slot, g_idx, flight.numel, flight.world)
         return tf.constant(True)
 
-    _in_order(update_state)
+    done = _in_order(update_state)
     factor = tf.cast(scale, slot.dtype)
-    out = tf.scatter_nd(g_idx[:, None], g_sums * factor, [flight.numel])
-    return tf.reshape(out, slot.shape)
+    # in a tf.compat.v1 graph only what the result depends on runs
+    with tf.control_dependencies([done, *flight.counted]):
+        return tf.reshape(tf.scatter_nd(g_idx[:, None], g_sums * factor, [flight.numel]),
+                          slot.shape)
 
 
 def _split_sent(engine, slot, g_idx):

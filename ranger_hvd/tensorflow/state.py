@@ -332,7 +332,9 @@ class TFOps:
     def count(self, increments: list) -> None:
         self.counters.assign_add(tf.stack([tf.cast(x, tf.int64) for x in increments]))
 
-    def count_received(self, nbytes) -> None:
-        """Adds ``nbytes`` (what a collective brought from other ranks) to ``bytes_received``."""
-        if self.received is not None:
-            self.received.assign_add(tf.cast(nbytes, tf.int64))
+    def count_received(self, nbytes):
+        """Adds ``nbytes`` (what a collective brought from other ranks) to ``bytes_received``;
+        returns the update (None without a counter), for a ``tf.compat.v1`` graph to depend on."""
+        if self.received is None:
+            return None
+        return self.received.assign_add(tf.cast(nbytes, tf.int64))

@@ -14,7 +14,10 @@ from tests.tensorflow.launches import tf_keras_reports
 pytestmark = pytest.mark.horovod
 WORKERS = Path(__file__).parent / "workers"
 KERAS3_CELLS = ["hvd_tape_eager", "hvd_tape_function", "hvd_tape_variables", "hvd_tape_groups",
-                "hvd_tape_graph", "our_tape_eager", "our_tape_function", "ranger"]
+                "hvd_tape_graph", "our_tape_eager", "our_tape_function", "ranger",
+                # exchange="global_topk"
+                "hvd_tape_eager_global", "hvd_tape_graph_global", "our_tape_eager_global",
+                "ranger_global"]
 TF_KERAS_CELLS = ["keras_minimize_eager", "keras_minimize_function", "keras_variables",
                   "keras_aggregation", "keras_local_var", "partial_tape"]
 

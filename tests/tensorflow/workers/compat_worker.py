@@ -23,10 +23,10 @@ from tests.tensorflow.workers.matrix import (RANK, SHAPES, SIZE, T, check, compr
 
 
 # ----------------------------------------------------------------------------- Horovod's tape
-def hvd_tape(traced, registered=False, groups=None):
+def hvd_tape(traced, registered=False, groups=None, **options):
     def run(density):
         variables = [tf.Variable(tf.zeros(s)) for s in SHAPES]
-        comp = compressor(density, variables=variables if registered else None)
+        comp = compressor(density, variables=variables if registered else None, **options)
         kwargs = {"compression": comp} if comp is not None else {}
 
         def step(grads):
@@ -40,7 +40,7 @@ def hvd_tape(traced, registered=False, groups=None):
     return run
 
 
-def hvd_tape_graph(density):
+def hvd_tape_graph(density, **options):
     """tf.compat.v1 graph mode: Horovod compresses each tensor in a tf.cond of the tf.Graph."""
     with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
         variables = [tf.Variable(tf.zeros(s)) for s in SHAPES]
@@ -48,7 +48,7 @@ def hvd_tape_graph(density):
         # as in Horovod's own graph test: the initializer runs before the compressor and the
         # tape exist, so the compressor's state must initialize itself
         sess.run(tf.compat.v1.global_variables_initializer())
-        comp = compressor(density)
+        comp = compressor(density, **options)
         kwargs = {"compression": comp} if comp is not None else {}
         with tf.GradientTape() as tape:
             loss = linear_loss(variables, holders)
@@ -63,10 +63,10 @@ def hvd_tape_graph(density):
 
 
 # ----------------------------------------------------------------------------- ours: tape, Ranger
-def our_tape(traced):
+def our_tape(traced, **options):
     def run(density):
         variables = [tf.Variable(tf.zeros(s)) for s in SHAPES]
-        comp = compressor(density)
+        comp = compressor(density, **options)
 
         def step(grads):
             with tf.GradientTape() as tape:
@@ -84,9 +84,9 @@ def our_tape(traced):
     return run
 
 
-def ranger(density):
+def ranger(density, **options):
     variables = [keras.Variable(np.zeros(s, np.float32)) for s in SHAPES]
-    opt = Ranger(learning_rate=1.0, momentum=0.0, density=density, min_elements=100)
+    opt = Ranger(learning_rate=1.0, momentum=0.0, density=density, min_elements=100, **options)
     for t in range(T):
         opt.apply_gradients(zip([tf.constant(g) for g in grads_at(t, RANK)], variables))
     residuals = [None if r is None else keras.ops.convert_to_numpy(r) for r in opt.ranger_residuals]
@@ -102,6 +102,13 @@ check("hvd_tape_graph", hvd_tape_graph, plain)
 check("our_tape_eager", our_tape(False), plain)
 check("our_tape_function", our_tape(True), plain)
 check("ranger", ranger, plain)
+# the global top-k exchange (issue 33) through the entry points the tf-keras launch does not run:
+# Horovod's tape eagerly and in v1 graph mode, our tape eagerly, Keras 3 Ranger
+GLOBAL = {"exchange": "global_topk"}
+check("hvd_tape_eager_global", hvd_tape(False, **GLOBAL), plain)
+check("hvd_tape_graph_global", lambda density: hvd_tape_graph(density, **GLOBAL), plain)
+check("our_tape_eager_global", our_tape(False, **GLOBAL), plain)
+check("ranger_global", lambda density: ranger(density, **GLOBAL), plain)
 
 
 # ----------------------------------------------------------------------------- mixed precision
