@@ -270,7 +270,7 @@ def test_exchange_only_two_ranks_per_host(tmp_path):
     about 2·k·8 for global top-k; the scaling report and plot are written."""
     _skip_unless_usable("rb33x")
     proc = _bench(["--exchange-only", "--hosts", "2", "--ranks-per-host", "2", "--models", "tensor-1m",
-                   "--modes", "dense", "ranger-0.01", "global-0.01", "--steps", "2", "--warmup", "1",
+                   "--modes", "dense", "ranger-0.01", "global-0.01", "hier-0.01", "--steps", "2", "--warmup", "1",
                    "--out", str(tmp_path), "--name", "scaling", "--prefix", "rb33x", "--net", "10.77.113"])
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-5000:]
@@ -280,13 +280,18 @@ def test_exchange_only_two_ranks_per_host(tmp_path):
     assert (run["kind"], run["hosts"], run["ranks_per_host"], run["ranks"]) == ("exchange", 2, 2, 4)
     assert sorted(run["raw"]["addresses"]) == ["10.77.113.11"] * 2 + ["10.77.113.12"] * 2
     f = run["figures"]
-    assert list(f) == ["dense", "ranger-0.01", "global-0.01"]     # no compute-only in exchange only
+    assert list(f) == ["dense", "ranger-0.01", "global-0.01", "hier-0.01"]   # no compute-only here
     k8 = 10_000 * 8
     assert f["dense"]["bytes_received_max"] == 2 * 3 * 4_000_000 // 4
     assert f["ranger-0.01"]["bytes_received_max"] == 3 * k8 + 4            # + the token
     assert k8 < f["global-0.01"]["bytes_received_max"] <= 2 * k8
+    # hierarchical: the two hosts' leaders exchange k pairs each; the host's dense sum and
+    # broadcast are counted apart
+    assert f["hier-0.01"]["bytes_received_max"] == k8 + 4
+    assert all(r["hier-0.01"]["bytes_received_local_per_step"] > 0 for r in run["raw"]["ranks"])
     assert all(len(r[m]["times_s"]) == 2 for r in run["raw"]["ranks"] for m in f)
     md = (tmp_path / "scaling.md").read_text()
     assert "## Exchange only" in md and "| 2x2 | 4 | 1gbit | tensor-1m | ranger global top-k d=0.01 |" in md
-    assert "- met: 1M-entry tensor" not in md or "N=2" not in md   # 2 ranks per host: not the target's cells
+    assert "- met: 1M-entry tensor" not in md and "- MISSED: 1M-entry tensor" not in md   # 1 rank per host only
+    assert "2 hosts x 2 ranks, tensor-1m, exchange only: ranger hierarchical d=0.01" in md
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
