@@ -12,10 +12,10 @@ bench=(benchmarks/bench_network.py --links 1gbit --name network-scaling --out "$
 rm -f "$out/network-scaling.json"
 "$py" "${bench[@]}" --exchange-only --hosts 2 4 8 --models lstm-lm resnet50 tensor-1m \
   --modes dense fp16 ranger-0.01 global-0.01 ranger-0.001 global-0.001 --steps "$steps"
-"$py" "${bench[@]}" --append --exchange-only --ranks-per-host 2 --hosts 2 4 --models lstm-lm resnet50 \
-  --modes ranger-0.01 hier-0.01 global-0.01 hierglobal-0.01 --steps $((steps > 6 ? 6 : steps))
 "$py" "${bench[@]}" --append --hosts 4 8 --models mlp-102 lstm-lm \
   --modes dense ranger-0.01 global-0.01 --steps $((steps > 6 ? 6 : steps))
+"$py" "${bench[@]}" --append --exchange-only --ranks-per-host 2 --hosts 2 4 --models lstm-lm resnet50 \
+  --modes ranger-0.01 hier-0.01 global-0.01 hierglobal-0.01 --steps $((steps > 6 ? 6 : steps))
 "$py" "${bench[@]}" --append --ranks-per-host 2 --hosts 4 --models mlp-102 \
   --modes ranger-0.01 hier-0.01 global-0.01 hierglobal-0.01 --steps $((steps > 6 ? 6 : steps))
 "$py" benchmarks/exchange_model.py --results "$out/network-scaling.json" --out "$out"
