@@ -79,7 +79,7 @@ class RangerCompressor:
         named_parameters: ``model.named_parameters()``; only needed when ``compress`` is called by
             something other than a Horovod ``DistributedOptimizer``.
         hosts: with ``hierarchical=True``, which ranks share a host (lists of ranks or Horovod
-            ``ProcessSet``\ s, e.g. ``[[0, 1], [2, 3]]``); by default found from Horovod's host
+            ``ProcessSet`` objects, e.g. ``[[0, 1], [2, 3]]``); by default found from Horovod's host
             names and local ranks (``hierarchical.py``).
         **options: the rest of :class:`ranger_hvd.core.RangerOptions` (``selection``,
             ``compress_1d``, ``warmup_steps``, ``warmup_start_density``, ``clip_norm``,
@@ -246,19 +246,31 @@ class RangerCompressor:
                       world: int | None = None) -> torch.Tensor:
         """The sum of every member's pairs of one tensor from the exchange, times (Horovod's
         token) / ``world`` (default: the exchange's members; hierarchical hosts give N, all ranks)."""
-        # The token: 1 after an average, N after a sum (rounded: predivide factors leave float noise).
-        token_value = round(float(token.reshape(-1)[0]))
+        indices, values, members = self.exchange_pairs(name)
+        return self.scatter_pairs(token, name, shape, dtype, indices, values, world or members)
+
+    def exchange_pairs(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Every member's pairs of one tensor from the exchange (int32 indices, values: on the wire
+        dtype from the allgather, the gradient's dtype from global top-k) and the number of members;
+        a NaN/Inf among them voids the step."""
         if self.options.exchange == "global_topk":
             g_idx, g_sums, members = self._global.finish(name)
             self.round.check([name], [g_sums])
-            out = self.output_buffer(name, shape, dtype, token.device)
-            scale = token_value / (world or members)
-            return out.index_add_(0, g_idx, g_sums.to(out.dtype), alpha=scale).view(shape)
+            return g_idx, g_sums, members
         indices, values, members, non_finite = self._buckets.wait(name)
         # the bucket's values were checked as it arrived: a NaN/Inf anywhere in it voids the step
         self.round.check([name], [] if non_finite is None else [non_finite])
+        return indices, values, members
+
+    def scatter_pairs(self, token: torch.Tensor, name: str, shape, dtype: torch.dtype,
+                      indices: torch.Tensor, values: torch.Tensor, world: int) -> torch.Tensor:
+        """``exchange_pairs``' pairs scatter-added into the tensor's zeroed output buffer, times
+        (Horovod's token) / ``world``: the same bits wherever the same pairs are scattered."""
+        # The token: 1 after an average, N after a sum (rounded: predivide factors leave float noise).
+        scale = round(float(token.reshape(-1)[0])) / world
         out = self.output_buffer(name, shape, dtype, token.device)
-        scale = token_value / (world or members)
+        if self.options.exchange == "global_topk":
+            return out.index_add_(0, indices, values.to(out.dtype), alpha=scale).view(shape)
         early = core.scale_each_value(scale, out.dtype in (torch.float32, torch.float64))
         out.index_add_(0, indices, values.to(out.dtype), alpha=scale if early else 1.0)
         if not early:

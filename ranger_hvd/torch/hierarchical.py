@@ -11,9 +11,11 @@ With ``RangerCompressor(hierarchical=True)`` each compressed gradient takes thre
    ``RangerCompressor.compress_sparse``) and sends its pairs in the compressor's sparse exchange
    (``exchange="allgather"`` or ``"global_topk"``) over the process set of the leaders, so the
    sparse exchange has H members, the number of hosts, not N;
-3. in ``decompress`` the leader builds the update from every host's pairs, divided by N (all ranks:
-   Horovod's token gives 1 for ``Average`` and N for ``Sum``, as in the flat exchange), and a
-   broadcast over the host's process set hands the same bits to the other ranks of the host.
+3. in ``decompress`` the leader hands every host's pairs (what the exchange brought it) to the
+   other ranks of its host (an allgather over the host to which only the leader brings bytes:
+   H*k pairs, not the dense result), and each rank scatter-adds them and divides by N (all ranks:
+   Horovod's token gives 1 for ``Average`` and N for ``Sum``, as in the flat exchange) with the
+   compressor's own ``scatter_pairs``, so every rank of every host gets the same bits.
 
 **Residuals live on the leaders**: a leader's residual (and DGC momentum) holds what its host's
 summed gradients have not yet sent; the other ranks of a host keep no residual and no momentum for
@@ -28,15 +30,15 @@ given to ``hvd.init(process_sets=host_process_sets(...))``); the others it adds,
 allows only with dynamic process sets (``HOROVOD_DYNAMIC_PROCESS_SETS=1`` or
 ``hvd.init(process_sets="dynamic")``; the launcher sets the variable when
 ``compression.hierarchical`` is true), at the cost of an agreement of all ranks on the table of sets
-at every cycle of Horovod's background loop. Refused with an error
-that says what to do: one rank per host everywhere (nothing to sum), hosts that do not cover the
-ranks, an optimizer over a process set other than all ranks, elastic horovodrun.
+at every cycle of Horovod's background loop. Refused with an error that says what to do: one rank
+per host everywhere (nothing to sum), hosts that do not cover the ranks, an optimizer over a
+process set other than all ranks, elastic horovodrun.
 
 **Bytes.** ``stats()["bytes_sent"]`` and ``["bytes_received"]`` count the sparse exchange among
 the leaders and Horovod's token, as for the flat exchange (a rank that is not a leader sends only
-the token of each compressed tensor); the host's dense sum and broadcast are counted apart in
-``bytes_sent_local`` and ``bytes_received_local`` (the size of each result, as the dense path
-counts an allreduce).
+the token of each compressed tensor); within the host, the dense sum (the size of its result, as
+the dense path counts an allreduce) and the leader's pairs are counted apart in
+``bytes_sent_local`` and ``bytes_received_local``.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class HostLayout:
 
 
 def normalize_hosts(hosts) -> tuple[tuple[int, ...], ...]:
-    """``hosts=`` as given (lists of ranks, or Horovod ``ProcessSet``\\ s) as tuples of ranks; checks
+    """``hosts=`` as given (lists of ranks, or Horovod ``ProcessSet`` objects) as tuples of ranks; checks
     the form only (:func:`check_layout` checks them against the job)."""
     if isinstance(hosts, (str, bytes)) or not hasattr(hosts, "__iter__"):
         raise HostLayoutError(f"hosts must be a list of hosts, each a list of ranks or a Horovod "
@@ -252,7 +254,7 @@ class _LocalSum:
 
 class HierarchicalHosts:
     """The hierarchical path of one ``RangerCompressor``: host sums, the leaders' sparse step and
-    exchange (the compressor's own), and the broadcast of the result within each host."""
+    exchange (the compressor's own), and the sharing of the exchanged pairs within each host."""
 
     def __init__(self, compressor, hosts=None):
         self.comp = compressor
@@ -266,8 +268,8 @@ class HierarchicalHosts:
         self.total = 1         # N: every rank
         self._sums: dict[str, _LocalSum] = {}          # the leader's host sums in flight
         self._waiting: dict[str, tuple[Any, HierContext]] = {}   # others: sums not yet synchronized
-        self._shares: dict[str, tuple[Any, torch.Tensor]] = {}   # others: broadcasts posted
-        self._sending: list = []                       # the leader's broadcasts in flight
+        self._shares: dict[str, Any] = {}              # others: the leader's pairs in flight
+        self._sending: list = []                       # the leader's pairs in flight
         self._unread = 0                               # tensors of this step not yet decompressed
         self.sent_local = 0
         self.received_local = 0
@@ -342,25 +344,25 @@ class HierarchicalHosts:
 
         self._unread -= 1
         if not self.is_leader:
-            return self._receive(ctx)
+            return self._receive(token, ctx)
         # Every host sum must be in before any result is waited for: a bucket still open is sent
         # with what it has, and the leaders must send the same buckets.
         for name in list(self._sums):
             self._take(name)
-        out = self.comp.sparse_result(token, ctx.name, ctx.shape, ctx.dtype, world=self.total)
+        indices, values, _ = self.comp.exchange_pairs(ctx.name)
         if self.local is not None:
-            flat = out.reshape(-1)
-            self._sending.append(hvd.broadcast_async_(flat.view(torch.uint8), self.leader,
-                                                      name=f"ranger.hier.share.{ctx.name}",
-                                                      process_set=self.local))
-            self.sent_local += flat.numel() * flat.element_size()
-        if self._unread <= 0:
-            # The step's last result: every broadcast must have read its buffer before Horovod's
-            # synchronize() returns (a loss scaler's unscale_ then writes the gradients in place).
+            # the pairs, not the dense result: the other ranks scatter them as the leader does
+            payload = torch.cat([indices.to(torch.int32).reshape(-1).view(torch.uint8),
+                                 values.contiguous().reshape(-1).view(torch.uint8)])
+            self._sending.append(hvd.allgather_async(payload, name=f"ranger.hier.share.{ctx.name}",
+                                                     process_set=self.local))
+            self.sent_local += payload.numel()
+        if self._unread <= 0:   # the step's last result: no handle is left behind
             for handle in self._sending:
                 hvd.synchronize(handle)
             self._sending = []
-        return out.view(ctx.shape)
+        return self.comp.scatter_pairs(token, ctx.name, ctx.shape, ctx.dtype, indices, values,
+                                       self.total)
 
     # ------------------------------------------------------------------ the leader
     def _take_arrived(self) -> None:
@@ -385,23 +387,29 @@ class HierarchicalHosts:
         self.comp.start_exchange(name, host_sum.numel(), indices, values, self.cross, owner)
 
     # ------------------------------------------------------------------ the other ranks of a host
-    def _receive(self, ctx: HierContext) -> torch.Tensor:
-        """The leader's result: the first result wanted in a step posts the broadcasts of every
-        tensor of the step (so that the leader never waits on one not yet posted), then waits."""
+    def _receive(self, token: torch.Tensor, ctx: HierContext) -> torch.Tensor:
+        """The leader's pairs, scattered here as the leader scatters them (the same bits). The
+        first result wanted in a step joins the sharing of every tensor of the step (an allgather
+        over the host to which only the leader brings bytes), so the leader never waits on a rank
+        that has not joined."""
         import horovod.torch as hvd
 
         if ctx.name not in self._shares:
-            for name, (handle, c) in list(self._waiting.items()):
+            nothing = torch.empty(0, dtype=torch.uint8)
+            for name in self._waiting:
+                self._shares[name] = hvd.allgather_async(nothing, name=f"ranger.hier.share.{name}",
+                                                         process_set=self.local)
+            for handle, _ in self._waiting.values():
                 hvd.synchronize(handle)   # this rank's part of the host sum is done
-                out = self.comp.output_buffer(name, c.shape, c.dtype, c.device, zero=False)
-                self._shares[name] = (hvd.broadcast_async_(out.view(torch.uint8), self.leader,
-                                                           name=f"ranger.hier.share.{name}",
-                                                           process_set=self.local), out)
             self._waiting = {}
-        handle, out = self._shares.pop(ctx.name)
-        hvd.synchronize(handle)
-        self.received_local += out.numel() * out.element_size()
-        return out.view(ctx.shape)
+        payload = hvd.synchronize(self._shares.pop(ctx.name))
+        self.received_local += payload.numel()
+        dtype = ctx.dtype if self.comp.options.exchange == "global_topk" else self.comp.value_dtype
+        k = payload.numel() // (4 + dtype.itemsize)
+        indices = payload[: 4 * k].view(torch.int32)
+        values = payload[4 * k:].clone().view(dtype)   # a copy starts aligned for any dtype
+        return self.comp.scatter_pairs(token, ctx.name, ctx.shape, ctx.dtype, indices, values,
+                                       self.total)
 
     def stats(self) -> dict:
         return {"bytes_sent_local": self.sent_local, "bytes_received_local": self.received_local}

@@ -102,11 +102,14 @@ def test_bytes_per_rank_the_sparse_exchange_has_one_member_per_host(runs):
             # hierarchical: a leader receives the other leader's pairs; the others only the token
             assert s["bytes_received"] == (k * pair + 4 if leader else 4), s
             assert s["bytes_sent"] == (k * pair + 4 if leader else 4), s
-            # within the host: the dense sum (both), the leader's broadcast of the result
-            assert s["bytes_sent_local"] == (2 * 4 * n if leader else 4 * n), s
-            assert s["bytes_received_local"] == (4 * n if leader else 2 * 4 * n), s
+            # within the host: the dense sum (both ranks), then the leader hands over both hosts' pairs
+            assert s["bytes_sent_local"] == (4 * n + 2 * k * pair if leader else 4 * n), s
+            assert s["bytes_received_local"] == (4 * n if leader else 4 * n + 2 * k * pair), s
         for s in b["hier-global_topk"]:
             assert (s["bytes_received"] <= 1.2 * k * pair + 4) if leader else (s["bytes_received"] == 4), s
+            # G, about k pairs, is what the leader hands over within the host
+            shared = s["bytes_sent_local" if leader else "bytes_received_local"] - 4 * n
+            assert 0.9 * k * pair <= shared <= 1.1 * k * pair, s
 
 
 # ---------------------------------------------------------------------------------- refusals, no launch
