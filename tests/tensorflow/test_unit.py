@@ -783,3 +783,52 @@ def test_global_topk_is_accepted_and_a_misspelled_exchange_is_refused():
             Ranger(learning_rate=0.1, exchange=bad)
     with pytest.raises(OptionsError, match="global_topk"):   # random-k has no owners to sum
         RangerCompressor(exchange="global_topk", selection="random")
+
+
+@pytest.mark.parametrize("options", [{}, {"value_dtype": "float16"},
+                                     {"warmup_steps": 3, "warmup_start_density": 0.5},
+                                     {"momentum": 0.9}],
+                         ids=["fp32", "fp16-wire", "warmup", "dgc-momentum"])
+def test_global_topk_on_one_process_equals_the_allgather(options):
+    """A world of one, through ranger_hvd's tape (Horovod's tape skips its exchange on one rank):
+    the owner of the one range keeps every pair (its budget is k), so the global exchange gives the
+    allgather's gradients and residuals bit for bit, with fp16 on the wire, under warm-up (k a
+    tensor) and with DGC momentum; its next ranges are [0, n) with weight |G|, kept in state_dict.
+    Multi-rank: test_global_topk.py and test_compat.py."""
+    import horovod.tensorflow as hvd
+
+    hvd.init()
+    results = {}
+    for exchange_name in ("allgather", "global_topk"):
+        w, b = tf.Variable(tf.zeros([60, 50]), name="w"), tf.Variable(tf.zeros([50]), name="b")
+        comp = RangerCompressor(density=0.05, min_elements=100, exchange=exchange_name, **options)
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as t:
+                loss = tf.reduce_sum(w * x) + tf.reduce_sum(b * x[0])
+            return DistributedGradientTape(t, compression=comp).gradient(loss, [w, b])
+
+        outs = []
+        for s in range(4):
+            x = np.random.default_rng(s).standard_normal((60, 50)).astype(np.float32)
+            outs.append([g.numpy() for g in step(tf.constant(x))])
+        slot = comp.slots[0]
+        results[exchange_name] = (outs, slot.residual.numpy(), comp.stats(), comp.state_dict(),
+                                  None if slot.velocity is None else slot.velocity.numpy())
+    (ag_out, ag_res, ag_stats, _, ag_u), (gl_out, gl_res, gl_stats, gl_state, gl_u) = (
+        results["allgather"], results["global_topk"])
+    for a, g in zip(ag_out, gl_out):
+        for x, y in zip(a, g):
+            np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(ag_res, gl_res)
+    if ag_u is not None:
+        np.testing.assert_array_equal(ag_u, gl_u)
+    # nothing comes from other ranks but the bias's allreduce
+    assert gl_stats["bytes_received"] == ag_stats["bytes_received"] > 0
+    # the owner's kept rows are sent too: k pairs of (fp32 sum, int32 index) per step
+    k_total = ag_stats["elements_selected"] - 4 * 50
+    assert gl_stats["bytes_sent"] == ag_stats["bytes_sent"] + 8 * k_total
+    bounds, weights = next(st for st in gl_state["slots"].values()
+                           if st["residual"] is not None)["global_ranges"]
+    assert list(bounds) == [0, 3000] and list(weights) == [150]   # k of the last step
