@@ -26,7 +26,7 @@ N ranks; a ring crosses each host link once in each direction, so the busiest li
 rank receives, except global top-k's alltoall, where all 8 ranks' pairs for other hosts leave by one
 link); and 8 ranks per host hierarchical as ``RangerCompressor(hierarchical=True)`` does it (each compressed
 gradient summed densely inside the host, the host's leader runs the sparse exchange among the N/8
-leaders, then broadcasts the dense result inside the host; dense and fp16 as Horovod's hierarchical
+leaders, then hands the exchanged pairs to the host's other ranks; dense and fp16 as Horovod's hierarchical
 allreduce: inside the host, then across hosts on 1/8 of the tensor each). The intra-host link is an
 assumption, not a measurement (``--intra-gbps``, ``--intra-latency-us``).
 """
@@ -155,10 +155,10 @@ def terms(exchange: str, n_ranks: int, wl: Workload, density: float | None = Non
     if hierarchical:
         # RangerCompressor(hierarchical=True): each compressed gradient is summed densely over the
         # host (a ring allreduce inside it), the host's leader runs the sparse exchange among the H
-        # leaders, and broadcasts the dense result inside the host
-        dense_c = 4 * sum(wl.sizes)
+        # leaders and hands the exchanged pairs to the host's other ranks (H*k for the allgather,
+        # the ~k of G for global top-k), which scatter them as the leader does
         out["Li"] = b * 3 * (R - 1)
-        out["Bi"] = 2 * (R - 1) / R * dense_c + dense_c
+        out["Bi"] = 2 * (R - 1) / R * 4 * sum(wl.sizes) + (H if exchange == "allgather" else 1) * k * PAIR
     if exchange == "allgather":
         # ring allgather per bucket: every link carries every other member's k pairs
         out["L"] += b * (H - 1)
@@ -448,8 +448,8 @@ def markdown(p: Params, quality: dict, pts: list[dict], rows: list[dict], wls: d
         "over all N ranks (for dense, fp16 and the allgather the same curve as 1/host: a ring "
         "crosses each host link once each way); *8/host hier* 8 ranks per host as "
         "`RangerCompressor(hierarchical=True)` does it: a dense sum of each compressed gradient "
-        "inside the host, the sparse exchange among the N/8 host leaders, a dense broadcast of "
-        "the result inside the host (dense and fp16: Horovod's hierarchical allreduce). The "
+        "inside the host, the sparse exchange among the N/8 host leaders, the exchanged pairs "
+        "handed to the host's other ranks (dense and fp16: Horovod's hierarchical allreduce). The "
         "intra-host link is assumed, not measured; the measured hierarchical points (2 ranks per "
         "host) are in the scaling results, compared below with this model at 2 ranks per host.",
         "",

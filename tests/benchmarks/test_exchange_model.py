@@ -69,10 +69,11 @@ def test_hierarchical_and_flat_placements():
     assert flat["B"] == pytest.approx(2 * 7 / 8 * 44 + 4 * 4 / 8 * 80 + 7 / 8 * 80)
     hier = em.terms("global", 8, TINY, 0.01, ranks_per_host=4, hierarchical=True)
     assert hier["B"] == pytest.approx(2 * 1 / 2 * 44 + 40 + 40) and hier["L"] == 2 + 2
-    # inside the host: a dense ring allreduce of the 4000 compressed bytes, then their broadcast
-    assert (hier["Li"], hier["Bi"]) == (9, 2 * 3 / 4 * 4000 + 4000) and hier["P"] == 20
+    # inside the host: a dense ring allreduce of the 4000 compressed bytes, then G's ~k pairs
+    assert (hier["Li"], hier["Bi"]) == (9, 2 * 3 / 4 * 4000 + 80) and hier["P"] == 20
     hier = em.terms("allgather", 8, TINY, 0.01, ranks_per_host=4, hierarchical=True)
     assert (hier["L"], hier["B"], hier["P"]) == (2 + 1, 44 + 80, 20)
+    assert hier["Bi"] == 2 * 3 / 4 * 4000 + 2 * 80    # then both leaders' pairs
     with pytest.raises(ValueError):
         em.terms("dense", 6, TINY, ranks_per_host=4)
 
