@@ -447,7 +447,7 @@ def _figures(times, starts, params, kind, comp, before, steps, numel, itemsize, 
         if "bytes_received" in now:
             fig["bytes_received_per_step"] = (now["bytes_received"] - then["bytes_received"]) / steps
             fig["bytes_received_counted"] = "the compressor's stats()['bytes_received']"
-        if "bytes_received_local" in now:   # hierarchical: the host's dense sum and broadcast
+        if "bytes_received_local" in now:   # hierarchical: the host's dense sum and its share of pairs
             fig["bytes_received_local_per_step"] = (now["bytes_received_local"]
                                                     - then.get("bytes_received_local", 0)) / steps
         fig["profile"] = {
