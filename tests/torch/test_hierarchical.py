@@ -237,12 +237,3 @@ def test_config_refuses_what_hierarchical_cannot_run(tmp_path, extra, message):
         load_config(tmp_path / "exp.yaml", [], cwd=tmp_path)
     found = [p for p in exc.value.problems if p.path == "compression.hierarchical"]
     assert len(found) == 1 and message in found[0].message, [str(p) for p in exc.value.problems]
-
-
-def test_tensorflow_refuses_hierarchical():
-    pytest.importorskip("tensorflow")
-    from ranger_hvd.tensorflow.slots import tf_options
-
-    assert tf_options(exchange="global_topk").exchange == "global_topk"
-    with pytest.raises(core.OptionsError, match="hierarchical=True runs on PyTorch only so far"):
-        tf_options(hierarchical=True)
