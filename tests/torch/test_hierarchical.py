@@ -50,10 +50,11 @@ def test_hosts_found_and_registered_sets_reused(runs):
 @pytest.mark.parametrize("case, exchange", [
     ("equal_average", "allgather"), ("equal_average", "global_topk"),
     ("equal_sum", "allgather"), ("equal_sum", "global_topk"),
-    ("equal_groups", "allgather")])
+    ("equal_groups", "allgather"), ("equal_mixed", "allgather")])
 def test_density_one_equals_plain_horovod(runs, case, exchange):
     """d = 1 gives the average over all 4 ranks, step after step. Within float rounding, not bit
-    for bit: Gloo's ring adds the 4 gradients in its own order, ours adds (g0 + g1) + (g2 + g3)."""
+    for bit: Gloo's ring adds the 4 gradients in its own order, ours adds (g0 + g1) + (g2 + g3).
+    ``equal_mixed`` gives hosts [[0, 1, 2], [3]]: a host of 3 ranks and a leader alone."""
     for rep in runs:
         r = rep[case]
         assert r["moved"] > 1e-3

@@ -2,7 +2,8 @@
 
 layout     the hosts found, who leads, and the process sets registered at start-up are the ones used
 equal      d = 1, both exchanges, equals plain Horovod step after step (Average, Sum, ranger_hvd's
-           DistributedOptimizer with its groups and hosts= given); every rank ends with the same bits
+           DistributedOptimizer with its groups and hosts= given, hosts of 3 ranks and of 1 rank);
+           every rank ends with the same bits
 drain      gradients for 3 steps, then zero gradients: every gradient delivered, none twice; residuals
            only on the leaders, empty at the end
 nonfinite  an Inf on a rank that is not a leader voids the step everywhere; the leaders' residuals are
@@ -56,12 +57,15 @@ def trace(comp, tag, op, wrap=hvd.DistributedOptimizer, **kwargs):
     return steps
 
 
+HOSTS = {"groups": [[0, 1], [2, 3]], "mixed": [[0, 1, 2], [3]]}
+
+
 def equal(tag, op, exchanges=("allgather", "global_topk"), wrap=hvd.DistributedOptimizer, **kwargs):
     plain = trace(hvd.Compression.none, f"{tag}.plain", op, wrap=wrap, **kwargs)
     result = {"moved": max_diff(plain[-1], plain[0])}
     for exchange in exchanges:
         comp = RangerCompressor(density=1.0, min_elements=100, exchange=exchange, hierarchical=True,
-                                hosts=[[0, 1], [2, 3]] if tag == "groups" else None)
+                                hosts=HOSTS.get(tag))
         steps = trace(comp, f"{tag}.{exchange}", op, wrap=wrap, **kwargs)
         result[exchange] = {"diffs": [max_diff(a, b) for a, b in zip(plain, steps)],
                             "digest": digest(steps[-1])}
@@ -173,6 +177,7 @@ SECTIONS = {
     "equal_sum": lambda: equal("sum", hvd.Sum),
     "equal_average": lambda: equal("average", hvd.Average),
     "equal_groups": lambda: equal("groups", hvd.Average, ("allgather",), wrap=DistributedOptimizer),
+    "equal_mixed": lambda: equal("mixed", hvd.Average, ("allgather",)),
     "drain_allgather": lambda: drain("allgather", 12, hosts=[[0, 2], [1, 3]]),
     "drain_global": lambda: drain("global_topk", 16),
     "nonfinite": nonfinite,
