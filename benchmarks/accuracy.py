@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/accuracy.py --configs cnn-digits --scales 1 --modes dense,ranger-0.01
 
 For each reference config (CNN, RNN, GAN on PyTorch and TensorFlow) and each mode it runs the real
-launcher (``ranger-hvd launch``, 2 ranks, Gloo) at the config's own epochs and at 3x those epochs, then
-reads each run's ``summary.json``. Modes:
+launcher (``ranger-hvd launch``, 2 ranks, Gloo; ``--np N``: N ranks on this machine, dense included) at
+the config's own epochs and at 3x those epochs, then reads each run's ``summary.json``. Modes:
 
 * ``dense``: Horovod's fp32 allreduce; ``fp16``: Horovod's fp16 compression;
 * ``ranger-D`` (any 0 < D <= 1, e.g. ``ranger-0.03``): top-k at density D with error feedback, the job's
@@ -16,6 +16,9 @@ reads each run's ``summary.json``. Modes:
 * ``ranger-D-local``: the same momentum in the compressor without DGC's factor masking, so the residual
   is error feedback on the local momentum (``compression.momentum_masking: false``); not run for the
   GANs either;
+* ``global-D`` (also ``global-D-dgc``, ``global-D-local``): ``ranger-D`` (``-dgc``, ``-local``) with the
+  global top-k exchange (``compression.exchange=global_topk``, ``docs/exchange.md``) in place of the
+  allgather, on both backends; not run under DDP (``ranger_hook`` has the allgather only);
 * ``ddp-MODE`` (``ddp-dense``, ``ddp-fp16``, ``ddp-ranger-D``, ...): MODE with ``cluster.runner=torchrun``:
   the PyTorch jobs under DDP, started by torchrun, the compression as DDP's communication hook (DDP's
   allreduce, ``fp16_compress_hook``, ``ranger_hook``); not run for the TensorFlow configs. Its "vs dense"
@@ -59,10 +62,14 @@ FIXED_MODES = {"dense": ["compression.type=none"], "fp16": ["compression.type=fp
 MOMENTUM_IN_COMPRESSOR = {"dgc": "true", "local": "false"}    # mode suffix: compression.momentum_masking
 
 
+# mode kind: the compression.exchange it runs ("ranger-D": the allgather, the default)
+EXCHANGES = {"ranger": "allgather", "global": "global_topk"}
+
+
 def _ranger_mode(mode: str) -> tuple[str, float, str] | None:
-    """("ranger", D, suffix) of ``ranger-D`` (suffix ""), ``ranger-D-dgc`` and ``ranger-D-local``
-    with 0 < D <= 1; None for any other name."""
-    return density_mode(mode, ("ranger",), tuple(MOMENTUM_IN_COMPRESSOR))
+    """(kind, D, suffix) of ``KIND-D`` (suffix ""), ``KIND-D-dgc`` and ``KIND-D-local`` with KIND
+    ``ranger`` or ``global`` and 0 < D <= 1; None for any other name."""
+    return density_mode(mode, tuple(EXCHANGES), tuple(MOMENTUM_IN_COMPRESSOR))
 
 
 DDP_PREFIX = "ddp-"    # the same mode under DDP + the communication hook, started by torchrun
@@ -71,7 +78,8 @@ DDP_PREFIX = "ddp-"    # the same mode under DDP + the communication hook, start
 def mode_spec(mode: str) -> list[str] | None:
     """The config overrides of a mode name (``CONFIG`` stands for the job's momentum), or None if the
     name means nothing: ``dense``, ``fp16``, ``ranger-D``, ``ranger-D-dgc`` or ``ranger-D-local`` with
-    0 < D <= 1, each also with the prefix ``ddp-``."""
+    0 < D <= 1, the same with ``global`` for ``ranger`` (the global top-k exchange), each also with the
+    prefix ``ddp-``."""
     if mode.startswith(DDP_PREFIX):
         spec = mode_spec(mode[len(DDP_PREFIX):])
         return None if spec is None else spec + ["cluster.runner=torchrun"]
@@ -81,6 +89,8 @@ def mode_spec(mode: str) -> list[str] | None:
     if parsed is None:
         return None
     spec = ["compression.type=ranger", f"compression.density={mode.split('-')[1]}"]
+    if parsed[0] != "ranger":
+        spec.append(f"compression.exchange={EXCHANGES[parsed[0]]}")
     if parsed[2]:
         masking = MOMENTUM_IN_COMPRESSOR[parsed[2]]
         return spec + ["compression.momentum=CONFIG", f"compression.momentum_masking={masking}",
@@ -112,11 +122,12 @@ def config_epochs(name: str) -> tuple[str, int, float]:
 
 def mode_overrides(mode: str, momentum: float, config: str = "") -> list[str] | None:
     """The overrides of a mode for a job whose momentum is ``momentum`` (None: not applicable, e.g. DGC's
-    momentum for a job without momentum, a DDP mode for a TensorFlow ``config``)."""
+    momentum for a job without momentum, a DDP mode for a TensorFlow ``config``, the global exchange
+    under DDP)."""
     spec = mode_spec(mode)
     if "compression.momentum=CONFIG" in spec and momentum == 0:
         return None
-    if mode.startswith(DDP_PREFIX) and config.endswith("-tf"):
+    if mode.startswith(DDP_PREFIX) and (config.endswith("-tf") or "compression.exchange=global_topk" in spec):
         return None
     return [x.replace("CONFIG", str(momentum)) for x in spec]
 
@@ -213,12 +224,15 @@ TARGETS = [("ranger-0.01", 1, 1.0, 1.10), ("ranger-0.01", 3, 0.5, 1.10), ("range
 
 def targets(results: dict, names: list[str]) -> str:
     """Each target of the accuracy issue, met or not, with the figures it was judged on: one line for
-    each place of the momentum measured at the target's density (``ranger-D``, ``-dgc``, ``-local``)."""
+    each place of the momentum measured at the target's density (``ranger-D``, ``-dgc``, ``-local``) and
+    each exchange (``global-D``: the same bar)."""
     lines = ["### Targets", "", "| job | target | measured | met |", "|---|---|---|---|"]
     for name in names:
         model, base = results[name]["model"], results[name]["epochs"]
         metric, higher = METRICS[model]
-        judged = [(ddp + plain + suffix, scale, gap_pt, ratio) for plain, scale, gap_pt, ratio in TARGETS
+        # each target also for the global exchange at the same density (global-0.01 for ranger-0.01)
+        judged = [(ddp + kind + plain[len("ranger"):] + suffix, scale, gap_pt, ratio)
+                  for plain, scale, gap_pt, ratio in TARGETS for kind in EXCHANGES
                   for ddp in ("", DDP_PREFIX) for suffix in ["", *(f"-{s}" for s in MOMENTUM_IN_COMPRESSOR)]]
         for mode, scale, gap_pt, ratio in judged:
             r, d = results[name]["runs"].get((mode, scale)), results[name]["runs"].get((dense_of(mode), scale))
@@ -253,7 +267,7 @@ def density_bar(scale: int) -> tuple:
 def swept_densities(modes: list[str]) -> dict[float, str]:
     """{density: mode} of the plain ``ranger-D`` modes, densities ascending."""
     parsed = {m: _ranger_mode(m) for m in modes}
-    return dict(sorted((p[1], m) for m, p in parsed.items() if p is not None and not p[2]))
+    return dict(sorted((p[1], m) for m, p in parsed.items() if p is not None and p[0] == "ranger" and not p[2]))
 
 
 def _runs_to_json(results: dict) -> dict:
@@ -275,10 +289,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0", help="train.seed values; each cell is their mean ± stdev")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run (e.g. train.lr_schedule=cosine)")
+    ap.add_argument("--np", type=int, default=None, metavar="N",
+                    help="N ranks on this machine for every run (cluster.np=N, cluster.hosts=localhost:N; "
+                         "default: the configs' 2)")
     ap.add_argument("--out", default=str(RESULTS / "accuracy-results.md"))
     ap.add_argument("--runs", default=str(REPO / "runs" / "accuracy"))
     ap.add_argument("--from-runs", metavar="DIR",
-                    help="tabulate the run directories an earlier sweep left in DIR, running nothing")
+                    help="tabulate the run directories an earlier sweep left in DIR, running nothing (a cell "
+                         "with no run directory of any seed there is shown as not run)")
     ap.add_argument("--replot", action="store_true",
                     help="redraw the PNG from the JSON beside --out, running nothing")
     args = ap.parse_args(argv)
@@ -286,7 +304,8 @@ def main(argv=None) -> int:
     if args.replot:
         saved = json.loads(out.with_suffix(".json").read_text())
         results = _runs_from_json(saved["results"])
-        plot(results, saved["names"], saved["modes"], saved["scales"], out.with_suffix(".png"), METRICS)
+        plot(results, saved["names"], saved["modes"], saved["scales"], out.with_suffix(".png"), METRICS,
+             saved.get("ranks", 2))
         if len(swept_densities(saved["modes"])) >= 3:
             plot_density(results, saved["names"], swept_densities(saved["modes"]), saved["scales"][0],
                          density_png(out), METRICS, density_bar(saved["scales"][0]))
@@ -297,12 +316,15 @@ def main(argv=None) -> int:
     unknown = [m for m in modes if mode_spec(m) is None] + [c for c in names if c not in CONFIGS]
     if unknown:
         ap.error(f"unknown mode or config: {', '.join(unknown)}")
+    ranks = args.np or 2
+    extra = args.set + ([f"cluster.np={args.np}", f"cluster.hosts=localhost:{args.np}"] if args.np else [])
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_root = Path(args.from_runs) if args.from_runs else Path(args.runs) / stamp
     header = (f"# Accuracy against dense at the same epochs\n\nMeasured {datetime.date.today()} on "
-              f"{platform.machine()}, {os.cpu_count()} cores, no GPU; 2 ranks on one machine over "
+              f"{platform.machine()}, {os.cpu_count()} cores, no GPU; {ranks} ranks on one machine over "
               f"Gloo, one thread each. Command: `.venv/bin/python benchmarks/accuracy.py "
               f"--configs {args.configs} --modes {args.modes} --scales {args.scales} --seeds {args.seeds} "
+              + (f"--np {args.np} " if args.np else "")
               + "".join(f"--set {x} " for x in args.set)
               + (f"--from-runs {args.from_runs} " if args.from_runs else "")
               + f"--out {out.relative_to(REPO) if out.is_relative_to(REPO) else out}`. Run "
@@ -321,8 +343,11 @@ def main(argv=None) -> int:
                 overrides = mode_overrides(mode, momentum, name)
                 if overrides is None:
                     continue     # the table shows "-": e.g. DGC momentum for a config without momentum
+                if args.from_runs and not any((out_root / run_name(name, mode, epochs * s, seed)).exists()
+                                              for seed in seeds):
+                    continue     # no run of this cell in DIR: not run ("-"), where a missing seed is a failure
                 each = [read_run(out_root / run_name(name, mode, epochs * s, seed)) if args.from_runs
-                        else run_one(name, overrides, mode, epochs * s, seed, args.set, out_root)
+                        else run_one(name, overrides, mode, epochs * s, seed, extra, out_root)
                         for seed in seeds]
                 r = combine(each)
                 results[name]["runs"][(mode, s)] = r
@@ -336,8 +361,9 @@ def main(argv=None) -> int:
     print(text)
     out.write_text(header + text)
     out.with_suffix(".json").write_text(json.dumps(
-        {"names": names, "modes": modes, "scales": scales, "results": _runs_to_json(results)}, indent=1))
-    plot(results, names, modes, scales, out.with_suffix(".png"), METRICS)
+        {"names": names, "modes": modes, "scales": scales, "ranks": ranks, "results": _runs_to_json(results)},
+        indent=1))
+    plot(results, names, modes, scales, out.with_suffix(".png"), METRICS, ranks)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     if len(swept_densities(modes)) >= 3:      # a density sweep: the metric against d tells more
         plot_density(results, names, swept_densities(modes), scales[0], density_png(out), METRICS,

@@ -7,8 +7,9 @@ from pathlib import Path
 
 
 def plot(results: dict, names: list[str], modes: list[str], scales: list[int], path: Path,
-         metrics: dict[str, tuple[str, bool]]) -> None:
-    """The eval metric of each mode, one panel per job, a bar per epochs multiple."""
+         metrics: dict[str, tuple[str, bool]], ranks: int = 2) -> None:
+    """The eval metric of each mode, one panel per job, a bar per epochs multiple (``ranks``: the runs'
+    rank count, for the title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,7 +44,7 @@ def plot(results: dict, names: list[str], modes: list[str], scales: list[int], p
         ax.set_title(f"{name}: {metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.legend(fontsize=8)
     seeds = _seed_count(results, names)
-    _finish(fig, axes, len(names), "Eval metric by mode after the same epochs (2 ranks, Gloo)"
+    _finish(fig, axes, len(names), f"Eval metric by mode after the same epochs ({ranks} ranks, Gloo)"
             + (f"; bars: mean over {seeds} seeds, whiskers: stdev" if seeds > 1 else ""), path)
 
 

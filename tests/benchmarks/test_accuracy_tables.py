@@ -213,3 +213,73 @@ def test_dense_rows_from_the_plain_switch_equal_the_explicit_momentum(config):
         a, b = plain.resolved_dict(), by_hand.resolved_dict()
         a["train"]["momentum"] = b["train"]["momentum"] = None
         assert a == b, config
+
+
+@pytest.mark.parametrize("name", accuracy.CONFIGS)
+@pytest.mark.parametrize("suffix", ["", "-dgc", "-local"])
+def test_global_modes_are_the_ranger_modes_with_the_global_exchange(name, suffix):
+    """``global-D[-SUFFIX]`` is ``ranger-D[-SUFFIX]`` plus ``compression.exchange=global_topk`` alone; the
+    launcher accepts it on every shipped config, on 4 ranks as ``--np 4`` sets them."""
+    from ranger_hvd.config import load_config
+
+    _, _, momentum = accuracy.config_epochs(name)
+    plain = accuracy.mode_overrides(f"ranger-0.01{suffix}", momentum, name)
+    overrides = accuracy.mode_overrides(f"global-0.01{suffix}", momentum, name)
+    if plain is None:                   # no momentum to move (the GAN): neither runs
+        assert overrides is None and momentum == 0
+        return
+    assert sorted(overrides) == sorted(plain + ["compression.exchange=global_topk"])
+    four = ["cluster.np=4", "cluster.hosts=localhost:4"]
+    glob = load_config(REPO / "configs" / f"{name}.yaml", overrides + four, cwd=REPO).config
+    ranger = load_config(REPO / "configs" / f"{name}.yaml", plain + four, cwd=REPO).config
+    assert glob.compression.exchange == "global_topk" and ranger.compression.exchange == "allgather"
+    assert glob.train == ranger.train and glob.cluster.np == 4
+    assert accuracy.mode_overrides(f"ddp-global-0.01{suffix}", momentum, name) is None  # DDP: allgather only
+
+
+@pytest.mark.parametrize("name", ["global", "global-0", "global-1.5", "global-0.1-ddp", "global-0.1-global"])
+def test_global_mode_names_that_mean_nothing_are_refused(name):
+    assert accuracy.mode_spec(name) is None
+
+
+def test_global_modes_stay_out_of_the_density_sweep_and_meet_the_same_targets():
+    assert accuracy.swept_densities(["ranger-0.1", "global-0.01", "global-0.3"]) == {0.1: "ranger-0.1"}
+    results = _results("cnn", 0.9700, 0.9500, 1)
+    runs = results["cnn-x"]["runs"]
+    runs[("global-0.01", 1)] = {**runs[("ranger-0.01", 1)], "metrics": {"eval_accuracy": 0.9650}}
+    rows = [line for line in accuracy.targets(results, ["cnn-x"]).splitlines() if "global-0.01 at" in line]
+    assert rows == ["| cnn-x | global-0.01 at 5 ep within 1.0 pt of dense | 0.9650 vs 0.9700 (-0.5 pt) | yes |"]
+
+
+def test_np_runs_every_mode_on_that_many_ranks_and_says_so(tmp_path, monkeypatch):
+    launched = []
+
+    def fake_run(name, overrides, mode, epochs, seed, extra, out_root):
+        launched.append((mode, extra))
+        return {"metrics": {"eval_accuracy": 0.9}, "bytes_per_step": 1.0, "seconds": 1.0, "run_dir": "r"}
+
+    monkeypatch.setattr(accuracy, "run_one", fake_run)
+    monkeypatch.setattr(accuracy, "plot", lambda *a, **k: None)
+    out = tmp_path / "x.md"
+    accuracy.main(["--configs", "cnn-digits", "--modes", "dense,global-0.01", "--scales", "1", "--np", "4",
+                   "--set", "train.lr=0.1", "--runs", str(tmp_path), "--out", str(out)])
+    assert launched == [(m, ["train.lr=0.1", "cluster.np=4", "cluster.hosts=localhost:4"])
+                        for m in ("dense", "global-0.01")]      # dense too: "vs dense" at the same ranks
+    assert "; 4 ranks on one machine" in out.read_text() and "--np 4 --set train.lr=0.1" in out.read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["ranks"] == 4
+
+
+def test_from_runs_shows_a_cell_without_any_run_directory_as_not_run(tmp_path, monkeypatch):
+    """``--from-runs`` over several sweeps' directories: a mode one config never ran is "-", while a
+    missing seed of a cell that ran stays a failure."""
+    monkeypatch.setattr(accuracy, "plot", lambda *a, **k: None)
+    for mode, seed in (("dense", 0), ("dense", 1), ("global-0.01", 0)):
+        _summary(tmp_path / accuracy.run_name("cnn-digits", mode, 5, seed), final_metrics={"eval_accuracy": 0.9},
+                 bytes_sent_per_step_mean=1.0, duration_s=1.0)
+    out = tmp_path / "x.md"
+    accuracy.main(["--configs", "cnn-digits", "--modes", "dense,global-0.01,global-0.04", "--scales", "1",
+                   "--seeds", "0,1", "--from-runs", str(tmp_path), "--out", str(out)])
+    runs = accuracy._runs_from_json(json.loads(out.with_suffix(".json").read_text())["results"])["cnn-digits"]["runs"]
+    assert runs[("dense", 1)]["seeds"] == 2 and ("global-0.04", 1) not in runs
+    assert runs[("global-0.01", 1)]["failed_seeds"] == 1
+    assert "| global-0.04 | - | - |" in out.read_text()

@@ -46,3 +46,17 @@ def test_bytes_received_stay_flat_with_global_topk(runs):
     for rep in runs:
         # the allgather: exactly the other ranks' pairs, plus the 4-byte token's result
         assert rep["bytes_allgather"] == [(size - 1) * k * pair + 4] * 3, rep["bytes_allgather"]
+
+
+def test_digits_mlp_global_topk_trains_like_dense(runs):
+    """4 ranks, each its own shard of the digits, 150 steps of SGD (momentum 0.9) through
+    hvd.DistributedOptimizer: global_topk at d = 0.01 ends within 10% of dense's full-data loss."""
+    if runs[0]["size"] != 4:
+        pytest.skip("the digits MLP runs on 4 ranks")
+    reps = [rep["digits"] for rep in runs]
+    losses = [{m: (r[m]["initial"], r[m]["final"]) for m in ("dense", "global")} for r in reps]
+    assert all(lo == losses[0] for lo in losses), losses   # the same model on every rank, so the same loss
+    dense, glob = reps[0]["dense"], reps[0]["global"]
+    assert dense["initial"] == glob["initial"], reps[0]        # the same starting weights
+    assert dense["final"] < 0.2 * dense["initial"], dense      # training moved
+    assert glob["final"] <= 1.10 * dense["final"], reps[0]
