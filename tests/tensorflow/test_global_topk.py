@@ -1,22 +1,34 @@
-"""``exchange="global_topk"`` on TensorFlow under real horovodrun (Gloo), 2 and 3 ranks.
+"""``exchange="global_topk"`` on TensorFlow under real horovodrun (Gloo), 2 and 3 ranks (and 4
+with ``RANGER_TF_GLOBAL_NP4=1``).
 
-The checks run inside the tf-keras compatibility launch (``workers/global_worker.py``, called by
-``compat_legacy_worker.py``), so they add their own steps but no launch of their own."""
+On 2 and 3 ranks the checks run inside the tf-keras compatibility launch
+(``workers/global_worker.py``, called by ``compat_legacy_worker.py``), so they add their own steps
+but no launch of their own. The 4-rank run is a launch of its own (about a minute on two cores),
+so it is opt-in."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 pytest.importorskip("horovod.tensorflow")
 
-from tests.tensorflow.launches import tf_keras_reports  # noqa: E402
+from tests.hvdrun import run_workers  # noqa: E402
+from tests.tensorflow.launches import WORKERS, tf_keras_reports  # noqa: E402
 
 pytestmark = pytest.mark.horovod
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["np2", "np3"])
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=["np2", "np3", "np4"])
 def reports(request, tmp_path_factory):
-    reps = tf_keras_reports(request.param, tmp_path_factory)
+    if request.param == 4:
+        if os.environ.get("RANGER_TF_GLOBAL_NP4") != "1":
+            pytest.skip("4 ranks: set RANGER_TF_GLOBAL_NP4=1 (a launch of its own)")
+        reps = run_workers(WORKERS / "global_worker.py", tmp_path_factory.mktemp("global_np4"),
+                           np=4, env={"TF_USE_LEGACY_KERAS": "1"}, timeout=900)
+    else:
+        reps = tf_keras_reports(request.param, tmp_path_factory)
     for r in reps:
         assert "gtopk_error" not in r, r["gtopk_error"]
     return reps
@@ -53,7 +65,7 @@ def test_exchange_follows_the_reference_rule(reports):
 @pytest.mark.parametrize("path", ["hvd_tape", "our_tape"])
 def test_drain_delivers_every_gradient_once(reports, path):
     """3 steps with gradients, then zeros (20 steps; the residuals emptied after 12 on 2 ranks, 15
-    on 3): the residuals empty and what was delivered is the average of every rank's gradients
+    on 3, 17 on 4): the residuals empty and what was delivered is the average of every rank's gradients
     (float32 rounding only): nothing lost, nothing twice."""
     for r in reports:
         d = r["gtopk_drain"][path]
