@@ -16,8 +16,7 @@ WORKERS = Path(__file__).parent / "workers"
 KERAS3_CELLS = ["hvd_tape_eager", "hvd_tape_function", "hvd_tape_variables", "hvd_tape_groups",
                 "hvd_tape_graph", "our_tape_eager", "our_tape_function", "ranger",
                 # exchange="global_topk"
-                "hvd_tape_eager_global", "hvd_tape_graph_global", "our_tape_eager_global",
-                "ranger_global"]
+                "hvd_tape_graph_global", "ranger_global"]
 TF_KERAS_CELLS = ["keras_minimize_eager", "keras_minimize_function", "keras_variables",
                   "keras_aggregation", "keras_local_var", "partial_tape"]
 
