@@ -84,7 +84,9 @@ def parse_args(argv):
     p.add_argument("--prefix", default="rbench", help="namespace name prefix (default rbench)")
     p.add_argument("--net", default="10.78.0", help="first three parts of the hosts' addresses (default 10.78.0)")
     p.add_argument("--append", action="store_true", help="keep the other cells of an existing "
-                   "network-results.json in --out (same hosts, link and model: replaced)")
+                   "NAME.json in --out (same kind, hosts, ranks per host, link and model: replaced, or "
+                   "merged where the modes differ (compute only aside): the cell then holds the "
+                   "modes of both launches)")
     p.add_argument("--no-pin", action="store_true", help="let the scheduler place the ranks (default: "
                    "each rank on its own core, rank r on core r mod cores, as on separate hosts)")
     p.add_argument("--cycle-time-ms", type=float, help="Horovod's cycle time, the same for every mode "
@@ -293,10 +295,19 @@ def main(argv=None) -> int:
     if not runs:
         return 130 if interrupted else 1
     if args.append and previous:
+        for run in runs:
+            # a cell measured before with other modes: both launches' modes in one cell (what
+            # cannot share a launch, e.g. hierarchical modes, whose process sets slow every mode)
+            old = next((o for o in previous["runs"] if report.cell(o) == report.cell(run)), None)
+            if old and old.get("figures") and run.get("figures") and (
+                    set(old["figures"]) & set(run["figures"])) <= {"compute"}:
+                run["figures"] = {**old["figures"], **run["figures"]}
+                run["merged_from"] = {"date": old["date"], "raw": old.get("raw")}
         keys = {report.cell(r) for r in runs}
         kept = [r for r in previous["runs"] if report.cell(r) not in keys]
-        if kept:
-            dates = {r["date"] for r in kept}
+        dates = {r["date"] for r in kept} | {r["merged_from"]["date"] for r in kept + runs
+                                             if "merged_from" in r}
+        if dates:
             meta["earlier"] = [e for e in previous["meta"].get("earlier", []) if e["date"] in dates]
             if previous["meta"]["date"] in dates:
                 meta["earlier"].append({k: previous["meta"][k] for k in

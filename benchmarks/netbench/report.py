@@ -249,6 +249,13 @@ def markdown(runs: list[dict], meta: dict, plot_name: str) -> str:
            if meta.get("pinned") else "The scheduler placed the ranks (`--no-pin`): they may share a core "
            "or move between cores, which hosts would not."),
         "",
+        *([f"Cells measured in two launches (`--append` with other modes): "
+           + "; ".join(sorted({f"{_where(r)} hosts, {r['model']} ({r.get('kind', 'step')}): "
+                               f"{r['merged_from']['date']} and {r['date']}" for r in runs if "merged_from" in r}))
+           + ". Hierarchical modes run in a launch of their own: the process sets they register "
+           "take part in every cycle of Horovod's loop and would slow the flat modes beside them; "
+           "ratios between modes of different launches compare launches, not interleaved steps.", ""]
+          if any("merged_from" in r for r in runs) else []),
         *(_step_part(runs, meta, plot_name, models, table) if steps else []),
         *(exchange_part(exchanges, meta, plot_name, table, with_plot=not steps, models=models)
           if exchanges else []),
