@@ -226,12 +226,13 @@ def wkey(exchange: str, density: float | None) -> str:
     return exchange if density is None else f"{exchange}@{density:g}"
 
 
-def fit(pts: list[dict], workloads: dict[str, Workload]) -> tuple[Params, dict]:
+def fit(pts: list[dict], workloads: dict[str, Workload], beta: float | None = None) -> tuple[Params, dict]:
     """alpha, beta, gamma and W's two constants per exchange and density, all non-negative, by least
     squares on relative error, once with a fixed latency per message and once with one that grows
     with the ranks sharing a core; the better fit is kept. Returns the parameters and the fit's
-    quality (both variants' errors); each point gets the model's time as ``model_s``."""
-    fits = [_fit(pts, workloads, shared) for shared in (False, True)]
+    quality (both variants' errors); each point gets the model's time as ``model_s``. ``beta``
+    given: that time per byte (the link's nominal rate), not fitted."""
+    fits = [_fit(pts, workloads, shared, beta) for shared in (False, True)]
     p, quality = min(fits, key=lambda f: f[1]["relative_rms"])
     quality["relative_rms_fixed_latency"] = fits[0][1]["relative_rms"]
     quality["relative_rms_shared_latency"] = fits[1][1]["relative_rms"]
@@ -241,7 +242,7 @@ def fit(pts: list[dict], workloads: dict[str, Workload]) -> tuple[Params, dict]:
     return p, quality
 
 
-def _fit(pts, workloads, shared_latency: bool) -> tuple[Params, dict]:
+def _fit(pts, workloads, shared_latency: bool, beta: float | None = None) -> tuple[Params, dict]:
     import numpy as np
     from scipy.optimize import nnls
 
@@ -255,11 +256,18 @@ def _fit(pts, workloads, shared_latency: bool) -> tuple[Params, dict]:
         for key in keys:
             mine = key == wkey(q["exchange"], q["density"])
             row += [s * wl.entries if mine else 0.0, s * wl.tensors if mine else 0.0]
-        rows.append([v / q["seconds"] for v in row])
-    a, b = np.array(rows), np.ones(len(rows))
+        if beta is not None:   # the bytes' time is known: what is left to fit
+            row[1], rest = 0.0, 1.0 - beta * t["B"] / q["seconds"]
+        else:
+            rest = 1.0
+        rows.append([v / q["seconds"] for v in row] + [rest])
+    a = np.array(rows)
+    a, b = a[:, :-1], a[:, -1]
     scale = np.maximum(np.abs(a).max(axis=0), 1e-30)   # columns of similar size for nnls
     x, _ = nnls(a / scale, b)
     x = x / scale
+    if beta is not None:
+        x[1] = beta
     p = Params(alpha=float(x[0]), beta=float(x[1]), gamma=float(x[2]),
                work={key: (float(x[3 + 2 * i]), float(x[4 + 2 * i])) for i, key in enumerate(keys)},
                shared_latency=shared_latency)
@@ -417,7 +425,8 @@ def markdown(p: Params, quality: dict, pts: list[dict], rows: list[dict], wls: d
            f"{quality['relative_rms_shared_latency']:.2f} against "
            f"{quality['relative_rms_fixed_latency']:.2f})"),
         f"- beta = {p.beta * 1e9:.2f} ns per byte ({1 / p.beta / 1e6 if p.beta else float('inf'):.0f} MB/s; "
-        "the link is 1 Gbit/s = 125 MB/s)",
+        + ("fitted; the link is 1 Gbit/s = 125 MB/s)" if quality.get("beta") == "fitted" else
+           f"not fitted: {quality.get('beta', 'given')}; `--fit-beta` fits it too)"),
         f"- gamma = {p.gamma * 1e9:.2f} ns per pair scatter-added",
         f"- relative RMS error over the {len(pts)} points: {quality['relative_rms']:.2f} (worst "
         f"{quality['worst']:+.2f})",
@@ -480,6 +489,9 @@ def main(argv=None) -> int:
     ap.add_argument("--intra-gbps", type=float, default=80.0, help="assumed link inside a host, Gbit/s "
                     "(default 80, 10 GB/s)")
     ap.add_argument("--intra-latency-us", type=float, default=5.0, help="assumed latency inside a host")
+    ap.add_argument("--fit-beta", action="store_true", help="fit the time per byte too (default: the "
+                    "link's nominal rate, 1 Gbit/s for --link-gbps 1)")
+    ap.add_argument("--link-gbps", type=float, default=1.0, help="the test hosts' link rate (default 1)")
     args = ap.parse_args(argv)
     results = json.loads(args.results.read_text())
     pts = points(results)
@@ -487,7 +499,8 @@ def main(argv=None) -> int:
         print(f"no exchange-only points in {args.results}", file=sys.stderr)
         return 1
     wls = {m: model_workload(m) for m in sorted({q["model"] for q in pts} | set(args.models))}
-    p, quality = fit(pts, wls)
+    p, quality = fit(pts, wls, None if args.fit_beta else 8 / (args.link_gbps * 1e9))
+    quality["beta"] = "fitted" if args.fit_beta else f"the link's nominal {args.link_gbps:g} Gbit/s"
     p.intra = Link(args.intra_latency_us * 1e-6, 8 / (args.intra_gbps * 1e9))
     rows = table(p, {m: wls[m] for m in args.models})
     args.out.mkdir(parents=True, exist_ok=True)
