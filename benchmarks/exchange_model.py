@@ -376,7 +376,7 @@ def plot(p: Params, wls: dict[str, Workload], pts: list[dict], path: Path, cores
                  f"dotted 8 ranks/host hierarchical; every rank on its own core) and measured test "
                  f"hosts (dots: link {link}, all ranks on {cores} shared cores; thin lines: the model "
                  f"with that sharing)\n1/beta = "
-                 f"{1 / p.beta / 1e6 if p.beta else float('inf'):.0f} MB/s fitted; inside a host "
+                 f"{1 / p.beta / 1e6 if p.beta else float('inf'):.0f} MB/s; inside a host "
                  f"{p.intra.alpha * 1e6:.0f} us, {1 / p.intra.beta / 1e9:.0f} GB/s assumed",
                  fontsize=8)
     fig.tight_layout(rect=(0, 1.3 / (4.3 * len(wls) + 1.4), 1, 1))
