@@ -2,7 +2,7 @@
 # docs/results/network-scaling.* and exchange-model.* (issue 33 item 3), as root, from the repository
 # root: exchange only on 2, 4 and 8 test hosts (1 rank per host) and 2 and 4 hosts x 2 ranks (flat
 # against hierarchical), whole steps on 4 and 8 hosts (and 4 x 2), then the model. Each launch is one
-# horovodrun; all of them append to one results file. About 25-30 minutes on 2 cores.
+# horovodrun; all of them append to one results file. 17 minutes on a quiet 2-core machine.
 # STEPS=N and OUT=DIR override the timed steps and the output folder.
 set -uo pipefail   # a failed launch is recorded in the results; the others still run
 out=${OUT:-docs/results}
