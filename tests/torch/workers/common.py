@@ -32,3 +32,32 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def prefixed(model, prefix: str):
     """named_parameters with a prefix, so that runs sharing a process never share collective names."""
     return [(f"{prefix}.{n}", p) for n, p in model.named_parameters()]
+
+
+def drain_error(model, opt, batch, steps: int, tag: str) -> float:
+    """The drain: 3 steps with gradients, then ``steps - 3`` with zero gradients through a Horovod
+    optimizer whose learning rate is 0. Returns the largest relative difference, over the
+    parameters, between the sum of every gradient the optimizer delivered and the average over
+    ranks of every gradient computed: 0 when every gradient arrived once and none twice."""
+    import horovod.torch as hvd
+
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
+    delivered = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
+    for step in range(steps):
+        x, y = batch(step)
+        scale = 1.0 if step < 3 else 0.0
+        loss = scale * torch.nn.functional.mse_loss(model(x), y)
+        for t, g in zip(total, torch.autograd.grad(loss, list(model.parameters()))):
+            t += g.double()
+        (scale * torch.nn.functional.mse_loss(model(x), y)).backward()
+        opt.synchronize()
+        for d, p in zip(delivered, model.parameters()):
+            d += p.grad.double()
+        with opt.skip_synchronize():
+            opt.step()
+        opt.zero_grad()
+    worst = 0.0
+    for j, (d, t) in enumerate(zip(delivered, total)):
+        avg = hvd.allreduce(t, name=f"{tag}.total.{j}")
+        worst = max(worst, float((d - avg).abs().max()) / (float(avg.abs().max()) or 1.0))
+    return worst

@@ -10,7 +10,7 @@ digits    4 ranks only: a 64-128-10 MLP on scikit-learn's digits, each rank its 
 
 from __future__ import annotations
 
-from common import max_diff, params_of
+from common import drain_error, max_diff, params_of
 
 import torch
 import horovod.torch as hvd
@@ -60,27 +60,9 @@ def drain():
     named = [(f"drain.{n}", p) for n, p in model.named_parameters()]
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0),
                                    named_parameters=named, compression=comp)
-    total = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
-    delivered = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
     # 3 steps with gradients, then nothing new: an index leaves a rank's residual only when that
     # rank sends it and its owner keeps it, so draining takes up to about N*n/k steps
-    for step in range(40):
-        x, y = batch(step)
-        scale = 1.0 if step < 3 else 0.0
-        loss = scale * torch.nn.functional.mse_loss(model(x), y)
-        for t, g in zip(total, torch.autograd.grad(loss, list(model.parameters()))):
-            t += g.double()
-        (scale * torch.nn.functional.mse_loss(model(x), y)).backward()
-        opt.synchronize()
-        for d, p in zip(delivered, model.parameters()):
-            d += p.grad.double()
-        with opt.skip_synchronize():
-            opt.step()
-        opt.zero_grad()
-    worst = 0.0
-    for j, (d, t) in enumerate(zip(delivered, total)):
-        avg = hvd.allreduce(t, name=f"drain.total.{j}")
-        worst = max(worst, float((d - avg).abs().max()) / (float(avg.abs().max()) or 1.0))
+    worst = drain_error(model, opt, batch, 40, "drain")
     residual = sum(float(st.residual.abs().sum()) for st in comp._state.values()
                    if st.residual is not None)
     return {"error": worst, "residual": residual}

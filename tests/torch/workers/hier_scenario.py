@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from common import digest, max_diff, params_of
+from common import digest, drain_error, max_diff, params_of
 
 import torch
 import horovod.torch as hvd
@@ -92,26 +92,8 @@ def drain(exchange, steps, hosts=None):
                                    named_parameters=[(f"drain.{exchange}.{n}", p)
                                                      for n, p in model.named_parameters()],
                                    compression=comp)
-    total = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
-    delivered = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
-    for step in range(steps):
-        x, y = batch(step)
-        scale = 1.0 if step < 3 else 0.0
-        # (the gradients themselves: .grad is summed over the host in place once backward hands it over)
-        loss = scale * torch.nn.functional.mse_loss(model(x), y)
-        for t, g in zip(total, torch.autograd.grad(loss, list(model.parameters()))):
-            t += g.double()
-        (scale * torch.nn.functional.mse_loss(model(x), y)).backward()
-        opt.synchronize()
-        for d, p in zip(delivered, model.parameters()):
-            d += p.grad.double()
-        with opt.skip_synchronize():
-            opt.step()
-        opt.zero_grad()
-    worst = 0.0
-    for j, (d, t) in enumerate(zip(delivered, total)):
-        avg = hvd.allreduce(t, name=f"drain.{exchange}.total.{j}")
-        worst = max(worst, float((d - avg).abs().max()) / (float(avg.abs().max()) or 1.0))
+    # drain_error takes each gradient apart with autograd.grad: .grad is summed over the host in place
+    worst = drain_error(model, opt, batch, steps, f"drain.{exchange}")
     compressed = [st for name, st in comp._state.items() if comp.is_compressed(
         dict(model.named_parameters())[name.split(".", 2)[2]].shape)]
     held = [st.residual is not None for st in compressed]
