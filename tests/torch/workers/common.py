@@ -34,6 +34,18 @@ def prefixed(model, prefix: str):
     return [(f"{prefix}.{n}", p) for n, p in model.named_parameters()]
 
 
+def small_mlp():
+    """The 30-60-5 MLP of the global top-k and hierarchical scenarios, the same weights every call."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(30, 60), torch.nn.Tanh(), torch.nn.Linear(60, 5))
+
+
+def rank_batch(rank: int, step: int):
+    """A batch of 16 for ``small_mlp``, its own for each rank and step."""
+    g = torch.Generator().manual_seed(100 * rank + step)
+    return torch.randn(16, 30, generator=g), torch.randn(16, 5, generator=g)
+
+
 def drain_error(model, opt, batch, steps: int, tag: str) -> float:
     """The drain: 3 steps with gradients, then ``steps - 3`` with zero gradients through a Horovod
     optimizer whose learning rate is 0. Returns the largest relative difference, over the

@@ -10,7 +10,7 @@ digits    4 ranks only: a 64-128-10 MLP on scikit-learn's digits, each rank its 
 
 from __future__ import annotations
 
-from common import drain_error, max_diff, params_of
+from common import drain_error, max_diff, params_of, rank_batch, small_mlp
 
 import torch
 import horovod.torch as hvd
@@ -23,14 +23,11 @@ RANK, SIZE = hvd.rank(), hvd.size()
 out: dict = {"rank": RANK, "size": SIZE}
 
 
-def make():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(30, 60), torch.nn.Tanh(), torch.nn.Linear(60, 5))
+make = small_mlp
 
 
 def batch(step):
-    g = torch.Generator().manual_seed(100 * RANK + step)
-    return torch.randn(16, 30, generator=g), torch.randn(16, 5, generator=g)
+    return rank_batch(RANK, step)
 
 
 def equal(op, tag):

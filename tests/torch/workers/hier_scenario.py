@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from common import digest, drain_error, max_diff, params_of
+from common import digest, drain_error, max_diff, params_of, rank_batch, small_mlp
 
 import torch
 import horovod.torch as hvd
@@ -32,14 +32,11 @@ RANK, SIZE = hvd.rank(), hvd.size()
 out: dict = {"rank": RANK, "size": SIZE, "local_rank": hvd.local_rank()}
 
 
-def make():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(30, 60), torch.nn.Tanh(), torch.nn.Linear(60, 5))
+make = small_mlp
 
 
 def batch(step):
-    g = torch.Generator().manual_seed(100 * RANK + step)
-    return torch.randn(16, 30, generator=g), torch.randn(16, 5, generator=g)
+    return rank_batch(RANK, step)
 
 
 def trace(comp, tag, op, wrap=hvd.DistributedOptimizer, **kwargs):
