@@ -21,14 +21,13 @@ import numpy as np
 import tensorflow as tf
 
 import horovod.tensorflow as hvd
-import horovod.tensorflow.keras as hvd_keras
 from ranger_hvd import core
 from ranger_hvd.core import global_topk as rule
 from ranger_hvd.tensorflow import DistributedGradientTape, RangerCompressor
 from ranger_hvd.tensorflow import global_topk
 from ranger_hvd.tensorflow.state import Sent, TFOps
-from tests.tensorflow.workers.hook_worker import (PLAIN, data, diffs, loss_fn, make_model,
-                                                  tape_run)
+from tests.tensorflow.workers.hook_worker import (PLAIN, data, diffs, keras_run, loss_fn,
+                                                  make_model, tape_run)
 
 assert os.environ.get("TF_USE_LEGACY_KERAS") == "1"
 hvd.init()
@@ -38,25 +37,6 @@ RANK, SIZE = hvd.rank(), hvd.size()
 def global_comp(density, variables=None, min_elements=256):
     return RangerCompressor(density=density, min_elements=min_elements, variables=variables,
                             exchange="global_topk")
-
-
-def keras_run(compression_of, steps=6):
-    """tf-keras ``hvd.DistributedOptimizer``: compute_gradients allreduces, then apply."""
-    model = make_model()
-    opt = hvd_keras.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.5),
-                                         compression=compression_of(model))
-
-    @tf.function
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
-        opt.apply_gradients(opt.compute_gradients(loss, model.trainable_variables, tape=tape))
-
-    trace = []
-    for t in range(steps):
-        step(*data(t))
-        trace.append([w.copy() for w in model.get_weights()])
-    return trace
 
 
 def equal() -> dict:
@@ -77,8 +57,9 @@ def equal() -> dict:
         if label == "average":   # a sum differs only by the factor: the hook's Sum covers it
             res[f"our_tape_{label}"] = diffs(plain, tape_run(ours))
         res[f"moved_{label}"] = diffs(plain[:1], plain[-1:])[0]
-    plain = PLAIN.get("keras") or keras_run(lambda m: hvd.Compression.none)
-    res["keras"] = diffs(plain, keras_run(lambda m: global_comp(1.0, m.trainable_variables)))
+    plain = PLAIN.get("keras") or keras_run(None)[0]
+    res["keras"] = diffs(plain, keras_run(None, compression_of=lambda m: global_comp(
+        1.0, m.trainable_variables))[0])
     res["moved_keras"] = diffs(plain[:1], plain[-1:])[0]
     return res
 

@@ -61,10 +61,14 @@ def tape_run(make_wrap, steps=STEPS):
     return trace
 
 
-def keras_run(density, steps=STEPS):
-    """Horovod's tf-keras DistributedOptimizer: compute_gradients allreduces, then apply."""
+def keras_run(density, steps=STEPS, compression_of=None):
+    """Horovod's tf-keras DistributedOptimizer: compute_gradients allreduces, then apply.
+    ``compression_of(model)``, when given, makes the compression instead of ``density``."""
     model = make_model()
-    compression = hvd.Compression.none if density is None else compressor(density, model)
+    if compression_of is not None:
+        compression = compression_of(model)
+    else:
+        compression = hvd.Compression.none if density is None else compressor(density, model)
     opt = hvd_keras.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.5),
                                          compression=compression)
 
