@@ -153,10 +153,6 @@ def run_torch(args) -> tuple[dict, object]:
             named = [(f"{mode}/{n}", p) for n, p in model.named_parameters()]
             if kind == "ddp":
                 model, comp = _ddp(model, density)
-            elif kind == "dense":
-                opt = hvd.DistributedOptimizer(opt, named_parameters=named)
-            elif kind == "fp16":
-                opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=hvd.Compression.fp16)
             elif kind == "floor":
                 zeros = {}   # one reusable zero gradient per shape, as ranger keeps its output buffers
 
@@ -167,19 +163,8 @@ def run_torch(args) -> tuple[dict, object]:
 
                 floor = TokensOnly(lambda t: t.reshape(-1)[:1].clone(), zero_grad)
                 opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=floor)
-            elif kind in ("ranger", "hier"):
-                from ranger_hvd.torch import DistributedOptimizer
-
-                comp = TimedCompressor(density=density, **({"hierarchical": True} if kind == "hier" else {}))
-                opt = DistributedOptimizer(opt, named_parameters=named, compression=comp)
-            elif kind == "hierglobal":
-                comp = TimedCompressor(density=density, exchange="global_topk", hierarchical=True)
-                opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
             else:
-                exchange = "global_topk" if kind == "global" else "allgather"
-                buckets = {"bucket_mb": 0} if kind == "pertensor" else {}
-                comp = TimedCompressor(density=density, exchange=exchange, **buckets)
-                opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
+                opt, comp = torch_exchange_optimizer(kind, density, opt, named, TimedCompressor)
 
         def step(model=model, opt=opt, loss_fn=loss_fn):
             opt.zero_grad()
@@ -190,6 +175,33 @@ def run_torch(args) -> tuple[dict, object]:
 
     return measure(runners, args, barrier, lambda c: (c.stats(), c.compress_s, c.decompress_s),
                    lambda p: p.numel(), lambda p: p.element_size()), hvd
+
+
+def torch_exchange_optimizer(kind: str, density, opt, named, TimedCompressor):
+    """``opt`` wrapped for one exchange mode (see :func:`parse_mode`), and its timed compressor
+    (None for dense and fp16): the one mapping from a mode to an optimizer, for whole steps and for
+    exchange only."""
+    import horovod.torch as hvd
+    from ranger_hvd.torch import DistributedOptimizer
+
+    if kind == "dense":
+        return hvd.DistributedOptimizer(opt, named_parameters=named), None
+    if kind == "fp16":
+        return hvd.DistributedOptimizer(opt, named_parameters=named,
+                                        compression=hvd.Compression.fp16), None
+    if kind in ("ranger", "hier"):
+        comp = TimedCompressor(density=density, **({"hierarchical": True} if kind == "hier" else {}))
+        return DistributedOptimizer(opt, named_parameters=named, compression=comp), comp
+    if kind == "hierglobal":
+        comp = TimedCompressor(density=density, exchange="global_topk", hierarchical=True)
+    elif kind in ("hook", "global", "pertensor"):
+        exchange = "global_topk" if kind == "global" else "allgather"
+        buckets = {"bucket_mb": 0} if kind == "pertensor" else {}
+        comp = TimedCompressor(density=density, exchange=exchange, **buckets)
+    else:
+        raise ValueError(f"{kind}: not a PyTorch exchange mode (dense, fp16, ranger-D, hook-D, "
+                         "pertensor-D, global-D, hier-D, hierglobal-D)")
+    return hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp), comp
 
 
 def ring_allreduce_received(numel: int, itemsize: int, world: int) -> int:
@@ -210,7 +222,7 @@ def run_torch_exchange(args, model: str) -> tuple[dict, object]:
     then ``optimizer.synchronize()``: compress, the collectives, decompress."""
     import torch
     import horovod.torch as hvd
-    from ranger_hvd.torch import DistributedOptimizer, RangerCompressor
+    from ranger_hvd.torch import RangerCompressor
 
     torch.set_num_threads(1)
     init_torch(args)
@@ -244,25 +256,7 @@ def run_torch_exchange(args, model: str) -> tuple[dict, object]:
         kind, density = parse_mode(mode)
         named = [(f"{model}/{mode}/{n}", p) for (n, _), p in zip(shapes, params)]
         opt = torch.optim.SGD(params, lr=LR)
-        comp = None
-        if kind == "dense":
-            opt = hvd.DistributedOptimizer(opt, named_parameters=named)
-        elif kind == "fp16":
-            opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=hvd.Compression.fp16)
-        elif kind in ("ranger", "hier"):
-            comp = TimedCompressor(density=density, **({"hierarchical": True} if kind == "hier" else {}))
-            opt = DistributedOptimizer(opt, named_parameters=named, compression=comp)
-        elif kind == "hierglobal":
-            comp = TimedCompressor(density=density, exchange="global_topk", hierarchical=True)
-            opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
-        elif kind in ("hook", "global", "pertensor"):
-            exchange = "global_topk" if kind == "global" else "allgather"
-            buckets = {"bucket_mb": 0} if kind == "pertensor" else {}
-            comp = TimedCompressor(density=density, exchange=exchange, **buckets)
-            opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
-        else:
-            raise ValueError(f"{mode}: not an exchange-only mode (dense, fp16, ranger-D, hook-D, "
-                             "pertensor-D, global-D, hier-D, hierglobal-D)")
+        opt, comp = torch_exchange_optimizer(kind, density, opt, named, TimedCompressor)
         hooks = [opt._make_hook(p) for p in reversed(params)]
 
         def exchange(opt=opt, hooks=hooks):
