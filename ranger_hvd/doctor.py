@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import importlib.util
+import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -30,53 +32,118 @@ class Check:
     required: bool
 
 
-def _version(module: str) -> str | None:
+# Run in a child per framework: importing a framework and Horovod's extension for it may crash a
+# process (an ABI mismatch), and the two frameworks are imported side by side, not one after another.
+_PROBE = """
+import importlib, json, sys
+framework, extension = sys.argv[1], sys.argv[2]
+try:
+    out = {"version": str(importlib.import_module(framework).__version__)}
+except Exception as exc:
+    out = {"broken": f"{type(exc).__name__}: {exc}"[:300]}
+else:
     try:
-        mod = importlib.import_module(module)
-    except Exception:  # a broken install counts as missing; the table shows it
-        return None
-    return str(getattr(mod, "__version__", "unknown"))
+        ext = importlib.import_module(extension)
+        out.update(built=True, MPI=bool(ext.mpi_built()), Gloo=bool(ext.gloo_built()))
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"[:300]
+print(json.dumps(out))
+"""
+FRAMEWORKS = {"PyTorch": ("torch", "horovod.torch"), "TensorFlow": ("tensorflow", "horovod.tensorflow")}
 
 
-def horovod_build() -> dict[str, bool] | None:
-    """Parses ``horovodrun --check-build``: {'TensorFlow': True, 'PyTorch': True, 'MPI': ..., ...}."""
+def _installed(module: str) -> bool:
+    """Whether ``module`` could be imported here (found, not imported: that is the probe's job)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def probe_frameworks() -> dict[str, dict]:
+    """For each framework, what a fresh process finds: {"version", "built" (Horovod's extension
+    for it imports), "MPI", "Gloo"}; {"version", "error"} where Horovod's extension does not import,
+    {"broken": why} where the framework itself does not (or the process importing it dies), {}
+    where it is not installed."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    children = {}
+    for name, (module, extension) in FRAMEWORKS.items():
+        if _installed(module):
+            children[name] = subprocess.Popen([sys.executable, "-c", _PROBE, module, extension], env=env,
+                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    found = {name: {} for name in FRAMEWORKS}
+    for name, child in children.items():
+        try:
+            stdout, _ = child.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            found[name] = {"broken": "importing it took over 300 s"}
+            continue
+        lines = stdout.strip().splitlines()
+        if child.returncode == 0 and lines:
+            found[name] = json.loads(lines[-1])
+        else:   # a crash while importing (a signal: a negative code)
+            found[name] = {"broken": f"a process importing it exited with {child.returncode}"}
+    return found
+
+
+def horovod_build(found: dict[str, dict] | None = None) -> dict[str, bool]:
+    """What ``horovodrun --check-build`` lists ({'TensorFlow': True, 'PyTorch': True, 'MPI': ...,
+    'Gloo': ...}), from :func:`probe_frameworks` (one fresh process per framework, where
+    ``--check-build`` forks one per framework and controller and takes four times as long)."""
+    found = probe_frameworks() if found is None else found
+    built = {name: bool(info.get("built")) for name, info in found.items()}
+    for controller in ("MPI", "Gloo"):
+        built[controller] = any(info.get(controller) for info in found.values())
+    return built
+
+
+def horovodrun_version() -> str | None:
     horovodrun = Path(sys.executable).with_name("horovodrun")
     exe = str(horovodrun) if horovodrun.exists() else shutil.which("horovodrun")
     if exe is None:
         return None
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     try:
-        out = subprocess.run([exe, "--check-build"], capture_output=True, text=True, timeout=300, env=env)
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
         return None
-    return {name: mark == "X" for mark, name in re.findall(r"\[([X ])\]\s+(\S+)", out.stdout)}
+    return out.stdout.strip() or None
+
+
+def horovod_version() -> str | None:
+    try:
+        import horovod
+    except Exception:  # a broken install counts as missing
+        return None
+    return str(horovod.__version__)
 
 
 def collect() -> list[Check]:
     checks = [Check("Python", platform.python_version(), sys.version_info >= (3, 10), True)]
-    torch_v = _version("torch")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    tf_v = _version("tensorflow")
-    keras_v = _version("keras")
-    hvd_v = _version("horovod")
-    checks.append(Check("PyTorch", torch_v or "not installed", True, False))
-    checks.append(Check("TensorFlow", tf_v or "not installed", True, False))
+    hvd_v = horovod_version()
+    found = probe_frameworks()
+    versions = {name: info.get("version") for name, info in found.items()}
+    for name, info in found.items():   # a broken install counts as missing; the table says why
+        checks.append(Check(name, versions[name] or info.get("broken", "not installed"), True, False))
+    try:
+        keras_v = importlib.metadata.version("keras")
+    except importlib.metadata.PackageNotFoundError:
+        keras_v = None
     checks.append(Check("Keras", keras_v or "not installed", True, False))
-    checks.append(Check("at least one framework", "yes" if (torch_v or tf_v) else "no",
-                        bool(torch_v or tf_v), True))
+    checks.append(Check("at least one framework", "yes" if any(versions.values()) else "no",
+                        any(versions.values()), True))
     checks.append(Check("Horovod", hvd_v or "not installed", hvd_v is not None, True))
-    built = horovod_build() if hvd_v else None
+    built = horovod_build(found) if hvd_v else {}
     if hvd_v:
-        checks.append(Check("horovodrun --check-build", "ran" if built is not None else "failed",
-                            built is not None, True))
-    built = built or {}
-    for framework, installed in (("PyTorch", torch_v), ("TensorFlow", tf_v)):
+        runner = horovodrun_version()
+        checks.append(Check("horovodrun", runner or "does not run", runner is not None, True))
+    for framework, installed in versions.items():
         has = built.get(framework, False)
-        checks.append(Check(f"Horovod built with {framework}", "yes" if has else "no",
-                            has or not installed, bool(installed)))
+        value = "yes" if has else ("no: " + found[framework]["error"] if "error" in found[framework] else "no")
+        checks.append(Check(f"Horovod built with {framework}", value, has or not installed, bool(installed)))
     checks.append(Check("Horovod built with Gloo", "yes" if built.get("Gloo") else "no",
                         bool(built.get("Gloo")), True))
     checks.append(Check("Horovod built with MPI", "yes" if built.get("MPI") else "no",
@@ -93,8 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     checks = collect()
     failed = [c for c in checks if c.required and not c.ok]
     if args.json:
-        import json
-
         print(json.dumps({"ok": not failed, "checks": [c.__dict__ for c in checks]}, indent=2))
     else:
         table = Table(title="ranger-hvd doctor")
