@@ -45,7 +45,7 @@ def _launch(hosts_state: Path, out: Path) -> subprocess.Popen:
             str(REPO / "configs" / "cnn-digits.yaml"), f"cluster.hosts=[{','.join(h + ':1' for h in HOSTS)}]",
             "cluster.np=3", "cluster.elastic.min_np=2", "cluster.elastic.max_np=3", "horovod.cycle_time_ms=null",
             "cluster.ssh_port=2222", f"cluster.ssh_identity_file={key}", "cluster.network_interfaces=rhvd0",
-            "cluster.start_timeout=120", "data.dataset=digits", "train.epochs=20", "train.lr_schedule=cosine",
+            "cluster.start_timeout=120", "data.dataset=digits", "train.epochs=10", "train.lr_schedule=cosine",
             "train.batch_size=16", "train.checkpoint=false", f"output.dir={out}", "--no-live"]
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
     return subprocess.Popen(argv, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -127,7 +127,7 @@ def test_elastic_run_survives_a_lost_host(hosts, tmp_path):
     recs = _records(run)
     end = recs[-1]
     assert end["event"] == "end" and end["size"] == 2 and end["params_identical"] is True, end
-    assert end["epochs"] == 20 and end["elastic_resets"] == 1, end
+    assert end["epochs"] == 10 and end["elastic_resets"] == 1, end
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "success" and summary["exit_code"] == 0, summary
     el = summary["elastic"]

@@ -34,6 +34,12 @@ def reports(request, tmp_path_factory):
     return reps
 
 
+def _ran(reports, key):
+    if key not in reports[0]:
+        pytest.skip(f"{key[6:]} runs on 2 ranks and in the opt-in 4-rank launch, not in the shared "
+                    "3-rank one")
+
+
 def _tolerance(size: int) -> float:
     # two summands add alike in any order and 1/2 is exact; three add in Gloo's order and ours
     return 0.0 if size == 2 else 1e-6
@@ -67,6 +73,7 @@ def test_drain_delivers_every_gradient_once(reports, path):
     """3 steps with gradients, then zeros (20 steps; the residuals emptied after 12 on 2 ranks, 15
     on 3, 17 on 4): the residuals empty and what was delivered is the average of every rank's gradients
     (float32 rounding only): nothing lost, nothing twice."""
+    _ran(reports, "gtopk_drain")
     for r in reports:
         d = r["gtopk_drain"][path]
         assert d["residual"] == 0.0, d
@@ -78,6 +85,7 @@ def test_bytes_received_stay_near_two_k(reports):
     """1M entries, d = 0.01 (k = 10,000 pairs of 8 bytes): with global_topk each rank receives
     about 2·k·8 bytes per step at most; with the allgather exactly the other ranks' pairs plus the
     4-byte token's result. ranger_hvd's tape sends no token."""
+    _ran(reports, "gtopk_bytes")
     k, pair = 10_000, 8
     size = reports[0]["size"]
     for r in reports:
