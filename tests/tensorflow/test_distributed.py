@@ -146,10 +146,10 @@ def test_seed_example_differs_from_the_document_only_where_allowed():
         assert line in text
 
 
-def test_horovod_tape_top_k_learns_like_dense(tmp_path):
+def test_horovod_tape_top_k_learns_like_dense(main_reports):
     """Existing Horovod TF code with compression=RangerCompressor(density=0.01) ends within 5% of
     dense's loss on the digits MLP (300 steps, 2 ranks, SGD momentum after the exchange)."""
-    reps = run_workers(WORKERS / "converge_worker.py", tmp_path / "converge", np=2)
+    reps = [r["converge"] for r in main_reports]
     for r in reps:
         assert r["dense"] < 0.5 * r["initial_loss"], r
         assert r["ranger"] <= 1.05 * r["dense"], (r["ranger"], r["dense"])

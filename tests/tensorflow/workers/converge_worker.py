@@ -1,8 +1,9 @@
 """The digits MLP of tests/torch/workers/converge_scenario.py, in TensorFlow: Horovod's own tape,
 dense against ``compression=RangerCompressor(density=0.01)``, SGD with momentum 0.9 after the exchange.
-"""
 
-import sys
+``main_worker.py`` calls :func:`run` at the end of its launch (starting TensorFlow is the slow part);
+it also runs alone.
+"""
 
 import numpy as np
 import tensorflow as tf
@@ -14,7 +15,7 @@ from tests.hvdrun import report
 
 hvd.init()
 RANK, SIZE = hvd.rank(), hvd.size()
-STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+STEPS = 300
 digits = load_digits()
 X_all = (digits.data / 16.0).astype(np.float32)
 Y_all = digits.target.astype(np.int64)
@@ -57,10 +58,15 @@ def train(compression):
     return full_loss(vs), [v.numpy() for v in vs]
 
 
-out = {"rank": RANK, "initial_loss": full_loss(make_variables())}
-out["dense"], _ = train(hvd.Compression.none)
-comp = RangerCompressor(density=0.01, min_elements=1024)
-out["ranger"], weights = train(comp)
-out["ranger_stats"] = comp.stats()
-out["ranger_digest"] = float(sum(float(np.abs(w).sum()) for w in weights))
-report(RANK, out)
+def run() -> dict:
+    out = {"rank": RANK, "initial_loss": full_loss(make_variables())}
+    out["dense"], _ = train(hvd.Compression.none)
+    comp = RangerCompressor(density=0.01, min_elements=1024)
+    out["ranger"], weights = train(comp)
+    out["ranger_stats"] = comp.stats()
+    out["ranger_digest"] = float(sum(float(np.abs(w).sum()) for w in weights))
+    return out
+
+
+if __name__ == "__main__":
+    report(RANK, run())

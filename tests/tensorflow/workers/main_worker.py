@@ -1,8 +1,9 @@
 """One horovodrun launch, many checks (launching TF is the slow part): runs on every rank and reports.
 
 Sections: (a) our DistributedGradientTape, (b) Horovod's own tape with a RangerCompressor, (c) the
-Keras 3 Ranger optimizer (custom loop and compile/fit). Every rank can regenerate every rank's
-gradients from seeds, so each rank also checks the exchanged result against ``core.reference``.
+Keras 3 Ranger optimizer (custom loop and compile/fit), (d) ``converge_worker.py``'s digits MLP.
+Every rank can regenerate every rank's gradients from seeds, so each rank also checks the exchanged
+result against ``core.reference``.
 """
 
 import zlib
@@ -339,4 +340,8 @@ def momentum_in_compressor(mode, steps=6, lr=0.1, m=0.9, density=0.02):
 for mode in ("dgc", "local"):
     out[f"c_compressor_momentum_{mode}"] = momentum_in_compressor(mode)
 
+# (d) the digits MLP through Horovod's tape, dense and compressed, in this launch
+from tests.tensorflow.workers import converge_worker  # noqa: E402
+
+out["converge"] = converge_worker.run()
 report(RANK, out)
