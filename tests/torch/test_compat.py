@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("horovod.torch")
 
 from tests.hvdrun import run_workers  # noqa: E402
+from tests.torch.launches import compat_reports  # noqa: E402
 
 WORKERS = Path(__file__).parent / "workers"
 pytestmark = pytest.mark.horovod
@@ -20,15 +21,9 @@ CELLS = ["average", "sum", "predivide", "passes", "groups_int", "groups_list", "
          "sparse_embedding", "frozen", "toggled", "fp64", "fp16", "bf16", "process_set"]
 
 
-_LAUNCHES: dict = {}
-
-
 def _compat(np: int, tmp_path_factory) -> list[dict]:
-    """One launch per rank count, shared by the fixtures below."""
-    if np not in _LAUNCHES:
-        _LAUNCHES[np] = run_workers(WORKERS / "compat_scenario.py",
-                                    tmp_path_factory.mktemp(f"compat_np{np}"), np=np)
-    return _LAUNCHES[np]
+    """One launch per rank count, shared by the fixtures below (and test_global_topk.py)."""
+    return compat_reports(np, tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["np2", "np3"])

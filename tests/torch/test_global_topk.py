@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("horovod.torch")
 
 from tests.hvdrun import run_workers  # noqa: E402
+from tests.torch.launches import compat_reports  # noqa: E402
 
 WORKER = Path(__file__).parent / "workers" / "global_scenario.py"
 pytestmark = pytest.mark.horovod
@@ -16,6 +17,8 @@ pytestmark = pytest.mark.horovod
 
 @pytest.fixture(scope="module", params=[2, 3, 4], ids=["np2", "np3", "np4"])
 def runs(request, tmp_path_factory):
+    if request.param in (2, 3):   # the compatibility launch of that size runs global_scenario too
+        return [rep["global"] for rep in compat_reports(request.param, tmp_path_factory)]
     return run_workers(WORKER, tmp_path_factory.mktemp(f"global_np{request.param}"),
                        np=request.param, timeout=400)
 

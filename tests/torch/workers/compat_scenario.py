@@ -176,6 +176,8 @@ def main(names):
     if SIZE == 2:   # one launch fewer: the non-finite checks ride along on 2 ranks
         import nonfinite_scenario
         out["nonfinite"] = nonfinite_scenario.run()
+    import global_scenario   # global top-k's checks ride along too (test_global_topk.py)
+    out["global"] = global_scenario.run()
     report(RANK, out)
 
 
