@@ -154,11 +154,11 @@ def test_elastic_run_survives_a_lost_host(hosts, tmp_path):
 def test_elastic_run_takes_a_new_worker(tmp_path):
     """localhost:2 grows to localhost:3 once training runs; commits every 5 steps, so the new worker
     joins at the first commit after it is up, takes rank 0's state and ends with the same parameters.
-    Synthetic data, 500 steps per epoch on 2 workers, so the run outlasts the new worker's start."""
+    Synthetic data, one epoch of 625 steps on 2 workers, so the run outlasts the new worker's start."""
     out = tmp_path / "runs"
     argv = [sys.executable, "-m", "ranger_hvd.launcher.cli", "launch", str(REPO / "configs" / "cnn-digits.yaml"),
             "cluster.hosts=[localhost:2]", "cluster.np=2", "cluster.elastic.min_np=2", "cluster.elastic.max_np=3",
-            "cluster.elastic.commit_every_steps=5", "horovod.cycle_time_ms=null", "train.epochs=2",
+            "cluster.elastic.commit_every_steps=5", "horovod.cycle_time_ms=null", "train.epochs=1",
             "data.dataset=synthetic", "data.synthetic_samples=10000", "train.batch_size=8",
             "train.checkpoint=false", f"output.dir={out}", "--no-live"]
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
