@@ -211,9 +211,6 @@ def check_runner(cfg: Config, where: Where) -> list[Problem]:
                     else "")
             refuse(f"cluster.{key}", f"horovodrun's {what}, unused by torchrun{hint}")
     comp = cfg.compression
-    if getattr(comp, "exchange", "allgather") != "allgather":
-        refuse("compression.exchange", f"ranger_hook (ranger_hvd.torch.ddp) has the allgather exchange only; "
-                                       f"'{comp.exchange}' runs under Horovod so far")
     if getattr(comp, "selection", "topk") != "topk":
         refuse("compression.selection", f"ranger_hook exchanges top-k pairs; '{comp.selection}' is for Horovod's "
                                         "compression= hook")

@@ -19,6 +19,15 @@ bucket, on each rank:
 3. the returned future scatter-adds every rank's pairs in rank order into a zero buffer, puts the
    summed whole gradients in their place and divides by N: the average, as DDP's own hook gives.
 
+With ``exchange="global_topk"`` step 2 is the global exchange of ``core/global_topk.py`` on the
+bucket (the same helpers as Horovod's path, ``torch/global_topk.py``: each tensor keeps its own
+ranges, budgets and last selection G): the pairs go to the owners of their indices in one
+``all_to_all_single`` (after one of the counts), each owner keeps its budget of the largest sums,
+and one ``all_gather`` of the kept rows (after one of their lengths: Gloo gathers equal sizes)
+gives every rank G; this rank's pairs outside G go back into its residual. These collectives run
+one after the other inside the hook, so the bucket's exchange does not overlap with backward;
+every rank issues them in DDP's bucket order, the same everywhere.
+
 The state is keyed by parameter *name*, not by bucket index (DDP rebuilds its buckets after the
 first iteration, and ``bucket_cap_mb`` moves parameters between buckets), so ``state_dict()``
 checkpoints residuals, momentum, step and byte counters and loads them into a fresh state.
@@ -34,7 +43,10 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from ranger_hvd.core import COUNTERS
+
 from .compressor import WIRE_DTYPES, RangerCompressor, StepRound
+from .global_topk import route
 
 
 class RangerHookState:
@@ -54,9 +66,6 @@ class RangerHookState:
         if options.get("selection", "topk") != "topk":
             raise ValueError("ranger_hook exchanges top-k pairs; selection='random' is for "
                              "Horovod's compression= hook")
-        if options.get("exchange", "allgather") != "allgather":
-            raise ValueError("ranger_hook has the allgather exchange only; exchange="
-                             f"{options['exchange']!r} is for Horovod's compression= hook so far")
         if options.get("hierarchical", False):
             raise ValueError("ranger_hook exchanges among all ranks; hierarchical=True is for "
                              "Horovod's compression= hook so far")
@@ -105,6 +114,7 @@ def ranger_hook(state: RangerHookState, bucket: dist.GradBucket) -> torch.future
     buffer = bucket.buffer()
     wire = WIRE_DTYPES[state.options.value_dtype]
     sparse_idx, sparse_val, dense_pos, dense_vals, names = [], [], [], [], []
+    sparse_entries = []   # (name, numel, offset in the bucket, indices, values)
     offset = 0
     for p, grad in zip(bucket.parameters(), bucket.gradients()):
         name = state.name_of(p)
@@ -117,6 +127,7 @@ def ranger_hook(state: RangerHookState, bucket: dist.GradBucket) -> torch.future
                                                          token=False)
             sparse_idx.append(indices.to(torch.int32) + offset)
             sparse_val.append(values.to(wire))
+            sparse_entries.append((name, n, offset, indices.to(torch.int32), values.to(wire)))
         else:
             dense_vals.append(comp.engine.dense_step(st, grad, name, buffer.element_size())
                               .reshape(-1))
@@ -125,6 +136,8 @@ def ranger_hook(state: RangerHookState, bucket: dist.GradBucket) -> torch.future
     if bucket.is_last():
         state._round_closed = True
     group = state.process_group
+    if state.options.exchange == "global_topk" and sparse_idx:
+        return _global_bucket(state, buffer, world, names, sparse_entries, dense_pos, dense_vals)
     futures, dense, gathered = [], None, []
     if dense_vals:
         dense = torch.cat(dense_vals)
@@ -153,3 +166,60 @@ def ranger_hook(state: RangerHookState, bucket: dist.GradBucket) -> torch.future
         return out.div_(world)
 
     return torch.futures.collect_all(futures).then(finish)
+
+
+def _global_bucket(state: RangerHookState, buffer: torch.Tensor, world: int, names: list[str],
+                   entries: list, dense_pos: list, dense_vals: list) -> torch.futures.Future:
+    """One bucket through the global top-k exchange (module doc): the averaged bucket, in a future
+    that is already complete."""
+    comp, group = state.compressor, state.process_group
+    gtopk = comp._global
+    dense = None
+    if dense_vals:   # the whole tensors travel beside the sparse exchange
+        dense = torch.cat(dense_vals)
+        dense_work = dist.all_reduce(dense, group=group, async_op=True)
+    # step 1: each pair to the owner of its index
+    routed = route([(name, n, idx, vals) for name, n, _, idx, vals in entries], world, gtopk.last,
+                   comp._state)
+    sent_counts = routed.splits.to(torch.int64)
+    got_counts = torch.empty(world, dtype=torch.int64)
+    dist.all_to_all_single(got_counts, sent_counts, group=group)
+    # the counts (8 bytes per rank) and the kept length (8 bytes) count too: handed over, and
+    # brought from the other ranks
+    comp._stats.add([8 * world + 8] + [0] * (len(COUNTERS) - 1))
+    gtopk.received += 16 * (world - 1)
+    width = routed.rows.shape[1]
+    arrived = torch.empty(int(got_counts.sum()), width, dtype=torch.uint8)
+    dist.all_to_all_single(arrived, routed.rows, got_counts.tolist(), sent_counts.tolist(),
+                           group=group)
+    me = dist.get_rank(group)
+    gtopk.received += arrived.numel() - int(got_counts[me]) * width
+    # step 2: this rank's owner work, then every owner's kept rows to every rank
+    kept = gtopk.keep_received(arrived, routed.parts, routed.starts, me, routed.sum_dtype)
+    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([kept.shape[0]], dtype=torch.int64), group=group)
+    lengths = [int(t) for t in lengths]
+    longest = max(lengths)
+    padded = torch.zeros(longest, kept.shape[1], dtype=torch.uint8)
+    padded[: kept.shape[0]] = kept
+    rows = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(rows, padded, group=group)
+    every = torch.cat([r[:m] for r, m in zip(rows, lengths)])
+    gtopk.received += (world - 1) * padded.numel()   # the padding travels too
+    # step 3: G per tensor; this rank's pairs outside G go back into its residual
+    selected = gtopk.apply_selection(every, routed.parts, routed.starts, routed.sum_dtype,
+                                     padded.numel())
+    out = torch.zeros_like(buffer)
+    received = []
+    for name, n, offset, _, _ in entries:
+        g_idx, g_sums = selected[name]
+        received.append(g_sums)
+        out.index_add_(0, g_idx.to(torch.int64) + offset, g_sums.to(out.dtype))
+    if dense is not None:
+        dense_work.wait()
+        received.append(dense)
+        out.index_copy_(0, torch.cat(dense_pos), dense.to(out.dtype))
+    state.round.check(names, received)   # a NaN/Inf: the step is void, each tensor undone
+    done = torch.futures.Future()
+    done.set_result(out.div_(world))
+    return done

@@ -86,6 +86,51 @@ class _GlobalBucket(Bucket):
     done: bool = False
 
 
+@dataclass
+class Routed:
+    """One bucket's pairs on their way to the owners (step 1): the rows in owner order, how many
+    go to each owner, and what steps 2 and 3 need to read what comes back."""
+
+    parts: list[_Member]
+    starts: torch.Tensor          # each tensor's first bucket index
+    sum_dtype: torch.dtype        # the widest dtype of the bucket's tensors
+    rows: torch.Tensor            # uint8 rows (int32 bucket index, value), grouped by owner
+    splits: torch.Tensor          # int64: rows for owner 0, 1, ...
+
+
+def route(entries, world: int, last: dict, states: dict) -> Routed:
+    """Step 1 of a bucket without the collective: ``entries`` are (name, numel, ascending int32
+    indices, values) in bucket order, ``last`` each tensor's last G, ``states`` the tensors'
+    ``TensorState`` by name."""
+    offset, owners, bucket_indices, values, dtypes, parts = 0, [], [], [], [], []
+    for name, numel, idx, vals in entries:
+        before = last.get(name)
+        bounds = rule.range_bounds(numel, world, before)
+        state = states[name]
+        parts.append(_Member(name, state, offset, bounds,
+                             rule.range_budgets(len(idx), bounds, before)))
+        inner = torch.tensor(bounds[1:-1], dtype=torch.int64)
+        owners.append(torch.searchsorted(inner, idx.to(torch.int64), right=True))
+        bucket_indices.append(idx.to(torch.int64) + offset)
+        values.append(vals)
+        dtypes.append(state.residual.dtype)
+        offset += numel
+    if offset >= 2 ** 31:
+        raise ValueError(f"RangerCompressor: a global top-k bucket of {offset} entries does not "
+                         "fit int32 indices; lower bucket_mb")
+    sum_dtype = dtypes[0]
+    for d in dtypes[1:]:
+        sum_dtype = torch.promote_types(sum_dtype, d)
+    owner = torch.cat(owners)
+    splits = torch.bincount(owner, minlength=world)
+    bucket_indices, values = torch.cat(bucket_indices), torch.cat(values)
+    if len(parts) > 1:   # one tensor's pairs are already in owner order
+        order = torch.sort(owner, stable=True).indices     # by owner, ascending within each
+        bucket_indices, values = bucket_indices[order], values[order]
+    starts = torch.tensor([m.offset for m in parts], dtype=torch.int64)
+    return Routed(parts, starts, sum_dtype, _rows(bucket_indices, values), splits)
+
+
 class GlobalTopk(BucketQueue):
     """The global exchanges of one compressor: buckets in flight, and each tensor's last G."""
 
@@ -117,35 +162,10 @@ class GlobalTopk(BucketQueue):
         ps = bucket.process_set
         bucket.world = ps.size() if ps is not None else hvd.size()
         bucket.me = ps.rank() if ps is not None else hvd.rank()
-        offset, owners, bucket_indices, values, dtypes = 0, [], [], [], []
-        for _, name, numel, idx, vals in bucket.members:
-            last = self.last.get(name)
-            bounds = rule.range_bounds(numel, bucket.world, last)
-            state = self.comp._state[name]
-            bucket.parts.append(_Member(name, state, offset,
-                                        bounds, rule.range_budgets(len(idx), bounds, last)))
-            inner = torch.tensor(bounds[1:-1], dtype=torch.int64)
-            owners.append(torch.searchsorted(inner, idx.to(torch.int64), right=True))
-            bucket_indices.append(idx.to(torch.int64) + offset)
-            values.append(vals)
-            dtypes.append(state.residual.dtype)
-            offset += numel
-        if offset >= 2 ** 31:
-            raise ValueError(f"RangerCompressor: a global top-k bucket of {offset} entries does not "
-                             "fit int32 indices; lower bucket_mb")
-        bucket.starts = torch.tensor([m.offset for m in bucket.parts], dtype=torch.int64)
-        bucket.sum_dtype = dtypes[0]
-        for d in dtypes[1:]:
-            bucket.sum_dtype = torch.promote_types(bucket.sum_dtype, d)
-        owner = torch.cat(owners)
-        splits = torch.bincount(owner, minlength=bucket.world).to(torch.int32)
-        bucket_indices, values = torch.cat(bucket_indices), torch.cat(values)
-        if len(bucket.parts) > 1:   # one tensor's pairs are already in owner order
-            order = torch.sort(owner, stable=True).indices     # by owner, ascending within each
-            bucket_indices, values = bucket_indices[order], values[order]
-        rows = _rows(bucket_indices, values)
+        routed = route([m[1:] for m in bucket.members], bucket.world, self.last, self.comp._state)
+        bucket.parts, bucket.starts, bucket.sum_dtype = routed.parts, routed.starts, routed.sum_dtype
         kwargs = {} if ps is None else {"process_set": ps}
-        bucket.send = hvd.alltoall_async(rows, splits=splits,
+        bucket.send = hvd.alltoall_async(routed.rows, splits=routed.splits.to(torch.int32),
                                          name=bucket.head_name("ranger.gtopk.send."), **kwargs)
         self._unkept.append(bucket)
 
@@ -163,23 +183,29 @@ class GlobalTopk(BucketQueue):
         rows, received_splits = hvd.synchronize(bucket.send)
         own = int(received_splits[bucket.me])
         self.received += rows.numel() - own * rows.shape[1]
-        indices, values = _unrows(rows, self.comp.value_dtype)
-        order, ends = _by_tensor(indices, bucket.starts)
-        if order is not None:
-            indices, values = indices[order], values[order]
-        kept_idx, kept_sums, begin = [], [], 0
-        for part, end in zip(bucket.parts, ends):
-            lo, hi = part.bounds[bucket.me], part.bounds[bucket.me + 1]
-            idx, sums = self._owner_keep(indices[begin:end] - part.offset,
-                                         values[begin:end].to(part.state.residual.dtype),
-                                         lo, hi, part.budgets[bucket.me])
-            kept_idx.append(idx + part.offset)
-            kept_sums.append(sums.to(bucket.sum_dtype))
-            begin = end
-        out = _rows(torch.cat(kept_idx), torch.cat(kept_sums))
+        out = self.keep_received(rows, bucket.parts, bucket.starts, bucket.me, bucket.sum_dtype)
         bucket.kept_bytes = out.numel()
         kwargs = {} if bucket.process_set is None else {"process_set": bucket.process_set}
         bucket.gather = hvd.allgather_async(out, name=bucket.head_name("ranger.gtopk.kept."), **kwargs)
+
+    def keep_received(self, rows: torch.Tensor, parts: list[_Member], starts: torch.Tensor, me: int,
+                      sum_dtype: torch.dtype) -> torch.Tensor:
+        """Step 2 as owner ``me`` of a bucket: the (bucket index, sum) rows this rank keeps of every
+        tensor, from the rows every rank routed to it (in rank order)."""
+        indices, values = _unrows(rows, self.comp.value_dtype)
+        order, ends = _by_tensor(indices, starts)
+        if order is not None:
+            indices, values = indices[order], values[order]
+        kept_idx, kept_sums, begin = [], [], 0
+        for part, end in zip(parts, ends):
+            lo, hi = part.bounds[me], part.bounds[me + 1]
+            idx, sums = self._owner_keep(indices[begin:end] - part.offset,
+                                         values[begin:end].to(part.state.residual.dtype),
+                                         lo, hi, part.budgets[me])
+            kept_idx.append(idx + part.offset)
+            kept_sums.append(sums.to(sum_dtype))
+            begin = end
+        return _rows(torch.cat(kept_idx), torch.cat(kept_sums))
 
     def _owner_keep(self, indices, values, lo: int, hi: int, budget: int):
         """``core.global_topk.owner_keep`` on this rank's range [lo, hi) of one tensor."""
@@ -213,20 +239,29 @@ class GlobalTopk(BucketQueue):
 
         rows = hvd.synchronize(bucket.gather)
         self.received += rows.numel() - bucket.kept_bytes
-        self.comp._stats.add([bucket.kept_bytes] + [0] * (len(COUNTERS) - 1))   # bytes_sent only
-        g_idx, g_sums = _unrows(rows, bucket.sum_dtype)
-        order, ends = _by_tensor(g_idx, bucket.starts)
+        bucket.results = self.apply_selection(rows, bucket.parts, bucket.starts, bucket.sum_dtype,
+                                              bucket.kept_bytes)
+        bucket.done = True
+
+    def apply_selection(self, rows: torch.Tensor, parts: list[_Member], starts: torch.Tensor,
+                        sum_dtype: torch.dtype, kept_bytes: int) -> dict:
+        """Step 3 of a bucket from every owner's kept rows: each tensor's G (ascending indices, sums
+        in its dtype) by name; G becomes the tensor's next ranges, and this rank's pairs outside G
+        go back into its residual."""
+        self.comp._stats.add([kept_bytes] + [0] * (len(COUNTERS) - 1))   # bytes_sent only
+        g_idx, g_sums = _unrows(rows, sum_dtype)
+        order, ends = _by_tensor(g_idx, starts)
         if order is not None:
             g_idx, g_sums = g_idx[order], g_sums[order]
-        begin = 0
-        for part, end in zip(bucket.parts, ends):
+        results, begin = {}, 0
+        for part, end in zip(parts, ends):
             # owners hold ascending ranges and send ascending indices: each tensor's G is ascending
             idx = g_idx[begin:end] - part.offset
-            bucket.results[part.name] = (idx, g_sums[begin:end].to(part.state.residual.dtype))
+            results[part.name] = (idx, g_sums[begin:end].to(part.state.residual.dtype))
             self.last[part.name] = idx.numpy().astype(np.int64)
             self._give_back_unkept(part.state, idx)
             begin = end
-        bucket.done = True
+        return results
 
     def _give_back_unkept(self, st: TensorState, g_idx: torch.Tensor) -> None:
         """Step 4: the pairs of this rank outside G go back as an undone step's would (e[i] += v[i],
