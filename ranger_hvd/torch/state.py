@@ -7,6 +7,7 @@ residual buffer is updated in place: it becomes acc, and zeroing what was sent l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ def all_finite(t: torch.Tensor) -> bool:
     """Whether ``t`` holds no NaN or Inf. A sum is one read-only pass and propagates NaN/Inf; only
     if it is not finite (an overflow of large finite values can also cause that) does the exact
     elementwise test run."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
 def _fit(buffer: torch.Tensor | None, like: torch.Tensor, name: str, what: str) -> torch.Tensor:
