@@ -67,7 +67,7 @@ def parse_args(argv):
     p.add_argument("--links", nargs="+", help=f"tc rates or none (default {FULL['links']})")
     p.add_argument("--models", nargs="+", help=f"of {sorted(SPECS)} (default {FULL['models']})")
     p.add_argument("--modes", nargs="+", help=f"dense, fp16, floor, ranger-D, hook-D, pertensor-D, "
-                   f"global-D, ddp, ddp-D, hier-D, hierglobal-D (hierarchical: --ranks-per-host 2) "
+                   f"global-D, ddp, ddp-D, ddpglobal-D, hier-D, hierglobal-D (hierarchical: --ranks-per-host 2) "
                    f"(default {FULL['modes']})")
     p.add_argument("--exchange-only", action="store_true", help="no model and no compute: synthetic "
                    "gradients of each model's tensor shapes, only the exchange timed (defaults: "
@@ -121,7 +121,7 @@ def parse_args(argv):
                 raise ValueError
         except ValueError:
             errors.append(f"--modes {mode}: give dense, fp16, floor, ddp, ranger-D, hook-D, "
-                          "pertensor-D, global-D, ddp-D, hier-D or hierglobal-D with 0 < D <= 1")
+                          "pertensor-D, global-D, ddp-D, ddpglobal-D, hier-D or hierglobal-D with 0 < D <= 1")
     errors += [f"--links {x}: give a tc rate such as 1gbit or 500mbit, or none" for x in args.links
                if x != "none" and not (x[:1].isdigit() and x.rstrip("0123456789.").endswith("bit"))]
     if args.cycle_time_ms is not None and not args.cycle_time_ms > 0:

@@ -25,6 +25,8 @@ def mode_label(mode: str) -> str:
         return f"ranger hook per tensor d={mode.split('-', 1)[1]} (before)"
     if mode.startswith("ddp-"):
         return f"DDP + ranger_hook d={mode.split('-', 1)[1]}"
+    if mode.startswith("ddpglobal-"):
+        return f"DDP + ranger_hook global top-k d={mode.split('-', 1)[1]}"
     if mode.startswith("global-"):
         return f"ranger global top-k d={mode.split('-', 1)[1]}"
     if mode.startswith("hier-"):

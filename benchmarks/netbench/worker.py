@@ -39,13 +39,14 @@ def parse_mode(mode: str) -> tuple[str, float | None]:
     one allgather and one token per tensor, the exchange before buckets; ``global-D`` is Horovod's
     optimizer with
     ``RangerCompressor(exchange="global_topk")``; ``ddp`` is PyTorch's DistributedDataParallel
-    over Gloo with its own allreduce and ``ddp-D`` the same with ``ranger_hook`` (PyTorch only);
+    over Gloo with its own allreduce, ``ddp-D`` the same with ``ranger_hook`` and ``ddpglobal-D``
+    with ``ranger_hook`` and ``exchange="global_topk"`` (PyTorch only);
     ``hier-D`` and ``hierglobal-D`` are ``ranger-D`` and ``global-D`` with
     ``RangerCompressor(hierarchical=True)`` (a dense sum on each host, the sparse exchange among
     the hosts' leaders; their process sets are registered when Horovod starts, :func:`init`)."""
     if mode in ("compute", "dense", "fp16", "floor", "ddp"):
         return mode, None
-    for kind in ("ranger", "hook", "pertensor", "global", "ddp", "hier", "hierglobal"):
+    for kind in ("ranger", "hook", "pertensor", "global", "ddp", "ddpglobal", "hier", "hierglobal"):
         if mode.startswith(kind + "-"):
             return kind, float(mode.split("-", 1)[1])
     raise ValueError(f"unknown mode {mode!r}")
@@ -133,7 +134,7 @@ def run_torch(args) -> tuple[dict, object]:
     def barrier(tag):
         hvd.allreduce(torch.zeros(1), name=f"bench.barrier.{tag}")
 
-    if any(parse_mode(m)[0] == "ddp" for m in args.modes):
+    if any(parse_mode(m)[0] in ("ddp", "ddpglobal") for m in args.modes):
         _init_torch_distributed(hvd)
     gen = torch.Generator().manual_seed(1000 + hvd.rank())
     inputs = targets = None  # one fixed batch per rank, shared by every mode
@@ -151,8 +152,8 @@ def run_torch(args) -> tuple[dict, object]:
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)
             # names of their own per mode: no two modes' collectives can ever be confused
             named = [(f"{mode}/{n}", p) for n, p in model.named_parameters()]
-            if kind == "ddp":
-                model, comp = _ddp(model, density)
+            if kind in ("ddp", "ddpglobal"):
+                model, comp = _ddp(model, density, "global_topk" if kind == "ddpglobal" else "allgather")
             elif kind == "floor":
                 zeros = {}   # one reusable zero gradient per shape, as ranger keeps its output buffers
 
@@ -311,9 +312,9 @@ def _init_torch_distributed(hvd) -> None:
                             world_size=hvd.size())
 
 
-def _ddp(model, density):
-    """The model under DistributedDataParallel, with ``ranger_hook`` at ``density`` (or DDP's own
-    allreduce for None); returns (wrapped model, hook state or None)."""
+def _ddp(model, density, exchange="allgather"):
+    """The model under DistributedDataParallel, with ``ranger_hook`` at ``density`` and ``exchange``
+    (or DDP's own allreduce for None); returns (wrapped model, hook state or None)."""
     from torch.nn.parallel import DistributedDataParallel
     from ranger_hvd.torch.ddp import RangerHookState, ranger_hook
 
@@ -321,7 +322,7 @@ def _ddp(model, density):
     named = list(model.named_parameters())
     model = DistributedDataParallel(model)
     if density is not None:
-        state = RangerHookState(named, density=density)
+        state = RangerHookState(named, density=density, exchange=exchange)
         state.compress_s = state.decompress_s = 0.0   # not split for DDP: its hook runs both
 
         def timed(st, bucket):
@@ -360,7 +361,7 @@ def run_tf(args) -> tuple[dict, object]:
         opt = tf.keras.optimizers.SGD(LR)
         loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=False)
         comp = None
-        if kind in ("global", "ddp", "pertensor"):
+        if kind in ("global", "ddp", "ddpglobal", "pertensor"):
             raise ValueError(f"{mode} runs on PyTorch models only")
         if kind == "ranger":   # ranger_hvd's tape keys its state by variable
             comp = RangerCompressor(density=density, name=f"bench_{mode}")

@@ -217,6 +217,8 @@ def test_modes_name_the_entry_point():
     assert parse_mode("global-0.01") == ("global", 0.01)
     assert parse_mode("ddp") == ("ddp", None) and parse_mode("ddp-0.01") == ("ddp", 0.01)
     assert mode_label("ddp-0.01") == "DDP + ranger_hook d=0.01"
+    assert parse_mode("ddpglobal-0.01") == ("ddpglobal", 0.01)
+    assert mode_label("ddpglobal-0.01") == "DDP + ranger_hook global top-k d=0.01"
     assert mode_label("global-0.01") == "ranger global top-k d=0.01"
     with pytest.raises(ValueError):
         parse_mode("topk-0.01")
