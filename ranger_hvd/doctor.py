@@ -142,7 +142,12 @@ def collect() -> list[Check]:
         checks.append(Check("horovodrun", runner or "does not run", runner is not None, True))
     for framework, installed in versions.items():
         has = built.get(framework, False)
-        value = "yes" if has else ("no: " + found[framework]["error"] if "error" in found[framework] else "no")
+        if has:
+            value = "yes"
+        elif not hvd_v:   # the extension's import error would only say it again
+            value = "no: Horovod is not installed"
+        else:
+            value = "no: " + found[framework]["error"] if "error" in found[framework] else "no"
         checks.append(Check(f"Horovod built with {framework}", value, has or not installed, bool(installed)))
     checks.append(Check("Horovod built with Gloo", "yes" if built.get("Gloo") else "no",
                         bool(built.get("Gloo")), True))

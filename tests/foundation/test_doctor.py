@@ -69,3 +69,16 @@ def test_doctor_fails_when_horovod_is_missing(monkeypatch, capsys):
     assert doctor.main([]) == 1
     err = capsys.readouterr().err
     assert "Horovod" in err and "at least one framework" in err
+
+
+def test_without_horovod_the_extension_rows_say_so_once(monkeypatch):
+    """PyTorch installed, Horovod not: the extension row names the missing Horovod, not the import
+    error of horovod.torch that follows from it."""
+    monkeypatch.setattr(doctor, "horovod_version", lambda: None)
+    monkeypatch.setattr(doctor, "probe_frameworks", lambda: {
+        "PyTorch": {"version": "2.0", "error": "ModuleNotFoundError: No module named 'horovod'"},
+        "TensorFlow": {}})
+    checks = {c.name: c for c in doctor.collect()}
+    row = checks["Horovod built with PyTorch"]
+    assert row.value == "no: Horovod is not installed" and not row.ok and row.required
+    assert not checks["Horovod"].ok
