@@ -26,9 +26,18 @@ def ddp(request, tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
 
 
-def test_density_one_equals_plain_ddp_step_after_step(ddp):
+EXCHANGES = pytest.mark.parametrize("exchange", ["allgather", "global_topk"])
+
+
+def section(rep: dict, exchange: str, key: str):
+    """One check's report for the hook's allgather (top level) or its global top-k ("global")."""
+    return rep[key] if exchange == "allgather" else rep["global"][key]
+
+
+@pytest.mark.parametrize("exchange", ["equal", "global_equal"], ids=["allgather", "global_topk"])
+def test_density_one_equals_plain_ddp_step_after_step(ddp, exchange):
     for rep in ddp:
-        eq = rep["equal"]
+        eq = rep[exchange]
         for cell in ("default", "tiny_buckets", "unused", "static"):
             assert eq[cell + "_moved"] > 1e-3
             # two summands: the same bits; three: Gloo's order and 1/3 round
@@ -48,16 +57,18 @@ def test_resume_in_fresh_objects_is_bit_for_bit(ddp):
         assert rep["resume"]["names"] == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
 
 
-def test_drain_every_gradient_delivered_once(ddp):
+@EXCHANGES
+def test_drain_every_gradient_delivered_once(ddp, exchange):
     for rep in ddp:
-        d = rep["drain"]
+        d = section(rep, exchange, "drain")
         assert d["residual"] == 0.0, d
         assert d["error"] < 1e-6 * d["scale"] * 110, d
 
 
-def test_grad_scaler_overflow_skips_and_keeps_residuals(ddp):
+@EXCHANGES
+def test_grad_scaler_overflow_skips_and_keeps_residuals(ddp, exchange):
     for rep in ddp:
-        log = rep["scaler"]
+        log = section(rep, exchange, "scaler")
         assert log[2]["skipped"] and log[2]["scale_after"] == log[2]["scale_before"] / 2
         assert log[2]["residuals_same"], log[2]
         assert all(e["residuals_finite"] for e in log)
@@ -71,14 +82,6 @@ def test_no_sync_accumulation_equals_one_large_batch(ddp):
 
 
 # ------------------------------------------------------------------ exchange="global_topk"
-def test_global_density_one_equals_plain_ddp_step_after_step(ddp):
-    for rep in ddp:
-        eq = rep["global_equal"]
-        for cell in ("default", "tiny_buckets", "unused", "static"):
-            assert eq[cell + "_moved"] > 1e-3
-            assert eq[cell] <= (0.0 if rep["size"] == 2 else 1e-6), (cell, eq)
-
-
 def test_global_update_and_residuals_follow_the_reference_exchange(ddp):
     for rep in ddp:
         r = rep["global"]["reference"]
@@ -89,22 +92,6 @@ def test_global_update_and_residuals_follow_the_reference_exchange(ddp):
         # about k selected per tensor and step (budgets round up: at most k + N - 1)
         k = sorted(r["k"].values())
         assert all(0 < s <= max(k) + rep["size"] - 1 for s in r["selected"]), r
-
-
-def test_global_drain_every_gradient_delivered_once(ddp):
-    for rep in ddp:
-        d = rep["global"]["drain"]
-        assert d["residual"] == 0.0, d
-        assert d["error"] < 1e-6 * d["scale"] * 110, d
-
-
-def test_global_grad_scaler_overflow_skips_and_keeps_residuals(ddp):
-    for rep in ddp:
-        log = rep["global"]["scaler"]
-        assert log[2]["skipped"] and log[2]["scale_after"] == log[2]["scale_before"] / 2
-        assert log[2]["residuals_same"], log[2]
-        assert all(e["residuals_finite"] for e in log)
-        assert not any(e["skipped"] for e in log[:2] + log[3:]), log
 
 
 def test_global_digits_within_10_percent_of_ddp(ddp):
