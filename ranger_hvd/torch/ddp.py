@@ -172,6 +172,9 @@ def _global_bucket(state: RangerHookState, buffer: torch.Tensor, world: int, nam
                    entries: list, dense_pos: list, dense_vals: list) -> torch.futures.Future:
     """One bucket through the global top-k exchange (module doc): the averaged bucket, in a future
     that is already complete."""
+    if buffer.device.type != "cpu":
+        raise ValueError(f"ranger_hook's exchange='global_topk' runs on CPU tensors (Gloo) only; this "
+                         f"bucket is on {buffer.device}. Use exchange='allgather' there")
     comp, group = state.compressor, state.process_group
     gtopk = comp._global
     dense = None
