@@ -51,6 +51,10 @@ def test_failed_rank_from_torchrun_prefers_the_rank_killed_by_a_signal():
     # rank 1 SIGKILLed; rank 0 exited 1 on the broken connection and torchrun saw it first
     assert find_failed_rank(_torchrun_report((0, 1), [(1, -9)]), {}) == (1, -9)
     assert find_failed_rank(_torchrun_report((1, -9), [(0, 1)]), {}) == (1, -9)
+    # torchrun's agent SIGTERMs the surviving rank 0, which may be listed first: the SIGKILLed rank 1 is the cause
+    assert find_failed_rank(_torchrun_report((0, -15), [(1, -9)]), {}) == (1, -9)
+    assert find_failed_rank(_torchrun_report((1, -9), [(0, -15)]), {}) == (1, -9)
+    assert find_failed_rank(_torchrun_report((0, -15), []), {}) == (0, -15)
     # no signal among them: torchrun's root cause
     assert find_failed_rank(_torchrun_report((2, 1), [(0, 1)]), {}) == (2, 1)
     assert find_failed_rank(_torchrun_report((0, 3), []), {}) == (0, 3)

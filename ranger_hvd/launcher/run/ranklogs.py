@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -48,9 +49,11 @@ def find_failed_rank(launcher_log: str, rank_logs: dict[int, dict[str, str]]) ->
     m = _TORCHRUN_ROOT.search(launcher_log)
     if m:
         # torchrun's root cause is the failure it saw first: when one rank is killed, a peer that exits 1 on
-        # the broken connection can be seen first; a rank killed by a signal is then the cause
+        # the broken connection can be seen first; a rank killed by a signal is then the cause. torchrun's
+        # agent stops the surviving ranks with SIGTERM, so a rank killed by another signal comes first.
         killed = [(int(r), int(c)) for r, c in _TORCHRUN_ENTRY.findall(launcher_log) if int(c) < 0]
-        return killed[0] if killed else (int(m.group(1)), int(m.group(2)))
+        not_by_agent = [entry for entry in killed if entry[1] != -signal.SIGTERM]
+        return (not_by_agent or killed or [(int(m.group(1)), int(m.group(2)))])[0]
     for rank in sorted(rank_logs):
         err = rank_logs[rank].get("stderr")
         if err and "Traceback (most recent call last)" in read_tail(err, 200_000):
