@@ -112,9 +112,12 @@ def ranger_hook(state: RangerHookState, bucket: dist.GradBucket) -> torch.future
         state.round.reset()
         state._round_closed = False
     buffer = bucket.buffer()
+    global_topk = state.options.exchange == "global_topk"
+    if global_topk:
+        _global_on_cpu(buffer)   # before any state changes
     wire = WIRE_DTYPES[state.options.value_dtype]
-    sparse_idx, sparse_val, dense_pos, dense_vals, names = [], [], [], [], []
-    sparse_entries = []   # (name, numel, offset in the bucket, indices, values)
+    dense_pos, dense_vals, names = [], [], []
+    sparse_entries = []   # (name, numel, offset in the bucket, int32 indices, values on the wire)
     offset = 0
     for p, grad in zip(bucket.parameters(), bucket.gradients()):
         name = state.name_of(p)
@@ -125,8 +128,6 @@ def ranger_hook(state: RangerHookState, bucket: dist.GradBucket) -> torch.future
         if comp.is_compressed(grad.shape):
             indices, values, _ = comp.engine.sparse_step(st, grad, name, grad.shape, world,
                                                          token=False)
-            sparse_idx.append(indices.to(torch.int32) + offset)
-            sparse_val.append(values.to(wire))
             sparse_entries.append((name, n, offset, indices.to(torch.int32), values.to(wire)))
         else:
             dense_vals.append(comp.engine.dense_step(st, grad, name, buffer.element_size())
@@ -136,8 +137,11 @@ def ranger_hook(state: RangerHookState, bucket: dist.GradBucket) -> torch.future
     if bucket.is_last():
         state._round_closed = True
     group = state.process_group
-    if state.options.exchange == "global_topk" and sparse_idx:
+    if global_topk and sparse_entries:
         return _global_bucket(state, buffer, world, names, sparse_entries, dense_pos, dense_vals)
+    # the allgather: every compressed tensor's indices shifted to their place in the bucket
+    sparse_idx = [idx + offset for _, _, offset, idx, _ in sparse_entries]
+    sparse_val = [vals for *_, vals in sparse_entries]
     futures, dense, gathered = [], None, []
     if dense_vals:
         dense = torch.cat(dense_vals)
@@ -168,13 +172,17 @@ def ranger_hook(state: RangerHookState, bucket: dist.GradBucket) -> torch.future
     return torch.futures.collect_all(futures).then(finish)
 
 
+def _global_on_cpu(buffer: torch.Tensor) -> None:
+    """The global exchange's owner step runs in NumPy: a bucket off the CPU is refused."""
+    if buffer.device.type != "cpu":
+        raise ValueError(f"ranger_hook's exchange='global_topk' runs on CPU tensors (Gloo) only; this "
+                         f"bucket is on {buffer.device}. Use exchange='allgather' there")
+
+
 def _global_bucket(state: RangerHookState, buffer: torch.Tensor, world: int, names: list[str],
                    entries: list, dense_pos: list, dense_vals: list) -> torch.futures.Future:
     """One bucket through the global top-k exchange (module doc): the averaged bucket, in a future
     that is already complete."""
-    if buffer.device.type != "cpu":
-        raise ValueError(f"ranger_hook's exchange='global_topk' runs on CPU tensors (Gloo) only; this "
-                         f"bucket is on {buffer.device}. Use exchange='allgather' there")
     comp, group = state.compressor, state.process_group
     gtopk = comp._global
     dense = None

@@ -114,11 +114,11 @@ def test_global_bytes_received_stay_near_2k_pairs(ddp):
 
 
 def test_global_exchange_refuses_a_bucket_off_the_cpu():
-    """The owners' step runs in NumPy: a GPU bucket gets a clear error before any collective."""
+    """The owners' step runs in NumPy: a GPU bucket gets a clear error before any state changes
+    (``ranger_hook`` checks first) and before any collective."""
     import torch
 
-    from ranger_hvd.torch.ddp import RangerHookState, _global_bucket
+    from ranger_hvd.torch.ddp import _global_on_cpu
 
-    state = RangerHookState(torch.nn.Linear(64, 64).named_parameters(), exchange="global_topk")
     with pytest.raises(ValueError, match="CPU tensors .Gloo. only; this bucket is on meta"):
-        _global_bucket(state, torch.empty(4160, device="meta"), 2, ["weight"], [], [], [])
+        _global_on_cpu(torch.empty(4160, device="meta"))
