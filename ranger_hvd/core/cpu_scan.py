@@ -26,6 +26,13 @@ TensorFlow's finiteness check needs no pass of its own (PyTorch adds in place, s
 before). TensorFlow's decompress also scatter-adds the gathered pairs here (:func:`scatter_add`),
 in place of its own much slower scatters.
 
+The global top-k exchange's owners and give-back run here too: :func:`sum_runs` sums the pairs an
+owner received per index in their order (``np.add.at``'s bits) in one pass over a whole bucket,
+:func:`select_largest` keeps each tensor's budget of those sums, and :func:`sorted_member` tells
+which of a rank's sent indices the global selection holds by merging two ascending lists. As tensor
+operations these cost a dozen calls per tensor, and their fixed cost was most of the exchange's
+CPU on a model of many tensors.
+
 numba is imported and the loops compiled (and cached on disk) on first use; ``available`` says
 whether this process can use them at all.
 """
@@ -148,6 +155,37 @@ def _scatter_add(indices, values, factor, out, clear):
     return -1
 
 
+def _sum_runs(indices, values, out_indices, out_sums):
+    # runs of equal (ascending) indices, each summed in the order of its pairs from +0.0
+    w = -1
+    for j in range(indices.shape[0]):
+        i = indices[j]
+        if w < 0 or out_indices[w] != i:
+            w += 1
+            out_indices[w] = i
+            out_sums[w] = 0
+        out_sums[w] += values[j]
+    non_finite = 0
+    for j in range(w + 1):
+        non_finite += not (out_sums[j] - out_sums[j] == 0)
+    return w + 1, non_finite
+
+
+def _sorted_member(a, b, out):
+    # both ascending: one merge pass
+    m = b.shape[0]
+    p = 0
+    found = 0
+    for j in range(a.shape[0]):
+        x = a[j]
+        while p < m and b[p] < x:
+            p += 1
+        hit = p < m and b[p] == x
+        out[j] = hit
+        found += hit
+    return found
+
+
 class NonFiniteGradient(ValueError):
     """The gradient handed to :func:`accumulate_select` holds NaN or Inf (``check_finite=True``)."""
 
@@ -173,6 +211,8 @@ class _Kernels(NamedTuple):
     magnitudes_at: Callable
     keep_from_cut: Callable
     scatter: Callable
+    sum_runs: Callable
+    sorted_member: Callable
 
 
 def _screen(residual, grad, threshold: float, out, acc, expected: int | None) -> tuple[int, int]:
@@ -198,7 +238,8 @@ def _kernels() -> _Kernels:
         jit = numba.njit(nogil=True, cache=cache, boundscheck=False)
         try:
             return _Kernels(jit(_accumulate_screen), jit(_screen_sparse), jit(_screen_sparse_in_place),
-                            jit(_magnitudes_at), jit(_keep_from_cut), jit(_scatter_add))
+                            jit(_magnitudes_at), jit(_keep_from_cut), jit(_scatter_add),
+                            jit(_sum_runs), jit(_sorted_member))
         except RuntimeError:   # numba: "cannot cache function ...: no locator available"
             continue
     raise AssertionError("unreachable: numba compiles without a cache")
@@ -249,6 +290,31 @@ def select_candidates(residual: np.ndarray, candidates: np.ndarray, k: int) -> n
     kept = kernels.keep_from_cut(mags, candidates, cut, k, out)
     assert kept == k, (kept, k)
     return out
+
+
+def select_largest(values: np.ndarray, k: int) -> np.ndarray:
+    """The ascending int32 positions of the k largest |values| (1 <= k), ties to the lower position;
+    every position when k reaches its length."""
+    c = values.shape[0]
+    everything = np.arange(c, dtype=np.int32)
+    return everything if k >= c else select_candidates(values, everything, k)
+
+
+def sum_runs(indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pairs with ascending ``indices`` (equal ones together) -> (each distinct index, the sum of
+    its values in the order of the pairs from +0.0, in ``values``' dtype, as ``np.add.at`` forms
+    it; how many sums are NaN or Inf): a global top-k owner's sums, in one compiled pass."""
+    out_indices = np.empty(indices.shape[0], dtype=indices.dtype)
+    out_sums = np.empty(indices.shape[0], dtype=values.dtype)
+    count, non_finite = _kernels().sum_runs(indices, values, out_indices, out_sums)
+    return out_indices[:count], out_sums[:count], int(non_finite)
+
+
+def sorted_member(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
+    """(for each entry of ascending ``a``, whether ascending ``b`` holds it; how many it holds),
+    in one merge pass: ``np.isin`` for sorted arrays, without its sort."""
+    out = np.empty(a.shape[0], dtype=np.bool_)
+    return out, int(_kernels().sorted_member(a, b, out))
 
 
 def select_among_non_zeros(acc: np.ndarray, non_zeros: np.ndarray, k: int) -> np.ndarray:

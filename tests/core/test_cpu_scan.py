@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ranger_hvd.core import cpu_scan, reference, uses_sampling
 
@@ -147,3 +149,48 @@ def test_the_screen_lists_what_a_plain_scan_lists_within_its_room(kernel, dtype,
         assert in_place.tobytes() == acc_ref.tobytes()
         np.testing.assert_array_equal(guard[:kept], listed[:kept])
         assert (guard[room:] == -7).all(), f"room {room}, in place: wrote past the list"
+
+
+_pairs = st.lists(st.tuples(st.integers(0, 40), st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, 1e-30, 3e38,
+                                                                   -3e38, np.inf, -np.inf, np.nan])),
+                  max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(pairs=_pairs, dtype=st.sampled_from([np.float32, np.float64]))
+def test_sum_runs_is_np_add_at_in_the_order_of_the_pairs(pairs, dtype):
+    """A global top-k owner's sums: each distinct index once, its values added in the order they
+    came from +0.0 (np.add.at's bits: signed zeros, overflow to Inf, NaN), and the count of sums
+    that are not finite."""
+    pairs.sort(key=lambda p: p[0])   # a stable sort: equal indices keep their arrival order
+    indices = np.array([i for i, _ in pairs], np.int32)
+    values = np.array([v for _, v in pairs], dtype)
+    unique, sums, non_finite = cpu_scan.sum_runs(indices, values)
+    want_unique, inverse = np.unique(indices, return_inverse=True)
+    want = np.zeros(len(want_unique), dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.add.at(want, inverse, values)
+    np.testing.assert_array_equal(unique, want_unique)
+    assert sums.dtype == dtype and sums.tobytes() == want.tobytes()
+    assert non_finite == int((~np.isfinite(want)).sum())
+
+
+@settings(max_examples=150, deadline=None)
+@given(a=st.lists(st.integers(-5, 60), max_size=50), b=st.lists(st.integers(-5, 60), max_size=50),
+       dtypes=st.sampled_from([(np.int32, np.int32), (np.int64, np.int32), (np.int32, np.int64)]))
+def test_sorted_member_is_isin(a, b, dtypes):
+    a, b = np.sort(np.array(a, dtypes[0])), np.sort(np.array(b, dtypes[1]))
+    found, count = cpu_scan.sorted_member(a, b)
+    np.testing.assert_array_equal(found, np.isin(a, b))
+    assert count == int(np.isin(a, b).sum())
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -2.0, 7.0]), min_size=1, max_size=40),
+       k=st.integers(1, 45))
+def test_select_largest_is_the_reference_selection(values, k):
+    """Ties everywhere: the k largest magnitudes, ties to the lower position, as reference.select."""
+    x = np.array(values, np.float32)
+    got = cpu_scan.select_largest(x, k)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.sort(reference.select(x, min(k, x.size))))
