@@ -43,7 +43,7 @@ def range_bounds(numel: int, world: int, last_selected: np.ndarray | None) -> li
     if last_selected is None or len(last_selected) < world:
         return [numel * j // world for j in range(world + 1)]
     sel = np.asarray(last_selected)
-    inner = [int(sel[len(sel) * j // world]) for j in range(1, world)]
+    inner = sel[len(sel) * np.arange(1, world) // world].tolist()
     return [0, *inner, numel]
 
 
@@ -54,9 +54,8 @@ def range_budgets(k: int, bounds: list[int], last_selected: np.ndarray | None) -
     if last_selected is None or len(last_selected) < world:
         weights = [bounds[j + 1] - bounds[j] for j in range(world)]
     else:
-        sel = np.asarray(last_selected)
-        weights = [int(np.searchsorted(sel, bounds[j + 1], "left") - np.searchsorted(sel, bounds[j], "left"))
-                   for j in range(world)]
+        # the last selection's count in each range: one search for every boundary
+        weights = np.diff(np.searchsorted(np.asarray(last_selected), bounds, "left")).tolist()
     total = sum(weights)
     return [min(bounds[j + 1] - bounds[j], math.ceil(k * w / total)) if total else 0
             for j, w in enumerate(weights)]
