@@ -132,7 +132,7 @@ def markdown(cells: dict, meta: dict) -> str:
         + ". Each launch is one `bench_network.py` run of that revision (its launch directory "
         "holds its own results file). Figures: median step ms of each launch (the slower rank's "
         "time of each step), then the mean over launches; *exchange* = step - compute only, of the "
-        "same launch.",
+        "same launch (with `--exchange-only` no compute runs: the step is the exchange).",
         "",
         "| hosts | link | model | mode | A: step ms per launch | B: step ms per launch | A mean | B mean "
         "| B / A | A exchange ms | B exchange ms |",
@@ -144,7 +144,8 @@ def markdown(cells: dict, meta: dict) -> str:
         fmt = lambda v: "" if v is None else f"{v:.0f}"  # noqa: E731
         am, bm = mean(a, 0), mean(b, 0)
         ratio = f"{bm / am:.2f}" if am and bm else ""
-        exch = (lambda xs: "" if mode == "compute" or not xs else
+        # exchange only (--exchange-only) times no compute: its step is the exchange
+        exch = (lambda xs: "" if mode == "compute" or not xs or any(x[1] is None for x in xs) else
                 " / ".join(f"{x[1]:.0f}" for x in xs))
         lines.append(f"| {hosts} | {link} | {model} | {mode} | {' / '.join(fmt(x[0]) for x in a)} "
                      f"| {' / '.join(fmt(x[0]) for x in b)} | {fmt(am)} | {fmt(bm)} | {ratio} "
