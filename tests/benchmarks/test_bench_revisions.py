@@ -47,6 +47,23 @@ def test_table_lists_every_launch_and_the_mean_ratio(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
+def test_exchange_only_launches_have_steps_and_no_exchange_column(tmp_path):
+    """--exchange-only runs no compute: the step is the exchange, and no overhead is recorded."""
+    for label, round_no, step in (("before", 1, 300), ("before", 2, 320), ("after", 1, 250), ("after", 2, 260)):
+        run = {"hosts": 8, "link": "1gbit", "model": "m",
+               "figures": {"global-0.01": {"median_ms": step}}}
+        d = tmp_path / f"{label}-{round_no}"
+        d.mkdir(parents=True)
+        (d / "network-results.json").write_text(json.dumps({"meta": {}, "runs": [run]}))
+    cells = bench_revisions.collect(tmp_path, 2)
+    meta = {"date": "d", "command": "c", "machine": "x", "wall_s": 1.0, "rounds": 2, "before": "A1",
+            "after": "B1", "before_sha": "a" * 40, "after_sha": "b" * 40}
+    row = next(line for line in bench_revisions.markdown(cells, meta).splitlines() if "global-0.01" in line)
+    assert row == "| 8 | 1gbit | m | global-0.01 | 300 / 320 | 250 / 260 | 310 | 255 | 0.82 |  |  |"
+    bench_revisions.plot(cells, meta, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
 def test_a_missing_launch_leaves_its_cells_to_the_other(tmp_path):
     _launch(tmp_path, "after", 1, {"dense": (150, 50)})
     cells = bench_revisions.collect(tmp_path, 2)
