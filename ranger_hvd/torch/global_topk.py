@@ -12,7 +12,9 @@ kept sums, and an index alone says which tensor it belongs to.
 2. as soon as that alltoall has arrived (checked at each later ``compress``, else at the first
    ``decompress`` that needs it), the owner sums what it received per index of each tensor in
    arrival order (rank order: the same bits as one alltoall per tensor), keeps each tensor's budget
-   of the largest sums, and starts one allgather of the kept (bucket index, sum) rows;
+   of the largest sums, and starts one allgather of the kept (bucket index, sum) rows (the sums of
+   the whole bucket in one compiled pass, ``core.cpu_scan``, when its tensors all sum in the wire
+   dtype, float32 or float64; tensor operations per tensor otherwise: mixed or 16-bit dtypes);
 3. the first ``decompress`` of a bucket's tensors waits for that allgather, splits G by tensor and
    gives each tensor's pairs that were not kept back to this rank's residual (step 4 of the rule).
 
